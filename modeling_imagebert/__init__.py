@@ -1,0 +1,38 @@
+"""ImageBERT as a native Hugging Face Transformers model.
+
+Importing the package registers the model with `AutoConfig`, `AutoModel` and `AutoModelForPreTraining`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+
+from .configuration_imagebert import ImageBertConfig
+from .modeling_imagebert import (
+    ImageBertForPreTraining,
+    ImageBertForRetrieval,
+    ImageBertModel,
+    ImageBertPreTrainedModel,
+)
+
+AutoConfig.register(ImageBertConfig.model_type, ImageBertConfig, exist_ok=True)
+AutoModel.register(ImageBertConfig, ImageBertModel, exist_ok=True)
+AutoModelForPreTraining.register(ImageBertConfig, ImageBertForPreTraining, exist_ok=True)
+
+
+def __getattr__(name):
+    # The processor pulls in tokenizers; load it only when asked for.
+    if name == "ImageBertProcessor":
+        from .processing_imagebert import ImageBertProcessor
+
+        return ImageBertProcessor
+    raise AttributeError(f"module 'modeling_imagebert' has no attribute {name!r}")
+
+
+__version__ = "0.1.0"
+__all__ = [
+    "ImageBertConfig",
+    "ImageBertForPreTraining",
+    "ImageBertForRetrieval",
+    "ImageBertModel",
+    "ImageBertPreTrainedModel",
+    "ImageBertProcessor",
+]

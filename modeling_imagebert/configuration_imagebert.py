@@ -1,0 +1,189 @@
+"""ImageBERT model configuration."""
+
+import re
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.generation import GenerationConfig
+
+# Keys that a config.json may carry besides the declared fields: written by `save_pretrained`, by the Hub, or
+# accepted by every `PreTrainedConfig`. Anything else is a typo or a field of another model, and is refused.
+_BASE_CONFIG_KEYS = frozenset(
+    {
+        "transformers_version",
+        "architectures",
+        "auto_map",
+        "model_type",
+        "torch_dtype",
+        "name_or_path",
+        "_name_or_path",
+        "_commit_hash",
+        "output_attentions",
+        "attn_implementation",
+        "experts_implementation",
+        "_attn_implementation_internal",
+        "_experts_implementation_internal",
+        "num_labels",
+        "per_layer_config",
+    }
+)
+
+RETRIEVAL_LOSSES = ("binary", "ce", "triplet")
+_LOSS_TERM = re.compile(r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<name>[a-z]+)\s*$")
+
+
+def parse_retrieval_loss(spec: str) -> dict[str, float]:
+    """Parse a retrieval loss spec into `{loss_name: weight}`.
+
+    `spec` is one of `binary`, `ce` (multi-class cross-entropy over the P candidates of a positive) and `triplet`
+    (hinge against the hardest sampled negative), or a `+`-joined weighted sum of them such as
+    `"binary+0.5*triplet"`. Raises `ValueError` naming the bad term.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"retrieval_loss must be a non-empty string such as 'binary' or 'binary+0.5*ce', got {spec!r}")
+    weights: dict[str, float] = {}
+    for term in spec.split("+"):
+        match = _LOSS_TERM.match(term)
+        if match is None or match["name"] not in RETRIEVAL_LOSSES:
+            raise ValueError(
+                f"retrieval_loss: cannot read the term {term.strip()!r} of {spec!r}; expected NAME or WEIGHT*NAME "
+                f"with NAME in {RETRIEVAL_LOSSES}"
+            )
+        if match["name"] in weights:
+            raise ValueError(f"retrieval_loss: {match['name']!r} appears twice in {spec!r}")
+        weights[match["name"]] = float(match["weight"]) if match["weight"] else 1.0
+    return weights
+
+
+@strict(accept_kwargs=True)
+class ImageBertConfig(PreTrainedConfig):
+    r"""
+    Configuration of an ImageBERT model (Qi et al., 2020): a single-stream BERT over `[CLS] text [SEP]` followed by
+    detector region tokens. Defaults reproduce the paper: BERT-base (12 layers, hidden 768, 12 heads), 100 regions
+    of 2048-d Faster R-CNN features with 1600 Visual Genome object classes, and a total length of 144.
+
+    Text encoder (as `BertConfig`, and initialisable from a BERT checkpoint):
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act,
+        hidden_dropout_prob, attention_probs_dropout_prob, max_position_embeddings, type_vocab_size,
+        initializer_range, layer_norm_eps, pad_token_id.
+
+    Regions:
+        visual_feature_dim (`int`, 2048): dimension of each region feature (pooled RoI feature).
+        num_object_classes (`int`, 1600): detector classes, the targets of masked object classification.
+        max_regions (`int`, 100): most region tokens per image.
+        max_text_length (`int`, 44): most text tokens including [CLS] and [SEP]; with `max_regions` it makes the
+            paper's input length of 144.
+        region_position_id (`int`, 511): the fixed dummy sequence position shared by all region tokens (regions
+            have no order); must be below `max_position_embeddings`.
+        region_segment_id (`int`, 1): segment (token type) id of region tokens; text uses 0.
+        use_global_image_feature (`bool`, False): add one global-image token before the regions (paper ablation).
+        global_image_feature_dim (`int`, 2048): dimension of that global feature.
+
+    Pre-training losses (weighted sum; a task whose labels are absent from a batch is skipped):
+        mlm_loss_weight, moc_loss_weight, mrfr_loss_weight, itm_loss_weight (`float`, 1.0 each).
+
+    Retrieval fine-tuning:
+        retrieval_loss (`str`, "binary"): `binary`, `ce`, `triplet`, or a weighted sum such as `"binary+0.5*ce"`.
+        triplet_margin (`float`, 0.2): hinge margin of the triplet loss.
+
+    Example:
+
+    ```python
+    >>> from modeling_imagebert import ImageBertConfig, ImageBertModel
+    >>> model = ImageBertModel(ImageBertConfig())
+    ```
+    """
+
+    model_type = "imagebert"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.1
+    attention_probs_dropout_prob: float | int = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    tie_word_embeddings: bool = True
+
+    visual_feature_dim: int = 2048
+    num_object_classes: int = 1600
+    max_regions: int = 100
+    max_text_length: int = 44
+    region_position_id: int = 511
+    region_segment_id: int = 1
+    use_global_image_feature: bool = False
+    global_image_feature_dim: int = 2048
+
+    mlm_loss_weight: float | int = 1.0
+    moc_loss_weight: float | int = 1.0
+    mrfr_loss_weight: float | int = 1.0
+    itm_loss_weight: float | int = 1.0
+
+    retrieval_loss: str = "binary"
+    triplet_margin: float | int = 0.2
+
+    def __post_init__(self, **kwargs):
+        generation_keys = set(GenerationConfig._get_default_generation_params())
+        unknown = sorted(k for k in kwargs if k not in _BASE_CONFIG_KEYS and k not in generation_keys)
+        if unknown:
+            raise ValueError(
+                f"ImageBertConfig got unknown field(s) {unknown}. Known fields are the BERT fields plus "
+                "visual_feature_dim, num_object_classes, max_regions, max_text_length, region_position_id, "
+                "region_segment_id, use_global_image_feature, global_image_feature_dim, "
+                "mlm/moc/mrfr/itm_loss_weight, retrieval_loss and triplet_margin."
+            )
+        super().__post_init__(**kwargs)
+
+    @property
+    def retrieval_loss_weights(self) -> dict[str, float]:
+        return parse_retrieval_loss(self.retrieval_loss)
+
+    def validate_imagebert(self):
+        """Part of `@strict` validation: value ranges and cross-field rules."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "visual_feature_dim", "num_object_classes", "max_position_embeddings", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ImageBertConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"ImageBertConfig.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.max_regions < 0 or self.max_text_length < 2:
+            raise ValueError(
+                f"ImageBertConfig: max_regions must be >= 0 and max_text_length >= 2 ([CLS] and [SEP]), got "
+                f"{self.max_regions} and {self.max_text_length}"
+            )
+        if self.max_text_length > self.max_position_embeddings:
+            raise ValueError(
+                f"ImageBertConfig.max_text_length ({self.max_text_length}) exceeds max_position_embeddings "
+                f"({self.max_position_embeddings})"
+            )
+        if not 0 <= self.region_position_id < self.max_position_embeddings:
+            raise ValueError(
+                f"ImageBertConfig.region_position_id must be in [0, max_position_embeddings={self.max_position_embeddings}),"
+                f" got {self.region_position_id}"
+            )
+        if not 0 <= self.region_segment_id < self.type_vocab_size:
+            raise ValueError(
+                f"ImageBertConfig.region_segment_id must be in [0, type_vocab_size={self.type_vocab_size}), got "
+                f"{self.region_segment_id}"
+            )
+        for name in ("mlm_loss_weight", "moc_loss_weight", "mrfr_loss_weight", "itm_loss_weight", "triplet_margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ImageBertConfig.{name} must be >= 0, got {getattr(self, name)}")
+        parse_retrieval_loss(self.retrieval_loss)
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest joint input: text, the optional global-image token, and regions (144 for the paper)."""
+        return self.max_text_length + int(self.use_global_image_feature) + self.max_regions
+
+
+__all__ = ["ImageBertConfig"]
