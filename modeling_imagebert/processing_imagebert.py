@@ -1,0 +1,547 @@
+"""ImageBertProcessor: turns (caption, detector regions) into ImageBERT inputs.
+
+Two paths share one padding routine:
+
+- `encode_record` / `prepare_dataset`: one dataset row (the schema of `modeling_imagebert.data.schema`) becomes an
+  unpadded *encoded example* (WordPiece ids, top-`max_regions` regions by detector score, 5-D locations, float16
+  features kept as float16); the collators pad and mask batches of these.
+- `__call__`: ad-hoc inference on one pair or a list of pairs, straight to padded model inputs.
+
+The 5-D location of a pixel box (x1, y1, x2, y2) in a W x H image is
+`(x1/W, y1/H, x2/W, y2/H, (x2-x1)(y2-y1)/(W*H))` (ImageBERT, section 4.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, BatchFeature, ProcessorMixin
+
+from .configuration_imagebert import ImageBertConfig
+
+IGNORE_INDEX = -100
+
+
+def to_numpy(value: Any, name: str, where: str, dtype: Any = None) -> np.ndarray:
+    """Convert a list / numpy array / torch tensor to a numpy array (no copy when possible).
+
+    `name` and `where` only serve the error message. Raises `ValueError` on ragged or non-numeric input.
+    """
+    if isinstance(value, torch.Tensor):
+        array = value.detach().cpu().numpy()
+    else:
+        try:
+            array = np.asarray(value)
+        except ValueError as error:  # ragged nested lists
+            raise ValueError(f"{name} of {where}: cannot be read as an array ({error})") from None
+    if array.dtype == object:
+        raise ValueError(f"{name} of {where}: expected numbers, got a ragged or non-numeric array")
+    if dtype is not None and array.dtype != dtype:
+        array = array.astype(dtype)
+    return array
+
+
+def region_locations(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """5-D locations of pixel boxes.
+
+    Args:
+        boxes: float [N, 4], pixel x1, y1, x2, y2.
+        width, height: image size in pixels (> 0).
+
+    Returns:
+        float32 [N, 5]: (x1/W, y1/H, x2/W, y2/H, (x2-x1)(y2-y1)/(W*H)).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    width, height = float(width), float(height)
+    locations = np.empty((boxes.shape[0], 5), dtype=np.float64)
+    locations[:, 0] = boxes[:, 0] / width
+    locations[:, 1] = boxes[:, 1] / height
+    locations[:, 2] = boxes[:, 2] / width
+    locations[:, 3] = boxes[:, 3] / height
+    locations[:, 4] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (width * height)
+    return locations.astype(np.float32)
+
+
+def top_region_indices(scores: np.ndarray, max_regions: int) -> np.ndarray:
+    """Indices of the `max_regions` highest scores, score-descending; ties keep detector order (stable sort)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return order[:max_regions]
+
+
+class ImageBertProcessor(ProcessorMixin):
+    r"""
+    Processor for ImageBERT: a WordPiece tokenizer (`BertTokenizerFast`) plus the region rules.
+
+    Args:
+        tokenizer: a BERT WordPiece tokenizer.
+        max_regions (`int`, 100): most regions kept per image (the top ones by detector score).
+        max_text_length (`int`, 44): most text tokens, including [CLS] and [SEP]; longer captions are truncated.
+
+    `save_pretrained(dir)` writes the tokenizer files and `processor_config.json`; `from_pretrained(dir)` and
+    `AutoProcessor.from_pretrained(dir)` (once this module is imported) read them back.
+    """
+
+    def __init__(self, tokenizer=None, max_regions: int = 100, max_text_length: int = 44, **kwargs):
+        if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 0:
+            raise ValueError(f"max_regions must be an int >= 0, got {max_regions!r}")
+        if isinstance(max_text_length, bool) or not isinstance(max_text_length, int) or max_text_length < 2:
+            raise ValueError(
+                f"max_text_length must be an int >= 2 (room for [CLS] and [SEP]), got {max_text_length!r}"
+            )
+        self.max_regions = max_regions
+        self.max_text_length = max_text_length
+        super().__init__(tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------ one pair -> unpadded example
+
+    def _tokenize(self, caption: Any, where: str) -> list[int]:
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"caption of {where}: expected a non-empty string, got {caption!r}")
+        return self.tokenizer(caption, truncation=True, max_length=self.max_text_length)["input_ids"]
+
+    def _encode_regions(
+        self,
+        where: str,
+        features: Any,
+        boxes: Any,
+        width: Any,
+        height: Any,
+        scores: Any = None,
+        classes: Any = None,
+        keep_dtype: bool = True,
+    ) -> dict[str, np.ndarray]:
+        features = to_numpy(features, "region_features", where)
+        if features.size == 0:
+            features = features.reshape(0, features.shape[-1] if features.ndim == 2 else 0)
+        if features.ndim != 2:
+            raise ValueError(
+                f"region_features of {where}: expected shape [N, F], got {tuple(features.shape)}"
+            )
+        if not keep_dtype or not np.issubdtype(features.dtype, np.floating):
+            features = features.astype(np.float32)
+        n = features.shape[0]
+        if boxes is None:
+            raise ValueError(f"region_boxes of {where}: required with region_features")
+        boxes = to_numpy(boxes, "region_boxes", where, np.float64)
+        if boxes.size == 0:
+            boxes = boxes.reshape(0, 4)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(
+                f"region_boxes of {where}: expected shape [N, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}"
+            )
+        if boxes.shape[0] != n:
+            raise ValueError(f"region_boxes of {where}: {boxes.shape[0]} boxes for {n} region_features")
+        if not np.isfinite(boxes).all():
+            raise ValueError(f"region_boxes of {where}: non-finite coordinates")
+        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+            bad = int(np.flatnonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))[0])
+            raise ValueError(
+                f"region_boxes of {where}: box {bad} = {boxes[bad].tolist()} has x2 < x1 or y2 < y1"
+            )
+        for name, size in (("image_width", width), ("image_height", height)):
+            if size is None or isinstance(size, bool) or not np.isscalar(size) or not size > 0:
+                raise ValueError(f"{name} of {where}: expected a positive number of pixels, got {size!r}")
+        if classes is not None:
+            classes = to_numpy(classes, "region_classes", where).reshape(-1)
+            if classes.shape[0] != n:
+                raise ValueError(
+                    f"region_classes of {where}: {classes.shape[0]} classes for {n} region_features"
+                )
+            if classes.size and not np.issubdtype(classes.dtype, np.integer):
+                raise ValueError(
+                    f"region_classes of {where}: expected integer class ids, got {classes.dtype}"
+                )
+            classes = classes.astype(np.int64)
+        if scores is not None:
+            scores = to_numpy(scores, "region_scores", where, np.float64).reshape(-1)
+            if scores.shape[0] != n:
+                raise ValueError(
+                    f"region_scores of {where}: {scores.shape[0]} scores for {n} region_features"
+                )
+            if not np.isfinite(scores).all():
+                raise ValueError(f"region_scores of {where}: non-finite scores")
+            keep = top_region_indices(scores, self.max_regions)
+        elif n > self.max_regions:
+            raise ValueError(
+                f"region_scores of {where}: {n} regions exceed max_regions={self.max_regions}; pass region_scores so "
+                f"the top {self.max_regions} by detector score can be kept"
+            )
+        else:
+            keep = np.arange(n)
+        encoded = {
+            "region_features": features[keep],
+            "region_locations": region_locations(boxes[keep], width, height),
+        }
+        if classes is not None:
+            encoded["region_classes"] = classes[keep]
+        return encoded
+
+    def encode_record(self, record: Mapping[str, Any], index: int | None = None) -> dict[str, Any]:
+        """Encode one dataset row (schema of `modeling_imagebert.data.schema`) into an unpadded example.
+
+        Args:
+            record: a row with image_id, caption, region_features [N, F], region_boxes [N, 4] (pixels),
+                image_width, image_height, region_classes [N], region_scores [N], optional global_feature [G].
+            index: the row index (with `dataset.map(processor.encode_record, with_indices=True)`); written as
+                `example_index`, from which the collators derive their randomness. When None, the record's own
+                `example_index` is kept if it has one.
+
+        Returns:
+            dict: image_id (str), input_ids (list[int], [CLS] ... [SEP], length <= max_text_length),
+            region_features ([n, F], dtype kept, n = min(N, max_regions), score-descending),
+            region_locations (float32 [n, 5]), region_classes (int64 [n]), example_index (int, when known),
+            global_feature (float32 [G], when the record has one).
+        """
+        image_id = record.get("image_id")
+        where = (
+            f"record {index} (image_id {image_id!r})"
+            if index is not None
+            else f"record (image_id {image_id!r})"
+        )
+        if not isinstance(image_id, str) or not image_id:
+            raise ValueError(f"image_id of {where}: expected a non-empty string")
+        for column in ("region_features", "region_boxes", "image_width", "image_height", "region_classes"):
+            if record.get(column) is None:
+                raise ValueError(f"{column} of {where}: missing (see modeling_imagebert.data.schema)")
+        if record.get("region_scores") is None:
+            raise ValueError(f"region_scores of {where}: missing; needed to keep the top max_regions regions")
+        encoded: dict[str, Any] = {
+            "image_id": image_id,
+            "input_ids": self._tokenize(record.get("caption"), where),
+        }
+        encoded.update(
+            self._encode_regions(
+                where,
+                record["region_features"],
+                record["region_boxes"],
+                _scalar(record["image_width"]),
+                _scalar(record["image_height"]),
+                record["region_scores"],
+                record["region_classes"],
+            )
+        )
+        if record.get("global_feature") is not None:
+            encoded["global_feature"] = to_numpy(
+                record["global_feature"], "global_feature", where, np.float32
+            ).reshape(-1)
+        if index is not None:
+            encoded["example_index"] = int(index)
+        elif record.get("example_index") is not None:
+            encoded["example_index"] = int(_scalar(record["example_index"]))
+        return encoded
+
+    def prepare_dataset(
+        self, dataset, num_proc: int | None = None, remove_columns: bool = True, numpy_format: bool = True
+    ):
+        """Encode every row of a `datasets.Dataset` with `encode_record` (with a progress bar).
+
+        Args:
+            dataset: a dataset in the image-text schema.
+            num_proc: worker processes for `Dataset.map`.
+            remove_columns: drop the raw columns (caption, region_boxes, ...), keeping only the encoded example.
+            numpy_format: return the dataset formatted as numpy with `dtype=None`, so the collators get float16
+                region features as arrays (no per-row Python lists).
+
+        Returns:
+            `datasets.Dataset` of encoded examples, with `example_index` = row index; region_features stay float16.
+        """
+        from datasets import Array2D, Features, Sequence, Value
+
+        source = dataset.features
+        if "region_features" not in source:
+            raise ValueError(
+                f"prepare_dataset: the dataset has no region_features column (columns: {dataset.column_names})"
+            )
+        feature_type = source["region_features"]
+        feature_dim = feature_type.shape[1] if isinstance(feature_type, Array2D) else None
+        if feature_dim is None:
+            raise ValueError(
+                f"prepare_dataset: region_features must be Array2D((None, F), 'float16') (schema.image_text_features), "
+                f"got {feature_type}"
+            )
+        columns = {
+            "image_id": Value("string"),
+            "input_ids": Sequence(Value("int32")),
+            "region_features": Array2D(shape=(None, feature_dim), dtype=feature_type.dtype),
+            "region_locations": Array2D(shape=(None, 5), dtype="float32"),
+            "region_classes": Sequence(Value("int64")),
+        }
+        if "global_feature" in source:
+            columns["global_feature"] = Sequence(Value("float32"))
+        columns["example_index"] = Value("int64")
+        if not remove_columns:
+            columns = {**{k: v for k, v in source.items() if k not in columns}, **columns}
+        encoded = dataset.map(
+            self.encode_record,
+            with_indices=True,
+            num_proc=num_proc,
+            remove_columns=dataset.column_names if remove_columns else None,
+            features=Features(columns),
+            desc="ImageBERT encode",
+        )
+        return encoded.with_format("numpy", dtype=None) if numpy_format else encoded
+
+    # ------------------------------------------------------------------ padding
+
+    def pad(
+        self,
+        examples: Sequence[Mapping[str, Any]],
+        feature_dtype: torch.dtype = torch.float32,
+        return_region_classes: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Pad encoded examples into model inputs: text to the longest caption, regions to the most regions.
+
+        Args:
+            examples: B encoded examples (see `encode_record`); a modality is padded when every example has it
+                (input_ids for text, region_features + region_locations for regions). Zero regions are allowed.
+            feature_dtype: dtype of `region_features` (and `global_image_features`).
+            return_region_classes: also return `region_classes` [B, R] long (-100 at padding).
+
+        Returns:
+            dict of tensors: input_ids, attention_mask, token_type_ids [B, T] long (T = longest caption);
+            region_features [B, R, F] feature_dtype, region_locations [B, R, 5] float32, region_attention_mask
+            [B, R] long (R = most regions in the batch); global_image_features [B, G] when every example has one.
+        """
+        if len(examples) == 0:
+            raise ValueError("pad: got an empty list of examples")
+        batch: dict[str, torch.Tensor] = {}
+        size = len(examples)
+        has_text = ["input_ids" in example for example in examples]
+        has_regions = ["region_features" in example for example in examples]
+        for name, flags in (("input_ids", has_text), ("region_features", has_regions)):
+            if any(flags) and not all(flags):
+                raise ValueError(f"pad: example {flags.index(False)} has no {name} while others have it")
+        if all(has_text):
+            ids = [
+                to_numpy(example["input_ids"], "input_ids", f"example {i}").reshape(-1)
+                for i, example in enumerate(examples)
+            ]
+            lengths = np.array([len(x) for x in ids])
+            width = int(lengths.max())
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            input_ids = np.full((size, width), pad_id, dtype=np.int64)
+            for i, x in enumerate(ids):
+                input_ids[i, : len(x)] = x
+            batch["input_ids"] = torch.from_numpy(input_ids)
+            batch["attention_mask"] = (
+                torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]
+            ).long()
+            batch["token_type_ids"] = torch.zeros((size, width), dtype=torch.long)
+        if all(has_regions):
+            features = []
+            locations = []
+            for i, example in enumerate(examples):
+                where = f"example {i} (image_id {example.get('image_id')!r})"
+                feature = to_numpy(example["region_features"], "region_features", where)
+                if feature.size == 0:
+                    feature = feature.reshape(0, feature.shape[-1] if feature.ndim == 2 else 0)
+                if feature.ndim != 2:
+                    raise ValueError(
+                        f"region_features of {where}: expected shape [N, F], got {tuple(feature.shape)}"
+                    )
+                location = to_numpy(
+                    example.get("region_locations", np.zeros((0, 5))), "region_locations", where
+                )
+                location = location.reshape(-1, 5) if location.size == 0 else location
+                if location.shape != (feature.shape[0], 5):
+                    raise ValueError(
+                        f"region_locations of {where}: expected shape ({feature.shape[0]}, 5), got {tuple(location.shape)}"
+                    )
+                features.append(feature)
+                locations.append(location)
+            counts = np.array([f.shape[0] for f in features])
+            dims = {f.shape[1] for f in features if f.shape[0] > 0}
+            if len(dims) > 1:
+                raise ValueError(f"pad: examples have different region feature dimensions {sorted(dims)}")
+            feature_dim = dims.pop() if dims else max(f.shape[1] for f in features)
+            regions = int(counts.max())
+            region_features = torch.zeros((size, regions, feature_dim), dtype=feature_dtype)
+            region_locations = torch.zeros((size, regions, 5), dtype=torch.float32)
+            for i, (feature, location) in enumerate(zip(features, locations, strict=True)):
+                if feature.shape[0]:
+                    region_features[i, : feature.shape[0]] = torch.from_numpy(np.ascontiguousarray(feature))
+                    region_locations[i, : feature.shape[0]] = torch.from_numpy(
+                        location.astype(np.float32, copy=False)
+                    )
+            batch["region_features"] = region_features
+            batch["region_locations"] = region_locations
+            batch["region_attention_mask"] = (
+                torch.arange(regions)[None, :] < torch.from_numpy(counts)[:, None]
+            ).long()
+            if return_region_classes:
+                classes = np.full((size, regions), IGNORE_INDEX, dtype=np.int64)
+                for i, example in enumerate(examples):
+                    if example.get("region_classes") is None:
+                        raise ValueError(
+                            f"region_classes of example {i} (image_id {example.get('image_id')!r}): missing"
+                        )
+                    value = to_numpy(example["region_classes"], "region_classes", f"example {i}").reshape(-1)
+                    if value.shape[0] != counts[i]:
+                        raise ValueError(
+                            f"region_classes of example {i} (image_id {example.get('image_id')!r}): "
+                            f"{value.shape[0]} classes for {counts[i]} regions"
+                        )
+                    classes[i, : counts[i]] = value
+                batch["region_classes"] = torch.from_numpy(classes)
+        globals_ = [example.get("global_feature") for example in examples]
+        if all(g is not None for g in globals_):
+            stacked = [
+                to_numpy(g, "global_feature", f"example {i}", np.float32).reshape(-1)
+                for i, g in enumerate(globals_)
+            ]
+            if len({g.shape[0] for g in stacked}) > 1:
+                raise ValueError("pad: examples have global_feature of different sizes")
+            batch["global_image_features"] = torch.from_numpy(np.stack(stacked)).to(feature_dtype)
+        return batch
+
+    # ------------------------------------------------------------------ ad-hoc inference
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        region_features: Any = None,
+        region_boxes: Any = None,
+        image_width: int | list[int] | None = None,
+        image_height: int | list[int] | None = None,
+        region_scores: Any = None,
+        region_classes: Any = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Padded model inputs for one (caption, image) pair or a list of pairs.
+
+        Args:
+            text: a caption or a list of B captions (None for regions only).
+            region_features: [N, F] for one image, or a list of B arrays [N_i, F] (or a [B, N, F] array);
+                None for text only.
+            region_boxes: pixel boxes, [N, 4] or a list of B arrays [N_i, 4].
+            image_width, image_height: pixels; one number, or a list of B numbers.
+            region_scores: optional detector scores [N] (or a list); needed when an image has more than
+                `max_regions` regions, to keep the top ones.
+            region_classes: optional detector classes [N] (or a list); only checked against N.
+            return_tensors: "pt" (the only supported value).
+
+        Returns:
+            `BatchFeature` (a dict with `.to(device)`) of torch tensors: input_ids, attention_mask, token_type_ids
+            [B, T] when text is given;
+            region_features [B, R, F] float32, region_locations [B, R, 5], region_attention_mask [B, R] when
+            regions are given. A single pair gives B = 1.
+        """
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
+        if text is None and region_features is None:
+            raise ValueError("ImageBertProcessor: pass text, region_features, or both")
+        texts = None
+        if text is not None:
+            if isinstance(text, str):
+                texts = [text]
+            elif isinstance(text, (list, tuple)):
+                texts = list(text)
+                if not texts:
+                    raise ValueError("text: got an empty list")
+            else:
+                raise ValueError(f"text: expected a string or a list of strings, got {type(text).__name__}")
+        regions = None
+        if region_features is not None:
+            regions = _split_batch(region_features, item_ndim=2, name="region_features")
+            size = len(regions)
+            boxes = _split_batch(region_boxes, item_ndim=2, name="region_boxes", size=size)
+            widths = _split_scalars(image_width, "image_width", size)
+            heights = _split_scalars(image_height, "image_height", size)
+            scores = _split_batch(region_scores, item_ndim=1, name="region_scores", size=size, optional=True)
+            classes = _split_batch(
+                region_classes, item_ndim=1, name="region_classes", size=size, optional=True
+            )
+            if texts is not None and len(texts) != size:
+                raise ValueError(f"text has {len(texts)} items but region_features has {size}")
+            regions = [
+                self._encode_regions(
+                    f"item {i}",
+                    regions[i],
+                    boxes[i],
+                    widths[i],
+                    heights[i],
+                    scores[i],
+                    classes[i],
+                    keep_dtype=False,
+                )
+                for i in range(size)
+            ]
+        else:
+            for name, value in (("region_boxes", region_boxes), ("region_scores", region_scores)):
+                if value is not None:
+                    raise ValueError(f"{name} given without region_features")
+        size = len(texts) if texts is not None else len(regions)
+        examples: list[dict[str, Any]] = [{} for _ in range(size)]
+        for i in range(size):
+            if texts is not None:
+                examples[i]["input_ids"] = self._tokenize(texts[i], f"item {i}")
+            if regions is not None:
+                examples[i].update(regions[i])
+        return BatchFeature(data=self.pad(examples))
+
+    def batch_decode(self, *args, **kwargs):
+        """Forwarded to the tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        """Forwarded to the tokenizer's `decode`."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _split_batch(
+    value: Any, item_ndim: int, name: str, size: int | None = None, optional: bool = False
+) -> list:
+    """Split a per-image argument into a list of per-image values (one image -> list of one)."""
+    if value is None:
+        if optional:
+            return [None] * (size if size is not None else 1)
+        raise ValueError(f"{name}: required with region_features")
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        items = [value] if value.ndim == item_ndim else list(value)
+    elif isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            items = [value] if size == 1 else []
+        else:
+            first = (
+                to_numpy(value[0], name, "item 0")
+                if not isinstance(value[0], (int, float))
+                else np.asarray(0.0)
+            )
+            items = [value] if first.ndim == item_ndim - 1 else list(value)
+    else:
+        raise ValueError(f"{name}: expected an array or a list of arrays, got {type(value).__name__}")
+    if size is not None and len(items) != size:
+        raise ValueError(f"{name} has {len(items)} items but region_features has {size}")
+    return items
+
+
+def _split_scalars(value: Any, name: str, size: int) -> list:
+    if value is None:
+        raise ValueError(f"{name}: required with region_features")
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim > 0:
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) != size:
+            raise ValueError(f"{name} has {len(value)} items but region_features has {size}")
+        return [_scalar(v) for v in value]
+    if size != 1:
+        raise ValueError(f"{name}: one number given for {size} images; pass a list of {size}")
+    return [_scalar(value)]
+
+
+AutoProcessor.register(ImageBertConfig, ImageBertProcessor, exist_ok=True)
+
+__all__ = ["ImageBertProcessor", "region_locations", "top_region_indices"]
