@@ -16,7 +16,12 @@ One row is one (image, caption) pair. Region arrays are in detector order (the p
 | global_feature    | Sequence(float32), optional  | a whole-image feature (paper ablation)               |
 """
 
-from datasets import Array2D, Features, Sequence, Value
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from datasets import Array2D, Dataset, Features, Sequence, Value
+from tqdm.auto import tqdm
 
 
 def image_text_features(feature_dim: int = 2048, with_global_feature: bool = False) -> Features:
@@ -37,3 +42,382 @@ def image_text_features(feature_dim: int = 2048, with_global_feature: bool = Fal
 
 
 IMAGE_TEXT_FEATURES = image_text_features()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------------
+
+REQUIRED_COLUMNS = (
+    "image_id",
+    "caption",
+    "region_features",
+    "region_boxes",
+    "image_width",
+    "image_height",
+    "region_classes",
+    "region_scores",
+)
+OPTIONAL_COLUMNS = ("global_feature",)
+
+
+class DataValidationError(ValueError):
+    """A record or a dataset does not follow the image-text schema. The message names the record (row index and
+    image_id), the field, what was found and what was expected."""
+
+
+def _describe_record(index: int | None, image_id: Any) -> str:
+    where = f"record {index}" if index is not None else "record"
+    if isinstance(image_id, (str, np.str_)) and str(image_id).strip():
+        where += f" (image_id={str(image_id)!r})"
+    return where
+
+
+def _text_problem(value: Any) -> tuple[str | None, str | None]:
+    """Returns (decoded text, problem) for a text field value: str, numpy str, or UTF-8 bytes."""
+    if isinstance(value, (bytes, bytearray, np.bytes_)):
+        try:
+            return bytes(value).decode("utf-8"), None
+        except UnicodeDecodeError as error:
+            return (
+                None,
+                f"found bytes that are not valid UTF-8 ({error.reason} at byte {error.start}); expected UTF-8 text",
+            )
+    if not isinstance(value, (str, np.str_)):
+        return None, f"found {type(value).__name__}; expected a string"
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return None, (
+            f"found a string with a lone surrogate {text[error.start]!r} at character {error.start}; "
+            "expected valid UTF-8 text"
+        )
+    return text, None
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    """Index of the first True in a 1-D boolean mask."""
+    return int(np.flatnonzero(mask)[0])
+
+
+def validate_record(
+    record: dict,
+    index: int,
+    *,
+    feature_dim: int | None = None,
+    num_classes: int | None = None,
+    require_global_feature: bool = False,
+) -> None:
+    """Checks one image-text record against the schema (see the table at the top of this module).
+
+    Args:
+        record: a dict with the schema's columns. Array fields may be Python lists, numpy arrays or torch tensors;
+            `region_features` is [N, F], `region_boxes` [N, 4] (pixel x1, y1, x2, y2), `region_classes` and
+            `region_scores` [N], `global_feature` [G]. N may be 0.
+        index: the row index of the record, used in messages.
+        feature_dim: the expected F; any F is accepted when None.
+        num_classes: when given, class ids must lie in [0, num_classes); otherwise they must be >= 0.
+        require_global_feature: whether the `global_feature` column must be present.
+
+    Raises:
+        DataValidationError: listing every problem found in the record, one per line, each naming the record
+            (row index and image_id), the field, what was found and what was expected.
+    """
+    problems: list[tuple[str, str]] = []  # (field, message)
+
+    def problem(field: str, message: str) -> None:
+        problems.append((field, message))
+
+    if not isinstance(record, Mapping):
+        raise DataValidationError(
+            f"record {index}: found {type(record).__name__}; expected a dict of columns"
+        )
+
+    # Columns.
+    columns = set(record)
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if require_global_feature and "global_feature" not in columns:
+        missing.append("global_feature")
+    for column in missing:
+        problem(column, "found no such column; expected every column of the schema")
+    for column in sorted(columns - set(REQUIRED_COLUMNS) - set(OPTIONAL_COLUMNS)):
+        problem(column, f"unexpected column; expected only {list(REQUIRED_COLUMNS) + list(OPTIONAL_COLUMNS)}")
+
+    # Text.
+    image_id = record.get("image_id")
+    if "image_id" in columns:
+        text, issue = _text_problem(image_id)
+        if issue is not None:
+            problem("image_id", issue)
+        elif not text.strip():
+            problem("image_id", f"found {text!r}; expected a non-empty identifier")
+    if "caption" in columns:
+        text, issue = _text_problem(record["caption"])
+        if issue is not None:
+            problem("caption", issue)
+        elif not text.strip():
+            problem("caption", f"found {text!r}; expected non-empty text (not only whitespace)")
+
+    # Image size.
+    size: dict[str, int] = {}
+    for field in ("image_width", "image_height"):
+        if field not in columns:
+            continue
+        value = record[field]
+        if hasattr(value, "item") and _as_array(value).size == 1:
+            value = _as_array(value).item()
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            problem(field, f"found {value!r} ({type(value).__name__}); expected a positive integer")
+        elif value <= 0:
+            problem(field, f"found {value}; expected a positive integer (pixels)")
+        else:
+            size[field] = int(value)
+
+    # Region features fix N.
+    num_regions: int | None = None
+    if "region_features" in columns:
+        features = _as_array(record["region_features"])
+        if features.ndim == 1 and features.size == 0:  # an empty list: zero regions
+            features = features.reshape(0, feature_dim or 0)
+        if features.ndim != 2:
+            problem(
+                "region_features",
+                f"found shape {tuple(features.shape)}; expected a 2-D array [N, feature_dim]",
+            )
+        elif not np.issubdtype(features.dtype, np.floating) and features.size:
+            problem("region_features", f"found dtype {features.dtype}; expected floating point")
+        else:
+            num_regions = features.shape[0]
+            if feature_dim is not None and features.shape[1] != feature_dim:
+                problem(
+                    "region_features",
+                    f"found shape {tuple(features.shape)}; expected [N, {feature_dim}] (feature_dim={feature_dim})",
+                )
+            finite = np.isfinite(features).all(axis=1) if features.size else np.ones(0, dtype=bool)
+            if not finite.all():
+                bad = _first_bad(~finite)
+                problem(
+                    "region_features",
+                    f"found NaN or Inf in {int((~finite).sum())} of {num_regions} regions (first: region {bad}); "
+                    "expected finite values",
+                )
+
+    # Boxes.
+    if "region_boxes" in columns:
+        boxes = _as_array(record["region_boxes"])
+        if boxes.ndim == 1 and boxes.size == 0:
+            boxes = boxes.reshape(0, 4)
+        expected_rows = "N" if num_regions is None else str(num_regions)
+        if (
+            boxes.ndim != 2
+            or boxes.shape[1] != 4
+            or (num_regions is not None and boxes.shape[0] != num_regions)
+        ):
+            problem(
+                "region_boxes",
+                f"found shape {tuple(boxes.shape)}; expected [{expected_rows}, 4] (one x1, y1, x2, y2 box per region)",
+            )
+        elif boxes.size:
+            boxes = boxes.astype(np.float64)
+            finite = np.isfinite(boxes).all(axis=1)
+            if not finite.all():
+                bad = _first_bad(~finite)
+                problem(
+                    "region_boxes",
+                    f"found NaN or Inf in region {bad}: {boxes[bad].tolist()}; expected finite pixel coordinates",
+                )
+            else:
+                x1, y1, x2, y2 = boxes.T
+                inverted = (x2 < x1) | (y2 < y1)
+                if inverted.any():
+                    bad = _first_bad(inverted)
+                    problem(
+                        "region_boxes",
+                        f"found an inverted box in region {bad} (x1, y1, x2, y2) = {boxes[bad].tolist()} "
+                        f"({int(inverted.sum())} such regions); expected x1 <= x2 and y1 <= y2",
+                    )
+                if len(size) == 2:
+                    width, height = size["image_width"], size["image_height"]
+                    outside = (x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height)
+                    if outside.any():
+                        bad = _first_bad(outside)
+                        problem(
+                            "region_boxes",
+                            f"found region {bad} (x1, y1, x2, y2) = {boxes[bad].tolist()} outside the image "
+                            f"({int(outside.sum())} such regions); expected inside [0, {width}] x [0, {height}]",
+                        )
+
+    # Classes.
+    if "region_classes" in columns:
+        classes = _as_array(record["region_classes"])
+        if classes.ndim != 1 or (num_regions is not None and classes.shape[0] != num_regions):
+            expected = "N" if num_regions is None else num_regions
+            problem(
+                "region_classes",
+                f"found shape {tuple(classes.shape)}; expected a 1-D array of length {expected}",
+            )
+        elif classes.size:
+            if not np.issubdtype(classes.dtype, np.integer):
+                problem("region_classes", f"found dtype {classes.dtype}; expected integer class ids")
+            else:
+                high = num_classes if num_classes is not None else None
+                bad_mask = (classes < 0) if high is None else ((classes < 0) | (classes >= high))
+                if bad_mask.any():
+                    bad = _first_bad(bad_mask)
+                    expected_range = f"[0, {high})" if high is not None else ">= 0"
+                    problem(
+                        "region_classes",
+                        f"found class id {int(classes[bad])} in region {bad} ({int(bad_mask.sum())} such regions); "
+                        f"expected ids in {expected_range}",
+                    )
+
+    # Scores.
+    if "region_scores" in columns:
+        scores = _as_array(record["region_scores"])
+        if scores.ndim != 1 or (num_regions is not None and scores.shape[0] != num_regions):
+            expected = "N" if num_regions is None else num_regions
+            problem(
+                "region_scores",
+                f"found shape {tuple(scores.shape)}; expected a 1-D array of length {expected}",
+            )
+        elif scores.size:
+            scores = scores.astype(np.float64)
+            finite = np.isfinite(scores)
+            if not finite.all():
+                bad = _first_bad(~finite)
+                problem(
+                    "region_scores", f"found {scores[bad]} in region {bad}; expected finite scores in [0, 1]"
+                )
+            else:
+                outside = (scores < 0) | (scores > 1)
+                if outside.any():
+                    bad = _first_bad(outside)
+                    problem(
+                        "region_scores",
+                        f"found {scores[bad]} in region {bad} ({int(outside.sum())} such regions); "
+                        "expected scores in [0, 1]",
+                    )
+
+    # Global feature.
+    if "global_feature" in columns and record["global_feature"] is not None:
+        global_feature = _as_array(record["global_feature"])
+        if global_feature.ndim != 1 or global_feature.size == 0:
+            problem(
+                "global_feature",
+                f"found shape {tuple(global_feature.shape)}; expected a non-empty 1-D vector [G]",
+            )
+        elif not np.issubdtype(global_feature.dtype, np.number):
+            problem("global_feature", f"found dtype {global_feature.dtype}; expected floating point")
+        elif not np.isfinite(global_feature).all():
+            bad = _first_bad(~np.isfinite(global_feature))
+            problem(
+                "global_feature", f"found {global_feature[bad]} at position {bad}; expected finite values"
+            )
+    elif require_global_feature and "global_feature" in columns:
+        problem("global_feature", "found None; expected a 1-D vector [G]")
+
+    if problems:
+        where = _describe_record(index, image_id)
+        lines = [f"{where}, field {field!r}: {message}" for field, message in problems]
+        raise DataValidationError("\n".join(lines))
+
+
+def validate_features(features: Features, *, feature_dim: int | None = None) -> int:
+    """Checks the column types of a dataset against the schema and returns its region feature dimension F.
+
+    Args:
+        features: `dataset.features`.
+        feature_dim: the expected F; read from the `region_features` column when None.
+
+    Raises:
+        DataValidationError: naming each missing, unexpected or wrongly typed column and the type expected.
+    """
+    problems = []
+    region_type = features.get("region_features")
+    found_dim = None
+    if isinstance(region_type, Array2D) and len(region_type.shape) == 2:
+        found_dim = region_type.shape[1]
+    dim = feature_dim if feature_dim is not None else (found_dim if found_dim is not None else 2048)
+    expected = image_text_features(dim, with_global_feature="global_feature" in features)
+    for column, expected_type in expected.items():
+        if column not in features:
+            problems.append(f"column {column!r} is missing; expected {expected_type}")
+        elif features[column] != expected_type:
+            problems.append(f"column {column!r} has type {features[column]}; expected {expected_type}")
+    for column in features:
+        if column not in expected:
+            problems.append(f"column {column!r} is unexpected; expected only the columns {list(expected)}")
+    if problems:
+        raise DataValidationError(
+            "dataset features do not match the image-text schema:\n" + "\n".join(problems)
+        )
+    return dim
+
+
+def validate_dataset(
+    dataset: Dataset,
+    *,
+    feature_dim: int | None = None,
+    num_classes: int | None = None,
+    batch_size: int = 1000,
+    max_errors: int = 20,
+    show_progress: bool = True,
+) -> int:
+    """Validates every row of an image-text `datasets.Dataset` (column types, then each record with
+    `validate_record`), reading it in batches of `batch_size` rows without upcasting float16 features.
+
+    Args:
+        dataset: a `datasets.Dataset` with the schema's columns.
+        feature_dim: the expected F; read from the `region_features` column type when None.
+        num_classes: when given, class ids must lie in [0, num_classes).
+        batch_size: rows read at a time.
+        max_errors: at most this many record messages are kept in the error.
+        show_progress: show a tqdm progress bar.
+
+    Returns:
+        The number of rows checked.
+
+    Raises:
+        DataValidationError: listing the first `max_errors` bad records and the total number of bad records.
+    """
+    feature_dim = validate_features(dataset.features, feature_dim=feature_dim)
+    require_global = "global_feature" in dataset.features
+    messages: list[str] = []
+    num_bad = 0
+    checked = 0
+    view = dataset.with_format("numpy", dtype=None)
+    with tqdm(
+        total=len(dataset), desc="validating records", unit="rows", disable=not show_progress
+    ) as progress:
+        for batch in view.iter(batch_size=batch_size):
+            columns = list(batch)
+            rows = len(batch[columns[0]]) if columns else 0
+            for offset in range(rows):
+                record = {column: batch[column][offset] for column in columns}
+                try:
+                    validate_record(
+                        record,
+                        checked + offset,
+                        feature_dim=feature_dim,
+                        num_classes=num_classes,
+                        require_global_feature=require_global,
+                    )
+                except DataValidationError as error:
+                    num_bad += 1
+                    if len(messages) < max_errors:
+                        messages.append(str(error))
+            checked += rows
+            progress.update(rows)
+    if num_bad:
+        shown = f"the first {len(messages)}" if num_bad > len(messages) else "all"
+        raise DataValidationError(
+            f"{num_bad} of {checked} records are invalid ({shown} listed):\n" + "\n".join(messages)
+        )
+    return checked
