@@ -1,9 +1,10 @@
 """ImageBERT as a native Hugging Face Transformers model.
 
-Importing the package registers the model with `AutoConfig`, `AutoModel` and `AutoModelForPreTraining`.
+Importing the package registers the model with `AutoConfig`, `AutoModel`, `AutoModelForPreTraining` and, for the
+retrieval model (a one-logit pair classifier), `AutoModelForSequenceClassification`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForSequenceClassification
 
 from .configuration_imagebert import ImageBertConfig
 from .modeling_imagebert import (
@@ -16,6 +17,7 @@ from .modeling_imagebert import (
 AutoConfig.register(ImageBertConfig.model_type, ImageBertConfig, exist_ok=True)
 AutoModel.register(ImageBertConfig, ImageBertModel, exist_ok=True)
 AutoModelForPreTraining.register(ImageBertConfig, ImageBertForPreTraining, exist_ok=True)
+AutoModelForSequenceClassification.register(ImageBertConfig, ImageBertForRetrieval, exist_ok=True)
 
 
 def __getattr__(name):

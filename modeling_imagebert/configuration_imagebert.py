@@ -29,7 +29,9 @@ _BASE_CONFIG_KEYS = frozenset(
 )
 
 RETRIEVAL_LOSSES = ("binary", "ce", "triplet")
-_LOSS_TERM = re.compile(r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<name>[a-z]+)\s*$")
+_LOSS_TERM = re.compile(
+    r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<name>[a-z]+)\s*$"
+)
 
 
 def parse_retrieval_loss(spec: str) -> dict[str, float]:
@@ -40,7 +42,9 @@ def parse_retrieval_loss(spec: str) -> dict[str, float]:
     `"binary+0.5*triplet"`. Raises `ValueError` naming the bad term.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"retrieval_loss must be a non-empty string such as 'binary' or 'binary+0.5*ce', got {spec!r}")
+        raise ValueError(
+            f"retrieval_loss must be a non-empty string such as 'binary' or 'binary+0.5*ce', got {spec!r}"
+        )
     weights: dict[str, float] = {}
     for term in spec.split("+"):
         match = _LOSS_TERM.match(term)
@@ -146,8 +150,16 @@ class ImageBertConfig(PreTrainedConfig):
 
     def validate_imagebert(self):
         """Part of `@strict` validation: value ranges and cross-field rules."""
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "visual_feature_dim", "num_object_classes", "max_position_embeddings", "vocab_size"):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "visual_feature_dim",
+            "num_object_classes",
+            "max_position_embeddings",
+            "vocab_size",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ImageBertConfig.{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
@@ -175,7 +187,13 @@ class ImageBertConfig(PreTrainedConfig):
                 f"ImageBertConfig.region_segment_id must be in [0, type_vocab_size={self.type_vocab_size}), got "
                 f"{self.region_segment_id}"
             )
-        for name in ("mlm_loss_weight", "moc_loss_weight", "mrfr_loss_weight", "itm_loss_weight", "triplet_margin"):
+        for name in (
+            "mlm_loss_weight",
+            "moc_loss_weight",
+            "mrfr_loss_weight",
+            "itm_loss_weight",
+            "triplet_margin",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"ImageBertConfig.{name} must be >= 0, got {getattr(self, name)}")
         parse_retrieval_loss(self.retrieval_loss)

@@ -1,20 +1,1008 @@
-# Being written in this session; replaced by the real model shortly.
-from transformers import PreTrainedModel
+"""ImageBERT (Qi et al., 2020): a single-stream BERT over `[CLS] text [SEP]` followed by detector region tokens.
 
-from .configuration_imagebert import ImageBertConfig
+Read top to bottom in build order: embeddings -> attention -> layer -> encoder -> pooler -> heads -> pre-trained base
+-> `ImageBertModel`, `ImageBertForPreTraining`, `ImageBertForRetrieval`.
+
+This file imports only torch, transformers and `.configuration_imagebert`, so that `save_pretrained` can copy it next to
+the weights and a Hub user can load the model with `trust_remote_code=True` without installing our package.
+"""
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_imagebert import ImageBertConfig, parse_retrieval_loss
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Embeddings
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ImageBertEmbeddings(nn.Module):
+    """Text and region embeddings of the joint sequence (paper §4.1).
+
+    Text token: LN(word + segment + position), exactly BERT's embedding (same parameter names, so BERT checkpoints load).
+    Region token: LN'(W_v v + segment + W_c c + position[region_position_id]) with c the 5-D location; the segment and
+    sequence-position tables are shared with the text, every region gets the same dummy position (regions have no
+    order). The optional global-image token is built like a region with the whole-image location (0, 0, 1, 1, 1).
+    """
+
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+        self.region_feature_projection = nn.Linear(config.visual_feature_dim, config.hidden_size)
+        self.region_location_projection = nn.Linear(5, config.hidden_size)
+        self.region_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.use_global_image_feature:
+            self.global_feature_projection = nn.Linear(config.global_image_feature_dim, config.hidden_size)
+
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.region_position_id = config.region_position_id
+        self.region_segment_id = config.region_segment_id
+        self.position_ids = nn.Buffer(
+            torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
+        )
+        self.whole_image_location = nn.Buffer(torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]), persistent=False)
+
+    def embed_text(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        seq_length = input_ids.shape[1]
+        position_ids = self.position_ids[:, :seq_length]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        embeddings = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(token_type_ids)
+            + self.position_embeddings(position_ids)
+        )  # (B, T, H)
+        return self.LayerNorm(embeddings)
+
+    def _region_constant(self) -> torch.Tensor:
+        """Segment + dummy position embedding shared by every image token, (H,)."""
+        return (
+            self.token_type_embeddings.weight[self.region_segment_id]
+            + self.position_embeddings.weight[self.region_position_id]
+        )
+
+    def embed_regions(self, region_features: torch.Tensor, region_locations: torch.Tensor) -> torch.Tensor:
+        weight = self.region_feature_projection.weight
+        embeddings = (
+            self.region_feature_projection(region_features.to(weight.dtype))
+            + self.region_location_projection(region_locations.to(weight.dtype))
+            + self._region_constant()
+        )  # (B, R, H)
+        return self.region_LayerNorm(embeddings)
+
+    def embed_global_image(self, global_image_features: torch.Tensor) -> torch.Tensor:
+        weight = self.global_feature_projection.weight
+        embeddings = (
+            self.global_feature_projection(global_image_features.to(weight.dtype))
+            + self.region_location_projection(self.whole_image_location.to(weight.dtype))
+            + self._region_constant()
+        )  # (B, H)
+        return self.region_LayerNorm(embeddings).unsqueeze(1)  # (B, 1, H)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        region_features: torch.Tensor | None,
+        region_locations: torch.Tensor | None,
+        global_image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        parts = []
+        if input_ids is not None:
+            parts.append(self.embed_text(input_ids, token_type_ids))
+        if global_image_features is not None:
+            parts.append(self.embed_global_image(global_image_features))
+        if region_features is not None:
+            parts.append(self.embed_regions(region_features, region_locations))
+        embeddings = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, T [+1] + R, H)
+        return self.dropout(embeddings)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention, layer, encoder, pooler (BERT's, with BERT's parameter names)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, L, L)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, L, nh, hs)
+    return attn_output, attn_weights
+
+
+class ImageBertSelfAttention(nn.Module):
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.config = config
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.scaling = self.attention_head_size**-0.5
+        self.is_causal = False
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.attention_head_size)
+        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nh, L, hs)
+        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout.p if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, L, H)
+        return attn_output, attn_weights
+
+
+class ImageBertSelfOutput(nn.Module):
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class ImageBertAttention(nn.Module):
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.self = ImageBertSelfAttention(config)
+        self.output = ImageBertSelfOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        attention_output, attn_weights = self.self(hidden_states, attention_mask, **kwargs)
+        return self.output(attention_output, hidden_states), attn_weights
+
+
+class ImageBertIntermediate(nn.Module):
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class ImageBertOutput(nn.Module):
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class ImageBertLayer(GradientCheckpointingLayer):
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.attention = ImageBertAttention(config)
+        self.intermediate = ImageBertIntermediate(config)
+        self.output = ImageBertOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class ImageBertEncoder(nn.Module):
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([ImageBertLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        for layer_module in self.layer:
+            hidden_states = layer_module(hidden_states, attention_mask, **kwargs)
+        return hidden_states
+
+
+class ImageBertPooler(nn.Module):
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))  # [CLS] (or the first token): (B, H)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Heads
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ImageBertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class ImageBertPredictionHead(nn.Module):
+    """transform (dense, activation, LN) then a linear decoder: used for MLM (decoder tied to the word embeddings),
+    masked object classification (decoder to the detector classes) and masked region feature regression (decoder
+    to the feature dimension)."""
+
+    def __init__(self, config: ImageBertConfig, output_size: int):
+        super().__init__()
+        self.transform = ImageBertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, output_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    config: ImageBertConfig,
+    input_ids,
+    attention_mask,
+    token_type_ids,
+    region_features,
+    region_locations,
+    region_attention_mask,
+    global_image_features,
+) -> None:
+    """Raise a ValueError naming the argument for inputs the model cannot use."""
+    if input_ids is None and region_features is None and global_image_features is None:
+        raise ValueError(
+            "ImageBERT needs input_ids, region_features or global_image_features; got none of them"
+        )
+    batch_sizes = {}
+    for name, tensor, ndim in (
+        ("input_ids", input_ids, 2),
+        ("attention_mask", attention_mask, 2),
+        ("token_type_ids", token_type_ids, 2),
+        ("region_features", region_features, 3),
+        ("region_locations", region_locations, 3),
+        ("region_attention_mask", region_attention_mask, 2),
+        ("global_image_features", global_image_features, 2),
+    ):
+        if tensor is None:
+            continue
+        if tensor.dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+        batch_sizes[name] = tensor.shape[0]
+    if len(set(batch_sizes.values())) > 1:
+        raise ValueError(f"all inputs must share the batch size; got {batch_sizes}")
+    if input_ids is not None:
+        for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if tensor is not None and tensor.shape != input_ids.shape:
+                raise ValueError(
+                    f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(tensor.shape)}"
+                )
+        if input_ids.shape[1] > config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens, more than max_position_embeddings "
+                f"({config.max_position_embeddings})"
+            )
+    if region_features is not None:
+        batch, num_regions, feature_dim = region_features.shape
+        if feature_dim != config.visual_feature_dim:
+            raise ValueError(
+                f"region_features has feature dimension {feature_dim}, but config.visual_feature_dim is "
+                f"{config.visual_feature_dim}"
+            )
+        if num_regions > config.max_regions:
+            raise ValueError(
+                f"region_features has {num_regions} regions, more than config.max_regions ({config.max_regions})"
+            )
+        if region_locations is None:
+            raise ValueError("region_locations (B, R, 5) is required with region_features")
+        if region_locations.shape != (batch, num_regions, 5):
+            raise ValueError(
+                f"region_locations must have shape (batch, regions, 5) = {(batch, num_regions, 5)}, got "
+                f"{tuple(region_locations.shape)}"
+            )
+        if region_attention_mask is not None and region_attention_mask.shape != (batch, num_regions):
+            raise ValueError(
+                f"region_attention_mask must have shape {(batch, num_regions)}, got {tuple(region_attention_mask.shape)}"
+            )
+        if not torch.isfinite(region_features).all():
+            raise ValueError("region_features contains NaN or Inf")
+        if not torch.isfinite(region_locations).all():
+            raise ValueError("region_locations contains NaN or Inf")
+        if region_locations.numel() and (region_locations.min() < 0 or region_locations.max() > 1):
+            raise ValueError(
+                "region_locations must be normalised to [0, 1] (x1/W, y1/H, x2/W, y2/H, area/(W*H)); got values in "
+                f"[{region_locations.min().item():.4g}, {region_locations.max().item():.4g}]"
+            )
+    elif region_locations is not None or region_attention_mask is not None:
+        raise ValueError("region_locations / region_attention_mask were given without region_features")
+    if global_image_features is not None:
+        if not config.use_global_image_feature:
+            raise ValueError("global_image_features were given but config.use_global_image_feature is False")
+        if global_image_features.shape[1] != config.global_image_feature_dim:
+            raise ValueError(
+                f"global_image_features has dimension {global_image_features.shape[1]}, but "
+                f"config.global_image_feature_dim is {config.global_image_feature_dim}"
+            )
+        if not torch.isfinite(global_image_features).all():
+            raise ValueError("global_image_features contains NaN or Inf")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageBertModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`(batch, text_length [+ 1] + num_regions, hidden)`): the joint sequence output.
+    pooler_output (`(batch, hidden)`): tanh(dense([CLS])), the input of the ITM and retrieval heads.
+    text_hidden_state (`(batch, text_length, hidden)`): the text part of `last_hidden_state`.
+    region_hidden_state (`(batch, num_regions, hidden)`): the region part of `last_hidden_state`.
+    global_image_hidden_state (`(batch, hidden)`): the global-image token, when the config uses one.
+    hidden_states (tuple of `(batch, length, hidden)`): embeddings and each layer's output, when asked for.
+    attentions (tuple of `(batch, heads, length, length)`): each layer's attention weights, when asked for.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    text_hidden_state: torch.FloatTensor | None = None
+    region_hidden_state: torch.FloatTensor | None = None
+    global_image_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ImageBertForPreTrainingOutput(ModelOutput):
+    r"""
+    loss (`()`): weighted sum of the task losses present in the batch.
+    mlm_loss, moc_loss, mrfr_loss, itm_loss (`()`): each task's unweighted loss, None when its labels were not given.
+    itm_logits (`(batch,)`): image-text matching score (logit of "matched").
+    mlm_logits (`(num_masked_tokens, vocab_size)`): vocabulary logits at the labelled text positions only.
+    moc_logits (`(num_masked_regions, num_object_classes)`): class logits at the labelled regions only.
+    mrfr_predictions (`(num_masked_regions, visual_feature_dim)`): regressed features at the masked regions only.
+    hidden_states, attentions: as in `ImageBertModelOutput`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    mlm_loss: torch.FloatTensor | None = None
+    moc_loss: torch.FloatTensor | None = None
+    mrfr_loss: torch.FloatTensor | None = None
+    itm_loss: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    mlm_logits: torch.FloatTensor | None = None
+    moc_logits: torch.FloatTensor | None = None
+    mrfr_predictions: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ImageBertForRetrievalOutput(ModelOutput):
+    r"""
+    loss (`()`): the configured retrieval loss (weighted sum of binary / ce / triplet), when `labels` are given.
+    logits (`(batch,)`): matching score of each (text, image) pair; higher means a better match.
+    binary_loss, ce_loss, triplet_loss (`()`): each term, None when not configured.
+    hidden_states, attentions: as in `ImageBertModelOutput`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    binary_loss: torch.FloatTensor | None = None
+    ce_loss: torch.FloatTensor | None = None
+    triplet_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pre-trained base: initialisation, BERT loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+_BERT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "initializer_range",
+    "layer_norm_eps",
+    "pad_token_id",
+)
+
+
+def _read_bert_checkpoint(name_or_path: str, **hub_kwargs) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Config dict and state dict of a BERT checkpoint in a folder or on the Hub (safetensors, else pytorch .bin)."""
+    from transformers.utils import cached_file
+
+    config_file = cached_file(name_or_path, "config.json", **hub_kwargs)
+    with open(config_file, encoding="utf-8") as f:
+        bert_config = json.load(f)
+    weights_file = cached_file(
+        name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+    if weights_file is not None:
+        from safetensors.torch import load_file
+
+        state_dict = load_file(weights_file)
+    else:
+        weights_file = cached_file(name_or_path, "pytorch_model.bin", **hub_kwargs)
+        state_dict = torch.load(weights_file, map_location="cpu", weights_only=True)
+    return bert_config, state_dict
+
+
+def _bert_key_to_imagebert(key: str, base_prefix: str) -> str | None:
+    """Name in ImageBERT of a BERT checkpoint tensor, or None if ImageBERT has no such tensor."""
+    key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    if key.startswith("bert."):
+        key = key[len("bert.") :]
+    if key.startswith(("embeddings.", "encoder.", "pooler.")):
+        if key in ("embeddings.position_ids", "embeddings.token_type_ids"):
+            return None
+        return f"{base_prefix}{key}"
+    if key.startswith("cls.predictions."):
+        rest = key[len("cls.predictions.") :]
+        if rest == "bias":
+            return "mlm_head.decoder.bias"
+        return f"mlm_head.{rest}"  # transform.* and decoder.weight/bias
+    return None
 
 
 class ImageBertPreTrainedModel(PreTrainedModel):
     config_class = ImageBertConfig
+    config: ImageBertConfig
+    base_model_prefix = "imagebert"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["ImageBertEmbeddings", "ImageBertLayer"]
+    _can_record_outputs = {"hidden_states": ImageBertLayer, "attentions": ImageBertSelfAttention}
+    # A `forward(**kwargs)` would make Trainer skip dividing the loss by the accumulation steps.
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ImageBertEmbeddings):
+            # Non-persistent buffers hold garbage after a meta-device load unless re-initialised here.
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+            init.copy_(module.whole_image_location, torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`, writing an `auto_map` for all three classes so that one folder serves
+        `AutoModel`, `AutoModelForPreTraining` and (as `AutoModelForSequenceClassification`) the retrieval model
+        with `trust_remote_code=True`, without our package installed."""
+        module = "modeling_imagebert"
+        self.config.auto_map = {
+            "AutoConfig": "configuration_imagebert.ImageBertConfig",
+            "AutoModel": f"{module}.ImageBertModel",
+            "AutoModelForPreTraining": f"{module}.ImageBertForPreTraining",
+            "AutoModelForSequenceClassification": f"{module}.ImageBertForRetrieval",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_bert_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        output_loading_info: bool = False,
+        cache_dir: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **config_overrides,
+    ):
+        """Build this ImageBERT class from a BERT checkpoint (a folder or a Hub id), as the paper initialises it.
+
+        Copies the word, position and segment embeddings with their LayerNorm, every encoder layer, the pooler and,
+        when the checkpoint has one, the MLM head (`cls.predictions.*`). The region embeddings and the MOC, MRFR and
+        ITM heads are newly initialised; the list is logged, and returned when `output_loading_info=True`.
+
+        Args:
+            name_or_path: folder with `config.json` and `model.safetensors` (or `pytorch_model.bin`), or a Hub id.
+            config_overrides: `ImageBertConfig` fields to set beside the BERT ones (e.g. `visual_feature_dim`,
+                `num_object_classes`, `max_regions`). BERT's architecture fields cannot be overridden.
+
+        Returns:
+            The model, or `(model, {"copied": [...], "newly_initialized": [...], "unused": [...]})`.
+        """
+        hub_kwargs = {
+            "cache_dir": cache_dir,
+            "revision": revision,
+            "token": token,
+            "local_files_only": local_files_only,
+        }
+        bert_config, bert_state = _read_bert_checkpoint(str(name_or_path), **hub_kwargs)
+        clash = sorted(
+            set(config_overrides)
+            & set(_BERT_FIELDS) - {"hidden_dropout_prob", "attention_probs_dropout_prob"}
+        )
+        if clash:
+            raise ValueError(
+                f"from_bert_pretrained: {clash} are fixed by the BERT checkpoint {name_or_path!s} and cannot be overridden"
+            )
+        fields = {name: bert_config[name] for name in _BERT_FIELDS if name in bert_config}
+        config = ImageBertConfig(**fields, **config_overrides)
+        model = cls(config)
+
+        base_prefix = f"{cls.base_model_prefix}." if cls is not ImageBertModel else ""
+        own_state = model.state_dict()
+        copied, unused, renamed = [], [], {}
+        for key, tensor in bert_state.items():
+            target = _bert_key_to_imagebert(key, base_prefix)
+            if target is None or target not in own_state:
+                unused.append(key)
+                continue
+            if own_state[target].shape != tensor.shape:
+                raise ValueError(
+                    f"from_bert_pretrained: {key} in {name_or_path!s} has shape {tuple(tensor.shape)}, ImageBERT's "
+                    f"{target} has {tuple(own_state[target].shape)}"
+                )
+            renamed[target] = tensor
+        # The MLM decoder weight is tied to the word embeddings; a checkpoint may store it or not.
+        renamed.pop("mlm_head.decoder.weight", None)
+        model.load_state_dict(renamed, strict=False)
+        model.tie_weights()
+        copied = sorted(renamed)
+        tied = {"mlm_head.decoder.weight"} if "mlm_head.decoder.weight" in own_state else set()
+        newly_initialized = sorted(set(own_state) - set(copied) - tied)
+        logger.warning(
+            f"{cls.__name__} initialised from BERT checkpoint {name_or_path!s}: copied {len(copied)} tensors; newly "
+            f"initialised: {newly_initialized}"
+        )
+        if output_loading_info:
+            return model, {"copied": copied, "newly_initialized": newly_initialized, "unused": sorted(unused)}
+        return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public models
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 class ImageBertModel(ImageBertPreTrainedModel):
-    pass
+    """The ImageBERT encoder: embeddings of `[CLS] text [SEP]` and regions, a BERT encoder over the joint sequence,
+    and BERT's pooler on the first token. Callable on text alone (as BERT) or on regions alone."""
+
+    def __init__(self, config: ImageBertConfig):
+        super().__init__(config)
+        self.embeddings = ImageBertEmbeddings(config)
+        self.encoder = ImageBertEncoder(config)
+        self.pooler = ImageBertPooler(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        region_features: torch.FloatTensor | None = None,
+        region_locations: torch.FloatTensor | None = None,
+        region_attention_mask: torch.LongTensor | None = None,
+        global_image_features: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> ImageBertModelOutput:
+        r"""
+        input_ids (`(B, T)`): WordPiece ids of `[CLS] text [SEP]`, padded.
+        attention_mask (`(B, T)`): 1 for real tokens, 0 for padding (default: all ones).
+        token_type_ids (`(B, T)`): segment ids of the text (default: zeros).
+        region_features (`(B, R, F)`): pooled RoI features, R <= max_regions (0 allowed).
+        region_locations (`(B, R, 5)`): (x1/W, y1/H, x2/W, y2/H, area/(W*H)) in [0, 1].
+        region_attention_mask (`(B, R)`): 1 for real regions, 0 for padding (default: all ones).
+        global_image_features (`(B, G)`): whole-image feature, only with `config.use_global_image_feature`.
+        """
+        _check_inputs(
+            self.config,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            region_features,
+            region_locations,
+            region_attention_mask,
+            global_image_features,
+        )
+        embedding_output = self.embeddings(
+            input_ids, token_type_ids, region_features, region_locations, global_image_features
+        )  # (B, L, H)
+        batch, length = embedding_output.shape[:2]
+        device = embedding_output.device
+
+        # One padding mask for the joint sequence: text, optional global token, regions.
+        masks = []
+        text_length = 0 if input_ids is None else input_ids.shape[1]
+        if input_ids is not None:
+            masks.append(attention_mask if attention_mask is not None else torch.ones_like(input_ids))
+        num_global = int(global_image_features is not None)
+        if num_global:
+            masks.append(torch.ones(batch, 1, dtype=torch.long, device=device))
+        if region_features is not None:
+            masks.append(
+                region_attention_mask
+                if region_attention_mask is not None
+                else torch.ones(region_features.shape[:2], dtype=torch.long, device=device)
+            )
+        joint_mask = torch.cat([m.to(torch.long) for m in masks], dim=1)  # (B, L)
+        encoder_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=embedding_output, attention_mask=joint_mask
+        )
+
+        sequence_output = self.encoder(embedding_output, encoder_mask, **kwargs)  # (B, L, H)
+        pooled_output = self.pooler(sequence_output)
+        image_start = text_length + num_global
+        return ImageBertModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            text_hidden_state=sequence_output[:, :text_length],
+            region_hidden_state=sequence_output[:, image_start:],
+            global_image_hidden_state=sequence_output[:, text_length] if num_global else None,
+        )
+
+
+def _zero_loss_through(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A zero that still reaches every parameter of `module` (DDP needs a gradient for each parameter, even when a
+    batch has no labelled position for this head)."""
+    return module(hidden[:1, :1].reshape(1, -1)).sum() * 0.0
 
 
 class ImageBertForPreTraining(ImageBertPreTrainedModel):
-    pass
+    """ImageBERT with the four pre-training heads of §4.3: masked language modelling (MLM, tied to the word
+    embeddings), masked object classification (MOC), masked region feature regression (MRFR) and image-text matching
+    (ITM). Each head runs only on the positions that carry a label. Conditional masking: the masked losses ignore
+    rows whose `itm_labels` is 0 (mismatched pairs)."""
+
+    _tied_weights_keys = {"mlm_head.decoder.weight": "imagebert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: ImageBertConfig):
+        super().__init__(config)
+        self.imagebert = ImageBertModel(config)
+        self.mlm_head = ImageBertPredictionHead(config, config.vocab_size)
+        self.moc_head = ImageBertPredictionHead(config, config.num_object_classes)
+        self.mrfr_head = ImageBertPredictionHead(config, config.visual_feature_dim)
+        self.itm_head = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.mlm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.mlm_head.decoder = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        region_features: torch.FloatTensor | None = None,
+        region_locations: torch.FloatTensor | None = None,
+        region_attention_mask: torch.LongTensor | None = None,
+        global_image_features: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        masked_regions: torch.BoolTensor | None = None,
+        region_class_labels: torch.LongTensor | None = None,
+        region_feature_targets: torch.FloatTensor | None = None,
+        itm_labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> ImageBertForPreTrainingOutput:
+        r"""
+        Inputs as `ImageBertModel.forward`, plus the labels (any subset; a task without labels is skipped):
+        labels (`(B, T)`): MLM targets, -100 where not masked.
+        masked_regions (`(B, R)` bool): regions masked by the collator (MRFR positions; MOC too if
+            `region_class_labels` is absent).
+        region_class_labels (`(B, R)`): MOC targets (detector class ids), -100 where not masked.
+        region_feature_targets (`(B, R, F)`): MRFR targets, the original region features.
+        itm_labels (`(B,)`): 1 for a matched pair, 0 for a mismatched one.
+        """
+        outputs = self.imagebert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            region_features=region_features,
+            region_locations=region_locations,
+            region_attention_mask=region_attention_mask,
+            global_image_features=global_image_features,
+            **kwargs,
+        )
+        text_hidden, region_hidden = outputs.text_hidden_state, outputs.region_hidden_state
+        itm_logits = self.itm_head(outputs.pooler_output).squeeze(-1)  # (B,)
+        batch = outputs.last_hidden_state.shape[0]
+        # Conditional masking: only matched pairs may contribute to the masked losses.
+        matched = None if itm_labels is None else itm_labels.view(batch, 1) == 1  # (B, 1)
+
+        losses = {}
+        mlm_logits = moc_logits = mrfr_predictions = None
+        if labels is not None:
+            if input_ids is None or labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids, got {tuple(labels.shape)}")
+            selected = labels != -100
+            if matched is not None:
+                selected &= matched
+            if selected.any():
+                mlm_logits = self.mlm_head(text_hidden[selected])  # (M, V)
+                losses["mlm"] = F.cross_entropy(mlm_logits.float(), labels[selected])
+            else:
+                losses["mlm"] = _zero_loss_through(self.mlm_head, text_hidden)
+
+        region_selected = None
+        if masked_regions is not None or region_class_labels is not None:
+            if region_features is None:
+                raise ValueError("masked_regions / region_class_labels were given without region_features")
+            region_shape = region_features.shape[:2]
+            for name, tensor in (
+                ("masked_regions", masked_regions),
+                ("region_class_labels", region_class_labels),
+            ):
+                if tensor is not None and tensor.shape != region_shape:
+                    raise ValueError(
+                        f"{name} must have shape {tuple(region_shape)}, got {tuple(tensor.shape)}"
+                    )
+        if region_class_labels is not None:
+            selected = region_class_labels != -100
+            if matched is not None:
+                selected &= matched
+            if selected.any():
+                classes = region_class_labels[selected]
+                if classes.min() < 0 or classes.max() >= self.config.num_object_classes:
+                    raise ValueError(
+                        f"region_class_labels must be in [0, {self.config.num_object_classes}) or -100, got values in "
+                        f"[{classes.min().item()}, {classes.max().item()}]"
+                    )
+                moc_logits = self.moc_head(region_hidden[selected])  # (M, K)
+                losses["moc"] = F.cross_entropy(moc_logits.float(), classes)
+            else:
+                losses["moc"] = _zero_loss_through(self.moc_head, region_hidden)
+        if region_feature_targets is not None:
+            if masked_regions is None:
+                raise ValueError("region_feature_targets need masked_regions to say which regions to regress")
+            if region_feature_targets.shape != region_features.shape:
+                raise ValueError(
+                    f"region_feature_targets must have the shape of region_features {tuple(region_features.shape)}, "
+                    f"got {tuple(region_feature_targets.shape)}"
+                )
+            region_selected = masked_regions.bool()
+            if matched is not None:
+                region_selected = region_selected & matched
+            if region_selected.any():
+                mrfr_predictions = self.mrfr_head(region_hidden[region_selected])  # (M, F)
+                targets = region_feature_targets[region_selected].to(mrfr_predictions.dtype)
+                losses["mrfr"] = F.mse_loss(mrfr_predictions.float(), targets.float())
+            else:
+                losses["mrfr"] = _zero_loss_through(self.mrfr_head, region_hidden)
+        if itm_labels is not None:
+            losses["itm"] = F.binary_cross_entropy_with_logits(itm_logits.float(), itm_labels.float())
+
+        loss = None
+        if losses:
+            weights = {
+                "mlm": self.config.mlm_loss_weight,
+                "moc": self.config.moc_loss_weight,
+                "mrfr": self.config.mrfr_loss_weight,
+                "itm": self.config.itm_loss_weight,
+            }
+            loss = sum(weights[name] * value for name, value in losses.items())
+
+        return ImageBertForPreTrainingOutput(
+            loss=loss,
+            mlm_loss=losses.get("mlm"),
+            moc_loss=losses.get("moc"),
+            mrfr_loss=losses.get("mrfr"),
+            itm_loss=losses.get("itm"),
+            itm_logits=itm_logits,
+            mlm_logits=mlm_logits,
+            moc_logits=moc_logits,
+            mrfr_predictions=mrfr_predictions,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def score(self, **inputs) -> torch.Tensor:
+        """Zero-shot image-text matching score (the ITM logit) of each pair, `(B,)`. Takes the model inputs only."""
+        return self(**inputs).itm_logits
+
+
+def retrieval_losses(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: dict[str, float],
+    margin: float,
+    num_candidates: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The fine-tuning losses of §4.4 on a batch of candidate groups.
+
+    Args:
+        logits: `(B,)` matching scores.
+        labels: `(B,)` 1 for matched pairs, 0 for sampled negatives. For `ce` and `triplet` the batch is read as
+            contiguous groups of P rows (P = `num_candidates`, or B / number of positives) with exactly one positive
+            each, as `DataCollatorForImageTextRetrieval` lays it out.
+        weights: `{name: weight}` for `binary` (BCE on every row), `ce` (cross-entropy picking the positive among the
+            P candidates) and `triplet` (hinge `max(0, margin - s_pos + max s_neg)` with the hardest negative).
+
+    Returns:
+        `{name: loss}` for each configured name.
+    """
+    labels = labels.to(logits.device)
+    losses = {}
+    if "binary" in weights:
+        losses["binary"] = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    if "ce" in weights or "triplet" in weights:
+        batch = logits.shape[0]
+        positives = int((labels == 1).sum())
+        group = num_candidates or (batch // positives if positives else 0)
+        if not group or batch % group:
+            raise ValueError(
+                f"the ce/triplet retrieval losses need contiguous groups of P candidates with one positive each; got "
+                f"{batch} rows with {positives} positives (num_candidates={num_candidates})"
+            )
+        grouped_labels = labels.view(-1, group)  # (G, P)
+        if not torch.equal(
+            (grouped_labels == 1).sum(1), torch.ones_like(grouped_labels[:, 0], dtype=torch.long)
+        ):
+            raise ValueError(f"each group of {group} candidates must hold exactly one positive (labels == 1)")
+        grouped = logits.float().view(-1, group)  # (G, P)
+        positive_index = grouped_labels.argmax(1)  # (G,)
+        if "ce" in weights:
+            losses["ce"] = F.cross_entropy(grouped, positive_index)
+        if "triplet" in weights:
+            positive = grouped.gather(1, positive_index[:, None]).squeeze(1)  # (G,)
+            hardest = grouped.masked_fill(grouped_labels == 1, float("-inf")).max(1).values  # (G,)
+            losses["triplet"] = F.relu(margin - positive + hardest).mean()
+    return losses
 
 
 class ImageBertForRetrieval(ImageBertPreTrainedModel):
-    pass
+    """ImageBERT with a matching-score head on the pooled [CLS] for image-text retrieval (§4.4). The head is named
+    like the pre-training ITM head (`itm_head`), so loading a pre-training checkpoint initialises it from ITM."""
+
+    # The pre-training heads of a pre-training checkpoint are expected to be left behind.
+    _keys_to_ignore_on_load_unexpected = [r"^(mlm|moc|mrfr)_head\."]
+
+    def __init__(self, config: ImageBertConfig):
+        super().__init__(config)
+        self.imagebert = ImageBertModel(config)
+        self.itm_head = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        region_features: torch.FloatTensor | None = None,
+        region_locations: torch.FloatTensor | None = None,
+        region_attention_mask: torch.LongTensor | None = None,
+        global_image_features: torch.FloatTensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_candidates: int | None = None,
+        **kwargs,
+    ) -> ImageBertForRetrievalOutput:
+        r"""
+        Inputs as `ImageBertModel.forward`, plus:
+        labels (`(B,)`): 1 for matched pairs, 0 for negatives; laid out as contiguous groups of P candidates with one
+            positive each when the configured loss includes `ce` or `triplet`.
+        num_candidates (`int`): P; inferred as B / number of positives when omitted.
+        """
+        outputs = self.imagebert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            region_features=region_features,
+            region_locations=region_locations,
+            region_attention_mask=region_attention_mask,
+            global_image_features=global_image_features,
+            **kwargs,
+        )
+        logits = self.itm_head(outputs.pooler_output).squeeze(-1)  # (B,)
+        loss, terms = None, {}
+        if labels is not None:
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"labels must have shape {tuple(logits.shape)} (one per pair), got {tuple(labels.shape)}"
+                )
+            weights = parse_retrieval_loss(self.config.retrieval_loss)
+            terms = retrieval_losses(
+                logits, labels, weights, float(self.config.triplet_margin), num_candidates
+            )
+            loss = sum(weights[name] * value for name, value in terms.items())
+        return ImageBertForRetrievalOutput(
+            loss=loss,
+            logits=logits,
+            binary_loss=terms.get("binary"),
+            ce_loss=terms.get("ce"),
+            triplet_loss=terms.get("triplet"),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def score(self, **inputs) -> torch.Tensor:
+        """Matching score of each (text, image) pair, `(B,)`. Takes the model inputs only."""
+        return self(**inputs).logits
+
+
+# Each class saves its code beside its weights; `save_pretrained` writes the auto_map of all three (see
+# `ImageBertPreTrainedModel.save_pretrained`). transformers has no retrieval Auto class: the retrieval model, a
+# one-logit pair classifier, is served as AutoModelForSequenceClassification.
+ImageBertConfig.register_for_auto_class()
+ImageBertModel.register_for_auto_class("AutoModel")
+ImageBertForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+ImageBertForRetrieval.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "ImageBertForPreTraining",
+    "ImageBertForRetrieval",
+    "ImageBertModel",
+    "ImageBertPreTrainedModel",
+]
