@@ -566,7 +566,9 @@ class ImageBertPreTrainedModel(PreTrainedModel):
         Args:
             name_or_path: folder with `config.json` and `model.safetensors` (or `pytorch_model.bin`), or a Hub id.
             config_overrides: `ImageBertConfig` fields to set beside the BERT ones (e.g. `visual_feature_dim`,
-                `num_object_classes`, `max_regions`). BERT's architecture fields cannot be overridden.
+                `num_object_classes`, `max_regions`). BERT's architecture fields cannot be overridden, except
+                `num_hidden_layers` at most the checkpoint's (keeps its first layers: a cheaper model for demos)
+                and the dropout rates.
 
         Returns:
             The model, or `(model, {"copied": [...], "newly_initialized": [...], "unused": [...]})`.
@@ -578,16 +580,20 @@ class ImageBertPreTrainedModel(PreTrainedModel):
             "local_files_only": local_files_only,
         }
         bert_config, bert_state = _read_bert_checkpoint(str(name_or_path), **hub_kwargs)
-        clash = sorted(
-            set(config_overrides)
-            & set(_BERT_FIELDS) - {"hidden_dropout_prob", "attention_probs_dropout_prob"}
-        )
+        overridable = {"hidden_dropout_prob", "attention_probs_dropout_prob", "num_hidden_layers"}
+        clash = sorted(set(config_overrides) & set(_BERT_FIELDS) - overridable)
         if clash:
             raise ValueError(
                 f"from_bert_pretrained: {clash} are fixed by the BERT checkpoint {name_or_path!s} and cannot be overridden"
             )
         fields = {name: bert_config[name] for name in _BERT_FIELDS if name in bert_config}
-        config = ImageBertConfig(**fields, **config_overrides)
+        num_layers = config_overrides.get("num_hidden_layers", fields.get("num_hidden_layers"))
+        if num_layers is not None and num_layers > fields.get("num_hidden_layers", num_layers):
+            raise ValueError(
+                f"from_bert_pretrained: num_hidden_layers={num_layers} exceeds the {fields['num_hidden_layers']} layers "
+                f"of {name_or_path!s}"
+            )
+        config = ImageBertConfig(**{**fields, **config_overrides})
         model = cls(config)
 
         base_prefix = f"{cls.base_model_prefix}." if cls is not ImageBertModel else ""

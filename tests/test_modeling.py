@@ -708,3 +708,19 @@ def test_from_bert_pretrained_copies_an_mlm_head(tmp_path):
 def test_from_bert_pretrained_refuses_to_override_bert_architecture(minilm_path):
     with pytest.raises(ValueError, match="hidden_size"):
         ImageBertModel.from_bert_pretrained(minilm_path, hidden_size=768)
+
+
+def test_from_bert_pretrained_can_keep_only_the_first_layers(minilm_path):
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(minilm_path)
+    model, info = ImageBertModel.from_bert_pretrained(
+        minilm_path, num_hidden_layers=2, output_loading_info=True
+    )
+    assert len(model.encoder.layer) == 2
+    torch.testing.assert_close(
+        model.encoder.layer[1].output.dense.weight, bert.encoder.layer[1].output.dense.weight
+    )
+    assert any(key.startswith("encoder.layer.5.") for key in info["unused"])
+    with pytest.raises(ValueError, match="exceeds the 6 layers"):
+        ImageBertModel.from_bert_pretrained(minilm_path, num_hidden_layers=7)
