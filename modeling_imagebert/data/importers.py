@@ -173,7 +173,8 @@ def _to_float16_features(
             "features contain NaN or infinity",
             source=source, line=line, image_id=image_id, field=column, reason="non_finite",
         )  # fmt: skip
-    half = features.astype(np.float16)
+    with np.errstate(over="ignore"):
+        half = features.astype(np.float16)
     if not np.isfinite(half).all():
         raise ImportFormatError(
             f"features exceed the float16 range (max |value| {float(np.abs(features).max()):.4g} > 65504)",
@@ -922,10 +923,8 @@ def make_pair_row(image: Mapping, caption: str) -> dict:
 def _validate_image(
     image: Mapping, caption: str, index: int, feature_dim: int, num_classes: int | None
 ) -> None:
-    try:
-        from .schema import validate_record
-    except ImportError:  # validation lands in schema.py separately; the importers' own checks still apply
-        return
+    from .schema import validate_record
+
     validate_record(make_pair_row(image, caption), index, feature_dim=feature_dim, num_classes=num_classes)
 
 
@@ -936,6 +935,7 @@ def build_pair_dataset(
     feature_dim: int,
     on_missing: str = "skip",
     on_duplicate: str = "raise",
+    on_invalid: str = "raise",
     num_classes: int | None = None,
     report: ImportReport | None = None,
     show_progress: bool = True,
@@ -952,6 +952,9 @@ def build_pair_dataset(
             and logged) or "raise" (`ImportFormatError` naming the image id).
         on_duplicate: an image id seen twice in an iterable of records: "raise" or "skip" (keep the first,
             count "duplicate_image_id").
+        on_invalid: an image record that fails `schema.validate_record` (checked once per image, with its
+            first caption): "raise" (`DataValidationError`) or "skip" (its captions counted as
+            "invalid_record").
         num_classes: passed to `validate_record` to check class ids, when given.
         report: collects rows written and skips by reason; a fresh one is used (and logged) when None.
         cache_dir: where the Arrow file is written (datasets' cache by default).
@@ -963,10 +966,11 @@ def build_pair_dataset(
     """
     import datasets
 
-    from .schema import image_text_features
+    from .schema import DataValidationError, image_text_features
 
     _check_on_error(on_missing, "on_missing")
     _check_on_error(on_duplicate, "on_duplicate")
+    _check_on_error(on_invalid, "on_invalid")
     report = ImportReport() if report is None else report
     before = report.skipped.copy()
 
@@ -1011,13 +1015,28 @@ def build_pair_dataset(
             if image_id not in by_image:
                 continue  # features of images without captions in this split
             image_captions = by_image[image_id]
-            _validate_image(image, image_captions[0], state["rows"], feature_dim, num_classes)
+            try:
+                _validate_image(image, image_captions[0], state["rows"], feature_dim, num_classes)
+            except DataValidationError as failure:
+                if on_invalid == "raise":
+                    raise
+                message = " ".join(str(failure).split("\n"))
+                for _ in image_captions:
+                    report.skip("invalid_record", message)
+                continue
             for caption in image_captions:
                 yield make_pair_row(image, caption)
                 state["rows"] += 1
         if not isinstance(features, Mapping):
             missing = [image_id for image_id in by_image if image_id not in seen]
             _handle_missing(missing, by_image, seen, on_missing, report)
+        if state["rows"] == 0:  # an empty result is almost always an id-scheme mismatch: say so
+            raise ImportFormatError(
+                f"no caption matched any image record: {len(by_image)} captioned image(s), e.g. "
+                f"{list(by_image)[:3]}{_id_hint(list(by_image), seen)}",
+                field="image_id",
+                reason="no_rows",
+            )
 
     try:
         dataset = datasets.Dataset.from_generator(
@@ -1034,12 +1053,6 @@ def build_pair_dataset(
         if cause is not None:
             raise cause from None
         raise
-    if len(dataset) == 0:
-        raise ImportFormatError(
-            f"no caption matched any image record: {len(by_image)} captioned image(s), e.g. "
-            f"{list(by_image)[:3]}{_id_hint(list(by_image), state['seen'])}",
-            field="image_id", reason="no_rows",
-        )  # fmt: skip
     report.rows_written += len(dataset)
     _log_skips(report, "build_pair_dataset", before)
     return dataset
