@@ -1,0 +1,400 @@
+"""Collators: batches of encoded examples (see `ImageBertProcessor.encode_record`) -> padded, masked model inputs.
+
+- `DataCollatorForImageBertPretraining`: ITM negatives (negative captions for images and negative images for
+  captions), then conditional masking of the matched pairs only: MLM (15%; 80/10/10) and masked regions
+  (15%; 90% zeroed / 10% kept) with MOC class targets and MRFR feature targets.
+- `DataCollatorForImageTextRetrieval`: groups of P rows per positive (positive first, then P-1 negatives).
+
+Randomness. Every random draw is a counter-based hash (splitmix64) of (seed, epoch, example_index, stream,
+position), turned into a uniform float: the same example gets the same masks in a given epoch whatever the
+DataLoader worker count, the batch it lands in or a resume from a checkpoint. Only the choice of a negative
+partner depends on the batch (partners are drawn from the batch), which the sampler fixes.
+
+Call `collator.set_epoch(epoch)` BEFORE creating the DataLoader iterator of that epoch (before `iter(loader)`,
+i.e. before the `for` loop): worker processes take a copy of the collator when the iterator starts, so a later
+call does not reach them. With `persistent_workers=True` the workers keep their first copy: don't combine it with
+`set_epoch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..processing_imagebert import IGNORE_INDEX, ImageBertProcessor
+
+_MASK64 = (1 << 64) - 1
+
+# Independent random streams (one per kind of decision).
+_STREAM_ITM_NEGATIVE = 1
+_STREAM_ITM_DIRECTION = 2
+_STREAM_ITM_PARTNER = 3
+_STREAM_MLM_SELECT = 4
+_STREAM_MLM_ACTION = 5
+_STREAM_MLM_TOKEN = 6
+_STREAM_REGION_SELECT = 7
+_STREAM_REGION_ACTION = 8
+_STREAM_RETRIEVAL_ORDER = 9
+_STREAM_RETRIEVAL_ROW = 10
+_STREAM_RETRIEVAL_DIRECTION = 11
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hashed_uniform(
+    seed: int, epoch: int, example_index: np.ndarray, stream: int, positions: int
+) -> np.ndarray:
+    """Uniform floats in [0, 1) that depend only on (seed, epoch, example_index, stream, position).
+
+    Args:
+        seed, epoch, stream: ints.
+        example_index: int [B], the dataset row of each example.
+        positions: P, the number of positions drawn per example.
+
+    Returns:
+        float64 [B, P].
+    """
+    with np.errstate(over="ignore"):
+        key = np.uint64(seed & _MASK64) ^ np.uint64(0x243F6A8885A308D3)
+        key = _splitmix64(np.array([key], dtype=np.uint64))
+        key = _splitmix64(key ^ np.uint64(epoch & _MASK64))
+        key = _splitmix64(key ^ np.uint64(stream))
+        index = np.asarray(example_index, dtype=np.int64).astype(np.uint64)
+        per_example = _splitmix64(key ^ index)  # [B]
+        counter = np.arange(positions, dtype=np.uint64)
+        bits = _splitmix64(per_example[:, None] ^ _splitmix64(counter)[None, :])  # [B, P]
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _as_processor(processor_or_tokenizer: Any) -> ImageBertProcessor:
+    if isinstance(processor_or_tokenizer, ImageBertProcessor):
+        return processor_or_tokenizer
+    if hasattr(processor_or_tokenizer, "convert_tokens_to_ids") and hasattr(
+        processor_or_tokenizer, "pad_token_id"
+    ):
+        return ImageBertProcessor(processor_or_tokenizer)
+    raise TypeError(
+        f"processor_or_tokenizer: expected an ImageBertProcessor or a BERT tokenizer, got "
+        f"{type(processor_or_tokenizer).__name__}"
+    )
+
+
+def _example_indices(examples: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    indices = []
+    for i, example in enumerate(examples):
+        value = example.get("example_index")
+        if value is None:
+            raise ValueError(
+                f"example {i} (image_id {example.get('image_id')!r}) has no example_index; encode the dataset with "
+                f"processor.prepare_dataset(...) or dataset.map(processor.encode_record, with_indices=True)"
+            )
+        indices.append(int(value.item() if hasattr(value, "item") else value))
+    return np.asarray(indices, dtype=np.int64)
+
+
+def _image_ids(examples: Sequence[Mapping[str, Any]]) -> list[str]:
+    ids = []
+    for i, example in enumerate(examples):
+        value = example.get("image_id")
+        if value is None:
+            raise ValueError(f"example {i} has no image_id; the collators need it to draw negatives")
+        ids.append(str(value))
+    return ids
+
+
+_TEXT_KEYS = ("input_ids",)
+_IMAGE_KEYS = ("region_features", "region_locations", "region_classes", "global_feature")
+
+
+def _pair(text_example: Mapping[str, Any], image_example: Mapping[str, Any]) -> dict[str, Any]:
+    """The caption of one example with the image of another."""
+    pair = {key: image_example[key] for key in _IMAGE_KEYS if key in image_example}
+    for key in _TEXT_KEYS:
+        pair[key] = text_example[key]
+    pair["image_id"] = image_example.get("image_id")
+    return pair
+
+
+class _SeededCollator:
+    def __init__(self, seed: int):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the masks and negatives of `epoch`. Call before creating the DataLoader iterator (workers copy the
+        collator when the iterator starts)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def _uniform(self, indices: np.ndarray, stream: int, positions: int) -> np.ndarray:
+        return hashed_uniform(self.seed, self.epoch, indices, stream, positions)
+
+
+def _check_probability(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+class DataCollatorForImageBertPretraining(_SeededCollator):
+    r"""
+    Collator for the four ImageBERT pre-training tasks (MLM, MOC, MRFR, ITM) with conditional masking.
+
+    Args:
+        processor_or_tokenizer: an `ImageBertProcessor` (or a BERT tokenizer, wrapped in a default processor).
+        mlm_probability (0.15): share of real text tokens ([CLS]/[SEP]/[PAD] and other special tokens excluded)
+            selected for MLM; of those `mask_replace_prob` (0.8) become [MASK], `random_replace_prob` (0.1) a random
+            non-special token, and the rest stay unchanged.
+        region_mask_probability (0.15): share of real regions selected; of those `region_zero_prob` (0.9) get a
+            zeroed feature, the rest keep theirs.
+        itm_negative_rate (0.5): share of examples turned into ITM negatives; of those `negative_caption_share`
+            (0.5) get the caption of another image (negative sentence for the image), the others the image of
+            another caption (negative image for the sentence). Partners come from the batch, with a different
+            image_id; an example with no such partner stays positive (counted in `stats["no_partner"]`).
+        seed (0): randomness derives only from (seed, epoch, example_index); see `set_epoch`.
+        feature_dtype (torch.float32): dtype of region_features and region_feature_targets.
+
+    Input: a list of B encoded examples (`ImageBertProcessor.encode_record`, with `example_index`).
+
+    Output (dict of tensors): input_ids, attention_mask, token_type_ids [B, T]; region_features [B, R, F] (masked),
+    region_locations [B, R, 5], region_attention_mask [B, R]; labels [B, T] (original ids at masked tokens, else
+    -100); masked_regions [B, R] bool; region_class_labels [B, R] (detector class at masked regions, else -100);
+    region_feature_targets [B, R, F] (unmasked features); itm_labels [B] (1 matched, 0 negative); and
+    global_image_features [B, G] when the examples have a global feature. Negatives carry no masks.
+
+    `stats` counts, in this process, examples, negatives, negative_captions, negative_images and no_partner
+    (DataLoader workers each count on their own copy).
+    """
+
+    def __init__(
+        self,
+        processor_or_tokenizer: Any,
+        *,
+        mlm_probability: float = 0.15,
+        mask_replace_prob: float = 0.8,
+        random_replace_prob: float = 0.1,
+        region_mask_probability: float = 0.15,
+        region_zero_prob: float = 0.9,
+        itm_negative_rate: float = 0.5,
+        negative_caption_share: float = 0.5,
+        seed: int = 0,
+        feature_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__(seed)
+        self.processor = _as_processor(processor_or_tokenizer)
+        self.mlm_probability = _check_probability("mlm_probability", mlm_probability)
+        self.mask_replace_prob = _check_probability("mask_replace_prob", mask_replace_prob)
+        self.random_replace_prob = _check_probability("random_replace_prob", random_replace_prob)
+        if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9:
+            raise ValueError(
+                f"mask_replace_prob + random_replace_prob must be <= 1, got {mask_replace_prob} + {random_replace_prob}"
+            )
+        self.region_mask_probability = _check_probability("region_mask_probability", region_mask_probability)
+        self.region_zero_prob = _check_probability("region_zero_prob", region_zero_prob)
+        self.itm_negative_rate = _check_probability("itm_negative_rate", itm_negative_rate)
+        self.negative_caption_share = _check_probability("negative_caption_share", negative_caption_share)
+        if not isinstance(feature_dtype, torch.dtype) or not feature_dtype.is_floating_point:
+            raise ValueError(f"feature_dtype must be a floating torch.dtype, got {feature_dtype!r}")
+        self.feature_dtype = feature_dtype
+        tokenizer = self.processor.tokenizer
+        if tokenizer.mask_token_id is None:
+            raise ValueError("the tokenizer has no [MASK] token; MLM needs one")
+        self.mask_token_id = int(tokenizer.mask_token_id)
+        self.special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+        self.random_token_ids = np.setdiff1d(np.arange(len(tokenizer), dtype=np.int64), self.special_ids)
+        self.stats = {
+            "examples": 0,
+            "negatives": 0,
+            "negative_captions": 0,
+            "negative_images": 0,
+            "no_partner": 0,
+        }
+
+    def _make_pairs(
+        self, examples: Sequence[Mapping[str, Any]], indices: np.ndarray
+    ) -> tuple[list, np.ndarray]:
+        """ITM: returns the (caption, image) pairs and itm_labels [B]."""
+        size = len(examples)
+        image_ids = np.asarray(_image_ids(examples), dtype=object)
+        negative = self._uniform(indices, _STREAM_ITM_NEGATIVE, 1)[:, 0] < self.itm_negative_rate
+        caption_side = self._uniform(indices, _STREAM_ITM_DIRECTION, 1)[:, 0] < self.negative_caption_share
+        partner_draw = self._uniform(indices, _STREAM_ITM_PARTNER, 1)[:, 0]
+        different = image_ids[:, None] != image_ids[None, :]  # [B, B]
+        pairs: list[dict[str, Any]] = []
+        itm_labels = np.ones(size, dtype=np.int64)
+        for i, example in enumerate(examples):
+            if not negative[i]:
+                pairs.append(dict(example))
+                continue
+            candidates = np.flatnonzero(different[i])
+            if candidates.size == 0:
+                self.stats["no_partner"] += 1
+                pairs.append(dict(example))
+                continue
+            partner = examples[int(candidates[int(partner_draw[i] * candidates.size)])]
+            itm_labels[i] = 0
+            self.stats["negatives"] += 1
+            if caption_side[i]:  # negative sentence for the image
+                self.stats["negative_captions"] += 1
+                pairs.append(_pair(partner, example))
+            else:  # negative image for the sentence
+                self.stats["negative_images"] += 1
+                pairs.append(_pair(example, partner))
+        self.stats["examples"] += size
+        return pairs, itm_labels
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if len(examples) == 0:
+            raise ValueError("DataCollatorForImageBertPretraining: got an empty batch")
+        indices = _example_indices(examples)
+        pairs, itm_labels = self._make_pairs(examples, indices)
+        batch = self.processor.pad(pairs, feature_dtype=self.feature_dtype, return_region_classes=True)
+        matched = torch.from_numpy(itm_labels == 1)  # [B]
+
+        # MLM over real, non-special tokens of matched pairs.
+        input_ids = batch["input_ids"]  # [B, T]
+        size, length = input_ids.shape
+        eligible = (batch["attention_mask"] == 1) & ~torch.from_numpy(
+            np.isin(input_ids.numpy(), self.special_ids)
+        )
+        eligible &= matched[:, None]
+        select = torch.from_numpy(self._uniform(indices, _STREAM_MLM_SELECT, length) < self.mlm_probability)
+        selected = eligible & select
+        action = torch.from_numpy(self._uniform(indices, _STREAM_MLM_ACTION, length))
+        to_mask = selected & (action < self.mask_replace_prob)
+        to_random = (
+            selected
+            & (action >= self.mask_replace_prob)
+            & (action < self.mask_replace_prob + self.random_replace_prob)
+        )
+        token_draw = self._uniform(indices, _STREAM_MLM_TOKEN, length)
+        random_tokens = torch.from_numpy(
+            self.random_token_ids[(token_draw * len(self.random_token_ids)).astype(np.int64)]
+        )
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        masked_ids = torch.where(to_mask, torch.full_like(input_ids, self.mask_token_id), input_ids)
+        masked_ids = torch.where(to_random, random_tokens, masked_ids)
+        batch["input_ids"] = masked_ids
+        batch["labels"] = labels
+
+        # Masked regions (MOC + MRFR) over real regions of matched pairs.
+        features = batch["region_features"]  # [B, R, F]
+        regions = features.shape[1]
+        real = (batch["region_attention_mask"] == 1) & matched[:, None]
+        region_select = torch.from_numpy(
+            self._uniform(indices, _STREAM_REGION_SELECT, regions) < self.region_mask_probability
+        )
+        masked_regions = real & region_select
+        zero = masked_regions & torch.from_numpy(
+            self._uniform(indices, _STREAM_REGION_ACTION, regions) < self.region_zero_prob
+        )
+        batch["region_feature_targets"] = features.clone()
+        batch["region_features"] = features.masked_fill(zero[:, :, None], 0.0)
+        classes = batch.pop("region_classes")
+        batch["masked_regions"] = masked_regions
+        batch["region_class_labels"] = torch.where(
+            masked_regions, classes, torch.full_like(classes, IGNORE_INDEX)
+        )
+        batch["itm_labels"] = torch.from_numpy(itm_labels)
+        return batch
+
+
+class DataCollatorForImageTextRetrieval(_SeededCollator):
+    r"""
+    Collator for retrieval fine-tuning: every example is a positive and brings a group of P rows.
+
+    Args:
+        processor_or_tokenizer: an `ImageBertProcessor` (or a BERT tokenizer, wrapped in a default processor).
+        num_candidates (P, 4): rows per group: the positive first, then P-1 negatives.
+        negative_direction: "text" (negative captions for the image: image-to-text), "image" (negative images for
+            the caption: text-to-image) or "both" (the negatives of a group alternate between the two, starting
+            with a direction drawn per example).
+        seed (0): randomness derives from (seed, epoch, example_index); see `set_epoch`.
+
+    Negatives come from other examples of the batch with a different image_id, P-1 distinct images per group
+    (a caption of the chosen image is drawn when it has several). A batch needs at least P distinct images.
+
+    Output (dict of tensors): the padded model inputs of B*P rows (input_ids, attention_mask, token_type_ids,
+    region_features, region_locations, region_attention_mask, and global_image_features when present), laid out
+    as B contiguous groups of P rows, and labels [B*P] float (1.0 for each group's first row, 0.0 otherwise).
+    """
+
+    DIRECTIONS = ("both", "text", "image")
+
+    def __init__(
+        self,
+        processor_or_tokenizer: Any,
+        *,
+        num_candidates: int = 4,
+        negative_direction: str = "both",
+        seed: int = 0,
+        feature_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__(seed)
+        self.processor = _as_processor(processor_or_tokenizer)
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+            raise ValueError(
+                f"num_candidates must be an int >= 1 (the positive plus negatives), got {num_candidates!r}"
+            )
+        if negative_direction not in self.DIRECTIONS:
+            raise ValueError(
+                f"negative_direction must be one of {self.DIRECTIONS}, got {negative_direction!r}"
+            )
+        self.num_candidates = num_candidates
+        self.negative_direction = negative_direction
+        self.feature_dtype = feature_dtype
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        size = len(examples)
+        if size == 0:
+            raise ValueError("DataCollatorForImageTextRetrieval: got an empty batch")
+        count = self.num_candidates
+        indices = _example_indices(examples)
+        image_ids = _image_ids(examples)
+        distinct, image_of_row = np.unique(np.asarray(image_ids, dtype=object), return_inverse=True)
+        if len(distinct) < count:
+            raise ValueError(
+                f"DataCollatorForImageTextRetrieval: a batch of {size} examples has {len(distinct)} distinct images, "
+                f"but num_candidates={count} needs at least {count} (each positive needs {count - 1} negatives with "
+                f"other images); use a larger batch or a smaller num_candidates"
+            )
+        rows_of_image = [np.flatnonzero(image_of_row == k) for k in range(len(distinct))]
+        order_draw = self._uniform(indices, _STREAM_RETRIEVAL_ORDER, len(distinct))  # [B, D]
+        row_draw = self._uniform(indices, _STREAM_RETRIEVAL_ROW, count)  # [B, P]
+        start_draw = self._uniform(indices, _STREAM_RETRIEVAL_DIRECTION, 1)[:, 0] < 0.5
+        rows: list[dict[str, Any]] = []
+        for i, example in enumerate(examples):
+            rows.append(example)
+            order = order_draw[i].copy()
+            order[image_of_row[i]] = np.inf  # never the example's own image
+            chosen = np.argsort(order, kind="stable")[: count - 1]
+            for k, image in enumerate(chosen):
+                candidates = rows_of_image[image]
+                partner = examples[int(candidates[int(row_draw[i, k + 1] * len(candidates))])]
+                if self.negative_direction == "text":
+                    caption_side = True
+                elif self.negative_direction == "image":
+                    caption_side = False
+                else:
+                    caption_side = bool((k % 2 == 0) == start_draw[i])
+                rows.append(_pair(partner, example) if caption_side else _pair(example, partner))
+        batch = self.processor.pad(rows, feature_dtype=self.feature_dtype)
+        labels = torch.zeros(size * count, dtype=torch.float32)
+        labels[::count] = 1.0
+        batch["labels"] = labels
+        return batch
+
+
+__all__ = ["DataCollatorForImageBertPretraining", "DataCollatorForImageTextRetrieval", "hashed_uniform"]
