@@ -30,6 +30,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,6 +41,7 @@ from datasets.distributed import split_dataset_by_node
 from .schema import DataValidationError, validate_dataset, validate_features
 
 _TEMP_MARK = ".tmp-save-"
+_SPLIT_MARK = "modeling_imagebert: streamed part for rank "
 
 
 def save_dataset(
@@ -187,19 +189,20 @@ def load_streaming_dataset(
 ) -> datasets.IterableDataset:
     """Streams a dataset written by `save_dataset`, this process's part only.
 
-    The memory-mapped dataset is cut into contiguous shards (a multiple of `world_size` when possible) and split
-    with `datasets.distributed.split_dataset_by_node`: whole shards per process when their number divides
-    evenly, else every `world_size`-th row. The parts of all processes are disjoint and cover every row once.
-    Splitting happens before shuffling, so disjointness never depends on the seeds. Do not hand the resulting
-    loader to `accelerator.prepare` (see the module docstring): it would be split a second time.
+    The memory-mapped dataset is split with `datasets.distributed.split_dataset_by_node` into one contiguous
+    chunk per process (sizes differ by at most one row), then streamed in as many shards as there are Arrow
+    files. The parts of all processes are disjoint and cover every row exactly once. Splitting happens before
+    the stream is made and shuffled, so disjointness holds whatever seeds the processes use. Do not hand a
+    DataLoader over the result to `accelerator.prepare`: it would be split a second time (see the module
+    docstring; `check_not_double_sharded` detects it).
 
     Args:
         path: the folder given to `save_dataset`.
         rank, world_size: this process and the number of processes. When both are None they are read from an
             initialised `accelerate.PartialState`; with none initialised nothing is split. `rank=0, world_size=1`
             turns splitting off.
-        shuffle_buffer: when given, shuffle shard order and rows within a buffer of this size (call
-            `set_epoch(epoch)` on the result for a new order each epoch).
+        shuffle_buffer: when given, shuffle this process's shard order and rows within a buffer of this size
+            (call `set_epoch(epoch)` on the result for a new order each epoch).
         seed: the shuffle seed.
         format: "numpy" (default; note that datasets' iterable formatter upcasts the stored float16 features to
             float32, which is exact: `.astype(np.float16)` recovers them bit for bit), "torch", or None for
@@ -220,18 +223,28 @@ def load_streaming_dataset(
         )
 
     dataset = load_dataset_from_disk(path)
-    num_files = max(1, len(glob.glob(str(Path(path) / "data-*.arrow"))))
-    num_shards = (
-        -(-num_files // world_size) * world_size
-    )  # a multiple of world_size: whole shards per process
-    num_shards = max(1, min(num_shards, len(dataset)))
-    stream = dataset.to_iterable_dataset(num_shards=num_shards)
+    if len(dataset) < world_size:
+        raise ValueError(
+            f"dataset at {path} has {len(dataset)} rows, fewer than world_size={world_size}: every process needs at "
+            "least one row"
+        )
     if world_size > 1:
-        stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        # Split the map-style dataset (a contiguous, balanced chunk per process) BEFORE making it iterable: an
+        # iterable dataset split by node assigns shards after shuffling them, so ranks shuffled with different
+        # seeds would overlap. This way the parts are disjoint whatever the seeds.
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    num_files = len(glob.glob(str(Path(path) / "data-*.arrow")))
+    num_shards = max(1, min(num_files, len(dataset)))
+    stream = dataset.to_iterable_dataset(num_shards=num_shards)
     if shuffle_buffer is not None:
         stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
     if format is not None:
         stream = stream.with_format(format)
+    if world_size > 1:
+        # A mark that survives shuffle / with_format / shard, read by check_not_double_sharded.
+        stream.info.description = (
+            f"{stream.info.description or ''}\n{_SPLIT_MARK}{rank} of {world_size}".strip()
+        )
     return stream
 
 
@@ -266,11 +279,13 @@ def check_not_double_sharded(dataloader, *, num_processes: int | None = None) ->
     if isinstance(dataset, IterableDatasetShard):
         num_processes = max(num_processes, dataset.num_processes)
         dataset = dataset.dataset
-    distributed = getattr(dataset, "_distributed", None)
-    if num_processes > 1 and distributed is not None and distributed.world_size > 1:
+    info = getattr(dataset, "info", None)
+    mark = re.search(re.escape(_SPLIT_MARK) + r"(\d+) of (\d+)", (getattr(info, "description", None) or ""))
+    split_rank, split_world_size = (int(mark.group(1)), int(mark.group(2))) if mark else (0, 1)
+    if num_processes > 1 and split_world_size > 1:
         raise ValueError(
-            f"this DataLoader streams a dataset already split per process (rank {distributed.rank} of "
-            f"{distributed.world_size}) and was also prepared by Accelerate for {num_processes} processes, which "
+            f"this DataLoader streams a dataset already split per process (rank {split_rank} of "
+            f"{split_world_size}) and was also prepared by Accelerate for {num_processes} processes, which "
             "splits it again: each process would miss data. Either do not pass it to accelerator.prepare (move "
             "batches to accelerator.device yourself), or load it unsplit with load_streaming_dataset(path, "
             "rank=0, world_size=1) and DataLoaderConfiguration(**dataloader_kwargs_for_accelerate())."
