@@ -145,8 +145,13 @@ def write_karpathy_json(path: str | Path, dataset: str, images: list[dict]) -> P
             sentences.append({"tokens": tokens, "raw": caption, "imgid": index, "sentid": sentence_id})
             sentids.append(sentence_id)
             sentence_id += 1
-        entry = {"sentids": sentids, "imgid": index, "sentences": sentences, "split": image["split"],
-                 "filename": image["name"] + ".jpg"}  # fmt: skip
+        entry = {
+            "sentids": sentids,
+            "imgid": index,
+            "sentences": sentences,
+            "split": image["split"],
+            "filename": image["name"] + ".jpg",
+        }
         if dataset == "coco":
             entry["filepath"] = image["name"].split("_")[1]
             entry["cocoid"] = int(image["name"].rsplit("_", 1)[1])

@@ -250,9 +250,12 @@ def test_cc_ids_are_row_indices_or_url_hashes_and_bad_lines_name_the_line(tmp_pa
 
 def test_sbu_ids_are_line_indices_or_flickr_photo_ids_and_misaligned_files_are_refused(tmp_path):
     pairs = [
-        ("Man sits in a rusted car buried in the sand on Waitarere beach ", "http://static.flickr.com/2723/4385058960_b0f291553e.jpg"),
+        (
+            "Man sits in a rusted car buried in the sand on Waitarere beach ",
+            "http://static.flickr.com/2723/4385058960_b0f291553e.jpg",
+        ),
         ("Interior design of modern living room ", "http://static.flickr.com/3205/3049946442_60b2a53ae4.jpg"),
-    ]  # fmt: skip
+    ]
     captions, urls = write_sbu(tmp_path / "caps.txt", tmp_path / "urls.txt", pairs)
     assert list(read_sbu_captions(captions, urls))[1] == ("1", "Interior design of modern living room")
     assert [i for i, _ in read_sbu_captions(captions, urls, image_id_style="photo_id")] == [
@@ -336,8 +339,21 @@ def test_cli_converts_tsv_and_karpathy_end_to_end_and_prints_a_summary(
     from modeling_imagebert.data.storage import load_dataset_from_disk
 
     out = tmp_path / "flickr_test"
-    argv = ["butd-tsv", str(butd_tsv), "--captions", str(flickr_json), "--format", "karpathy", "--split", "test",
-            "--output", str(out), "--num-shards", "2", "--no-progress"]  # fmt: skip
+    argv = [
+        "butd-tsv",
+        str(butd_tsv),
+        "--captions",
+        str(flickr_json),
+        "--format",
+        "karpathy",
+        "--split",
+        "test",
+        "--output",
+        str(out),
+        "--num-shards",
+        "2",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"wrote 3 rows to {out}" in printed and "missing_image: 1" in printed
@@ -355,8 +371,18 @@ def test_cli_npz_with_cc_captions(tmp_path, detections, capsys):
         write_bua_npz(tmp_path / "npz", d | {"img_id": str(i)})
     captions = write_cc_tsv(tmp_path / "cc.tsv", [("first", "u0"), ("second", "u1")])
     out = tmp_path / "cc"
-    argv = ["npz", str(tmp_path / "npz"), "--captions", str(captions), "--format", "cc", "--allow-pickle",
-            "--output", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "npz",
+        str(tmp_path / "npz"),
+        "--captions",
+        str(captions),
+        "--format",
+        "cc",
+        "--allow-pickle",
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     ds = load_dataset_from_disk(out)
     assert ds["caption"] == ["first", "second"]
@@ -368,13 +394,39 @@ def test_cli_exits_non_zero_with_one_line_naming_the_bad_record(tmp_path, detect
     rows[1]["boxes"] = base64.b64encode(b"\x00" * 12).decode()  # 3 floats, not num_boxes * 4
     path = write_butd_tsv(tmp_path / "bad.tsv", detections, rows=rows)
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_imagebert.data.convert", "butd-tsv", str(path), "--captions",
-         str(flickr_json), "--format", "karpathy", "--split", "test", "--output", str(tmp_path / "out"),
-         "--no-progress"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "modeling_imagebert.data.convert",
+            "butd-tsv",
+            str(path),
+            "--captions",
+            str(flickr_json),
+            "--format",
+            "karpathy",
+            "--split",
+            "test",
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1
     assert "bad.tsv:2" in error_lines[0] and "10002456" in error_lines[0] and "'boxes'" in error_lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_butd_row_decoder_runs_under_datasets_map(detections):
+    import datasets
+
+    from modeling_imagebert.data.importers import decode_butd_row
+
+    raw = datasets.Dataset.from_list([butd_fields(d) for d in detections[:2]])
+    decoded = raw.map(lambda row: decode_butd_row(row, feature_dim=F), remove_columns=raw.column_names)
+    for row, source in zip(decoded.with_format("numpy", dtype=None), detections, strict=False):
+        assert_record_matches(row, source)

@@ -242,6 +242,10 @@ def convert(args: argparse.Namespace) -> ImportReport:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 on success, 2 on bad input)."""
     args = build_parser().parse_args(argv)
+    if args.no_progress:
+        import datasets
+
+        datasets.disable_progress_bars()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = convert(args)

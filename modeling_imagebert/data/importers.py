@@ -39,7 +39,7 @@ import os
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,20 +166,32 @@ def _to_float16_features(
     if not np.issubdtype(features.dtype, np.floating):
         raise ImportFormatError(
             f"features must be floating point, got dtype {features.dtype}",
-            source=source, line=line, image_id=image_id, field=column, reason="bad_features",
-        )  # fmt: skip
+            source=source,
+            line=line,
+            image_id=image_id,
+            field=column,
+            reason="bad_features",
+        )
     if not np.isfinite(features).all():
         raise ImportFormatError(
             "features contain NaN or infinity",
-            source=source, line=line, image_id=image_id, field=column, reason="non_finite",
-        )  # fmt: skip
+            source=source,
+            line=line,
+            image_id=image_id,
+            field=column,
+            reason="non_finite",
+        )
     with np.errstate(over="ignore"):
         half = features.astype(np.float16)
     if not np.isfinite(half).all():
         raise ImportFormatError(
             f"features exceed the float16 range (max |value| {float(np.abs(features).max()):.4g} > 65504)",
-            source=source, line=line, image_id=image_id, field=column, reason="float16_overflow",
-        )  # fmt: skip
+            source=source,
+            line=line,
+            image_id=image_id,
+            field=column,
+            reason="float16_overflow",
+        )
     return half
 
 
@@ -188,8 +200,12 @@ def _to_int32(values: np.ndarray, *, source: Any, line: int | None, image_id: st
     if values.size and (values.min() < np.iinfo(np.int32).min or values.max() > np.iinfo(np.int32).max):
         raise ImportFormatError(
             "class ids do not fit in int32",
-            source=source, line=line, image_id=image_id, field=column, reason="bad_classes",
-        )  # fmt: skip
+            source=source,
+            line=line,
+            image_id=image_id,
+            field=column,
+            reason="bad_classes",
+        )
     return values.astype(np.int32)
 
 
@@ -206,8 +222,12 @@ def _parse_int(text: str, *, source: Any, line: int | None, image_id: str | None
     if not (np.isfinite(value) and value == int(value)):
         raise ImportFormatError(
             f"expected an integer, got {text[:40]!r}",
-            source=source, line=line, image_id=image_id, field=column, reason="bad_count",
-        )  # fmt: skip
+            source=source,
+            line=line,
+            image_id=image_id,
+            field=column,
+            reason="bad_count",
+        )
     return int(value)
 
 
@@ -222,14 +242,22 @@ def _decode_b64_array(
     except (binascii.Error, ValueError) as error:
         raise ImportFormatError(
             f"invalid or truncated base64 ({len(text)} characters): {error}",
-            source=source, line=line, image_id=image_id, field=column, reason="bad_base64",
-        ) from None  # fmt: skip
+            source=source,
+            line=line,
+            image_id=image_id,
+            field=column,
+            reason="bad_base64",
+        ) from None
     itemsize = np.dtype(dtype).itemsize
     if len(raw) % itemsize:
         raise ImportFormatError(
             f"decoded buffer of {len(raw)} bytes is not a whole number of {np.dtype(dtype).name} values",
-            source=source, line=line, image_id=image_id, field=column, reason="buffer_length",
-        )  # fmt: skip
+            source=source,
+            line=line,
+            image_id=image_id,
+            field=column,
+            reason="buffer_length",
+        )
     return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
 
 
@@ -278,8 +306,11 @@ def decode_butd_row(
             raise ImportFormatError(
                 f"expected {len(BUTD_TSV_COLUMNS)} tab-separated columns {list(BUTD_TSV_COLUMNS)}, "
                 f"got {len(row)}{hint}",
-                source=source, line=line, image_id=image_id, reason="column_count",
-            )  # fmt: skip
+                source=source,
+                line=line,
+                image_id=image_id,
+                reason="column_count",
+            )
         values = dict(zip(BUTD_TSV_COLUMNS, row, strict=True))
 
     image_id = values["img_id"]
@@ -307,8 +338,10 @@ def decode_butd_row(
         if array.size != num_boxes * per_box:
             raise ImportFormatError(
                 f"expected num_boxes * {per_box} = {num_boxes * per_box} values, got {array.size}",
-                field=column, reason="buffer_length", **where,
-            )  # fmt: skip
+                field=column,
+                reason="buffer_length",
+                **where,
+            )
         decoded[column] = array.reshape((num_boxes, 4) if per_box == 4 else (num_boxes,))
 
     features = _decode_b64_array(values["features"], np.float32, column="features", **where)
@@ -317,13 +350,17 @@ def decode_butd_row(
             raise ImportFormatError(
                 f"expected num_boxes * feature_dim = {num_boxes} * {feature_dim} = {num_boxes * feature_dim} "
                 f"float32 values, got {features.size}",
-                field="features", reason="buffer_length", **where,
-            )  # fmt: skip
+                field="features",
+                reason="buffer_length",
+                **where,
+            )
     elif features.size % num_boxes or features.size == 0:
         raise ImportFormatError(
             f"{features.size} float32 values cannot be split into num_boxes={num_boxes} equal rows",
-            field="features", reason="buffer_length", **where,
-        )  # fmt: skip
+            field="features",
+            reason="buffer_length",
+            **where,
+        )
     features = features.reshape(num_boxes, -1)
 
     scores = decoded["objects_conf"].astype(np.float32)
@@ -390,8 +427,9 @@ def read_butd_tsv(
                 except StopIteration:
                     break
                 except csv.Error as error:
-                    failure = ImportFormatError(f"unreadable TSV row: {error}", source=path,
-                                                line=reader.line_num, reason="bad_row")  # fmt: skip
+                    failure = ImportFormatError(
+                        f"unreadable TSV row: {error}", source=path, line=reader.line_num, reason="bad_row"
+                    )
                     if on_error == "raise":
                         raise failure from None
                     report.skip(failure.reason, str(failure))
@@ -515,21 +553,24 @@ def decode_npz_record(
         if width is None:
             raise fail(
                 "no image size: expected image_w/image_h or img_w/img_h in the file, or pass image_size",
-                "image_w", "missing_size",
-            )  # fmt: skip
+                "image_w",
+                "missing_size",
+            )
     elif "norm_bb" in keys:
         norm = np.asarray(arrays["norm_bb"], dtype=np.float32)
         if norm.ndim != 2 or norm.shape[0] != num_boxes or norm.shape[1] not in (4, 6, 7):
             raise fail(
                 f"expected norm_bb of shape ({num_boxes}, 6 or 7) (x1, y1, x2, y2, w, h[, area]), got {norm.shape}",
-                "norm_bb", "bad_shape",
-            )  # fmt: skip
+                "norm_bb",
+                "bad_shape",
+            )
         if width is None:
             raise fail(
                 "norm_bb holds normalised boxes but the file has no image size (image_w/image_h or "
                 "img_w/img_h): pass image_size=(W, H) (--image-size W H on the command line)",
-                "norm_bb", "missing_size",
-            )  # fmt: skip
+                "norm_bb",
+                "missing_size",
+            )
         boxes = norm[:, :4] * np.array([width, height, width, height], dtype=np.float32)
     else:
         raise fail(
@@ -542,8 +583,11 @@ def decode_npz_record(
     if "soft_labels" in keys:
         soft = np.asarray(arrays["soft_labels"], dtype=np.float32)
         if soft.ndim != 2 or soft.shape[0] != num_boxes or soft.shape[1] < 2:
-            raise fail(f"expected soft_labels of shape ({num_boxes}, K+1), got {soft.shape}", "soft_labels",
-                       "bad_shape")  # fmt: skip
+            raise fail(
+                f"expected soft_labels of shape ({num_boxes}, K+1), got {soft.shape}",
+                "soft_labels",
+                "bad_shape",
+            )
 
     def lookup(names: tuple[str, ...], info_name: str) -> tuple[str | None, Any]:
         key = _first_key(names, keys)
@@ -558,8 +602,11 @@ def decode_npz_record(
         score_key, scores = "soft_labels", soft[:, 1:].max(axis=1)
     if score_key is None:
         hint = " (a pickled 'info' dict is present: open it with allow_pickle=True)" if "info" in keys else ""
-        raise fail(f"no confidences: expected one of {list(_NPZ_SCORE_KEYS)} or soft_labels{hint}", None,
-                   "missing_key")  # fmt: skip
+        raise fail(
+            f"no confidences: expected one of {list(_NPZ_SCORE_KEYS)} or soft_labels{hint}",
+            None,
+            "missing_key",
+        )
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
     if scores.shape != (num_boxes,):
         raise fail(f"expected {num_boxes} confidences, got {scores.shape}", score_key, "bad_shape")
@@ -571,14 +618,18 @@ def decode_npz_record(
         class_key, classes = "soft_labels", soft[:, 1:].argmax(axis=1)
     if class_key is None:
         hint = " (a pickled 'info' dict is present: open it with allow_pickle=True)" if "info" in keys else ""
-        raise fail(f"no classes: expected one of {list(_NPZ_CLASS_KEYS)} or soft_labels{hint}", None,
-                   "missing_key")  # fmt: skip
+        raise fail(
+            f"no classes: expected one of {list(_NPZ_CLASS_KEYS)} or soft_labels{hint}", None, "missing_key"
+        )
     classes = np.asarray(classes).reshape(-1)
     if classes.shape != (num_boxes,) or not (
         np.issubdtype(classes.dtype, np.integer) or np.all(np.equal(np.mod(classes, 1), 0))
     ):
-        raise fail(f"expected {num_boxes} integer class ids, got {classes.dtype} {classes.shape}", class_key,
-                   "bad_classes")  # fmt: skip
+        raise fail(
+            f"expected {num_boxes} integer class ids, got {classes.dtype} {classes.shape}",
+            class_key,
+            "bad_classes",
+        )
 
     return {
         "image_id": image_id,
@@ -622,9 +673,11 @@ def read_npz_file(
         raise
     except Exception as error:  # zip / header corruption surfaces as many exception types
         raise ImportFormatError(
-            f"unreadable .npz file: {type(error).__name__}: {error}", source=path, image_id=path.stem,
+            f"unreadable .npz file: {type(error).__name__}: {error}",
+            source=path,
+            image_id=path.stem,
             reason="unreadable_file",
-        ) from None  # fmt: skip
+        ) from None
 
 
 def read_npz_dir(
@@ -739,8 +792,12 @@ def read_karpathy_captions(
         except json.JSONDecodeError as error:
             raise ImportFormatError(f"invalid JSON: {error}", source=path, reason="bad_json") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("images"), list):
-        raise ImportFormatError("expected a JSON object with an 'images' list (Karpathy split format)",
-                                source=path, field="images", reason="bad_json")  # fmt: skip
+        raise ImportFormatError(
+            "expected a JSON object with an 'images' list (Karpathy split format)",
+            source=path,
+            field="images",
+            reason="bad_json",
+        )
     for index, entry in enumerate(data["images"]):
         record = f"images[{index}]"
         if (
@@ -748,11 +805,19 @@ def read_karpathy_captions(
             or "split" not in entry
             or not isinstance(entry.get("sentences"), list)
         ):
-            raise ImportFormatError(f"{record} needs 'split' and a 'sentences' list", source=path,
-                                    field="split" if "split" not in entry else "sentences", reason="bad_json")  # fmt: skip
+            raise ImportFormatError(
+                f"{record} needs 'split' and a 'sentences' list",
+                source=path,
+                field="split" if "split" not in entry else "sentences",
+                reason="bad_json",
+            )
         if entry["split"] not in _KARPATHY_SPLITS:
-            raise ImportFormatError(f"{record} has unknown split {entry['split']!r}", source=path, field="split",
-                                    reason="bad_json")  # fmt: skip
+            raise ImportFormatError(
+                f"{record} has unknown split {entry['split']!r}",
+                source=path,
+                field="split",
+                reason="bad_json",
+            )
         if entry["split"] not in splits:
             continue
         try:
@@ -760,13 +825,20 @@ def read_karpathy_captions(
         except KeyError as missing:
             raise ImportFormatError(
                 f"{record} has no {missing.args[0]!r} for image_id_style={image_id_style!r}",
-                source=path, field=missing.args[0], reason="bad_json",
-            ) from None  # fmt: skip
+                source=path,
+                field=missing.args[0],
+                reason="bad_json",
+            ) from None
         for number, sentence in enumerate(entry["sentences"]):
             raw = sentence.get("raw") if isinstance(sentence, Mapping) else None
             if not isinstance(raw, str) or not raw.strip():
-                raise ImportFormatError(f"{record}.sentences[{number}] has no non-empty 'raw' caption",
-                                        source=path, image_id=image_id, field="raw", reason="empty_caption")  # fmt: skip
+                raise ImportFormatError(
+                    f"{record}.sentences[{number}] has no non-empty 'raw' caption",
+                    source=path,
+                    image_id=image_id,
+                    field="raw",
+                    reason="empty_caption",
+                )
             report.captions_read += 1
             yield image_id, raw.strip()
 
@@ -809,19 +881,30 @@ def read_cc_captions(
         try:
             if len(columns) < 2 or (id_column is not None and id_column >= len(columns)):
                 need = max(2, (id_column or 0) + 1)
-                raise ImportFormatError(f"expected at least {need} tab-separated columns (caption, url), got "
-                                        f"{len(columns)}", source=path, line=row + 1, reason="column_count")  # fmt: skip
+                raise ImportFormatError(
+                    f"expected at least {need} tab-separated columns (caption, url), got {len(columns)}",
+                    source=path,
+                    line=row + 1,
+                    reason="column_count",
+                )
             caption, url = columns[0].strip(), columns[1].strip()
             if id_column is not None:
                 image_id = columns[id_column].strip()
             else:
                 image_id = id_format.format(row=row, url_sha1=hashlib.sha1(url.encode("utf-8")).hexdigest())
             if not caption:
-                raise ImportFormatError("empty caption", source=path, line=row + 1, image_id=image_id,
-                                        field="caption", reason="empty_caption")  # fmt: skip
+                raise ImportFormatError(
+                    "empty caption",
+                    source=path,
+                    line=row + 1,
+                    image_id=image_id,
+                    field="caption",
+                    reason="empty_caption",
+                )
             if not image_id:
-                raise ImportFormatError("empty image id", source=path, line=row + 1, field=f"column {id_column}",
-                                        reason="bad_id")  # fmt: skip
+                raise ImportFormatError(
+                    "empty image id", source=path, line=row + 1, field=f"column {id_column}", reason="bad_id"
+                )
         except ImportFormatError as failure:
             if on_error == "raise":
                 raise
@@ -871,8 +954,9 @@ def read_sbu_captions(
         raise ImportFormatError(
             f"captions file has {len(captions)} lines but URLs file {urls_path} has {len(urls)}; they must be "
             "line-aligned",
-            source=captions_path, reason="misaligned",
-        )  # fmt: skip
+            source=captions_path,
+            reason="misaligned",
+        )
     for row, (caption, url) in enumerate(zip(captions, urls, strict=True)):
         try:
             if image_id_style == "line":
@@ -881,11 +965,18 @@ def read_sbu_captions(
                 try:
                     image_id = sbu_photo_id(url)
                 except ValueError as error:
-                    raise ImportFormatError(str(error), source=urls_path, line=row + 1, field="url",
-                                            reason="bad_id") from None  # fmt: skip
+                    raise ImportFormatError(
+                        str(error), source=urls_path, line=row + 1, field="url", reason="bad_id"
+                    ) from None
             if not caption.strip():
-                raise ImportFormatError("empty caption", source=captions_path, line=row + 1, image_id=image_id,
-                                        field="caption", reason="empty_caption")  # fmt: skip
+                raise ImportFormatError(
+                    "empty caption",
+                    source=captions_path,
+                    line=row + 1,
+                    image_id=image_id,
+                    field="caption",
+                    reason="empty_caption",
+                )
         except ImportFormatError as failure:
             if on_error == "raise":
                 raise
@@ -1005,8 +1096,12 @@ def build_pair_dataset(
         for image in chained():
             image_id = str(image.get("image_id"))
             if image_id in seen:
-                failure = ImportFormatError("duplicate image id in the features (kept the first)",
-                                            image_id=image_id, field="image_id", reason="duplicate_image_id")  # fmt: skip
+                failure = ImportFormatError(
+                    "duplicate image id in the features (kept the first)",
+                    image_id=image_id,
+                    field="image_id",
+                    reason="duplicate_image_id",
+                )
                 if on_duplicate == "raise":
                     raise failure
                 report.skip(failure.reason, str(failure))
@@ -1054,7 +1149,7 @@ def build_pair_dataset(
             raise cause from None
         raise
     report.rows_written += len(dataset)
-    _log_skips(report, "build_pair_dataset", before)
+    _log_skips(report, "caption-feature join (including skips of the feature readers it drove)", before)
     return dataset
 
 
@@ -1095,12 +1190,6 @@ def _id_hint(missing: list[str], available: Iterable[str]) -> str:
     return f" (feature ids look like {sample[0]!r})"
 
 
-def iter_images(sources: Iterable[Callable[[], Iterator[dict]]]) -> Iterator[dict]:
-    """Chain several image-record generators (e.g. one `read_butd_tsv` per TSV shard)."""
-    for source in sources:
-        yield from source()
-
-
 __all__ = [
     "BUTD_TSV_COLUMNS",
     "KARPATHY_IMAGE_ID_STYLES",
@@ -1109,7 +1198,6 @@ __all__ = [
     "build_pair_dataset",
     "decode_butd_row",
     "decode_npz_record",
-    "iter_images",
     "karpathy_image_id",
     "make_pair_row",
     "read_butd_tsv",
