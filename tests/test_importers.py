@@ -4,7 +4,7 @@ import base64
 import csv
 import hashlib
 import logging
-import subprocess
+import runpy
 import sys
 
 import numpy as np
@@ -389,33 +389,21 @@ def test_cli_npz_with_cc_captions(tmp_path, detections, capsys):
     assert_record_matches(ds.with_format("numpy", dtype=None)[1], detections[1] | {"img_id": "1"})
 
 
-def test_cli_exits_non_zero_with_one_line_naming_the_bad_record(tmp_path, detections, flickr_json):
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # the test module imported it
+def test_cli_exits_non_zero_with_one_line_naming_the_bad_record(
+    tmp_path, detections, flickr_json, capsys, monkeypatch
+):
     rows = [butd_fields(d) for d in detections]
     rows[1]["boxes"] = base64.b64encode(b"\x00" * 12).decode()  # 3 floats, not num_boxes * 4
     path = write_butd_tsv(tmp_path / "bad.tsv", detections, rows=rows)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modeling_imagebert.data.convert",
-            "butd-tsv",
-            str(path),
-            "--captions",
-            str(flickr_json),
-            "--format",
-            "karpathy",
-            "--split",
-            "test",
-            "--output",
-            str(tmp_path / "out"),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    argv = ["butd-tsv", str(path), "--captions", str(flickr_json), "--format", "karpathy", "--split", "test",
+            "--output", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    # Run the module as `python -m` does (in-process: a fresh interpreter would spend seconds importing torch).
+    monkeypatch.setattr(sys, "argv", ["convert", *argv])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("modeling_imagebert.data.convert", run_name="__main__")
+    assert exited.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1
     assert "bad.tsv:2" in error_lines[0] and "10002456" in error_lines[0] and "'boxes'" in error_lines[0]
     assert not (tmp_path / "out").exists()

@@ -26,6 +26,7 @@ import argparse
 import itertools
 import logging
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -213,29 +214,37 @@ def convert(args: argparse.Namespace) -> ImportReport:
     if first is None:
         raise ImportFormatError("no usable image records in the feature input", source=args.features[0])
     feature_dim = args.feature_dim or int(first["region_features"].shape[1])
-    dataset = build_pair_dataset(
-        captions,
-        itertools.chain([first], images),
-        feature_dim=feature_dim,
-        on_missing=args.on_missing,
-        on_duplicate=args.on_duplicate,
-        on_invalid=args.on_error,
-        num_classes=args.num_classes,
-        report=report,
-        show_progress=not args.no_progress,
-    )
-    # Every image record was validated by build_pair_dataset and the columns come from the schema itself,
-    # so the save does not validate all rows a second time.
-    save_dataset(
-        dataset,
-        args.output,
-        num_shards=args.num_shards,
-        max_shard_size=args.max_shard_size,
-        validate=False,
-        feature_dim=feature_dim,
-        num_classes=args.num_classes,
-        overwrite=args.overwrite,
-    )
+    # The join writes an Arrow file before the save copies it into shards: keep that intermediate copy next
+    # to the output (same disk) and delete it afterwards, instead of leaving it in the datasets cache.
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(
+        prefix=f".{args.output.name}-join-", dir=args.output.parent
+    ) as cache_dir:
+        dataset = build_pair_dataset(
+            captions,
+            itertools.chain([first], images),
+            feature_dim=feature_dim,
+            on_missing=args.on_missing,
+            on_duplicate=args.on_duplicate,
+            on_invalid=args.on_error,
+            num_classes=args.num_classes,
+            report=report,
+            show_progress=not args.no_progress,
+            cache_dir=cache_dir,
+        )
+        # Every image record was validated by build_pair_dataset and the columns come from the schema
+        # itself, so the save does not validate all rows a second time.
+        save_dataset(
+            dataset,
+            args.output,
+            num_shards=args.num_shards,
+            max_shard_size=args.max_shard_size,
+            validate=False,
+            feature_dim=feature_dim,
+            num_classes=args.num_classes,
+            overwrite=args.overwrite,
+        )
+        del dataset
     return report
 
 
