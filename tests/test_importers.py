@@ -418,3 +418,20 @@ def test_butd_row_decoder_runs_under_datasets_map(detections):
     decoded = raw.map(lambda row: decode_butd_row(row, feature_dim=F), remove_columns=raw.column_names)
     for row, source in zip(decoded.with_format("numpy", dtype=None), detections, strict=False):
         assert_record_matches(row, source)
+
+
+def test_image_records_failing_schema_validation_raise_or_are_counted_as_invalid(detections):
+    from modeling_imagebert.data.schema import DataValidationError
+
+    bad = next(read_butd_rows([detections[1]]))
+    bad["region_boxes"] = bad["region_boxes"][:, [2, 3, 0, 1]].copy()  # x2 < x1: corners swapped
+    records = [next(read_butd_rows([detections[0]])), bad]
+    captions = [(FLICKR_IDS[0], "kept"), (FLICKR_IDS[1], "dropped one"), (FLICKR_IDS[1], "dropped two")]
+    with pytest.raises(DataValidationError, match="10002456"):
+        build_pair_dataset(captions, records, feature_dim=F, show_progress=False)
+    report = ImportReport()
+    ds = build_pair_dataset(
+        captions, records, feature_dim=F, on_invalid="skip", report=report, show_progress=False
+    )
+    assert ds["caption"] == ["kept"]
+    assert report.skipped == {"invalid_record": 2}
