@@ -1,6 +1,5 @@
 """Specification of Recall@K for image-text retrieval, the paper's test protocols and the evaluate metric."""
 
-import os
 import socket
 from pathlib import Path
 
@@ -312,7 +311,6 @@ def test_evaluate_metric_loads_offline_and_matches_the_library(offline_recall_me
         assert got == pytest.approx(expected)
     folds = by_absolute_path.compute(predictions=scores.tolist(), references=index.tolist(), num_folds=5)
     assert folds == pytest.approx(fold_mean_recall(scores, index, num_folds=5))
-    assert os.environ["HF_EVALUATE_OFFLINE"] == "1"
 
 
 def test_evaluate_metric_rejects_ragged_rows(offline_recall_metric):
