@@ -60,7 +60,8 @@ SPAM_PHRASES = (
     "click here", "free download", "best price", "buy now", "cheap sale", "free shipping", "online deals",
     "home page", "view more", "share this", "posted by", "shop online", "discount offer", "win a prize",
 )  # fmt: skip
-SPAM_WORDS = tuple(sorted({word for phrase in SPAM_PHRASES for word in phrase.split()}))
+# The words only spam uses (not "a").
+SPAM_WORDS = tuple(sorted({word for phrase in SPAM_PHRASES for word in phrase.split()} - set(TEMPLATE_WORDS)))
 
 VARIANTS = ("curated", "web", "retrieval")
 RETRIEVAL_SPLITS = ("train", "validation", "test")
