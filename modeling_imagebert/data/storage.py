@@ -22,7 +22,9 @@ Two correct ways, never both:
    raises if such a loader went through `prepare` anyway.
 2. Accelerate splits: `load_streaming_dataset(path, rank=0, world_size=1)` (no split) and
    `Accelerator(dataloader_config=DataLoaderConfiguration(**dataloader_kwargs_for_accelerate()))`, so each process
-   reads its own shards instead of receiving slices from rank 0.
+   reads its own shards instead of receiving slices from rank 0. Accelerate then hands out whole Arrow shards,
+   which can leave processes with unequal row counts (13 rows in 3 shards over 2 processes: 9 and 4); way 1
+   balances to within one row.
 """
 
 from __future__ import annotations
