@@ -300,8 +300,10 @@ class DataCollatorForImageBertPretraining(_SeededCollator):
         zero = masked_regions & torch.from_numpy(
             self._uniform(indices, _STREAM_REGION_ACTION, regions) < self.region_zero_prob
         )
-        batch["region_feature_targets"] = features.clone()
-        batch["region_features"] = features.masked_fill(zero[:, :, None], 0.0)
+        batch["region_feature_targets"] = features
+        features = features.clone()
+        features[zero] = 0.0  # in place on the ~13% zeroed rows: cheaper than a masked_fill over [B, R, F]
+        batch["region_features"] = features
         classes = batch.pop("region_classes")
         batch["masked_regions"] = masked_regions
         batch["region_class_labels"] = torch.where(
