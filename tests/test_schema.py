@@ -115,6 +115,13 @@ def test_classes_and_scores_must_have_one_entry_per_region():
     assert_rejected({**good_record(), "region_scores": [0.1] * 4}, "region_scores", "found shape (4,)")
 
 
+def test_non_numeric_boxes_and_scores_are_rejected():
+    assert_rejected(
+        {**good_record(), "region_boxes": [["a", "b", "c", "d"]] * 3}, "region_boxes", "found dtype <U1"
+    )
+    assert_rejected({**good_record(), "region_scores": ["high"] * 3}, "region_scores", "found dtype <U4")
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_region_features_are_rejected(bad):
     record = good_record()

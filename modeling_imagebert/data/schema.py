@@ -224,6 +224,8 @@ def validate_record(
                 "region_boxes",
                 f"found shape {tuple(boxes.shape)}; expected [{expected_rows}, 4] (one x1, y1, x2, y2 box per region)",
             )
+        elif boxes.size and not np.issubdtype(boxes.dtype, np.number):
+            problem("region_boxes", f"found dtype {boxes.dtype}; expected numbers (pixel coordinates)")
         elif boxes.size:
             boxes = boxes.astype(np.float64)
             finite = np.isfinite(boxes).all(axis=1)
@@ -287,6 +289,8 @@ def validate_record(
                 "region_scores",
                 f"found shape {tuple(scores.shape)}; expected a 1-D array of length {expected}",
             )
+        elif scores.size and not np.issubdtype(scores.dtype, np.number):
+            problem("region_scores", f"found dtype {scores.dtype}; expected numbers in [0, 1]")
         elif scores.size:
             scores = scores.astype(np.float64)
             finite = np.isfinite(scores)
