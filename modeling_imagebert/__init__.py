@@ -1,7 +1,8 @@
 """ImageBERT as a native Hugging Face Transformers model.
 
 Importing the package registers the model with `AutoConfig`, `AutoModel`, `AutoModelForPreTraining` and, for the
-retrieval model (a one-logit pair classifier), `AutoModelForSequenceClassification`.
+retrieval model (a one-logit pair classifier), `AutoModelForSequenceClassification`; the processor with
+`AutoProcessor`.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForSequenceClassification
@@ -13,20 +14,12 @@ from .modeling_imagebert import (
     ImageBertModel,
     ImageBertPreTrainedModel,
 )
+from .processing_imagebert import ImageBertProcessor  # registers AutoProcessor
 
 AutoConfig.register(ImageBertConfig.model_type, ImageBertConfig, exist_ok=True)
 AutoModel.register(ImageBertConfig, ImageBertModel, exist_ok=True)
 AutoModelForPreTraining.register(ImageBertConfig, ImageBertForPreTraining, exist_ok=True)
 AutoModelForSequenceClassification.register(ImageBertConfig, ImageBertForRetrieval, exist_ok=True)
-
-
-def __getattr__(name):
-    # The processor pulls in tokenizers; load it only when asked for.
-    if name == "ImageBertProcessor":
-        from .processing_imagebert import ImageBertProcessor
-
-        return ImageBertProcessor
-    raise AttributeError(f"module 'modeling_imagebert' has no attribute {name!r}")
 
 
 __version__ = "0.1.0"
