@@ -1,0 +1,312 @@
+"""Glue between `transformers.Trainer` and retrieval fine-tuning (used by `examples/run_retrieval.py`).
+
+Training batches come from `DataCollatorForImageTextRetrieval` (groups of P rows, the positive first). Evaluation
+during training runs on a FIXED candidate layout, chosen once from a seed, so every evaluation of every run (and
+every process count) scores exactly the same pairs:
+
+* image retrieval groups, one per caption: the caption with its own image first, then `P - 1` other images;
+* text retrieval groups, one per image: the image with its first ground-truth caption first, then `P - 1`
+  captions of other images.
+
+A group's recall@K says whether its ground truth ranks in the top K of its P candidates (pessimistic ties, as in
+`modeling_imagebert.retrieval_metrics`). This is a cheap, deterministic proxy for the full-ranking protocol of
+`modeling_imagebert.retrieval_evaluation`, which ranks every image / caption of a split.
+
+Under DDP, Trainer pads the last evaluation batch with repeated groups and drops them again when gathering; that
+only works when each prediction row is one dataset item, so `RetrievalTrainer.prediction_step` returns logits and
+labels as [groups, P] instead of the model's flat [groups * P].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .retrieval_metrics import DEFAULT_KS, image_retrieval_ranks
+
+GROUP_DIRECTIONS = ("both", "image", "text")
+_TEXT_KEYS = ("input_ids",)
+_IMAGE_KEYS = ("region_features", "region_locations", "region_classes", "global_feature")
+
+
+@dataclass(frozen=True)
+class CandidateLayout:
+    """A fixed evaluation layout: G groups of P (caption row, image row) pairs, the ground truth first.
+
+    Attributes:
+        text_rows: int64 [G, P], the dataset row whose caption each pair uses.
+        image_rows: int64 [G, P], the dataset row whose image (regions) each pair uses.
+        num_image_groups: the first `num_image_groups` groups are image retrieval (one caption, P images); the rest
+            are text retrieval (one image, P captions).
+    """
+
+    text_rows: np.ndarray
+    image_rows: np.ndarray
+    num_image_groups: int
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.text_rows.shape[1])
+
+    @property
+    def num_text_groups(self) -> int:
+        return len(self) - self.num_image_groups
+
+    def __len__(self) -> int:
+        return int(self.text_rows.shape[0])
+
+    def __getitem__(self, group: int) -> dict[str, Any]:
+        """One evaluation item: {"group": g, "text_rows": int64 [P], "image_rows": int64 [P]}."""
+        return {"group": int(group), "text_rows": self.text_rows[group], "image_rows": self.image_rows[group]}
+
+
+def fixed_candidate_layout(
+    image_ids: Sequence[str],
+    *,
+    num_candidates: int = 20,
+    direction: str = "both",
+    seed: int = 0,
+    max_groups: int | None = None,
+) -> CandidateLayout:
+    """Choose, once, the candidates each evaluation caption / image is ranked against.
+
+    Args:
+        image_ids: the image id of every row of the evaluation split (one row per (image, caption)).
+        num_candidates: P, candidates per group (the ground truth plus P - 1 negatives from distinct other images).
+        direction: "image" (image retrieval groups only), "text" (text retrieval only) or "both".
+        seed: the negatives depend only on (image_ids, num_candidates, direction, seed, max_groups).
+        max_groups: keep at most this many groups per direction (the first captions / images), None for all.
+
+    Returns:
+        `CandidateLayout`: image retrieval groups (one per caption row) first, then text retrieval groups (one per
+        distinct image, in order of first occurrence, its ground truth being its first caption row).
+    """
+    if direction not in GROUP_DIRECTIONS:
+        raise ValueError(f"direction must be one of {GROUP_DIRECTIONS}, got {direction!r}")
+    if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+        raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
+    if max_groups is not None and (
+        isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1
+    ):
+        raise ValueError(f"max_groups must be None or an int >= 1, got {max_groups!r}")
+    ids = [str(value) for value in image_ids]
+    for row, value in enumerate(ids):
+        if not value:
+            raise ValueError(f"image_id of row {row}: expected a non-empty string")
+    distinct, image_of_row = np.unique(np.asarray(ids, dtype=object), return_inverse=True)
+    if len(distinct) < num_candidates:
+        raise ValueError(
+            f"fixed_candidate_layout: the evaluation split has {len(distinct)} distinct images but num_candidates="
+            f"{num_candidates} needs at least {num_candidates} (the ground truth plus {num_candidates - 1} negatives "
+            f"with other images); lower --eval_num_candidates or use a larger split"
+        )
+    rows_of_image = [np.flatnonzero(image_of_row == k) for k in range(len(distinct))]
+    first_row = np.array([rows[0] for rows in rows_of_image], dtype=np.int64)
+    # Images in order of first occurrence (np.unique sorts them by id).
+    image_order = np.argsort(first_row, kind="stable")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(num_candidates), 0x1A7]))
+    negatives_needed = num_candidates - 1
+
+    def draw_other_images(own: int) -> np.ndarray:
+        others = rng.choice(len(distinct) - 1, size=negatives_needed, replace=False)
+        return others + (others >= own)  # skip the own image
+
+    text_rows, image_rows = [], []
+    num_image_groups = 0
+    if direction in ("both", "image"):
+        captions = range(len(ids)) if max_groups is None else range(min(max_groups, len(ids)))
+        for row in captions:
+            others = draw_other_images(int(image_of_row[row]))
+            text_rows.append(np.full(num_candidates, row, dtype=np.int64))
+            image_rows.append(np.concatenate([[row], first_row[others]]).astype(np.int64))
+        num_image_groups = len(text_rows)
+    if direction in ("both", "text"):
+        images = image_order if max_groups is None else image_order[:max_groups]
+        for image in images:
+            others = draw_other_images(int(image))
+            picks = rng.random(negatives_needed)
+            negative_captions = [
+                rows_of_image[k][int(p * len(rows_of_image[k]))] for k, p in zip(others, picks, strict=True)
+            ]
+            own_row = int(first_row[image])
+            text_rows.append(np.asarray([own_row, *negative_captions], dtype=np.int64))
+            image_rows.append(np.full(num_candidates, own_row, dtype=np.int64))
+    return CandidateLayout(
+        text_rows=np.stack(text_rows), image_rows=np.stack(image_rows), num_image_groups=num_image_groups
+    )
+
+
+class DataCollatorForCandidateGroups:
+    r"""
+    Evaluation collator for a `CandidateLayout`: builds the P pairs of each group from an encoded dataset.
+
+    Args:
+        encoded_dataset: the evaluation split encoded by `ImageBertProcessor.prepare_dataset` (row i of it is row i
+            of the split the layout was made from); rows are read on demand, so features are not copied P times.
+        processor: the `ImageBertProcessor` whose `pad` builds the model inputs.
+        feature_dtype: dtype of `region_features`.
+
+    Input: a list of B layout items (`CandidateLayout.__getitem__`).
+    Output: the padded model inputs of B*P rows (B contiguous groups of P, ground truth first) and labels [B*P]
+    float (1.0 at each group's first row).
+    """
+
+    def __init__(self, encoded_dataset, processor, feature_dtype: torch.dtype = torch.float32):
+        self.encoded_dataset = encoded_dataset
+        self.processor = processor
+        self.feature_dtype = feature_dtype
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if len(items) == 0:
+            raise ValueError("DataCollatorForCandidateGroups: got an empty batch")
+        sizes = {len(item["text_rows"]) for item in items}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"DataCollatorForCandidateGroups: groups of different sizes {sorted(sizes)} in one batch"
+            )
+        count = sizes.pop()
+        cache: dict[int, Mapping[str, Any]] = {}
+
+        def row(index) -> Mapping[str, Any]:
+            index = int(index)
+            if index not in cache:
+                if not 0 <= index < len(self.encoded_dataset):
+                    raise IndexError(
+                        f"candidate layout row {index} is outside the evaluation dataset ({len(self.encoded_dataset)} "
+                        "rows); was the layout made from another split?"
+                    )
+                cache[index] = self.encoded_dataset[index]
+            return cache[index]
+
+        pairs = []
+        for item in items:
+            for text_row, image_row in zip(item["text_rows"], item["image_rows"], strict=True):
+                text, image = row(text_row), row(image_row)
+                pair = {key: image[key] for key in _IMAGE_KEYS if key in image}
+                pair.update({key: text[key] for key in _TEXT_KEYS})
+                pairs.append(pair)
+        batch = self.processor.pad(pairs, feature_dtype=self.feature_dtype)
+        labels = torch.zeros(len(items) * count, dtype=torch.float32)
+        labels[::count] = 1.0
+        batch["labels"] = labels
+        return batch
+
+
+def candidate_group_recall(scores, num_image_groups: int, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Recall@K (percent) over candidate groups whose ground truth is column 0.
+
+    Args:
+        scores: float [G, P]; row g holds the scores of group g's candidates, the ground truth first.
+        num_image_groups: the first rows are image retrieval groups, the rest text retrieval groups.
+        ks: cut-offs K.
+
+    Returns:
+        `image_retrieval/R@K` and/or `text_retrieval/R@K` (for the directions present) and `rsum`, in percent;
+        a ground truth tied with a negative ranks below it.
+    """
+    scores = torch.as_tensor(np.asarray(scores, dtype=np.float64))
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [groups, candidates], got shape {tuple(scores.shape)}")
+    if not 0 <= num_image_groups <= scores.shape[0]:
+        raise ValueError(f"num_image_groups must be in [0, {scores.shape[0]}], got {num_image_groups}")
+    metrics: dict[str, float] = {}
+    for name, block in (
+        ("image_retrieval", scores[:num_image_groups]),
+        ("text_retrieval", scores[num_image_groups:]),
+    ):
+        if block.shape[0] == 0:
+            continue
+        ranks = image_retrieval_ranks(block, torch.zeros(block.shape[0], dtype=torch.long))  # [g]
+        for k in ks:
+            metrics[f"{name}/R@{k}"] = 100.0 * float((ranks < k).double().mean())
+    metrics["rsum"] = sum(metrics.values())
+    return metrics
+
+
+def make_compute_metrics(layout: CandidateLayout, ks: Sequence[int] = DEFAULT_KS) -> Callable[[Any], dict]:
+    """A `compute_metrics` for `Trainer` on `layout`: takes an `EvalPrediction` whose predictions and label_ids are
+    [G, P] (as `RetrievalTrainer` returns them) and gives `candidate_group_recall`."""
+
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        scores = np.asarray(eval_prediction.predictions)
+        labels = np.asarray(eval_prediction.label_ids)
+        expected = (len(layout), layout.num_candidates)
+        if scores.shape != expected or labels.shape != expected:
+            raise ValueError(
+                f"compute_metrics: expected predictions and labels of shape {expected} (the candidate layout), got "
+                f"{scores.shape} and {labels.shape}; evaluate with RetrievalTrainer on the layout's dataset"
+            )
+        if not (labels[:, 0] == 1).all() or (labels[:, 1:] != 0).any():
+            raise ValueError(
+                "compute_metrics: labels are not one positive first per group; the order was lost"
+            )
+        return candidate_group_recall(scores, layout.num_image_groups, ks)
+
+    return compute_metrics
+
+
+class CollatorEpochCallback(TrainerCallback):
+    """Calls `collator.set_epoch(epoch)` at the start of each Trainer epoch, so retrieval negatives change per epoch
+    and a resumed run draws those of its epoch. Trainer creates the epoch's DataLoader iterator (where worker
+    processes copy the collator) after `on_epoch_begin`, so the workers see the new epoch."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
+
+
+class RetrievalTrainer(Trainer):
+    """`Trainer` that evaluates on a `CandidateLayout` with its own collator.
+
+    Args:
+        eval_collator: the collator of the evaluation dataset (`DataCollatorForCandidateGroups`); `data_collator`
+            serves training only.
+        eval_num_candidates: P of the evaluation layout; predictions and labels are reshaped to [groups, P].
+        Other arguments as `Trainer`.
+    """
+
+    def __init__(self, *args, eval_collator=None, eval_num_candidates: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator
+        self.eval_num_candidates = eval_num_candidates
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator = self.data_collator
+        self.data_collator = self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        count = self.eval_num_candidates
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]  # the scores; the per-term losses are scalars
+        if count is not None:
+            if logits is not None:
+                logits = logits.reshape(-1, count)
+            if labels is not None:
+                labels = labels.reshape(-1, count)
+        return loss, logits, labels
+
+
+__all__ = [
+    "CandidateLayout",
+    "CollatorEpochCallback",
+    "DataCollatorForCandidateGroups",
+    "RetrievalTrainer",
+    "candidate_group_recall",
+    "fixed_candidate_layout",
+    "make_compute_metrics",
+]
