@@ -149,8 +149,11 @@ def test_retrieval_has_five_different_captions_per_image_and_disjoint_splits(ret
         images[split] = set(ids)
     assert images["train"].isdisjoint(images["test"]) and images["validation"].isdisjoint(images["test"])
     assert images["train"].isdisjoint(images["validation"])
-    first = _numpy(retrieval["test"])
-    np.testing.assert_array_equal(first[0]["region_features"], first[4]["region_features"])
+    test, train = _numpy(retrieval["test"]), _numpy(retrieval["train"])
+    np.testing.assert_array_equal(test[0]["region_features"], test[4]["region_features"])  # one image, 5 rows
+    assert test[0]["region_features"].shape != train[0]["region_features"].shape or not np.array_equal(
+        test[0]["region_features"], train[0]["region_features"]
+    )
 
 
 def test_nearest_prototype_classifier_recovers_region_classes_well_above_chance():
