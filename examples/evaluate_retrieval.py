@@ -1,0 +1,195 @@
+"""Full-ranking image-text retrieval evaluation of an ImageBERT checkpoint (zero-shot or fine-tuned).
+
+Every caption of the test split is scored against every image (image retrieval: each caption ranks all images;
+text retrieval: each image ranks all captions, any of its ground-truth captions counting), then R@1/5/10 are
+reported in both directions, laid out like Table 2 of the ImageBERT paper.
+
+One process:
+
+    python examples/evaluate_retrieval.py --model runs/pretrain --toy
+    python examples/evaluate_retrieval.py --model runs/retrieval --dataset data/coco_karpathy --split test \
+        --protocol coco_1k --bf16 --cache_dir cache/coco --output_json coco.json --output_markdown coco.md
+
+Several GPUs (the shards of caption rows are split across processes; every process gets the full matrix):
+
+    accelerate launch --num_processes 8 examples/evaluate_retrieval.py --model ... --dataset ... --protocol coco_5k
+
+Two CPU processes (to check data parallelism without a GPU):
+
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no examples/evaluate_retrieval.py --model ... --toy
+
+With `--cache_dir`, an interrupted evaluation restarted with the same arguments resumes with the shards it lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval
+from modeling_imagebert.processing_imagebert import ImageBertProcessor
+from modeling_imagebert.retrieval_evaluation import PROTOCOLS, evaluate_retrieval
+
+HEADS = {"itm": ImageBertForPreTraining, "retrieval": ImageBertForRetrieval}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained)")
+    parser.add_argument(
+        "--head",
+        choices=sorted(HEADS),
+        default=None,
+        help="itm: zero-shot with the pre-training ITM head; retrieval: the fine-tuned retrieval head. "
+        "Default: read from the checkpoint's config (architectures).",
+    )
+    parser.add_argument("--processor", default=None, help="processor folder (default: the model folder)")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--dataset", help="dataset folder written by save_dataset (a split, or a DatasetDict)")
+    data.add_argument("--toy", action="store_true", help="the toy world's retrieval test split (synthetic)")
+    parser.add_argument("--split", default="test", help="split to use when --dataset holds a DatasetDict")
+    parser.add_argument("--toy_test_images", type=int, default=100, help="--toy: images in the test split")
+    parser.add_argument("--toy_seed", type=int, default=0, help="--toy: seed of the scenes")
+    parser.add_argument(
+        "--toy_world_seed", type=int, default=0, help="--toy: seed of the world (as pre-training)"
+    )
+    parser.add_argument("--toy_num_attributes", type=int, default=8, help="--toy: attributes of the world")
+    parser.add_argument(
+        "--protocol",
+        choices=[p for p in PROTOCOLS if p],
+        default=None,
+        help="flickr30k_1k, coco_1k (mean of five 1k folds) or coco_5k; default: the whole split",
+    )
+    parser.add_argument(
+        "--no_strict", action="store_true", help="run a named protocol on a split of another size"
+    )
+    parser.add_argument("--batch_size", type=int, default=256, help="pairs per forward pass")
+    parser.add_argument("--shard_size", type=int, default=None, help="caption rows per cached shard")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument(
+        "--cache_dir", default=None, help="keep score shards here to resume an interrupted run"
+    )
+    parser.add_argument("--output_json", default=None, help="write all metrics here")
+    parser.add_argument("--output_markdown", default=None, help="write the paper-style table here")
+    parser.add_argument(
+        "--save_scores", default=None, help="save the score matrix and image ids (torch.save)"
+    )
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def load_model(path: str, head: str | None) -> torch.nn.Module:
+    """The scoring model of a checkpoint folder: `--head` when given, otherwise its config's architectures
+    (ImageBertForRetrieval -> fine-tuned head; anything else -> the pre-training ITM head, zero-shot)."""
+    if head is None:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"--model {path}: no config.json (expected a save_pretrained folder)")
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+        head = "retrieval" if "ImageBertForRetrieval" in architectures else "itm"
+    return HEADS[head].from_pretrained(path)
+
+
+def load_processor(path: str) -> ImageBertProcessor:
+    try:
+        return ImageBertProcessor.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(
+            f"cannot load an ImageBertProcessor from {path} ({error}); pass --processor with the folder the "
+            "pre-training script saved the processor to"
+        ) from None
+
+
+def load_split(args: argparse.Namespace, config):
+    """The test split: a saved dataset (one split, or `--split` of a DatasetDict) or the toy world's test split."""
+    if args.toy:
+        from modeling_imagebert.data.toy_world import make_toy_world
+
+        # The world must be the one the checkpoint was pre-trained on: same seed and sizes. The background is
+        # the last detector class, so the toy world has num_object_classes - 1 object classes.
+        return make_toy_world(
+            "retrieval",
+            num_images=1,
+            num_validation_images=1,
+            num_test_images=args.toy_test_images,
+            seed=args.toy_seed,
+            world_seed=args.toy_world_seed,
+            feature_dim=config.visual_feature_dim,
+            num_classes=config.num_object_classes - 1,
+            num_attributes=args.toy_num_attributes,
+            with_global_feature=bool(config.use_global_image_feature),
+        )["test"]
+    from modeling_imagebert.data.storage import load_dataset_from_disk
+
+    folder = Path(args.dataset)
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        if args.split not in splits:
+            raise SystemExit(f"--split {args.split!r} is not in {folder} (splits: {splits})")
+        folder = folder / args.split
+    return load_dataset_from_disk(folder, feature_dim=config.visual_feature_dim)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # The Accelerator only tells each process its rank and device: the model is not wrapped for inference, and
+    # evaluate_retrieval splits the work itself (shards of caption rows) and sums the matrix across processes.
+    accelerator = Accelerator()
+    model = load_model(args.model, args.head)
+    processor = load_processor(args.processor or args.model)
+    dataset = load_split(args, model.config)
+
+    result = evaluate_retrieval(
+        model,
+        dataset,
+        processor,
+        protocol=args.protocol,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        bf16=args.bf16,
+        accelerator=accelerator,
+        progress=not args.no_progress,
+        shard_size=args.shard_size,
+        strict=not args.no_strict,
+    )
+    summary = result.to_json_dict()
+    summary.update(
+        model=str(args.model),
+        head=type(model).__name__,
+        dataset="toy world (synthetic)" if args.toy else str(args.dataset),
+        split=args.split,
+        num_processes=accelerator.num_processes,
+        bf16=bool(args.bf16),
+    )
+    if accelerator.is_main_process:
+        print(result.table)
+        print(json.dumps(result.metrics, indent=2))
+        if args.output_json:
+            Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")
+        if args.output_markdown:
+            Path(args.output_markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output_markdown).write_text(result.table)
+        if args.save_scores:
+            torch.save(
+                {
+                    "scores": result.scores,
+                    "caption_image_index": result.caption_image_index,
+                    "image_ids": result.image_ids,
+                },
+                args.save_scores,
+            )
+    accelerator.wait_for_everyone()
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,268 @@
+"""Specification of the full-ranking retrieval evaluation (modeling_imagebert.retrieval_evaluation)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining, ImageBertForRetrieval
+from modeling_imagebert.processing_imagebert import ImageBertProcessor
+from modeling_imagebert.retrieval_evaluation import evaluate_retrieval
+from modeling_imagebert.retrieval_metrics import fold_mean_recall, recall_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configuration" / "models" / "imagebert-tiny.json"
+
+
+def tiny_config(**overrides) -> ImageBertConfig:
+    config = ImageBertConfig.from_json_file(str(TINY))
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def tiny_model(cls=ImageBertForPreTraining, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return cls(tiny_config(**overrides))
+
+
+@pytest.fixture(scope="module")
+def processor(minilm_path) -> ImageBertProcessor:
+    from transformers import BertTokenizerFast
+
+    config = tiny_config()
+    return ImageBertProcessor(
+        BertTokenizerFast.from_pretrained(minilm_path),
+        max_regions=config.max_regions,
+        max_text_length=config.max_text_length,
+    )
+
+
+def toy_test_split(num_images: int = 4, seed: int = 0):
+    from modeling_imagebert.data.toy_world import make_toy_world
+
+    config = tiny_config()
+    return make_toy_world(
+        "retrieval",
+        num_images=1,
+        num_validation_images=1,
+        num_test_images=num_images,
+        seed=seed,
+        feature_dim=config.visual_feature_dim,
+        num_classes=config.num_object_classes - 1,
+    )["test"]
+
+
+@pytest.fixture(scope="module")
+def split():
+    return toy_test_split()
+
+
+def score_one_pair(model, processor, caption_record, image_record) -> float:
+    """The reference: one (caption, image) pair encoded and padded alone, scored alone."""
+    caption = processor.encode_record(caption_record)
+    example = processor.encode_record(image_record)
+    example["input_ids"] = caption["input_ids"]
+    batch = processor.pad([example])
+    model.eval()
+    with torch.no_grad():
+        return float(model.score(**batch)[0])
+
+
+@pytest.mark.parametrize("cls", [ImageBertForPreTraining, ImageBertForRetrieval])
+def test_full_ranking_scores_equal_scoring_each_pair_alone(cls, processor, split):
+    model = tiny_model(cls)
+    model.train()  # the evaluator must switch dropout off, and put the mode back
+    # batch_size 7 does not divide the 4 images: batches mix captions and images of different lengths.
+    result = evaluate_retrieval(model, split, processor, batch_size=7, shard_size=3, progress=False)
+    assert model.training
+    rows = split.with_format("numpy", dtype=None)
+    image_rows = {}
+    for row, image_id in enumerate(split["image_id"]):
+        image_rows.setdefault(image_id, row)
+    assert result.image_ids == list(image_rows)
+    expected = torch.tensor(
+        [
+            [
+                score_one_pair(model, processor, rows[c], rows[image_rows[image_id]])
+                for image_id in result.image_ids
+            ]
+            for c in range(len(split))
+        ]
+    )
+    torch.testing.assert_close(result.scores, expected, rtol=0, atol=1e-5)
+    assert result.caption_image_index.tolist() == [list(image_rows).index(i) for i in split["image_id"]]
+    assert result.metrics == recall_summary(result.scores, result.caption_image_index)
+    assert "| Test split (4 images, 20 captions) |" in result.table
+
+
+def test_interrupted_evaluation_resumes_from_cache_computing_only_missing_shards(processor, split, tmp_path):
+    model = tiny_model()
+    full = evaluate_retrieval(model, split, processor, batch_size=16, shard_size=4, progress=False)
+    assert full.num_shards == 5
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(shard: int) -> None:
+        if shard == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        evaluate_retrieval(
+            model, split, processor, batch_size=16, shard_size=4, cache_dir=tmp_path, progress=False,
+            shard_callback=stop_after_two,
+        )  # fmt: skip
+    resumed = evaluate_retrieval(
+        model, split, processor, batch_size=16, shard_size=4, cache_dir=tmp_path, progress=False
+    )
+    assert resumed.computed_shards == [2, 3, 4]
+    assert torch.equal(resumed.scores, full.scores)
+    assert resumed.metrics == full.metrics
+    again = evaluate_retrieval(
+        model, split, processor, batch_size=16, shard_size=4, cache_dir=tmp_path, progress=False
+    )
+    assert again.computed_shards == []
+    assert torch.equal(again.scores, full.scores)
+
+
+def test_cache_made_with_other_weights_is_ignored_with_a_warning(processor, split, tmp_path):
+    old = tiny_model(seed=0)
+    evaluate_retrieval(old, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
+    new = tiny_model(seed=0)
+    with torch.no_grad():
+        new.itm_head.weight.add_(0.5)  # only the weights change: same class, config and data
+    with pytest.warns(UserWarning, match="ignoring cached scores .* different model weights"):
+        stale = evaluate_retrieval(new, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
+    assert stale.computed_shards == [0, 1]
+    fresh = evaluate_retrieval(new, split, processor, shard_size=10, progress=False)
+    assert torch.equal(stale.scores, fresh.scores)
+
+
+def test_cache_made_on_other_data_is_ignored(processor, split, tmp_path):
+    model = tiny_model()
+    evaluate_retrieval(model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
+    other = toy_test_split(seed=1)
+    with pytest.warns(UserWarning, match="different test split"):
+        result = evaluate_retrieval(
+            model, other, processor, shard_size=10, cache_dir=tmp_path, progress=False
+        )
+    assert result.computed_shards == [0, 1]
+
+
+def test_damaged_cache_shard_is_recomputed_not_trusted(processor, split, tmp_path):
+    model = tiny_model()
+    first = evaluate_retrieval(model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
+    (shard,) = tmp_path.glob("scores-*/shard-000001.pt")
+    shard.write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="unreadable cached shard"):
+        second = evaluate_retrieval(
+            model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False
+        )
+    assert second.computed_shards == [1]
+    assert torch.equal(first.scores, second.scores)
+
+
+def test_coco_1k_is_the_mean_over_folds_and_strict_sizes_are_enforced(processor):
+    split = toy_test_split(num_images=5)
+    model = tiny_model()
+    result = evaluate_retrieval(model, split, processor, protocol="coco_1k", strict=False, progress=False)
+    assert result.metrics == fold_mean_recall(result.scores, result.caption_image_index, 5)
+    assert "| MSCOCO 1k |" in result.table
+    with pytest.raises(ValueError, match="exactly 5000 test images"):
+        evaluate_retrieval(model, split, processor, protocol="coco_5k", progress=False)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        evaluate_retrieval(model, split, processor, protocol="coco_2k", progress=False)
+
+
+def test_blank_caption_is_reported_with_its_record_and_image_id(processor, split):
+    rows = split.to_list()
+    rows[7]["caption"] = "  "
+    with pytest.raises(ValueError, match=r"caption of record 7 \(image_id '.*'\)"):
+        evaluate_retrieval(tiny_model(), rows, processor, progress=False)
+
+
+def test_regions_beyond_the_models_max_regions_are_refused(processor, split):
+    model = tiny_model(max_regions=5)
+    with pytest.raises(ValueError, match="config.max_regions=5"):
+        evaluate_retrieval(model, split, processor, progress=False)
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_retrieval_cli", ROOT / "examples" / "evaluate_retrieval.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("architecture", [ImageBertForPreTraining, ImageBertForRetrieval])
+def test_cli_end_to_end_on_a_saved_checkpoint_and_dataset(architecture, processor, split, tmp_path):
+    from modeling_imagebert.data.storage import save_dataset
+
+    model = tiny_model(architecture)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    save_dataset(split, tmp_path / "data")
+    cli = _load_cli()
+    summary = cli.main(
+        [
+            "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data"), "--batch_size", "32",
+            "--output_json", str(tmp_path / "out.json"), "--output_markdown", str(tmp_path / "table.md"),
+            "--no_progress",
+        ]
+    )  # fmt: skip
+    # The head follows the checkpoint's architecture, and the numbers are those of the library function.
+    assert summary["head"] == architecture.__name__
+    expected = evaluate_retrieval(model, split, processor, progress=False)
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["metrics"] == pytest.approx(expected.metrics)
+    assert (tmp_path / "table.md").read_text() == expected.table
+
+
+def _ddp_worker(folder: str) -> None:
+    from accelerate import Accelerator
+    from transformers import BertTokenizerFast
+
+    accelerator = Accelerator(cpu=True)
+    tokenizer = BertTokenizerFast.from_pretrained(os.environ["IMAGEBERT_TEST_TOKENIZER"])
+    config = tiny_config()
+    processor = ImageBertProcessor(
+        tokenizer, max_regions=config.max_regions, max_text_length=config.max_text_length
+    )
+    result = evaluate_retrieval(
+        tiny_model(), toy_test_split(), processor, shard_size=3, accelerator=accelerator, progress=False
+    )
+    torch.save(
+        {"scores": result.scores, "computed": result.computed_shards},
+        Path(folder) / f"rank{accelerator.process_index}.pt",
+    )
+
+
+def test_two_processes_give_the_same_scores_as_one(processor, split, minilm_path):
+    from accelerate import debug_launcher
+
+    single = evaluate_retrieval(tiny_model(), split, processor, shard_size=3, progress=False)
+    os.environ["IMAGEBERT_TEST_TOKENIZER"] = minilm_path
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        debug_launcher(_ddp_worker, args=(folder,), num_processes=2)
+        ranks = [torch.load(Path(folder) / f"rank{r}.pt") for r in range(2)]
+    # Each process scored only its own shards (7 shards of 3 captions), and each ends with the full matrix.
+    assert ranks[0]["computed"] == [0, 2, 4, 6]
+    assert ranks[1]["computed"] == [1, 3, 5]
+    for rank in ranks:
+        torch.testing.assert_close(rank["scores"], single.scores, rtol=0, atol=1e-6)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
