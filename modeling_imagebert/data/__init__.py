@@ -17,6 +17,8 @@ _EXPORTS = {
     "DataCollatorForImageBertPretraining": "collators",
     "DataCollatorForImageTextRetrieval": "collators",
     "make_toy_world": "toy_world",
+    "ToyWorld": "toy_world",
+    "toy_world_for": "toy_world",
 }
 
 
