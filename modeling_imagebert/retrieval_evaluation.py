@@ -499,6 +499,28 @@ def compute_metrics(
     return metrics, retrieval_metrics.format_paper_table({label: metrics}, with_rsum=True)
 
 
+def _check_protocol_sizes(protocol: str, inputs: RetrievalInputs) -> None:
+    images = (
+        retrieval_metrics.FLICKR30K_TEST_IMAGES
+        if protocol == "flickr30k_1k"
+        else retrieval_metrics.COCO_TEST_IMAGES
+    )
+    per_image = retrieval_metrics.CAPTIONS_PER_IMAGE
+    counts = torch.bincount(inputs.caption_image_index, minlength=inputs.num_images)
+    off = (counts != per_image).nonzero().flatten()
+    if inputs.num_images != images or off.numel():
+        detail = (
+            f"image {inputs.image_ids[int(off[0])]!r} has {int(counts[off[0]])} captions"
+            if off.numel()
+            else "every image has 5 captions"
+        )
+        raise ValueError(
+            f"protocol {protocol!r} needs the Karpathy test split: exactly {images} images with {per_image} captions "
+            f"each; the split has {inputs.num_images} images and {inputs.num_captions} captions ({detail}). Pass "
+            "strict=False (--no_strict) to run it on another size."
+        )
+
+
 def _process_state(accelerator) -> tuple[int, int, bool, torch.device | None]:
     if accelerator is None:
         return 0, 1, True, None
@@ -570,6 +592,8 @@ def evaluate_retrieval(
         dataset, processor, use_global_image_feature=bool(getattr(config, "use_global_image_feature", False))
     )
     _check_against_model(inputs, config)
+    if strict and protocol is not None:
+        _check_protocol_sizes(protocol, inputs)  # before hours of scoring, not after
     num_captions, num_images = inputs.num_captions, inputs.num_images
     if shard_size is None:
         shard_size = max(1, math.ceil(_PAIRS_PER_SHARD / num_images))

@@ -185,7 +185,7 @@ def test_coco_1k_is_the_mean_over_folds_and_strict_sizes_are_enforced(processor)
     result = evaluate_retrieval(model, split, processor, protocol="coco_1k", strict=False, progress=False)
     assert result.metrics == fold_mean_recall(result.scores, result.caption_image_index, 5)
     assert "| MSCOCO 1k |" in result.table
-    with pytest.raises(ValueError, match="exactly 5000 test images"):
+    with pytest.raises(ValueError, match="exactly 5000 images with 5 captions each; the split has 5 images"):
         evaluate_retrieval(model, split, processor, protocol="coco_5k", progress=False)
     with pytest.raises(ValueError, match="protocol must be one of"):
         evaluate_retrieval(model, split, processor, protocol="coco_2k", progress=False)
