@@ -317,19 +317,23 @@ def score_caption_rows(
     rows = caption_end - caption_start
     total = rows * num_images
     compute_dtype = next(model.parameters()).dtype
-    out = torch.empty(total, dtype=torch.float32, device=device)
+    # Visit images in order of region count, so a batch (consecutive images of one caption) holds images of similar
+    # sizes and is trimmed to few padded regions; scores are written back to each image's own column.
+    image_order = torch.sort(images["region_attention_mask"].sum(1), stable=True).indices  # (I,)
+    out = torch.empty(rows, num_images, dtype=torch.float32, device=device)
     with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, total, batch_size):
             pair = torch.arange(
                 start, min(start + batch_size, total), device=device
             )  # flat (caption, image) ids
-            caption_index = caption_start + pair // num_images
-            image_index = pair % num_images
+            row = pair // num_images
+            caption_index = caption_start + row
+            image_index = image_order[pair % num_images]
             batch = _pair_batch(text, images, caption_index, image_index, compute_dtype)
-            out[start : start + pair.shape[0]] = model.score(**batch).float().view(-1)
+            out[row, image_index] = model.score(**batch).float().view(-1)
             if on_batch is not None:
                 on_batch(int(pair.shape[0]))
-    return out.view(rows, num_images).cpu()
+    return out.cpu()
 
 
 def _to_device(inputs: RetrievalInputs, device: torch.device) -> tuple[dict, dict]:
