@@ -11,7 +11,8 @@ so that the figure is the model's own cost (it is the same for every model up to
 - LxmertForPreTraining: its default tasks with QA off (MLM, matched, object/attribute/feature prediction with
   `mask_conf` = the masked regions), its 9/5/5 layers at base size, 4-d box positions.
 
-For each model and dtype (fp32, and bf16 autocast) it warms up, then prints the median of `--steps` steps as
+For each dtype (fp32, and bf16 autocast) it warms every model up, then times `--steps` rounds in which each model
+runs one step in turn (so that the load of a shared machine hits every model alike) and prints the median as
 samples/s, the ratio of ImageBERT to each peer, the peak memory of a step and the model FLOPs utilisation against a
 matrix-product peak timed in the same run. It also times the pre-training collator (samples/s) on the same shapes,
 to check that data never waits (target: >= 20x the ImageBERT step). A markdown row per (model, dtype) is appended to
@@ -309,38 +310,48 @@ def _to_device(value, device):
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def time_model(model, inputs: dict, device: str, dtype: str, warmup: int, steps: int) -> dict:
-    """Median seconds of one training step (zero_grad, forward, backward), its peak memory and its FLOPs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+def make_step(model, inputs: dict, device: str, dtype: str) -> Callable[[], None]:
+    """One training step: zero_grad(set_to_none=True), forward (under bf16 autocast for "bf16"), backward."""
 
     def step():
         model.zero_grad(set_to_none=True)
-        with autocast:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = model(**inputs).loss
         loss.backward()
-        return loss
 
-    for _ in range(warmup):
-        step()
+    return step
+
+
+def measure_memory_and_flops(step: Callable[[], None], device: str) -> dict:
+    """Peak memory of one step above its starting point (after a warm-up step), and its FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step()
     _sync(device)
-    times = []
+    _trim_heap()
     with PeakMemory(device) as memory:
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        step()
     counter = FlopCounterMode(display=False)
     with counter:
         step()
-    model.zero_grad(set_to_none=True)
-    return {
-        "seconds": statistics.median(times),
-        "peak_bytes": memory.peak_bytes,
-        "flops": counter.get_total_flops(),
-    }
+    return {"peak_bytes": memory.peak_bytes, "flops": counter.get_total_flops()}
+
+
+def time_interleaved(steps: dict, device: str, warmup: int, repeats: int) -> dict:
+    """Median wall seconds of each step, timed round-robin (one step of each in turn, `repeats` rounds) so that a
+    change of load on the machine hits every model alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    times = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def collator_samples_per_second(
@@ -463,23 +474,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     batch = make_batch(args.batch_size, args.text_length, args.regions, args.feature_dim, vocab_size=30522)
     results: dict[tuple[str, str], dict] = {}
+    steps: dict[tuple[str, str], Callable[[], None]] = {}
+    built = {}
     for name in models:
-        _trim_heap()
         torch.manual_seed(0)
         model, to_inputs = BUILDERS[name](size, args.feature_dim, args.regions, args.text_length)
         model.to(device).train()
+        built[name] = model
         inputs = _to_device(to_inputs(batch), device)
-        params = sum(p.numel() for p in model.parameters())
         for dtype in dtypes:
-            result = time_model(model, inputs, device, dtype, args.warmup, args.steps)
-            result["params"] = params
-            results[name, dtype] = result
+            steps[name, dtype] = make_step(model, inputs, device, dtype)
+            results[name, dtype] = measure_memory_and_flops(steps[name, dtype], device)
+            results[name, dtype]["params"] = sum(p.numel() for p in model.parameters())
             print(
-                f"  {name:10s} {dtype}: {result['seconds']:.3f} s/step, "
-                f"{args.batch_size / result['seconds']:.2f} samples/s, peak +{result['peak_bytes'] / 2**20:.0f} MB"
+                f"  {name:10s} {dtype}: peak +{results[name, dtype]['peak_bytes'] / 2**20:.0f} MB", flush=True
             )
-        del model, inputs
-        _sync(device)
+        model.zero_grad(set_to_none=True)
+    for dtype in dtypes:
+        seconds = time_interleaved(
+            {name: steps[name, dtype] for name in models}, device, args.warmup, args.steps
+        )
+        for name, value in seconds.items():
+            results[name, dtype]["seconds"] = value
+            print(
+                f"  {name:10s} {dtype}: {value:.3f} s/step, {args.batch_size / value:.2f} samples/s",
+                flush=True,
+            )
+    del built, steps
 
     rows = []
     print()
