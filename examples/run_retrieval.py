@@ -215,10 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--do_train needs --train_dataset (or --toy)")
 
     # Encode once (WordPiece, top regions, 5-D locations); numpy format keeps float16 features.
-    train_dataset = processor.prepare_dataset(train_raw) if train_raw is not None else None
+    # The main process encodes first, so the others reuse its datasets cache files instead of racing to write them.
+    with training_args.main_process_first(desc="encode datasets"):
+        train_dataset = processor.prepare_dataset(train_raw) if train_raw is not None else None
+        eval_encoded = processor.prepare_dataset(eval_raw) if eval_raw is not None else None
     eval_dataset, layout, eval_collator = None, None, None
     if eval_raw is not None:
-        eval_encoded = processor.prepare_dataset(eval_raw)
         layout = fixed_candidate_layout(
             eval_raw["image_id"],
             num_candidates=args.eval_num_candidates,
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_num_candidates=layout.num_candidates if layout is not None else None,
     )
 
-    results: dict = {}
+    results: dict = {"world_size": training_args.world_size}
     if training_args.do_train:
         start = time.perf_counter()
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
