@@ -309,7 +309,9 @@ def train_stage(
     while micro < total_micro:
         # One DataLoader per epoch of the schedule, started at the current micro-batch (that is the skip on resume).
         epoch_end = min(total_micro, (micro // schedule.batches_per_epoch + 1) * schedule.batches_per_epoch)
-        dataset = ScheduledBatches(sources, schedule, accelerator.process_index, micro, epoch_end, enabled)
+        dataset = ScheduledBatches(
+            sources, schedule, accelerator.process_index, micro, epoch_end, enabled, stage.itm_batch_fraction
+        )
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=training.num_workers, generator=generator
         )
@@ -339,7 +341,12 @@ def train_stage(
                 logs = {f"stage{number}/{t}_loss": v for t, v in last_losses.items()}
                 logs[f"stage{number}/lr"] = scheduler.get_last_lr()[0]
                 accelerator.log(logs, step=step)
-                if progress is not None:
+                if progress is None:
+                    accelerator.print(
+                        f"stage {number} step {step}/{num_steps}: "
+                        + ", ".join(f"{t} {v:.4f}" for t, v in last_losses.items())
+                    )
+                else:
                     progress.set_postfix(
                         {
                             **{t: f"{v:.3f}" for t, v in last_losses.items()},

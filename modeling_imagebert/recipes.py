@@ -74,6 +74,12 @@ class StageSpec:
         init: "bert" (from `model.bert_checkpoint`), "config" (random, from `model.config`), "previous" (the previous
             stage's final weights, `output_dir/stage-<k>-final`) or a path to an ImageBERT checkpoint folder.
         mlm_probability, region_mask_probability, itm_negative_rate: collator settings.
+        itm_mode: "separate" (default): a share `itm_batch_fraction` of the image-text micro-batches trains ITM on
+            unmasked pairs (half negatives), the others train the masked tasks on matched pairs only. "joint": one
+            batch carries both (conditional masking within the batch). Joint batches let ITM learn a shortcut:
+            only matched pairs carry [MASK] tokens and zeroed regions, so "masked => matched" fits the training
+            labels while zero-shot retrieval (unmasked pairs) stays at chance; separate batches avoid it.
+        itm_batch_fraction: share of ITM batches in "separate" mode.
     """
 
     name: str = "stage"
@@ -96,6 +102,8 @@ class StageSpec:
     mlm_probability: float = 0.15
     region_mask_probability: float = 0.15
     itm_negative_rate: float = 0.5
+    itm_mode: str = "separate"
+    itm_batch_fraction: float = 0.5
 
 
 @dataclass
@@ -155,7 +163,10 @@ class Recipe:
         for stage in self.stages:
             if any(source.modality == "text" for source in stage.datasets):
                 return True
-            if set(TASKS) - set(stage.tasks):
+            enabled = {task for task, weight in stage.tasks.items() if weight > 0}
+            if set(TASKS) - enabled:
+                return True
+            if stage.itm_mode == "separate":  # ITM batches skip the masked-task heads and vice versa
                 return True
         return False
 
@@ -305,7 +316,9 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         _positive(stage.warmup_steps, f"{where}.warmup_steps", allow_zero=True)
         if not 0 <= stage.warmup_ratio <= 1:
             raise RecipeError(f"{where}.warmup_ratio: expected a number in [0, 1], got {stage.warmup_ratio}")
-        for name in ("mlm_probability", "region_mask_probability", "itm_negative_rate"):
+        if stage.itm_mode not in ("separate", "joint"):
+            raise RecipeError(f"{where}.itm_mode: expected 'separate' or 'joint', got {stage.itm_mode!r}")
+        for name in ("mlm_probability", "region_mask_probability", "itm_negative_rate", "itm_batch_fraction"):
             value = getattr(stage, name)
             if not 0 <= value <= 1:
                 raise RecipeError(f"{where}.{name}: expected a probability in [0, 1], got {value}")

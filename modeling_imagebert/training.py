@@ -39,6 +39,7 @@ _TEMP_PREFIX = ".tmp-"
 _STREAM_TEXT_SELECT = 21
 _STREAM_TEXT_ACTION = 22
 _STREAM_TEXT_TOKEN = 23
+_STREAM_ITM_BATCH = 24
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class StageSource:
     spec: DatasetSpec
     encoded: Any
     collator: Any
+    itm_collator: Any = None  # "separate" ITM mode: unmasked pairs with negatives
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -184,10 +186,13 @@ def build_stage_sources(
 ) -> list[StageSource]:
     """Loads and encodes every source of a stage and gives each its collator (seeded by (seed, stage, source)).
 
-    `stage_index` is 0-based. ITM negatives are drawn only when the stage trains ITM.
+    `stage_index` is 0-based. ITM negatives are drawn only when the stage trains ITM. In "separate" ITM mode (with
+    a masked task also on), an image-text source gets a second collator for its ITM batches: no masks, negatives.
     """
     sources = []
     itm_on = stage.tasks.get("itm", 0) > 0
+    masked_on = any(stage.tasks.get(task, 0) > 0 for task in ("mlm", "moc", "mrfr"))
+    separate = itm_on and masked_on and stage.itm_mode == "separate"
     for s, spec in enumerate(stage.datasets):
         collator_seed = seed * 1_000_003 + stage_index * 1009 + s
         raw = load_source(spec, base)
@@ -201,10 +206,19 @@ def build_stage_sources(
                 processor,
                 mlm_probability=stage.mlm_probability,
                 region_mask_probability=stage.region_mask_probability,
-                itm_negative_rate=stage.itm_negative_rate if itm_on else 0.0,
+                itm_negative_rate=stage.itm_negative_rate if itm_on and not separate else 0.0,
                 seed=collator_seed,
             )
-        sources.append(StageSource(spec=spec, encoded=encoded, collator=collator))
+        itm_collator = None
+        if separate and spec.modality == "image_text":
+            itm_collator = DataCollatorForImageBertPretraining(
+                processor,
+                mlm_probability=0.0,
+                region_mask_probability=0.0,
+                itm_negative_rate=stage.itm_negative_rate,
+                seed=collator_seed,
+            )
+        sources.append(StageSource(spec=spec, encoded=encoded, collator=collator, itm_collator=itm_collator))
     return sources
 
 
@@ -305,9 +319,11 @@ class ScheduledBatches(torch.utils.data.Dataset):
         start: int,
         stop: int,
         tasks: Mapping,
+        itm_batch_fraction: float = 0.5,
     ):
         self.sources, self.schedule, self.rank = sources, schedule, rank
         self.start, self.stop = int(start), int(stop)
+        self.itm_batch_fraction = float(itm_batch_fraction)
         self.drop = [label for task in TASKS if tasks.get(task, 0) <= 0 for label in TASK_LABELS[task]]
 
     def __len__(self) -> int:
@@ -322,9 +338,23 @@ class ScheduledBatches(torch.utils.data.Dataset):
             example["example_index"] = int(index)
             if "image_id" not in example:
                 example["image_id"] = f"text-{index}"
-        source.collator.set_epoch(epoch)
-        batch = source.collator(examples)
-        for name in self.drop:
+        micro_step = np.asarray([self.start + j], dtype=np.int64)
+        itm_batch = source.itm_collator is not None and (
+            hashed_uniform(self.schedule.seed, self.schedule.stage_index, micro_step, _STREAM_ITM_BATCH, 1)[
+                0, 0
+            ]
+            < self.itm_batch_fraction
+        )
+        collator = source.itm_collator if itm_batch else source.collator
+        collator.set_epoch(epoch)
+        batch = collator(examples)
+        if itm_batch:
+            drop = {"labels", "masked_regions", "region_class_labels", "region_feature_targets"}
+        elif source.itm_collator is not None:
+            drop = {"itm_labels"}  # all matched: an ITM loss here would only teach "always matched"
+        else:
+            drop = set()
+        for name in drop | set(self.drop):
             batch.pop(name, None)
         return batch
 

@@ -118,7 +118,36 @@ def test_text_only_stage_trains_mlm_and_needs_the_unused_parameter_search():
     with pytest.raises(RecipeError, match="text-only stage can only train mlm"):
         recipe_from_dict(_minimal(datasets=[text], tasks={"itm": 1.0}))
     assert recipe_from_dict(_minimal(datasets=[text], tasks={"mlm": 1.0})).needs_unused_parameter_search()
-    assert not recipe_from_dict(_minimal()).needs_unused_parameter_search()
+    assert not recipe_from_dict(_minimal(itm_mode="joint")).needs_unused_parameter_search()
+    assert recipe_from_dict(_minimal(itm_mode="separate")).needs_unused_parameter_search()
+
+
+def test_separate_itm_batches_carry_no_masks_and_masked_batches_no_itm_labels(minilm_path):
+    """In joint batches only matched pairs carry [MASK]s and zeroed regions, a shortcut for ITM; separate batches
+    take it away."""
+    from transformers import AutoTokenizer
+
+    from modeling_imagebert.processing_imagebert import ImageBertProcessor
+    from modeling_imagebert.recipes import StageSpec
+    from modeling_imagebert.training import ScheduledBatches, build_stage_sources
+
+    processor = ImageBertProcessor(
+        AutoTokenizer.from_pretrained(minilm_path), max_regions=8, max_text_length=16
+    )
+    toy = {"variant": "curated", "num_images": 16, "feature_dim": 16, "num_classes": 6, "num_attributes": 2}
+    stage = recipe_from_dict(_minimal(datasets=[{"toy_world": toy}])).stages[0]
+    assert isinstance(stage, StageSpec) and stage.itm_mode == "separate"
+    sources = build_stage_sources(stage, 0, processor, seed=0)
+    schedule = BatchSchedule([16], [1.0], batch_size=8, num_processes=1, seed=0, stage_index=0)
+    batches = list(ScheduledBatches(sources, schedule, 0, 0, 12, stage.tasks, itm_batch_fraction=0.5))
+    itm = [b for b in batches if "itm_labels" in b]
+    masked = [b for b in batches if "labels" in b]
+    assert itm and masked and len(itm) + len(masked) == len(batches)
+    mask_id = processor.tokenizer.mask_token_id
+    for batch in itm:
+        assert (batch["itm_labels"] == 0).any() and not (batch["input_ids"] == mask_id).any()
+        assert "masked_regions" not in batch and "region_feature_targets" not in batch
+    assert any((b["labels"] != -100).any() for b in masked)
 
 
 def _schedule(world=1, sizes=(10,), weights=(1.0,), batch=3, seed=0):
