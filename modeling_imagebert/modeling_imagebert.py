@@ -186,19 +186,17 @@ def _use_fast_dropout(module: nn.Module, hidden_states: torch.Tensor, p: float) 
 
 
 def _fast_dropout(hidden_states: torch.Tensor, p: float) -> torch.Tensor:
-    """`F.dropout(hidden_states, p, training=True)` with the cheaper mask of `_keep_mask`."""
+    """`F.dropout(hidden_states, p, training=True)` with the cheaper mask of `_keep_mask`; backward keeps the bool
+    mask (1 byte per element) where `F.dropout` keeps a float one."""
     if p >= 1:
         return hidden_states * 0.0
-    noise = _keep_mask(hidden_states.shape, p, hidden_states.device).to(hidden_states.dtype)
-    return hidden_states * noise * (1.0 / (1.0 - p))
+    keep = _keep_mask(hidden_states.shape, p, hidden_states.device)
+    return torch.where(keep, hidden_states * (1.0 / (1.0 - p)), 0.0)
 
 
 def _fast_dropout_add(hidden_states: torch.Tensor, residual: torch.Tensor, p: float) -> torch.Tensor:
-    """`residual + F.dropout(hidden_states, p, training=True)` as one `addcmul`, with the mask of `_keep_mask`."""
-    if p >= 1:
-        return residual + hidden_states * 0.0
-    noise = _keep_mask(hidden_states.shape, p, hidden_states.device).to(hidden_states.dtype)
-    return torch.addcmul(residual, hidden_states, noise, value=1.0 / (1.0 - p))
+    """`residual + F.dropout(hidden_states, p, training=True)`, with the mask of `_fast_dropout`."""
+    return residual + _fast_dropout(hidden_states, p)
 
 
 def _cpu_training_attention(
@@ -656,7 +654,7 @@ class ImageBertPreTrainedModel(PreTrainedModel):
             fused_qkv: compute query/key/value as one `(3H, H)` product of the concatenated weights (the checkpoint
                 keeps the three `query`/`key`/`value` Linear layers).
             fast_dropout: on CPU in training, draw dropout masks from 32-bit random words (two masks per 64-bit
-                draw, same keep probability), fuse the residual dropout with its add (`addcmul`), and run attention
+                draw, same keep probability; backward keeps a bool mask instead of a float one), and run attention
                 with dropout without SDPA's math fallback. CUDA keeps `F.dropout`'s fused kernel.
             fp32_mlm_decoder: under autocast, run the MLM decoder (tied to the word embeddings) in fp32 on the
                 labelled positions instead of casting the (vocab, hidden) weight and its gradient every step. Without
