@@ -256,9 +256,8 @@ class ImageBertSelfAttention(nn.Module):
 
         dropout = self.dropout.p if self.training else 0.0
         if (
-            self.config._attn_implementation in ("sdpa", "eager")
-            and _use_fast_dropout(self, hidden_states, dropout)
-            and not kwargs.get("output_attentions")
+            # SDPA returns no attention weights either; "eager" (chosen to get them) keeps its own path.
+            self.config._attn_implementation == "sdpa" and _use_fast_dropout(self, hidden_states, dropout)
         ):
             attn_output = _cpu_training_attention(query, key, value, attention_mask, self.scaling, dropout)
             return attn_output.reshape(*input_shape, -1).contiguous(), None  # (B, L, H)

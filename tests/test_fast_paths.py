@@ -152,11 +152,10 @@ def test_fast_dropout_model_equals_plain_dropout_given_the_same_masks(monkeypatc
     """With `_keep_mask` drawing exactly what F.dropout draws (bernoulli_ on a tensor of the same shape, in the same
     order), the fast path with dropout on reproduces the plain path: every dropout site is wired to the same rate."""
     model = _model(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3)
-    model.config._attn_implementation = (
-        "eager"  # plain attention dropout is then F.dropout on the probabilities
-    )
     batch = _batch()
+    model.config._attn_implementation = "eager"  # plain attention dropout: F.dropout on the probabilities
     reference = _loss_and_grads(model.set_fast_paths(False), batch, seed=3)
+    model.config._attn_implementation = "sdpa"  # the fast path replaces SDPA's CPU dropout fallback
 
     def bernoulli_mask(shape, p, device):
         return torch.empty(shape, device=device).bernoulli_(1 - p).bool()
