@@ -330,6 +330,8 @@ class ScheduledBatches(torch.utils.data.Dataset):
         return max(0, self.stop - self.start)
 
     def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        if not 0 <= j < len(self):
+            raise IndexError(f"micro-batch {j} is outside [0, {len(self)})")
         source_id, epoch, rows, example_index = self.schedule.batch(self.start + j, self.rank)
         source = self.sources[source_id]
         columns = source.encoded[rows.tolist()]
