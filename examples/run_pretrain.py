@@ -336,7 +336,8 @@ def train_stage(
                 scheduler.step()
             step += 1
             if step % training.logging_steps == 0 or step == num_steps:
-                last_losses = {t: sum(v) / len(v) for t, v in window.items()}
+                # Per task, the mean over the batches of the last window that trained it (batches differ in tasks).
+                last_losses.update({t: sum(v) / len(v) for t, v in window.items()})
                 window = {}
                 logs = {f"stage{number}/{t}_loss": v for t, v in last_losses.items()}
                 logs[f"stage{number}/lr"] = scheduler.get_last_lr()[0]
@@ -385,7 +386,7 @@ def train_stage(
     if progress is not None:
         progress.close()
     if window:
-        last_losses = {t: sum(v) / len(v) for t, v in window.items()}
+        last_losses.update({t: sum(v) / len(v) for t, v in window.items()})
     accelerator.print(
         f"stage {number} ({stage.name}) done: {num_steps} steps; final losses "
         + ", ".join(f"{t} {v:.4f}" for t, v in last_losses.items())
