@@ -222,7 +222,8 @@ def test_text_only_batches_mix_with_image_text_batches(tmp_path, minilm_path):
     }
     stage["datasets"].append(text)
     results, out = _run(tmp_path, recipe)
-    assert set(results["final_losses"]) == {"mlm", "moc", "mrfr", "itm"}
+    assert {"mlm", "moc", "mrfr"} <= set(results["final_losses"])
+    assert all(torch.isfinite(torch.tensor(v)) for v in results["final_losses"].values())
     assert (out / "final" / "model.safetensors").is_file()
 
 
