@@ -398,7 +398,7 @@ def _git_commit() -> str:
         return "?"
 
 
-def append_results(rows: list[dict], args, machine: str) -> None:
+def append_results(rows: list[dict], args, machine: str, commit: str) -> None:
     header = (
         "| date | commit | machine | device | size | batch | text+regions | dtype | model | samples/s | "
         "ImageBERT / model | peak MB | MFU |\n"
@@ -413,7 +413,7 @@ def append_results(rows: list[dict], args, machine: str) -> None:
         date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         for row in rows:
             f.write(
-                f"| {date} | {_git_commit()} | {machine} | {args.device} | {args.size} | {args.batch_size} | "
+                f"| {date} | {commit} | {machine} | {args.device} | {args.size} | {args.batch_size} | "
                 f"{args.text_length}+{args.regions} | {row['dtype']} | {row['model']} | {row['samples_per_s']:.2f} | "
                 f"{row['ratio']} | {row['peak_mb']} | {row['mfu']} |\n"
             )
@@ -445,6 +445,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     device = args.device
     machine = machine_description(device)
+    commit = _git_commit()  # at the start: other commits may land while the benchmark runs
     size = SIZES[args.size]
     print(f"machine: {machine}")
     print(
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
     if not args.no_record:
-        append_results(rows, args, machine)
+        append_results(rows, args, machine, commit)
         print(f"\nappended {len(rows)} rows to {RESULTS}")
     return rows
 
