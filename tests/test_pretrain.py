@@ -100,7 +100,7 @@ def test_demo_recipe_end_to_end_at_its_smallest(tmp_path, minilm_path):
     out = tmp_path / "demo"
     results = run_pretrain.main(
         [
-            "--output_dir", str(out), "--no_progress", "--max_steps", "2", "--batch_size", "4",
+            "--output_dir", str(out), "--no_progress", "--max_steps", "6", "--batch_size", "4",
             "--set", "model.overrides.num_hidden_layers=1",
             "--set", "stages.0.datasets.0.toy_world.num_images=16",
             "--set", "stages.1.datasets.0.toy_world.num_images=16",
@@ -109,7 +109,10 @@ def test_demo_recipe_end_to_end_at_its_smallest(tmp_path, minilm_path):
         ]
     )  # fmt: skip
     assert [s["stage"] for s in results["stages"]] == [1, 2]
-    assert set(results["final_losses"]) == {"mlm", "moc", "mrfr", "itm"}
+    # ITM and the masked tasks share a stage's micro-batches (itm_mode: separate, drawn per step from the seed):
+    # with seed 42 the sixth step of stage 1 is the first ITM batch, so across the run all four tasks train.
+    trained = {task for stage in results["stages"] for task in stage["final_losses"]}
+    assert trained == {"mlm", "moc", "mrfr", "itm"}
     assert all(torch.isfinite(torch.tensor(v)) for v in results["final_losses"].values())
     assert {"image_retrieval/R@1", "text_retrieval/R@1", "image_retrieval/R@10"} <= set(
         results["zero_shot_retrieval"]
