@@ -43,7 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained)")
+    parser.add_argument(
+        "--model_name_or_path",
+        "--model",
+        dest="model",
+        required=True,
+        help="checkpoint folder (save_pretrained)",
+    )
     parser.add_argument(
         "--head",
         choices=sorted(HEADS),
@@ -58,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="split to use when --dataset holds a DatasetDict")
     parser.add_argument("--toy_test_images", type=int, default=100, help="--toy: images in the test split")
     parser.add_argument("--toy_seed", type=int, default=0, help="--toy: seed of the scenes")
+    parser.add_argument(
+        "--toy_noise", type=float, default=1.5, help="--toy: region-feature noise (as pre-training)"
+    )
     parser.add_argument(
         "--toy_world_seed", type=int, default=0, help="--toy: seed of the world (as pre-training)"
     )
@@ -125,6 +134,7 @@ def load_split(args: argparse.Namespace, config):
             feature_dim=config.visual_feature_dim,
             num_classes=config.num_object_classes - 1,
             num_attributes=args.toy_num_attributes,
+            noise=args.toy_noise,
             with_global_feature=bool(config.use_global_image_feature),
         )["test"]
     from modeling_imagebert.data.storage import load_dataset_from_disk

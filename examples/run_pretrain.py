@@ -568,12 +568,27 @@ def training_function(recipe, args) -> dict:
             accelerator.print(f"pushed {final_dir} to https://huggingface.co/{repo_id}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    # On the toy world, the follow-up commands need the same toy test split as the zero-shot check above.
+    eval_data = recipe.evaluation.dataset if recipe.evaluation is not None else None
+    toy = eval_data.toy_world if eval_data is not None and eval_data.toy_world else None
+    toy_flags = (
+        f" --toy --toy_test_images {toy.get('num_test_images', 100)} --toy_seed {toy.get('seed', 0)}"
+        f" --toy_world_seed {toy.get('world_seed', 0)} --toy_noise {toy.get('noise', 1.5)}"
+        if toy
+        else " --dataset DATASET"
+    )
+    retrieval_flags = (
+        f" --toy --toy_world_seed {toy.get('world_seed', 0)} --toy_noise {toy.get('noise', 1.5)}"
+        if toy
+        else " --train_dataset DATASET --eval_dataset DATASET"
+    )
     accelerator.print(
         f"\nDone in {results['wall_seconds']:.0f} s. Pre-trained model and processor: {final_dir}\n"
         f"  load it:   AutoModelForPreTraining.from_pretrained('{final_dir}')  (import modeling_imagebert first, or "
         f"pass trust_remote_code=True)\n"
-        f"  next:      fine-tune for retrieval with examples/run_retrieval.py --model_name_or_path {final_dir}\n"
-        f"             evaluate with examples/evaluate_retrieval.py --model_name_or_path {final_dir}"
+        f"  next:      fine-tune for retrieval with examples/run_retrieval.py --model_name_or_path {final_dir}"
+        f"{retrieval_flags} --output_dir outputs/retrieval\n"
+        f"             evaluate with examples/evaluate_retrieval.py --model_name_or_path {final_dir}{toy_flags}"
     )
     return results
 

@@ -92,6 +92,9 @@ class RetrievalArguments:
     toy_num_eval_images: int = field(default=50, metadata={"help": "toy validation images"})
     toy_seed: int = field(default=0, metadata={"help": "toy scenes seed"})
     toy_world_seed: int = field(default=0, metadata={"help": "toy world seed (keep the pre-training one)"})
+    toy_noise: float = field(
+        default=1.5, metadata={"help": "toy region-feature noise (keep the pre-training one)"}
+    )
     toy_eval_split: str = field(
         default="validation", metadata={"help": "toy split evaluated: validation or test"}
     )
@@ -175,6 +178,7 @@ def load_splits(args: RetrievalArguments, feature_dim: int | None, num_classes: 
             world_seed=args.toy_world_seed,
             feature_dim=feature_dim,
             num_classes=num_classes,
+            noise=args.toy_noise,
         )
         if args.toy_eval_split not in splits:
             raise ValueError(f"--toy_eval_split must be one of {list(splits)}, got {args.toy_eval_split!r}")
