@@ -587,7 +587,7 @@ def training_function(recipe, args) -> dict:
         f"  load it:   AutoModelForPreTraining.from_pretrained('{final_dir}')  (import modeling_imagebert first, or "
         f"pass trust_remote_code=True)\n"
         f"  next:      fine-tune for retrieval with examples/run_retrieval.py --model_name_or_path {final_dir}"
-        f"{retrieval_flags} --output_dir outputs/retrieval\n"
+        f"{retrieval_flags} --do_train --do_eval --output_dir outputs/retrieval\n"
         f"             evaluate with examples/evaluate_retrieval.py --model_name_or_path {final_dir}{toy_flags}"
     )
     return results

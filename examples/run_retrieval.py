@@ -1,11 +1,13 @@
 """Fine-tune ImageBERT for image-text retrieval with `transformers.Trainer` (paper §4.4).
 
-    # the toy world, from the pre-training demo checkpoint (CPU, a few minutes)
-    python examples/run_retrieval.py --toy --model_name_or_path outputs/demo/final --output_dir outputs/retrieval-toy
+    # the toy world, from the pre-training demo checkpoint (CPU, a few minutes); with no --do_* flag it trains and
+    # then evaluates (pass the toy world's settings the demo printed, e.g. --toy_noise 1.0)
+    python examples/run_retrieval.py --toy --toy_noise 1.0 --model_name_or_path outputs/imagebert-demo/final \
+        --do_train --do_eval --output_dir outputs/retrieval-toy
 
     # Flickr30k / COCO converted with `python -m modeling_imagebert.data.convert` (one folder per split)
     accelerate launch examples/run_retrieval.py --model_name_or_path CKPT \
-        --train_dataset data/flickr30k/train --eval_dataset data/flickr30k/val --output_dir outputs/flickr30k \
+        --train_dataset data/flickr30k/train --eval_dataset data/flickr30k/val --output_dir outputs/flickr30k --do_train --do_eval \
         --num_train_epochs 10 --eval_strategy epoch --save_strategy epoch --bf16 --do_full_ranking
 
 Every `TrainingArguments` flag works (`--learning_rate` 5e-5 and `--per_device_train_batch_size` 24 default to the
@@ -135,6 +137,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrievalArguments, Train
         parse_retrieval_loss(args.loss)
     except ValueError as error:
         parser.error(f"--loss: {error}")
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict or args.do_full_ranking):
+        # No --do_* flag at all: train, then evaluate, rather than exit having done nothing.
+        training_args.do_train = training_args.do_eval = True
+    if not training_args.do_train:
+        logger.warning("--do_train not given: no fine-tuning, the checkpoint is evaluated as it is")
     # Custom collators and our label name; see DESIGN.md "Transformers 5 facts".
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]

@@ -144,25 +144,38 @@ def test_collator_epoch_follows_trainer_epochs_including_a_mid_epoch_resume():
 SLOW = pytest.mark.skipif(os.environ.get("IMAGEBERT_SLOW") != "1", reason="slow: set IMAGEBERT_SLOW=1")
 
 
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory) -> str:
+    """The built-in demo's pre-trained checkpoint (about 4 minutes on 2 CPU cores). From a checkpoint whose ITM head
+    has not learned word-region alignment, none of the retrieval losses moves within a test-sized budget: ITM needs
+    a few hundred steps to discover it, which is what pre-training is for."""
+    sys.path.insert(0, str(Path(run_retrieval.__file__).parent))
+    import run_pretrain
+
+    out = tmp_path_factory.mktemp("demo")
+    run_pretrain.main(["--output_dir", str(out), "--no_progress"])
+    return str(out / "final")
+
+
 @pytest.mark.slow
 @SLOW
 @pytest.mark.parametrize("loss", ["binary", "ce", "triplet"])
-def test_each_loss_trains_the_score_head(checkpoint, tmp_path, loss):
+def test_each_loss_trains_from_the_demo_checkpoint(demo_checkpoint, tmp_path, loss):
     results = run_retrieval.main(
         [
-            "--model_name_or_path", checkpoint, "--output_dir", str(tmp_path), *TOY, *QUIET,
-            "--toy_eval_split", "train", "--eval_max_groups", "24", "--eval_num_candidates", "4",
+            "--model_name_or_path", demo_checkpoint, "--output_dir", str(tmp_path), *QUIET,
+            "--toy", "--toy_noise", "1.0", "--toy_seed", "5", "--toy_num_images", "200", "--toy_num_eval_images", "25",
             "--loss", loss, "--do_train", "--do_eval", "--eval_on_start", "--eval_strategy", "no",
-            "--max_steps", "10", "--learning_rate", "1e-3", "--per_device_train_batch_size", "12",
-            "--num_candidates", "4", "--logging_steps", "1", "--seed", "0", "--warmup_steps", "0",
+            "--num_train_epochs", "1", "--logging_steps", "7", "--seed", "42",
         ]
     )  # fmt: skip
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
-    start, end = history[0]["eval_loss"], results["eval"]["eval_loss"]
-    assert end < 0.9 * start, f"{loss}: eval loss on the fixed layout went {start:.4f} -> {end:.4f}"
-    assert set(RECALL_KEYS) <= set(results["eval"])
     losses = [entry["loss"] for entry in history if "loss" in entry]
-    assert len(losses) == 10 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert len(losses) >= 4
+    assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2]), f"{loss}: training loss went {losses}"
+    start, end = history[0]["eval_loss"], results["eval"]["eval_loss"]
+    assert end < start, f"{loss}: eval loss on the fixed layout went {start:.4f} -> {end:.4f}"
+    assert set(RECALL_KEYS) <= set(results["eval"])
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
