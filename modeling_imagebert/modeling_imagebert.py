@@ -279,14 +279,17 @@ class ImageBertSelfAttention(nn.Module):
         return attn_output, attn_weights
 
 
-class ImageBertSelfOutput(nn.Module):
-    def __init__(self, config: ImageBertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+class ImageBertResidualOutput(nn.Module):
+    """dense -> dropout -> + residual -> LayerNorm, closing both the attention block (input: hidden) and the
+    feed-forward block (input: intermediate). One class for BERT's SelfOutput and Output: same parameter names."""
 
     fast_dropout = True
+
+    def __init__(self, config: ImageBertConfig, input_size: int):
+        super().__init__()
+        self.dense = nn.Linear(input_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         hidden_states = self.dense(hidden_states)
@@ -299,7 +302,7 @@ class ImageBertAttention(nn.Module):
     def __init__(self, config: ImageBertConfig):
         super().__init__()
         self.self = ImageBertSelfAttention(config)
-        self.output = ImageBertSelfOutput(config)
+        self.output = ImageBertResidualOutput(config, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         attention_output, attn_weights = self.self(hidden_states, attention_mask, **kwargs)
@@ -316,28 +319,12 @@ class ImageBertIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class ImageBertOutput(nn.Module):
-    def __init__(self, config: ImageBertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    fast_dropout = True
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.dense(hidden_states)
-        if _use_fast_dropout(self, hidden_states, self.dropout.p):
-            return self.LayerNorm(_fast_dropout_add(hidden_states, input_tensor, self.dropout.p))
-        return self.LayerNorm(self.dropout(hidden_states) + input_tensor)
-
-
 class ImageBertLayer(GradientCheckpointingLayer):
     def __init__(self, config: ImageBertConfig):
         super().__init__()
         self.attention = ImageBertAttention(config)
         self.intermediate = ImageBertIntermediate(config)
-        self.output = ImageBertOutput(config)
+        self.output = ImageBertResidualOutput(config, config.intermediate_size)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
