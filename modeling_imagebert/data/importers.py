@@ -125,6 +125,12 @@ class ImportReport:
         if len(kept) < _MAX_REPORT_MESSAGES:
             kept.append(message)
 
+    def skip_or_raise(self, failure: ImportFormatError, on_error: str) -> None:
+        """With `on_error="raise"` re-raise `failure`; otherwise count it as a skip (see `skip`)."""
+        if on_error == "raise":
+            raise failure
+        self.skip(failure.reason, str(failure))
+
     @property
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
@@ -439,9 +445,7 @@ def read_butd_tsv(
                 try:
                     record = decode_butd_row(row, feature_dim=feature_dim, source=path, line=reader.line_num)
                 except ImportFormatError as failure:
-                    if on_error == "raise":
-                        raise
-                    report.skip(failure.reason, str(failure))
+                    report.skip_or_raise(failure, on_error)
                     continue
                 report.images_read += 1
                 bar.update(1)
@@ -718,9 +722,7 @@ def read_npz_dir(
         try:
             record = read_npz_file(path, feature_dim=feature_dim, image_size=size, allow_pickle=allow_pickle)
         except ImportFormatError as failure:
-            if on_error == "raise":
-                raise
-            report.skip(failure.reason, str(failure))
+            report.skip_or_raise(failure, on_error)
             continue
         report.images_read += 1
         yield record
@@ -906,9 +908,7 @@ def read_cc_captions(
                     "empty image id", source=path, line=row + 1, field=f"column {id_column}", reason="bad_id"
                 )
         except ImportFormatError as failure:
-            if on_error == "raise":
-                raise
-            report.skip(failure.reason, str(failure))
+            report.skip_or_raise(failure, on_error)
             continue
         report.captions_read += 1
         yield image_id, caption
@@ -978,9 +978,7 @@ def read_sbu_captions(
                     reason="empty_caption",
                 )
         except ImportFormatError as failure:
-            if on_error == "raise":
-                raise
-            report.skip(failure.reason, str(failure))
+            report.skip_or_raise(failure, on_error)
             continue
         report.captions_read += 1
         yield image_id, caption.strip()
