@@ -137,7 +137,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrievalArguments, Train
         parse_retrieval_loss(args.loss)
     except ValueError as error:
         parser.error(f"--loss: {error}")
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict or args.do_full_ranking):
+    if not (
+        training_args.do_train or training_args.do_eval or training_args.do_predict or args.do_full_ranking
+    ):
         # No --do_* flag at all: train, then evaluate, rather than exit having done nothing.
         training_args.do_train = training_args.do_eval = True
     if not training_args.do_train:
