@@ -46,6 +46,9 @@ class ImageBertEmbeddings(nn.Module):
     """
 
     fast_dropout = True
+    # Set per call by `ImageBertForPreTraining` (see `_sparse_word_gradient`), never on by itself: a sparse gradient
+    # is only safe when a dense one (the tied MLM decoder's) reaches the same weight in the same backward pass.
+    _sparse_word_gradient = False
 
     def __init__(self, config: ImageBertConfig):
         super().__init__()
@@ -76,11 +79,23 @@ class ImageBertEmbeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         embeddings = (
-            self.word_embeddings(input_ids)
+            self._embed_words(input_ids)
             + self.token_type_embeddings(token_type_ids)
             + self.position_embeddings(position_ids)
         )  # (B, T, H)
         return self.LayerNorm(embeddings)
+
+    def _embed_words(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = self.word_embeddings.weight
+        sparse = (
+            self._sparse_word_gradient
+            # Only a plain leaf parameter: FSDP and DTensor parameters take dense gradients only.
+            and weight.is_leaf
+            and type(weight.data) is torch.Tensor
+        )
+        if not sparse:
+            return self.word_embeddings(input_ids)
+        return F.embedding(input_ids, weight, self.word_embeddings.padding_idx, sparse=True)
 
     def _region_constant(self) -> torch.Tensor:
         """Segment + dummy position embedding shared by every image token, (H,)."""
@@ -240,19 +255,46 @@ class ImageBertSelfAttention(nn.Module):
     fused_qkv = True
     fast_dropout = True
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    def _project(self, layers: list[nn.Linear], hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`hidden_states` (B, L, H) through each of `layers`, split into heads: one (B, nh, L, hs) per layer. With
+        `fused_qkv`, one product of the concatenated weights: one read (and, under autocast, one cast) of the input."""
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.attention_head_size)
-        if self.fused_qkv:
-            # One (3H, H) product instead of three (H, H) ones: one read (and, under autocast, one cast) of the input.
-            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
-            bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3H,)
-            qkv = F.linear(hidden_states, weight, bias).view(*input_shape, 3, -1, self.attention_head_size)
-            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, L, hs)
+        if not self.fused_qkv or len(layers) == 1:
+            hidden_shape = (*input_shape, -1, self.attention_head_size)
+            return tuple(layer(hidden_states).view(hidden_shape).transpose(1, 2) for layer in layers)
+        weight = torch.cat([layer.weight for layer in layers])  # (nH, H)
+        bias = torch.cat([layer.bias for layer in layers])  # (nH,)
+        projected = F.linear(hidden_states, weight, bias).view(
+            *input_shape, len(layers), -1, self.attention_head_size
+        )
+        return projected.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        query_index: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Self-attention over `hidden_states` (B, L, H). With `key_value_states` (B, L, H) and `query_index` (B, Q),
+        `hidden_states` holds only the rows `query_index` of `key_value_states` (B, Q, H): those rows attend to every
+        position (what the full self-attention gives at those rows, without computing the others)."""
+        input_shape = hidden_states.shape[:-1]
+        if key_value_states is None:
+            query, key, value = self._project(
+                [self.query, self.key, self.value], hidden_states
+            )  # (B, nh, L, hs)
         else:
-            query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nh, L, hs)
-            key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
-            value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+            (query,) = self._project([self.query], hidden_states)  # (B, nh, Q, hs)
+            key, value = self._project([self.key, self.value], key_value_states)  # (B, nh, L, hs)
+            if (
+                attention_mask is not None and attention_mask.shape[2] > 1
+            ):  # (B|1, 1|nh, L, L) -> (B, 1|nh, Q, L)
+                heads, length = attention_mask.shape[1], attention_mask.shape[3]
+                attention_mask = attention_mask.expand(query_index.shape[0], -1, -1, -1)
+                rows = query_index[:, None, :, None].expand(-1, heads, -1, length)
+                attention_mask = attention_mask.gather(2, rows)
 
         dropout = self.dropout.p if self.training else 0.0
         if (
@@ -305,6 +347,8 @@ class ImageBertAttention(nn.Module):
         self.output = ImageBertResidualOutput(config, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        # With `key_value_states` (see ImageBertSelfAttention.forward), `hidden_states` are the query rows, which are
+        # also the residual of those rows.
         attention_output, attn_weights = self.self(hidden_states, attention_mask, **kwargs)
         return self.output(attention_output, hidden_states), attn_weights
 
@@ -326,9 +370,45 @@ class ImageBertLayer(GradientCheckpointingLayer):
         self.intermediate = ImageBertIntermediate(config)
         self.output = ImageBertResidualOutput(config, config.intermediate_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
-        return self.output(self.intermediate(attention_output), attention_output)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        query_index: torch.Tensor | None = None,
+        query_valid: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """The layer on `hidden_states` (B, L, H). With `query_index` (B, Q) (a distinct position per entry) and
+        `query_valid` (B, Q) bool, only the output rows at the valid entries' positions are computed (every position
+        still serves as key and value); the other rows are zero."""
+        if query_index is None:
+            attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
+            return self.output(self.intermediate(attention_output), attention_output)
+        gather_index = query_index[..., None].expand(-1, -1, hidden_states.shape[-1])  # (B, Q, H)
+        if self.attention.self.config._attn_implementation in ("sdpa", "eager") and (
+            attention_mask is None or attention_mask.dim() == 4
+        ):
+            queries = hidden_states.gather(1, gather_index)  # (B, Q, H)
+            attention_output, _ = self.attention(
+                queries, attention_mask, key_value_states=hidden_states, query_index=query_index, **kwargs
+            )
+            rows = self.output(self.intermediate(attention_output), attention_output)  # (B, Q, H)
+        else:
+            # Implementations with their own mask formats (flash, flex) compute every row.
+            attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
+            rows = self.output(self.intermediate(attention_output), attention_output).gather(1, gather_index)
+        rows = rows.masked_fill(~query_valid[..., None], 0.0)
+        return rows.new_zeros(hidden_states.shape).scatter(1, gather_index, rows)
+
+
+def _query_index(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) bool -> the selected positions of each row in ascending order, padded to the longest row with distinct
+    unselected positions: (B, Q) indices, and (B, Q) bool saying which entries are selected."""
+    counts = positions.sum(1)
+    num_queries = max(int(counts.max()), 1)
+    index = torch.argsort((~positions).to(torch.int8), dim=1, stable=True)[:, :num_queries]
+    valid = torch.arange(num_queries, device=positions.device) < counts[:, None]
+    return index, valid
 
 
 class ImageBertEncoder(nn.Module):
@@ -336,8 +416,19 @@ class ImageBertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([ImageBertLayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        for layer_module in self.layer:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        last_layer_positions: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        last = len(self.layer) - 1
+        for index, layer_module in enumerate(self.layer):
+            if index == last and last_layer_positions is not None:
+                # Computed here, outside the (optionally compiled) layer: the number of queries depends on the data.
+                query_index, query_valid = _query_index(last_layer_positions)
+                kwargs = {**kwargs, "query_index": query_index, "query_valid": query_valid}
             hidden_states = layer_module(hidden_states, attention_mask, **kwargs)
         return hidden_states
 
@@ -632,6 +723,8 @@ class ImageBertPreTrainedModel(PreTrainedModel):
         fused_qkv: bool | None = None,
         fast_dropout: bool | None = None,
         fp32_mlm_decoder: bool | None = None,
+        sparse_last_layer: bool | None = None,
+        sparse_word_gradient: bool | None = None,
     ):
         """Switch the fast paths on or off (all on by default; they change the cost, not what is computed).
 
@@ -645,6 +738,13 @@ class ImageBertPreTrainedModel(PreTrainedModel):
             fp32_mlm_decoder: under autocast, run the MLM decoder (tied to the word embeddings) in fp32 on the
                 labelled positions instead of casting the (vocab, hidden) weight and its gradient every step. Without
                 autocast it changes nothing.
+            sparse_last_layer: the pre-training and retrieval models run the last encoder layer only at the positions
+                their heads read ([CLS] and the labelled tokens and regions; [CLS] alone for retrieval), with every
+                position still as key and value (see `last_layer_positions` of `ImageBertModel.forward`). Off when
+                hidden states or attentions are requested.
+            sparse_word_gradient: in pre-training with MLM labels, the word-embedding lookup returns its gradient as
+                sparse rows, which autograd adds into the tied MLM decoder's dense gradient, instead of a dense
+                (vocab, hidden) tensor of zeros plus those rows. The parameter's `.grad` stays dense.
 
         Returns:
             self.
@@ -653,6 +753,8 @@ class ImageBertPreTrainedModel(PreTrainedModel):
             "fused_qkv": enabled if fused_qkv is None else fused_qkv,
             "fast_dropout": enabled if fast_dropout is None else fast_dropout,
             "fp32_mlm_decoder": enabled if fp32_mlm_decoder is None else fp32_mlm_decoder,
+            "sparse_last_layer": enabled if sparse_last_layer is None else sparse_last_layer,
+            "sparse_word_gradient": enabled if sparse_word_gradient is None else sparse_word_gradient,
         }
         for module in self.modules():
             for name, value in flags.items():
@@ -796,6 +898,7 @@ class ImageBertModel(ImageBertPreTrainedModel):
         region_locations: torch.FloatTensor | None = None,
         region_attention_mask: torch.LongTensor | None = None,
         global_image_features: torch.FloatTensor | None = None,
+        last_layer_positions: torch.BoolTensor | None = None,
         **kwargs,
     ) -> ImageBertModelOutput:
         r"""
@@ -806,6 +909,11 @@ class ImageBertModel(ImageBertPreTrainedModel):
         region_locations (`(B, R, 5)`): (x1/W, y1/H, x2/W, y2/H, area/(W*H)) in [0, 1].
         region_attention_mask (`(B, R)`): 1 for real regions, 0 for padding (default: all ones).
         global_image_features (`(B, G)`): whole-image feature, only with `config.use_global_image_feature`.
+        last_layer_positions (`(B, L)` bool, L the joint length T [+ 1] + R): compute the last layer's output only
+            at these positions and the first (the pooler's); the other rows of `last_hidden_state` are zero. Every
+            position still feeds the last layer as key and value, so the computed rows equal the full computation's.
+            The pre-training and retrieval models pass the positions their heads read (like `logits_to_keep` in
+            Transformers' language models). Default: all positions.
         """
         _check_inputs(
             self.config,
@@ -842,7 +950,17 @@ class ImageBertModel(ImageBertPreTrainedModel):
             config=self.config, inputs_embeds=embedding_output, attention_mask=joint_mask
         )
 
-        sequence_output = self.encoder(embedding_output, encoder_mask, **kwargs)  # (B, L, H)
+        if last_layer_positions is not None:
+            if last_layer_positions.shape != (batch, length):
+                raise ValueError(
+                    f"last_layer_positions must have shape {(batch, length)} (batch, joint sequence length), got "
+                    f"{tuple(last_layer_positions.shape)}"
+                )
+            last_layer_positions = last_layer_positions.to(device=device, dtype=torch.bool).clone()
+            last_layer_positions[:, 0] = True  # the pooler reads the first position
+        sequence_output = self.encoder(
+            embedding_output, encoder_mask, last_layer_positions=last_layer_positions, **kwargs
+        )  # (B, L, H)
         pooled_output = self.pooler(sequence_output)
         image_start = text_length + num_global
         return ImageBertModelOutput(
@@ -852,6 +970,15 @@ class ImageBertModel(ImageBertPreTrainedModel):
             region_hidden_state=sequence_output[:, image_start:],
             global_image_hidden_state=sequence_output[:, text_length] if num_global else None,
         )
+
+
+def _outputs_requested(config: ImageBertConfig, kwargs: dict) -> bool:
+    """Whether the caller asked for every layer's hidden states or attentions (then every position of the last
+    layer is computed)."""
+    return any(
+        kwargs.get(name) if kwargs.get(name) is not None else getattr(config, name, False)
+        for name in ("output_hidden_states", "output_attentions")
+    )
 
 
 def _zero_loss_through(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -877,8 +1004,10 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
         self.itm_head = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
-    # Fast path (see `set_fast_paths`).
+    # Fast paths (see `set_fast_paths`).
     fp32_mlm_decoder = True
+    sparse_last_layer = True
+    sparse_word_gradient = True
 
     def get_output_embeddings(self):
         return self.mlm_head.decoder
@@ -896,6 +1025,104 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
 
     def set_output_embeddings(self, new_embeddings):
         self.mlm_head.decoder = new_embeddings
+
+    def _labelled_positions(
+        self,
+        input_ids,
+        region_features,
+        labels,
+        masked_regions,
+        region_class_labels,
+        region_feature_targets,
+        itm_labels,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Check the labels and return where each masked task reads the encoder: MLM (B, T), MOC (B, R) and MRFR
+        (B, R) bool, None for a task without labels. Conditional masking: only matched pairs (`itm_labels` 1) count."""
+        batch = (input_ids if input_ids is not None else region_features).shape[0]
+        matched = None
+        if itm_labels is not None:
+            if itm_labels.numel() != batch:
+                raise ValueError(
+                    f"itm_labels must have one label per pair, shape ({batch},); got {tuple(itm_labels.shape)}"
+                )
+            matched = itm_labels.reshape(batch, 1) == 1  # (B, 1)
+
+        def conditional(selected: torch.Tensor) -> torch.Tensor:
+            return selected if matched is None else selected & matched
+
+        text_selected = class_selected = feature_selected = None
+        if labels is not None:
+            if input_ids is None or labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids, got {tuple(labels.shape)}")
+            text_selected = conditional(labels != -100)
+        if masked_regions is not None or region_class_labels is not None:
+            if region_features is None:
+                raise ValueError("masked_regions / region_class_labels were given without region_features")
+            region_shape = region_features.shape[:2]
+            for name, tensor in (
+                ("masked_regions", masked_regions),
+                ("region_class_labels", region_class_labels),
+            ):
+                if tensor is not None and tensor.shape != region_shape:
+                    raise ValueError(
+                        f"{name} must have shape {tuple(region_shape)}, got {tuple(tensor.shape)}"
+                    )
+        if region_class_labels is not None:
+            class_selected = conditional(region_class_labels != -100)
+            if class_selected.any():
+                classes = region_class_labels[class_selected]
+                if classes.min() < 0 or classes.max() >= self.config.num_object_classes:
+                    raise ValueError(
+                        f"region_class_labels must be in [0, {self.config.num_object_classes}) or -100, got values in "
+                        f"[{classes.min().item()}, {classes.max().item()}]"
+                    )
+        if region_feature_targets is not None:
+            if masked_regions is None:
+                raise ValueError("region_feature_targets need masked_regions to say which regions to regress")
+            if region_feature_targets.shape != region_features.shape:
+                raise ValueError(
+                    f"region_feature_targets must have the shape of region_features {tuple(region_features.shape)}, "
+                    f"got {tuple(region_feature_targets.shape)}"
+                )
+            feature_selected = conditional(masked_regions.bool())
+        return text_selected, class_selected, feature_selected
+
+    @staticmethod
+    def _last_layer_positions(
+        input_ids, region_features, global_image_features, text_selected, class_selected, feature_selected
+    ) -> torch.Tensor:
+        """(B, L) bool over the joint sequence: the positions whose last hidden state a head reads (the first one,
+        for ITM, is added by the model)."""
+        reference = input_ids if input_ids is not None else region_features
+        batch, device = reference.shape[0], reference.device
+        parts = []
+        if input_ids is not None:
+            parts.append(
+                text_selected
+                if text_selected is not None
+                else input_ids.new_zeros(input_ids.shape, dtype=torch.bool)
+            )
+        if global_image_features is not None:
+            parts.append(torch.zeros(batch, 1, dtype=torch.bool, device=device))
+        if region_features is not None:
+            regions = torch.zeros(region_features.shape[:2], dtype=torch.bool, device=device)
+            for selected in (class_selected, feature_selected):
+                if selected is not None:
+                    regions = regions | selected
+            parts.append(regions)
+        return torch.cat([part.to(device) for part in parts], dim=1)
+
+    def _word_gradient_can_be_sparse(self, labels) -> bool:
+        """The word embeddings may return a sparse gradient only when the tied MLM decoder adds its dense one in the
+        same backward pass (always so when MLM labels are given), so that the parameter's `.grad` stays dense."""
+        weight = self.imagebert.embeddings.word_embeddings.weight
+        return (
+            self.sparse_word_gradient
+            and labels is not None
+            and torch.is_grad_enabled()
+            and weight.requires_grad
+            and self.mlm_head.decoder.weight is weight
+        )
 
     @can_return_tuple
     def forward(
@@ -923,78 +1150,58 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
         region_feature_targets (`(B, R, F)`): MRFR targets, the original region features.
         itm_labels (`(B,)`): 1 for a matched pair, 0 for a mismatched one.
         """
-        outputs = self.imagebert(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            region_features=region_features,
-            region_locations=region_locations,
-            region_attention_mask=region_attention_mask,
-            global_image_features=global_image_features,
-            **kwargs,
+        selection = self._labelled_positions(
+            input_ids,
+            region_features,
+            labels,
+            masked_regions,
+            region_class_labels,
+            region_feature_targets,
+            itm_labels,
         )
+        text_selected, class_selected, feature_selected = selection
+        last_layer_positions = None
+        if self.sparse_last_layer and not _outputs_requested(self.config, kwargs):
+            last_layer_positions = self._last_layer_positions(
+                input_ids, region_features, global_image_features, *selection
+            )
+        embeddings = self.imagebert.embeddings
+        embeddings._sparse_word_gradient = self._word_gradient_can_be_sparse(labels)
+        try:
+            outputs = self.imagebert(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                region_features=region_features,
+                region_locations=region_locations,
+                region_attention_mask=region_attention_mask,
+                global_image_features=global_image_features,
+                last_layer_positions=last_layer_positions,
+                **kwargs,
+            )
+        finally:
+            embeddings._sparse_word_gradient = False
         text_hidden, region_hidden = outputs.text_hidden_state, outputs.region_hidden_state
         itm_logits = self.itm_head(outputs.pooler_output).squeeze(-1)  # (B,)
-        batch = outputs.last_hidden_state.shape[0]
-        # Conditional masking: only matched pairs may contribute to the masked losses.
-        matched = None if itm_labels is None else itm_labels.view(batch, 1) == 1  # (B, 1)
 
         losses = {}
         mlm_logits = moc_logits = mrfr_predictions = None
-        if labels is not None:
-            if input_ids is None or labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids, got {tuple(labels.shape)}")
-            selected = labels != -100
-            if matched is not None:
-                selected &= matched
-            if selected.any():
-                mlm_logits = self._mlm_logits(text_hidden[selected])  # (M, V)
-                losses["mlm"] = F.cross_entropy(mlm_logits.float(), labels[selected])
+        if text_selected is not None:
+            if text_selected.any():
+                mlm_logits = self._mlm_logits(text_hidden[text_selected])  # (M, V)
+                losses["mlm"] = F.cross_entropy(mlm_logits.float(), labels[text_selected])
             else:
                 losses["mlm"] = _zero_loss_through(self.mlm_head, text_hidden)
-
-        region_selected = None
-        if masked_regions is not None or region_class_labels is not None:
-            if region_features is None:
-                raise ValueError("masked_regions / region_class_labels were given without region_features")
-            region_shape = region_features.shape[:2]
-            for name, tensor in (
-                ("masked_regions", masked_regions),
-                ("region_class_labels", region_class_labels),
-            ):
-                if tensor is not None and tensor.shape != region_shape:
-                    raise ValueError(
-                        f"{name} must have shape {tuple(region_shape)}, got {tuple(tensor.shape)}"
-                    )
-        if region_class_labels is not None:
-            selected = region_class_labels != -100
-            if matched is not None:
-                selected &= matched
-            if selected.any():
-                classes = region_class_labels[selected]
-                if classes.min() < 0 or classes.max() >= self.config.num_object_classes:
-                    raise ValueError(
-                        f"region_class_labels must be in [0, {self.config.num_object_classes}) or -100, got values in "
-                        f"[{classes.min().item()}, {classes.max().item()}]"
-                    )
-                moc_logits = self.moc_head(region_hidden[selected])  # (M, K)
-                losses["moc"] = F.cross_entropy(moc_logits.float(), classes)
+        if class_selected is not None:
+            if class_selected.any():
+                moc_logits = self.moc_head(region_hidden[class_selected])  # (M, K)
+                losses["moc"] = F.cross_entropy(moc_logits.float(), region_class_labels[class_selected])
             else:
                 losses["moc"] = _zero_loss_through(self.moc_head, region_hidden)
-        if region_feature_targets is not None:
-            if masked_regions is None:
-                raise ValueError("region_feature_targets need masked_regions to say which regions to regress")
-            if region_feature_targets.shape != region_features.shape:
-                raise ValueError(
-                    f"region_feature_targets must have the shape of region_features {tuple(region_features.shape)}, "
-                    f"got {tuple(region_feature_targets.shape)}"
-                )
-            region_selected = masked_regions.bool()
-            if matched is not None:
-                region_selected = region_selected & matched
-            if region_selected.any():
-                mrfr_predictions = self.mrfr_head(region_hidden[region_selected])  # (M, F)
-                targets = region_feature_targets[region_selected].to(mrfr_predictions.dtype)
+        if feature_selected is not None:
+            if feature_selected.any():
+                mrfr_predictions = self.mrfr_head(region_hidden[feature_selected])  # (M, F)
+                targets = region_feature_targets[feature_selected].to(mrfr_predictions.dtype)
                 losses["mrfr"] = F.mse_loss(mrfr_predictions.float(), targets.float())
             else:
                 losses["mrfr"] = _zero_loss_through(self.mrfr_head, region_hidden)
@@ -1086,6 +1293,9 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
     # The pre-training heads of a pre-training checkpoint are expected to be left behind.
     _keys_to_ignore_on_load_unexpected = [r"^(mlm|moc|mrfr)_head\."]
 
+    # Fast path (see `set_fast_paths`).
+    sparse_last_layer = True
+
     def __init__(self, config: ImageBertConfig):
         super().__init__(config)
         self.imagebert = ImageBertModel(config)
@@ -1112,6 +1322,12 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
             positive each when the configured loss includes `ce` or `triplet`.
         num_candidates (`int`): P; inferred as B / number of positives when omitted.
         """
+        last_layer_positions = None
+        if self.sparse_last_layer and not _outputs_requested(self.config, kwargs):
+            # The score reads the pooler only: the last layer runs at the first position.
+            last_layer_positions = ImageBertForPreTraining._last_layer_positions(
+                input_ids, region_features, global_image_features, None, None, None
+            )
         outputs = self.imagebert(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1120,6 +1336,7 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
             region_locations=region_locations,
             region_attention_mask=region_attention_mask,
             global_image_features=global_image_features,
+            last_layer_positions=last_layer_positions,
             **kwargs,
         )
         logits = self.itm_head(outputs.pooler_output).squeeze(-1)  # (B,)

@@ -161,7 +161,9 @@ def test_fast_dropout_model_equals_plain_dropout_given_the_same_masks(monkeypatc
         return torch.empty(shape, device=device).bernoulli_(1 - p).bool()
 
     monkeypatch.setattr(mi, "_keep_mask", bernoulli_mask)
-    fast = _loss_and_grads(model.set_fast_paths(True), batch, seed=3)
+    # The sparse last layer draws its dropout masks for fewer rows, hence other random numbers: it is left out here
+    # (its own tests run with dropout off, and check that its dropout is on at the configured rate).
+    fast = _loss_and_grads(model.set_fast_paths(True, sparse_last_layer=False), batch, seed=3)
     _assert_same(reference, fast, rtol=1e-4, atol=1e-5)
     # ... and dropout really is on: another seed gives another loss.
     other = _loss_and_grads(model, batch, seed=4)
@@ -202,6 +204,165 @@ def test_cpu_training_attention_is_sdpa_with_dropout_on_the_probabilities(mask_k
         scores = scores.masked_fill(~sdpa_mask, float("-inf"))
     expected = ((scores.softmax(-1) * keep / 0.6) @ v).transpose(1, 2)
     torch.testing.assert_close(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------------- sparse last layer
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sparse_last_layer_gives_the_plain_losses_and_gradients(attention, checkpointing):
+    model, batch = _model(), _batch()
+    model.config._attn_implementation = attention
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    reference = _loss_and_grads(model.set_fast_paths(True, sparse_last_layer=False), batch)
+    fast = _loss_and_grads(model.set_fast_paths(True), batch)
+    _assert_same(reference, fast, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "drop", ["labels", "region_class_labels", "region_feature_targets", "itm_labels", "all_masks", "text"]
+)
+def test_sparse_last_layer_matches_for_every_subset_of_tasks(drop):
+    """ITM-only batches (the demo's separate ITM batches) read [CLS] alone; no text, no conditional masking, and the
+    global image token move the positions."""
+    model, batch = _model(use_global_image_feature=True, global_image_feature_dim=6), _batch()
+    batch["global_image_features"] = torch.randn(B, 6)
+    if drop == "all_masks":
+        for name in ("labels", "masked_regions", "region_class_labels", "region_feature_targets"):
+            batch.pop(name)
+    elif drop == "text":
+        for name in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+            batch.pop(name)
+    else:
+        batch.pop(drop)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        output = model(**batch)
+        output.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        losses = {k: v for k, v in output.items() if k.endswith("loss") and v is not None}
+        return torch.stack([v.detach() for v in losses.values()]), grads
+
+    model.set_fast_paths(True, sparse_last_layer=False)
+    reference = run()
+    model.set_fast_paths(True)
+    _assert_same(reference, run(), rtol=1e-5, atol=1e-6)
+
+
+def test_last_layer_positions_compute_those_rows_and_zero_the_others():
+    model = _model().imagebert.eval()
+    batch = _batch()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "region_features")}
+    inputs.update(
+        region_locations=batch["region_locations"], region_attention_mask=batch["region_attention_mask"]
+    )
+    positions = torch.rand(B, T + R, generator=torch.Generator().manual_seed(1)) < 0.3
+    with torch.no_grad():
+        full = model(**inputs)
+        part = model(**inputs, last_layer_positions=positions)
+    computed = positions.clone()
+    computed[:, 0] = True  # the pooler's position is always computed
+    torch.testing.assert_close(part.last_hidden_state[computed], full.last_hidden_state[computed])
+    assert part.last_hidden_state[~computed].abs().sum() == 0
+    torch.testing.assert_close(part.pooler_output, full.pooler_output)
+    with pytest.raises(ValueError, match="last_layer_positions must have shape"):
+        model(**inputs, last_layer_positions=positions[:, :-1])
+
+
+def test_sparse_last_layer_is_off_when_hidden_states_are_requested():
+    model, batch = _model().eval(), _batch()
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        plain = model.set_fast_paths(True, sparse_last_layer=False)(**batch, output_hidden_states=True)
+    assert (out.hidden_states[-1].abs().sum(-1) > 0).all()
+    torch.testing.assert_close(out.hidden_states[-1], plain.hidden_states[-1])
+
+
+def test_sparse_last_layer_keeps_dropout_at_the_configured_rates(monkeypatch):
+    """The rows of the sparse last layer go through the same dropout sites with the same rates."""
+    model, batch = _model(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3), _batch()
+    calls = []
+    original = mi._keep_mask
+
+    def recording_mask(shape, p, device):
+        calls.append((tuple(shape), round(p, 6)))
+        return original(shape, p, device)
+
+    monkeypatch.setattr(mi, "_keep_mask", recording_mask)
+    model(**batch)
+    per_layer = 3  # attention probabilities, attention output, feed-forward output
+    last = calls[-per_layer:]
+    queries = last[0][0][2]
+    assert queries < T + R  # fewer query rows than positions ...
+    assert last == [((B, 4, queries, T + R), 0.3), ((B, queries, 32), 0.2), ((B, queries, 32), 0.2)]
+    assert calls[-2 * per_layer][0] == (B, 4, T + R, T + R)  # ... while the layer before has them all
+
+
+def test_sparse_last_layer_scores_retrieval_pairs_as_the_plain_path():
+    from modeling_imagebert import ImageBertForRetrieval
+
+    torch.manual_seed(0)
+    model = ImageBertForRetrieval(_config(retrieval_loss="binary+ce")).train()
+    model_inputs = ("input_ids", "attention_mask", "token_type_ids", "region_features", "region_locations")
+    batch = {k: v for k, v in _batch().items() if k in (*model_inputs, "region_attention_mask")}
+    batch["labels"] = torch.tensor([1, 0, 1, 0])
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        output = model(**batch, num_candidates=2)
+        output.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return torch.stack([output.loss.detach(), *output.logits.detach()]), grads
+
+    model.set_fast_paths(True, sparse_last_layer=False)
+    reference = run()
+    model.set_fast_paths(True)
+    _assert_same(reference, run(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- word gradient
+
+
+def test_sparse_word_gradient_gives_the_dense_gradient():
+    model, batch = _model(), _batch()
+    reference = _loss_and_grads(model.set_fast_paths(True, sparse_word_gradient=False), batch)
+    fast = _loss_and_grads(model.set_fast_paths(True), batch)
+    _assert_same(reference, fast, rtol=1e-5, atol=1e-6)
+    weight = model.imagebert.embeddings.word_embeddings.weight
+    assert weight.grad.layout == torch.strided  # dense, as optimizers and DDP expect
+
+
+def test_sparse_word_gradient_is_used_only_with_mlm_labels(monkeypatch):
+    """Without MLM labels the tied decoder adds no dense gradient, so the lookup must stay dense: an ITM-only batch
+    then an MLM batch, accumulated and stepped with AdamW, as in the demo's separate ITM batches."""
+    model, batch = _model(), _batch()
+    sparse_calls = []
+    original = F.embedding
+
+    def recording_embedding(input, weight, *args, **kwargs):
+        if weight is model.imagebert.embeddings.word_embeddings.weight:
+            sparse_calls.append(kwargs.get("sparse", args[4] if len(args) > 4 else False))
+        return original(input, weight, *args, **kwargs)
+
+    monkeypatch.setattr(mi.F, "embedding", recording_embedding)
+    itm_only = {
+        k: v for k, v in batch.items() if k not in ("labels", "masked_regions", "region_class_labels")
+    }
+    itm_only.pop("region_feature_targets")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(**itm_only).loss.backward()
+    assert sparse_calls == [False]
+    model(**batch).loss.backward()
+    assert sparse_calls[-1] is True
+    assert model.imagebert.embeddings.word_embeddings.weight.grad.layout == torch.strided
+    optimizer.step()
+    with torch.no_grad():
+        model.eval()(**batch)  # no grad: the lookup stays dense
+    assert sparse_calls[-1] is False
+    assert model.imagebert.embeddings._sparse_word_gradient is False  # reset after each call
 
 
 # ---------------------------------------------------------------------------------------------------- autocast
