@@ -202,10 +202,12 @@ def build_stage_sources(
                 processor, mlm_probability=stage.mlm_probability, seed=collator_seed
             )
         else:
+            # No masks when no masked task is trained: an ITM-only stage would otherwise see [MASK] tokens and
+            # zeroed regions on its matched pairs only, a shortcut to the ITM label.
             collator = DataCollatorForImageBertPretraining(
                 processor,
-                mlm_probability=stage.mlm_probability,
-                region_mask_probability=stage.region_mask_probability,
+                mlm_probability=stage.mlm_probability if masked_on else 0.0,
+                region_mask_probability=stage.region_mask_probability if masked_on else 0.0,
                 itm_negative_rate=stage.itm_negative_rate if itm_on and not separate else 0.0,
                 seed=collator_seed,
             )

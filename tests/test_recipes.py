@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from modeling_imagebert.recipes import (
@@ -148,6 +149,30 @@ def test_separate_itm_batches_carry_no_masks_and_masked_batches_no_itm_labels(mi
         assert (batch["itm_labels"] == 0).any() and not (batch["input_ids"] == mask_id).any()
         assert "masked_regions" not in batch and "region_feature_targets" not in batch
     assert any((b["labels"] != -100).any() for b in masked)
+
+
+def test_itm_only_stage_batches_carry_no_masks(minilm_path):
+    """With no masked task in the stage there is nothing to mask for; masks on matched pairs only would hand ITM the
+    "[MASK] present => matched" shortcut (ITM loss near 0, zero-shot retrieval at chance)."""
+    from transformers import AutoTokenizer
+
+    from modeling_imagebert.processing_imagebert import ImageBertProcessor
+    from modeling_imagebert.training import ScheduledBatches, build_stage_sources
+
+    processor = ImageBertProcessor(
+        AutoTokenizer.from_pretrained(minilm_path), max_regions=8, max_text_length=16
+    )
+    toy = {"variant": "curated", "num_images": 16, "feature_dim": 16, "num_classes": 6, "num_attributes": 2}
+    stage = recipe_from_dict(_minimal(datasets=[{"toy_world": toy}], tasks={"itm": 1.0})).stages[0]
+    sources = build_stage_sources(stage, 0, processor, seed=0)
+    schedule = BatchSchedule([16], [1.0], batch_size=8, num_processes=1, seed=0, stage_index=0)
+    batches = list(ScheduledBatches(sources, schedule, 0, 0, 6, stage.tasks, itm_batch_fraction=0.5))
+    mask_id = processor.tokenizer.mask_token_id
+    assert batches and all("itm_labels" in b for b in batches)
+    assert any((b["itm_labels"] == 0).any() for b in batches)
+    for batch in batches:
+        assert not (batch["input_ids"] == mask_id).any()
+        assert not batch.get("masked_regions", torch.zeros(1, dtype=torch.bool)).any()
 
 
 def _schedule(world=1, sizes=(10,), weights=(1.0,), batch=3, seed=0):
