@@ -972,6 +972,31 @@ class ImageBertModel(ImageBertPreTrainedModel):
         )
 
 
+def _last_layer_positions(
+    input_ids, region_features, global_image_features, text_selected, class_selected, feature_selected
+) -> torch.Tensor:
+    """(B, L) bool over the joint sequence: the positions whose last hidden state a head reads (the first one,
+    for ITM, is added by the model)."""
+    reference = next(t for t in (input_ids, region_features, global_image_features) if t is not None)
+    batch, device = reference.shape[0], reference.device
+    parts = []
+    if input_ids is not None:
+        parts.append(
+            text_selected
+            if text_selected is not None
+            else input_ids.new_zeros(input_ids.shape, dtype=torch.bool)
+        )
+    if global_image_features is not None:
+        parts.append(torch.zeros(batch, 1, dtype=torch.bool, device=device))
+    if region_features is not None:
+        regions = torch.zeros(region_features.shape[:2], dtype=torch.bool, device=device)
+        for selected in (class_selected, feature_selected):
+            if selected is not None:
+                regions = regions | selected
+        parts.append(regions)
+    return torch.cat([part.to(device) for part in parts], dim=1)
+
+
 def _outputs_requested(config: ImageBertConfig, kwargs: dict) -> bool:
     """Whether the caller asked for every layer's hidden states or attentions (then every position of the last
     layer is computed)."""
@@ -1038,9 +1063,12 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Check the labels and return where each masked task reads the encoder: MLM (B, T), MOC (B, R) and MRFR
         (B, R) bool, None for a task without labels. Conditional masking: only matched pairs (`itm_labels` 1) count."""
-        batch = (input_ids if input_ids is not None else region_features).shape[0]
         matched = None
         if itm_labels is not None:
+            reference = next(
+                (t for t in (input_ids, region_features) if t is not None), itm_labels.reshape(-1)
+            )
+            batch = reference.shape[0]
             if itm_labels.numel() != batch:
                 raise ValueError(
                     f"itm_labels must have one label per pair, shape ({batch},); got {tuple(itm_labels.shape)}"
@@ -1086,31 +1114,6 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
                 )
             feature_selected = conditional(masked_regions.bool())
         return text_selected, class_selected, feature_selected
-
-    @staticmethod
-    def _last_layer_positions(
-        input_ids, region_features, global_image_features, text_selected, class_selected, feature_selected
-    ) -> torch.Tensor:
-        """(B, L) bool over the joint sequence: the positions whose last hidden state a head reads (the first one,
-        for ITM, is added by the model)."""
-        reference = input_ids if input_ids is not None else region_features
-        batch, device = reference.shape[0], reference.device
-        parts = []
-        if input_ids is not None:
-            parts.append(
-                text_selected
-                if text_selected is not None
-                else input_ids.new_zeros(input_ids.shape, dtype=torch.bool)
-            )
-        if global_image_features is not None:
-            parts.append(torch.zeros(batch, 1, dtype=torch.bool, device=device))
-        if region_features is not None:
-            regions = torch.zeros(region_features.shape[:2], dtype=torch.bool, device=device)
-            for selected in (class_selected, feature_selected):
-                if selected is not None:
-                    regions = regions | selected
-            parts.append(regions)
-        return torch.cat([part.to(device) for part in parts], dim=1)
 
     def _word_gradient_can_be_sparse(self, labels) -> bool:
         """The word embeddings may return a sparse gradient only when the tied MLM decoder adds its dense one in the
@@ -1162,7 +1165,7 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
         text_selected, class_selected, feature_selected = selection
         last_layer_positions = None
         if self.sparse_last_layer and not _outputs_requested(self.config, kwargs):
-            last_layer_positions = self._last_layer_positions(
+            last_layer_positions = _last_layer_positions(
                 input_ids, region_features, global_image_features, *selection
             )
         embeddings = self.imagebert.embeddings
@@ -1325,7 +1328,7 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
         last_layer_positions = None
         if self.sparse_last_layer and not _outputs_requested(self.config, kwargs):
             # The score reads the pooler only: the last layer runs at the first position.
-            last_layer_positions = ImageBertForPreTraining._last_layer_positions(
+            last_layer_positions = _last_layer_positions(
                 input_ids, region_features, global_image_features, None, None, None
             )
         outputs = self.imagebert(

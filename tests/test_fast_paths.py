@@ -323,6 +323,17 @@ def test_sparse_last_layer_scores_retrieval_pairs_as_the_plain_path():
     _assert_same(reference, run(), rtol=1e-5, atol=1e-6)
 
 
+def test_sparse_last_layer_with_the_global_image_feature_alone():
+    torch.manual_seed(0)
+    model = _model(use_global_image_feature=True, global_image_feature_dim=6).eval()
+    inputs = {"global_image_features": torch.randn(B, 6), "itm_labels": torch.tensor([1, 0, 1, 0])}
+    with torch.no_grad():
+        fast = model(**inputs)
+        plain = model.set_fast_paths(True, sparse_last_layer=False)(**inputs)
+    torch.testing.assert_close(fast.itm_logits, plain.itm_logits)
+    torch.testing.assert_close(fast.loss, plain.loss)
+
+
 # ---------------------------------------------------------------------------------------------------- word gradient
 
 
