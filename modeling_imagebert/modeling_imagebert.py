@@ -282,15 +282,13 @@ class ImageBertSelfAttention(nn.Module):
         position (what the full self-attention gives at those rows, without computing the others)."""
         input_shape = hidden_states.shape[:-1]
         if key_value_states is None:
-            query, key, value = self._project(
-                [self.query, self.key, self.value], hidden_states
-            )  # (B, nh, L, hs)
+            # 3 x (B, nh, L, hs)
+            query, key, value = self._project([self.query, self.key, self.value], hidden_states)
         else:
             (query,) = self._project([self.query], hidden_states)  # (B, nh, Q, hs)
             key, value = self._project([self.key, self.value], key_value_states)  # (B, nh, L, hs)
-            if (
-                attention_mask is not None and attention_mask.shape[2] > 1
-            ):  # (B|1, 1|nh, L, L) -> (B, 1|nh, Q, L)
+            # The mask rows of the queries: (B|1, 1|nh, L, L) -> (B, 1|nh, Q, L).
+            if attention_mask is not None and attention_mask.shape[2] > 1:
                 heads, length = attention_mask.shape[1], attention_mask.shape[3]
                 attention_mask = attention_mask.expand(query_index.shape[0], -1, -1, -1)
                 rows = query_index[:, None, :, None].expand(-1, heads, -1, length)
