@@ -159,6 +159,7 @@ def demo_checkpoint(tmp_path_factory) -> str:
 
 @pytest.mark.slow
 @SLOW
+@pytest.mark.timeout(1200)  # the first one also runs the demo (its fixture), 4-8 minutes on 2 busy CPU cores
 @pytest.mark.parametrize("loss", ["binary", "ce", "triplet"])
 def test_each_loss_trains_from_the_demo_checkpoint(demo_checkpoint, tmp_path, loss):
     results = run_retrieval.main(
