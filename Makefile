@@ -4,7 +4,7 @@ PYTHON ?= python
 .PHONY: install demo test style
 
 install:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -c "import torchvision.ops" 2>/dev/null || $(PYTHON) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 demo: install
