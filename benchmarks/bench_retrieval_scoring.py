@@ -1,7 +1,7 @@
 """Pair-scoring throughput of the full-ranking retrieval evaluator against scoring pairs one by one.
 
 A full-ranking evaluation scores every (caption, image) pair of a test split with the cross-encoder. The batched
-evaluator (`modeling_imagebert.retrieval_evaluation.score_caption_rows`) keeps every image's padded regions and
+evaluator (`modeling_imagebert.retrieval.evaluation.score_caption_rows`) keeps every image's padded regions and
 every caption's token ids as tensors on the device and builds batches of pairs by indexing them; the baseline calls
 `model.score` on each pair alone (its inputs sliced from the same tensors, so neither side pays for encoding).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from modeling_imagebert import ImageBertConfig, ImageBertForRetrieval
-from modeling_imagebert.retrieval_evaluation import RetrievalInputs, score_caption_rows
+from modeling_imagebert.retrieval.evaluation import RetrievalInputs, score_caption_rows
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 
 from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
-from modeling_imagebert.retrieval_evaluation import PROTOCOLS, evaluate_retrieval
+from modeling_imagebert.retrieval.evaluation import PROTOCOLS, evaluate_retrieval
 
 HEADS = {"itm": ImageBertForPreTraining, "retrieval": ImageBertForRetrieval}
 

@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_recipe_with_flags(args: argparse.Namespace):
     """The recipe with `--set` overrides and the dedicated flags applied, validated, paths checked."""
-    from modeling_imagebert.recipes import check_recipe_paths, load_recipe
+    from modeling_imagebert.pretraining.recipes import check_recipe_paths, load_recipe
 
     overrides = list(args.overrides)
     for flag in ("output_dir", "seed", "save_steps", "save_total_limit", "logging_steps", "num_workers"):
@@ -106,7 +106,7 @@ def load_recipe_with_flags(args: argparse.Namespace):
             stage.gradient_accumulation_steps = args.gradient_accumulation_steps
         if args.learning_rate is not None:
             stage.learning_rate = args.learning_rate
-    from modeling_imagebert.recipes import validate_recipe
+    from modeling_imagebert.pretraining.recipes import validate_recipe
 
     validate_recipe(recipe)
     check_recipe_paths(recipe)
@@ -118,8 +118,8 @@ def build_model_and_processor(recipe):
     from transformers import AutoTokenizer
 
     from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining
+    from modeling_imagebert.pretraining.recipes import resolve_bert_checkpoint
     from modeling_imagebert.processing_imagebert import ImageBertProcessor
-    from modeling_imagebert.recipes import resolve_bert_checkpoint
 
     spec = recipe.model
     if spec.bert_checkpoint is not None:
@@ -147,7 +147,7 @@ def build_model_and_processor(recipe):
 
 def check_data_against_model(sources, config, stage_index: int) -> None:
     """Fails before training when a source's features or classes do not fit the model."""
-    from modeling_imagebert.recipes import RecipeError
+    from modeling_imagebert.pretraining.recipes import RecipeError
 
     for d, source in enumerate(sources):
         features = source.encoded.features
@@ -164,7 +164,7 @@ def check_data_against_model(sources, config, stage_index: int) -> None:
 def init_stage_weights(model, recipe, stage_index: int, output_dir: Path, fresh_model) -> None:
     """Loads the stage's initial weights into `model` (in place, so Accelerate keeps one model object)."""
     from modeling_imagebert import ImageBertForPreTraining
-    from modeling_imagebert.training import stage_final_name
+    from modeling_imagebert.pretraining.checkpoints import stage_final_name
 
     init = recipe.stages[stage_index].init
     if init in ("bert", "config"):
@@ -222,13 +222,15 @@ def train_stage(
     logging window."""
     from transformers import get_scheduler
 
-    from modeling_imagebert.training import (
-        BatchSchedule,
-        ScheduledBatches,
-        build_stage_sources,
+    from modeling_imagebert.pretraining.checkpoints import (
         load_checkpoint,
         rotate_checkpoints,
         save_checkpoint,
+    )
+    from modeling_imagebert.pretraining.schedule import (
+        BatchSchedule,
+        ScheduledBatches,
+        build_stage_sources,
         stage_num_steps,
     )
 
@@ -401,13 +403,13 @@ def training_function(recipe, args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    from modeling_imagebert.training import (
+    from modeling_imagebert.pretraining.checkpoints import (
         GracefulStop,
-        build_model_card,
         find_resume_point,
         save_pretrained_atomic,
         stage_final_name,
     )
+    from modeling_imagebert.pretraining.model_card import build_model_card
 
     training = recipe.training
     output_dir = Path(training.output_dir).absolute()
@@ -522,8 +524,8 @@ def training_function(recipe, args) -> dict:
 
     metrics = None
     if recipe.evaluation is not None:
-        from modeling_imagebert.retrieval_evaluation import evaluate_retrieval
-        from modeling_imagebert.training import load_source
+        from modeling_imagebert.data.loading import load_source
+        from modeling_imagebert.retrieval.evaluation import evaluate_retrieval
 
         test = load_source(recipe.evaluation.dataset)
         accelerator.print(
@@ -597,7 +599,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Runs the recipe; returns a results dict (per-stage final losses, zero-shot metrics, wall time; `exit_code`
     when the run stopped early on a signal or --max_steps_this_run)."""
     args = parse_args(argv)
-    from modeling_imagebert.recipes import RecipeError
+    from modeling_imagebert.pretraining.recipes import RecipeError
 
     try:
         recipe = load_recipe_with_flags(args)

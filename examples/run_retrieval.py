@@ -20,7 +20,7 @@ paper's settings; `--push_to_hub`, `--report_to`, `--seed`, ...). Ours:
 During training, evaluation scores a FIXED candidate layout (`--eval_num_candidates`, default 20: each eval caption
 against its image and 19 others, each eval image against one of its captions and 19 others; negatives chosen once
 from `--eval_layout_seed`) and reports recall@1/5/10 per direction. `--do_full_ranking` then ranks the whole eval
-split with the full-ranking evaluator (`modeling_imagebert.retrieval_evaluation`) and writes JSON and markdown.
+split with the full-ranking evaluator (`modeling_imagebert.retrieval.evaluation`) and writes JSON and markdown.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from transformers import BertTokenizerFast, HfArgumentParser, TrainingArguments,
 from modeling_imagebert import ImageBertForRetrieval, ImageBertProcessor
 from modeling_imagebert.configuration_imagebert import parse_retrieval_loss
 from modeling_imagebert.data import DataCollatorForImageTextRetrieval
+from modeling_imagebert.data.collators import DataCollatorForCandidateGroups
 from modeling_imagebert.data.storage import load_dataset_from_disk
 from modeling_imagebert.data.toy_world import make_toy_world
-from modeling_imagebert.retrieval_training import (
+from modeling_imagebert.retrieval.trainer import (
     CollatorEpochCallback,
-    DataCollatorForCandidateGroups,
     RetrievalTrainer,
     fixed_candidate_layout,
     make_compute_metrics,
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("eval", metrics)
         results["eval"] = metrics
     if args.do_full_ranking and eval_raw is not None:
-        from modeling_imagebert.retrieval_evaluation import evaluate_retrieval
+        from modeling_imagebert.retrieval.evaluation import evaluate_retrieval
 
         evaluation = evaluate_retrieval(
             trainer.model,

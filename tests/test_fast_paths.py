@@ -9,7 +9,6 @@ from torch.nn import functional as F
 
 from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining
 from modeling_imagebert import modeling_imagebert as mi
-from modeling_imagebert.data.samplers import LengthGroupedSampler, example_lengths
 
 B, T, R, FEAT = 4, 9, 7, 16
 
@@ -425,79 +424,3 @@ def test_compile_layers_with_inductor_gives_the_plain_losses():
     torch._dynamo.reset()
     compiled = _loss_and_grads(model.compile_layers(), batch)
     _assert_same(reference, compiled, rtol=1e-4, atol=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------------- sampler
-
-
-def _lengths(n=103, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(4, 40, (n,), generator=g) + torch.randint(10, 100, (n,), generator=g)).tolist()
-
-
-def test_length_grouped_sampler_yields_every_index_once_per_epoch():
-    sampler = LengthGroupedSampler(_lengths(), batch_size=8, mega_batch_multiplier=4)
-    for epoch in range(3):
-        sampler.set_epoch(epoch)
-        assert sorted(sampler) == list(range(103))
-
-
-def test_length_grouped_sampler_batches_pad_less_than_random_batches():
-    lengths = _lengths(n=800)
-    sampler = LengthGroupedSampler(lengths, batch_size=8, mega_batch_multiplier=20)
-
-    def padding(order):
-        batches = [order[i : i + 8] for i in range(0, len(order), 8)]
-        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in batches)
-
-    random_order = torch.randperm(800, generator=torch.Generator().manual_seed(0)).tolist()
-    assert padding(list(sampler)) < 0.25 * padding(random_order)
-
-
-def test_length_grouped_sampler_order_depends_only_on_seed_and_epoch():
-    lengths = _lengths()
-    a = LengthGroupedSampler(lengths, batch_size=8, seed=5)
-    b = LengthGroupedSampler(lengths, batch_size=8, seed=5)
-    assert list(a) == list(b)
-    b.set_epoch(1)
-    assert list(a) != list(b)
-    assert list(LengthGroupedSampler(lengths, batch_size=8, seed=6)) != list(a)
-
-
-def test_length_grouped_sampler_resumes_mid_epoch_from_its_state():
-    lengths = _lengths()
-    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=1)
-    sampler.set_epoch(2)
-    full = list(sampler)
-    iterator = iter(sampler)
-    seen = [next(iterator) for _ in range(37)]
-    state = sampler.state_dict()
-    assert state == {"seed": 1, "epoch": 2, "start": 37}
-    resumed = LengthGroupedSampler(lengths, batch_size=8, seed=1)
-    resumed.load_state_dict(state)
-    assert seen + list(resumed) == full
-    with pytest.raises(ValueError, match="seed"):
-        LengthGroupedSampler(lengths, batch_size=8, seed=2).load_state_dict(state)
-
-
-def test_length_grouped_sampler_drop_last_drops_only_the_incomplete_batch():
-    sampler = LengthGroupedSampler(_lengths(), batch_size=8, drop_last=True)
-    order = list(sampler)
-    assert len(order) == len(sampler) == 96 and len(set(order)) == 96
-
-
-def test_length_grouped_sampler_refuses_bad_arguments():
-    with pytest.raises(ValueError, match="batch_size"):
-        LengthGroupedSampler([1, 2], batch_size=0)
-    with pytest.raises(ValueError, match=r"lengths\[1\]"):
-        LengthGroupedSampler([1, -2], batch_size=1)
-
-
-def test_example_lengths_counts_text_tokens_and_regions():
-    examples = [
-        {"input_ids": [101, 5, 102], "region_features": torch.zeros(4, 2)},
-        {"input_ids": [101, 102], "region_locations": [[0, 0, 1, 1, 1]], "global_feature": [0.0]},
-    ]
-    assert example_lengths(examples) == [7, 4]
-    with pytest.raises(ValueError, match="example 0 has no input_ids"):
-        example_lengths([{"caption": "x"}])

@@ -160,7 +160,7 @@ def test_stopped_and_resumed_run_ends_with_the_weights_of_a_straight_run(tmp_pat
 def test_sigterm_saves_a_checkpoint_then_exits_and_resume_finishes_identically(
     tmp_path, minilm_path, monkeypatch
 ):
-    from modeling_imagebert import training
+    from modeling_imagebert.pretraining import schedule as training
 
     recipe = _tiny_recipe(minilm_path, stages=1, steps=4, gradient_accumulation_steps=2)
     _, straight = _run(tmp_path, recipe, name="straight")

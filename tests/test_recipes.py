@@ -9,21 +9,17 @@ import pytest
 import torch
 import yaml
 
-from modeling_imagebert.recipes import (
+from modeling_imagebert.data.collators import DataCollatorForTextMLM
+from modeling_imagebert.pretraining.checkpoints import find_resume_point, list_checkpoints, rotate_checkpoints
+from modeling_imagebert.pretraining.model_card import build_model_card
+from modeling_imagebert.pretraining.recipes import (
     RecipeError,
     check_recipe_paths,
     load_recipe,
     parse_override,
     recipe_from_dict,
 )
-from modeling_imagebert.training import (
-    BatchSchedule,
-    DataCollatorForTextMLM,
-    build_model_card,
-    find_resume_point,
-    list_checkpoints,
-    rotate_checkpoints,
-)
+from modeling_imagebert.pretraining.schedule import BatchSchedule
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "configuration" / "pretraining"
@@ -128,9 +124,9 @@ def test_separate_itm_batches_carry_no_masks_and_masked_batches_no_itm_labels(mi
     take it away."""
     from transformers import AutoTokenizer
 
+    from modeling_imagebert.pretraining.recipes import StageSpec
+    from modeling_imagebert.pretraining.schedule import ScheduledBatches, build_stage_sources
     from modeling_imagebert.processing_imagebert import ImageBertProcessor
-    from modeling_imagebert.recipes import StageSpec
-    from modeling_imagebert.training import ScheduledBatches, build_stage_sources
 
     processor = ImageBertProcessor(
         AutoTokenizer.from_pretrained(minilm_path), max_regions=8, max_text_length=16
@@ -156,8 +152,8 @@ def test_itm_only_stage_batches_carry_no_masks(minilm_path):
     "[MASK] present => matched" shortcut (ITM loss near 0, zero-shot retrieval at chance)."""
     from transformers import AutoTokenizer
 
+    from modeling_imagebert.pretraining.schedule import ScheduledBatches, build_stage_sources
     from modeling_imagebert.processing_imagebert import ImageBertProcessor
-    from modeling_imagebert.training import ScheduledBatches, build_stage_sources
 
     processor = ImageBertProcessor(
         AutoTokenizer.from_pretrained(minilm_path), max_regions=8, max_text_length=16

@@ -1,4 +1,4 @@
-"""Specification of the full-ranking retrieval evaluation (modeling_imagebert.retrieval_evaluation)."""
+"""Specification of the full-ranking retrieval evaluation (modeling_imagebert.retrieval.evaluation)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 
 from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining, ImageBertForRetrieval
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
-from modeling_imagebert.retrieval_evaluation import evaluate_retrieval
-from modeling_imagebert.retrieval_metrics import fold_mean_recall, recall_summary
+from modeling_imagebert.retrieval.evaluation import evaluate_retrieval
+from modeling_imagebert.retrieval.metrics import fold_mean_recall, recall_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configuration" / "models" / "imagebert-tiny.json"

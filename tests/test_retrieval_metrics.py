@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_imagebert.retrieval_metrics import (
+from modeling_imagebert.retrieval.metrics import (
     coco_1k,
     coco_5k,
     flickr30k_1k,
@@ -144,7 +144,7 @@ def test_recall_summary_reports_percent_and_rsum():
 
 
 def test_large_matrices_are_processed_in_blocks_with_the_same_result(monkeypatch):
-    import modeling_imagebert.retrieval_metrics as rm
+    import modeling_imagebert.retrieval.metrics as rm
 
     scores, index = _tie_heavy_problem(num_images=9, per_image=4, seed=5)
     whole = recall_summary(scores, index)

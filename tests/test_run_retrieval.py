@@ -1,4 +1,4 @@
-"""Retrieval fine-tuning with Trainer (examples/run_retrieval.py, modeling_imagebert/retrieval_training.py)."""
+"""Retrieval fine-tuning with Trainer (examples/run_retrieval.py, modeling_imagebert/retrieval/trainer.py)."""
 
 import json
 import os
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval, ImageBertProcessor
+from modeling_imagebert.data.collators import DataCollatorForCandidateGroups
 from modeling_imagebert.data.toy_world import make_toy_world
-from modeling_imagebert.retrieval_training import (
+from modeling_imagebert.retrieval.trainer import (
     CollatorEpochCallback,
-    DataCollatorForCandidateGroups,
     candidate_group_recall,
     fixed_candidate_layout,
     make_compute_metrics,

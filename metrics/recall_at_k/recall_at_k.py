@@ -1,6 +1,6 @@
 """Recall@K for image-text retrieval as an `evaluate` metric.
 
-A thin wrapper: all the arithmetic lives in `modeling_imagebert.retrieval_metrics`, so this metric and the
+A thin wrapper: all the arithmetic lives in `modeling_imagebert.retrieval.metrics`, so this metric and the
 library always agree. Load it offline from its folder:
 
     evaluate.load("/abs/path/to/metrics/recall_at_k")  # or "metrics/recall_at_k" from the repository root
@@ -10,7 +10,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from modeling_imagebert.retrieval_metrics import DEFAULT_KS, fold_mean_recall, recall_summary
+from modeling_imagebert.retrieval.metrics import DEFAULT_KS, fold_mean_recall, recall_summary
 
 _DESCRIPTION = """\
 Recall@K of image-text retrieval in both directions, in percent, as the ImageBERT paper (Table 2) reports it.

@@ -148,6 +148,37 @@ def _check_probability(name: str, value: float) -> float:
     return float(value)
 
 
+def mask_tokens(
+    input_ids: torch.Tensor,
+    eligible: torch.Tensor,
+    select_draw: np.ndarray,
+    action_draw: np.ndarray,
+    token_draw: np.ndarray,
+    *,
+    mlm_probability: float,
+    mask_replace_prob: float,
+    random_replace_prob: float,
+    mask_token_id: int,
+    random_token_ids: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking, the one implementation of the package: of the `eligible` tokens, those whose `select_draw` is
+    below `mlm_probability` are selected; a selected token becomes [MASK] when its `action_draw` is below
+    `mask_replace_prob`, a random non-special token (picked by `token_draw`) when it is below
+    `mask_replace_prob + random_replace_prob`, and stays unchanged otherwise.
+
+    Args: `input_ids`, `eligible` [B, T]; the three draws [B, T] uniform in [0, 1) (see `hashed_uniform`).
+    Returns: the masked input ids [B, T] and the MLM labels [B, T] (the original id at selected tokens, else -100).
+    """
+    selected = eligible & torch.from_numpy(select_draw < mlm_probability)
+    action = torch.from_numpy(action_draw)
+    to_mask = selected & (action < mask_replace_prob)
+    to_random = selected & (action >= mask_replace_prob) & (action < mask_replace_prob + random_replace_prob)
+    random_tokens = torch.from_numpy(random_token_ids[(token_draw * len(random_token_ids)).astype(np.int64)])
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    masked_ids = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    return torch.where(to_random, random_tokens, masked_ids), labels
+
+
 class DataCollatorForImageBertPretraining(_SeededCollator):
     r"""
     Collator for the four ImageBERT pre-training tasks (MLM, MOC, MRFR, ITM) with conditional masking.
@@ -270,24 +301,18 @@ class DataCollatorForImageBertPretraining(_SeededCollator):
             np.isin(input_ids.numpy(), self.special_ids)
         )
         eligible &= matched[:, None]
-        select = torch.from_numpy(self._uniform(indices, _STREAM_MLM_SELECT, length) < self.mlm_probability)
-        selected = eligible & select
-        action = torch.from_numpy(self._uniform(indices, _STREAM_MLM_ACTION, length))
-        to_mask = selected & (action < self.mask_replace_prob)
-        to_random = (
-            selected
-            & (action >= self.mask_replace_prob)
-            & (action < self.mask_replace_prob + self.random_replace_prob)
+        batch["input_ids"], batch["labels"] = mask_tokens(
+            input_ids,
+            eligible,
+            self._uniform(indices, _STREAM_MLM_SELECT, length),
+            self._uniform(indices, _STREAM_MLM_ACTION, length),
+            self._uniform(indices, _STREAM_MLM_TOKEN, length),
+            mlm_probability=self.mlm_probability,
+            mask_replace_prob=self.mask_replace_prob,
+            random_replace_prob=self.random_replace_prob,
+            mask_token_id=self.mask_token_id,
+            random_token_ids=self.random_token_ids,
         )
-        token_draw = self._uniform(indices, _STREAM_MLM_TOKEN, length)
-        random_tokens = torch.from_numpy(
-            self.random_token_ids[(token_draw * len(self.random_token_ids)).astype(np.int64)]
-        )
-        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-        masked_ids = torch.where(to_mask, torch.full_like(input_ids, self.mask_token_id), input_ids)
-        masked_ids = torch.where(to_random, random_tokens, masked_ids)
-        batch["input_ids"] = masked_ids
-        batch["labels"] = labels
 
         # Masked regions (MOC + MRFR) over real regions of matched pairs.
         features = batch["region_features"]  # [B, R, F]
@@ -399,4 +424,114 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
         return batch
 
 
-__all__ = ["DataCollatorForImageBertPretraining", "DataCollatorForImageTextRetrieval", "hashed_uniform"]
+# Collator random streams of the text-only MLM collator (distinct from the pre-training collator's).
+_STREAM_TEXT_SELECT = 21
+_STREAM_TEXT_ACTION = 22
+_STREAM_TEXT_TOKEN = 23
+
+
+class DataCollatorForTextMLM(_SeededCollator):
+    """Text-only MLM batches (no regions): BERT masking (select `mlm_probability` of the real, non-special tokens;
+    80% [MASK], 10% random token, 10% kept, by `mask_tokens`) keyed on (seed, epoch, example_index) like the
+    image-text collator.
+
+    Input: examples with input_ids and example_index. Output: input_ids, attention_mask, token_type_ids, labels
+    [B, T] long.
+    """
+
+    def __init__(self, processor: ImageBertProcessor, *, mlm_probability: float = 0.15, seed: int = 0):
+        super().__init__(seed)
+        self.processor = processor
+        self.mlm_probability = _check_probability("mlm_probability", mlm_probability)
+        tokenizer = processor.tokenizer
+        self.mask_token_id = int(tokenizer.mask_token_id)
+        self.special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+        self.random_token_ids = np.setdiff1d(np.arange(len(tokenizer), dtype=np.int64), self.special_ids)
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        indices = _example_indices(examples)
+        batch = self.processor.pad([{"input_ids": e["input_ids"]} for e in examples])
+        input_ids = batch["input_ids"]  # [B, T]
+        length = input_ids.shape[1]
+        eligible = (batch["attention_mask"] == 1) & ~torch.from_numpy(
+            np.isin(input_ids.numpy(), self.special_ids)
+        )
+        batch["input_ids"], batch["labels"] = mask_tokens(
+            input_ids,
+            eligible,
+            self._uniform(indices, _STREAM_TEXT_SELECT, length),
+            self._uniform(indices, _STREAM_TEXT_ACTION, length),
+            self._uniform(indices, _STREAM_TEXT_TOKEN, length),
+            mlm_probability=self.mlm_probability,
+            mask_replace_prob=0.8,
+            random_replace_prob=0.1,
+            mask_token_id=self.mask_token_id,
+            random_token_ids=self.random_token_ids,
+        )
+        return batch
+
+
+class DataCollatorForCandidateGroups:
+    r"""
+    Evaluation collator for a `CandidateLayout`: builds the P pairs of each group from an encoded dataset.
+
+    Args:
+        encoded_dataset: the evaluation split encoded by `ImageBertProcessor.prepare_dataset` (row i of it is row i
+            of the split the layout was made from); rows are read on demand, so features are not copied P times.
+        processor: the `ImageBertProcessor` whose `pad` builds the model inputs.
+        feature_dtype: dtype of `region_features`.
+
+    Input: a list of B layout items (`CandidateLayout.__getitem__`).
+    Output: the padded model inputs of B*P rows (B contiguous groups of P, ground truth first) and labels [B*P]
+    float (1.0 at each group's first row).
+    """
+
+    def __init__(self, encoded_dataset, processor, feature_dtype: torch.dtype = torch.float32):
+        self.encoded_dataset = encoded_dataset
+        self.processor = processor
+        self.feature_dtype = feature_dtype
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if len(items) == 0:
+            raise ValueError("DataCollatorForCandidateGroups: got an empty batch")
+        sizes = {len(item["text_rows"]) for item in items}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"DataCollatorForCandidateGroups: groups of different sizes {sorted(sizes)} in one batch"
+            )
+        count = sizes.pop()
+        cache: dict[int, Mapping[str, Any]] = {}
+
+        def row(index) -> Mapping[str, Any]:
+            index = int(index)
+            if index not in cache:
+                if not 0 <= index < len(self.encoded_dataset):
+                    raise IndexError(
+                        f"candidate layout row {index} is outside the evaluation dataset ({len(self.encoded_dataset)} "
+                        "rows); was the layout made from another split?"
+                    )
+                cache[index] = self.encoded_dataset[index]
+            return cache[index]
+
+        pairs = []
+        for item in items:
+            for text_row, image_row in zip(item["text_rows"], item["image_rows"], strict=True):
+                text, image = row(text_row), row(image_row)
+                pair = {key: image[key] for key in _IMAGE_KEYS if key in image}
+                pair.update({key: text[key] for key in _TEXT_KEYS})
+                pairs.append(pair)
+        batch = self.processor.pad(pairs, feature_dtype=self.feature_dtype)
+        labels = torch.zeros(len(items) * count, dtype=torch.float32)
+        labels[::count] = 1.0
+        batch["labels"] = labels
+        return batch
+
+
+__all__ = [
+    "DataCollatorForCandidateGroups",
+    "DataCollatorForImageBertPretraining",
+    "DataCollatorForImageTextRetrieval",
+    "DataCollatorForTextMLM",
+    "hashed_uniform",
+    "mask_tokens",
+]

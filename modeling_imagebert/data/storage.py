@@ -33,16 +33,14 @@ import glob
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import datasets
 from datasets.distributed import split_dataset_by_node
 
+from ..atomic import atomic_folder
 from .schema import DataValidationError, validate_dataset, validate_features
 
-_TEMP_MARK = ".tmp-save-"
 _SPLIT_MARK = "modeling_imagebert: streamed part for rank "
 
 
@@ -90,29 +88,11 @@ def save_dataset(
     else:
         validate_features(dataset.features, feature_dim=feature_dim)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TEMP_MARK}", dir=target.parent))
-    backup: Path | None = None
-    try:
+    with atomic_folder(target, overwrite=overwrite) as temp:
         if num_shards is not None:
             dataset.save_to_disk(str(temp), num_shards=num_shards)
         else:
             dataset.save_to_disk(str(temp), max_shard_size=max_shard_size)
-        if target.exists():
-            if not overwrite:
-                raise FileExistsError(f"{target} appeared while saving; pass overwrite=True to replace it")
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, backup / "old")
-        os.rename(temp, target)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        if backup is not None and (backup / "old").exists() and not target.exists():
-            os.rename(backup / "old", target)  # put the previous dataset back
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
     return target
 
 

@@ -352,7 +352,7 @@ def _validate_source(source: DatasetSpec, where: str) -> None:
     if source.toy_world is not None:
         import inspect
 
-        from .data.toy_world import make_toy_world
+        from ..data.toy_world import make_toy_world
 
         accepted = set(inspect.signature(make_toy_world).parameters)
         unknown = sorted(set(source.toy_world) - accepted)

@@ -17,16 +17,16 @@ affordable and safe:
   and why);
 * a tqdm bar shows pairs/s and the ETA.
 
-Ranking and the tie rule live in `modeling_imagebert.retrieval_metrics`.
+Ranking and the tie rule live in `modeling_imagebert.retrieval.metrics`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import retrieval_metrics
+from ..atomic import atomic_write_bytes
+from . import metrics as retrieval_metrics
 
 # Protocol name -> (function, label used in the paper-style table).
 PROTOCOLS: dict[str | None, tuple[Callable[..., dict[str, float]] | None, str]] = {
@@ -359,9 +360,7 @@ class _ShardCache:
         if is_main_process:
             self._warn_about_stale(meta)
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(
-            self.folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode(), self.folder
-        )
+        atomic_write_bytes(self.folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
 
     def _warn_about_stale(self, meta: dict[str, Any]) -> None:
         if not self.root.is_dir():
@@ -405,25 +404,9 @@ class _ShardCache:
         return scores
 
     def save(self, shard: int, rows: tuple[int, int], scores: torch.Tensor) -> None:
-        handle, temp = tempfile.mkstemp(prefix=f".shard-{shard:06d}-", suffix=".tmp", dir=self.folder)
-        os.close(handle)
-        try:
-            torch.save({"rows": list(rows), "scores": scores.contiguous()}, temp)
-            os.replace(temp, self.path(shard))
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes, folder: Path) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        buffer = io.BytesIO()
+        torch.save({"rows": list(rows), "scores": scores.contiguous()}, buffer)
+        atomic_write_bytes(self.path(shard), buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

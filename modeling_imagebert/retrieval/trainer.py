@@ -9,8 +9,8 @@ every process count) scores exactly the same pairs:
   captions of other images.
 
 A group's recall@K says whether its ground truth ranks in the top K of its P candidates (pessimistic ties, as in
-`modeling_imagebert.retrieval_metrics`). This is a cheap, deterministic proxy for the full-ranking protocol of
-`modeling_imagebert.retrieval_evaluation`, which ranks every image / caption of a split.
+`modeling_imagebert.retrieval.metrics`). This is a cheap, deterministic proxy for the full-ranking protocol of
+`modeling_imagebert.retrieval.evaluation`, which ranks every image / caption of a split.
 
 Under DDP, Trainer pads the last evaluation batch with repeated groups and drops them again when gathering; that
 only works when each prediction row is one dataset item, so `RetrievalTrainer.prediction_step` returns logits and
@@ -20,7 +20,7 @@ labels as [groups, P] instead of the model's flat [groups * P].
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +28,9 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .retrieval_metrics import DEFAULT_KS, image_retrieval_ranks
+from .metrics import DEFAULT_KS, image_retrieval_ranks
 
 GROUP_DIRECTIONS = ("both", "image", "text")
-_TEXT_KEYS = ("input_ids",)
-_IMAGE_KEYS = ("region_features", "region_locations", "region_classes", "global_feature")
 
 
 @dataclass(frozen=True)
@@ -142,62 +140,6 @@ def fixed_candidate_layout(
     )
 
 
-class DataCollatorForCandidateGroups:
-    r"""
-    Evaluation collator for a `CandidateLayout`: builds the P pairs of each group from an encoded dataset.
-
-    Args:
-        encoded_dataset: the evaluation split encoded by `ImageBertProcessor.prepare_dataset` (row i of it is row i
-            of the split the layout was made from); rows are read on demand, so features are not copied P times.
-        processor: the `ImageBertProcessor` whose `pad` builds the model inputs.
-        feature_dtype: dtype of `region_features`.
-
-    Input: a list of B layout items (`CandidateLayout.__getitem__`).
-    Output: the padded model inputs of B*P rows (B contiguous groups of P, ground truth first) and labels [B*P]
-    float (1.0 at each group's first row).
-    """
-
-    def __init__(self, encoded_dataset, processor, feature_dtype: torch.dtype = torch.float32):
-        self.encoded_dataset = encoded_dataset
-        self.processor = processor
-        self.feature_dtype = feature_dtype
-
-    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if len(items) == 0:
-            raise ValueError("DataCollatorForCandidateGroups: got an empty batch")
-        sizes = {len(item["text_rows"]) for item in items}
-        if len(sizes) != 1:
-            raise ValueError(
-                f"DataCollatorForCandidateGroups: groups of different sizes {sorted(sizes)} in one batch"
-            )
-        count = sizes.pop()
-        cache: dict[int, Mapping[str, Any]] = {}
-
-        def row(index) -> Mapping[str, Any]:
-            index = int(index)
-            if index not in cache:
-                if not 0 <= index < len(self.encoded_dataset):
-                    raise IndexError(
-                        f"candidate layout row {index} is outside the evaluation dataset ({len(self.encoded_dataset)} "
-                        "rows); was the layout made from another split?"
-                    )
-                cache[index] = self.encoded_dataset[index]
-            return cache[index]
-
-        pairs = []
-        for item in items:
-            for text_row, image_row in zip(item["text_rows"], item["image_rows"], strict=True):
-                text, image = row(text_row), row(image_row)
-                pair = {key: image[key] for key in _IMAGE_KEYS if key in image}
-                pair.update({key: text[key] for key in _TEXT_KEYS})
-                pairs.append(pair)
-        batch = self.processor.pad(pairs, feature_dtype=self.feature_dtype)
-        labels = torch.zeros(len(items) * count, dtype=torch.float32)
-        labels[::count] = 1.0
-        batch["labels"] = labels
-        return batch
-
-
 def candidate_group_recall(scores, num_image_groups: int, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Recall@K (percent) over candidate groups whose ground truth is column 0.
 
@@ -304,7 +246,6 @@ class RetrievalTrainer(Trainer):
 __all__ = [
     "CandidateLayout",
     "CollatorEpochCallback",
-    "DataCollatorForCandidateGroups",
     "RetrievalTrainer",
     "candidate_group_recall",
     "fixed_candidate_layout",

@@ -1,0 +1,81 @@
+"""Loading the data sources of a recipe: a saved image-text dataset, a text-only dataset or a toy-world corpus,
+then encoded for training (`ImageBertProcessor.prepare_dataset` for image-text rows, tokenised captions for text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..processing_imagebert import ImageBertProcessor
+
+
+def _recipe_error(message: str) -> Exception:
+    from ..pretraining.recipes import RecipeError
+
+    return RecipeError(message)
+
+
+def load_source(spec, base: str | Path | None = None):
+    """The raw `datasets.Dataset` of a recipe source (a saved folder or a toy-world corpus), cut to
+    `max_examples`.
+
+    Raises `RecipeError` naming the path when the folder is missing or is a DatasetDict without `split`.
+    """
+    import datasets
+
+    if spec.toy_world is not None:
+        from .toy_world import make_toy_world
+
+        dataset = make_toy_world(**spec.toy_world)
+    else:
+        folder = (Path(base) if base is not None else Path.cwd()) / spec.path
+        if not folder.is_dir():
+            raise _recipe_error(f"dataset path {folder} does not exist")
+        if spec.modality == "image_text":
+            try:
+                from .storage import load_dataset_from_disk
+
+                dataset = load_dataset_from_disk(folder)
+            except Exception:  # a DatasetDict folder: read the split below
+                dataset = datasets.load_from_disk(str(folder))
+        else:
+            dataset = datasets.load_from_disk(str(folder))
+    if isinstance(dataset, datasets.DatasetDict):
+        if spec.split is None:
+            raise _recipe_error(
+                f"dataset {spec.path or spec.toy_world} has splits {list(dataset)}; set split: in the recipe"
+            )
+        if spec.split not in dataset:
+            raise _recipe_error(
+                f"dataset {spec.path or spec.toy_world} has no split {spec.split!r} ({list(dataset)})"
+            )
+        dataset = dataset[spec.split]
+    elif spec.split is not None and spec.toy_world is None:
+        raise _recipe_error(f"dataset {spec.path}: split {spec.split!r} given but the dataset has no splits")
+    if spec.max_examples is not None:
+        dataset = dataset.select(range(min(spec.max_examples, len(dataset))))
+    if len(dataset) == 0:
+        raise _recipe_error(f"dataset {spec.path or spec.toy_world} is empty")
+    return dataset
+
+
+def encode_source(dataset, processor: ImageBertProcessor, modality: str):
+    """Encodes a raw dataset for training: image-text rows with `processor.prepare_dataset`, text-only rows by
+    tokenising the `caption` (or `text`) column. Returns a numpy-formatted `datasets.Dataset`."""
+    if modality == "image_text":
+        return processor.prepare_dataset(dataset)
+    column = "caption" if "caption" in dataset.column_names else "text"
+    if column not in dataset.column_names:
+        raise _recipe_error(f"a text-only source needs a caption or text column, got {dataset.column_names}")
+    tokenizer = processor.tokenizer
+
+    def tokenize(batch):
+        ids = tokenizer(batch[column], truncation=True, max_length=processor.max_text_length)["input_ids"]
+        return {"input_ids": ids}
+
+    encoded = dataset.map(
+        tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenize text-only source"
+    )
+    return encoded.with_format("numpy", dtype=None)
+
+
+__all__ = ["encode_source", "load_source"]

@@ -1,0 +1,254 @@
+"""The stage batch schedule of multi-stage pre-training: which source and rows make each micro-batch.
+
+Determinism. A stage's data order is a pure function of (seed, stage, number of processes, batch size): every
+micro-batch draws its source by weight from a generator seeded by (seed, stage, epoch), and each source is read
+through a chain of seeded permutations (one per pass). The collators' masks derive from (seed, epoch,
+example_index), with `example_index = pass * len(source) + row`, so an example gets fresh masks on every pass.
+Resuming at micro-batch m therefore only recomputes indices: no data is read for the skipped batches, and the
+resumed run sees exactly the batches and masks of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.collators import DataCollatorForImageBertPretraining, DataCollatorForTextMLM, hashed_uniform
+from ..data.loading import encode_source, load_source
+from ..processing_imagebert import ImageBertProcessor
+from .recipes import TASKS, DatasetSpec, StageSpec
+
+_STREAM_ITM_BATCH = 24
+
+
+# Labels each task reads; a disabled task's labels are dropped from the batch.
+TASK_LABELS = {
+    "mlm": ("labels",),
+    "moc": ("region_class_labels",),
+    "mrfr": ("region_feature_targets",),
+    "itm": ("itm_labels",),
+}
+
+
+@dataclass
+class StageSource:
+    """An encoded source of a stage with its collator."""
+
+    spec: DatasetSpec
+    encoded: Any
+    collator: Any
+    itm_collator: Any = None  # "separate" ITM mode: unmasked pairs with negatives
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+def build_stage_sources(
+    stage: StageSpec,
+    stage_index: int,
+    processor: ImageBertProcessor,
+    seed: int,
+    base: str | Path | None = None,
+) -> list[StageSource]:
+    """Loads and encodes every source of a stage and gives each its collator (seeded by (seed, stage, source)).
+
+    `stage_index` is 0-based. ITM negatives are drawn only when the stage trains ITM. In "separate" ITM mode (with
+    a masked task also on), an image-text source gets a second collator for its ITM batches: no masks, negatives.
+    """
+    sources = []
+    itm_on = stage.tasks.get("itm", 0) > 0
+    masked_on = any(stage.tasks.get(task, 0) > 0 for task in ("mlm", "moc", "mrfr"))
+    separate = itm_on and masked_on and stage.itm_mode == "separate"
+    for s, spec in enumerate(stage.datasets):
+        collator_seed = seed * 1_000_003 + stage_index * 1009 + s
+        raw = load_source(spec, base)
+        encoded = encode_source(raw, processor, spec.modality)
+        if spec.modality == "text":
+            collator = DataCollatorForTextMLM(
+                processor, mlm_probability=stage.mlm_probability, seed=collator_seed
+            )
+        else:
+            # No masks when no masked task is trained: an ITM-only stage would otherwise see [MASK] tokens and
+            # zeroed regions on its matched pairs only, a shortcut to the ITM label.
+            collator = DataCollatorForImageBertPretraining(
+                processor,
+                mlm_probability=stage.mlm_probability if masked_on else 0.0,
+                region_mask_probability=stage.region_mask_probability if masked_on else 0.0,
+                itm_negative_rate=stage.itm_negative_rate if itm_on and not separate else 0.0,
+                seed=collator_seed,
+            )
+        itm_collator = None
+        if separate and spec.modality == "image_text":
+            itm_collator = DataCollatorForImageBertPretraining(
+                processor,
+                mlm_probability=0.0,
+                region_mask_probability=0.0,
+                itm_negative_rate=stage.itm_negative_rate,
+                seed=collator_seed,
+            )
+        sources.append(StageSource(spec=spec, encoded=encoded, collator=collator, itm_collator=itm_collator))
+    return sources
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The deterministic batch schedule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BatchSchedule:
+    """Which rows make micro-batch m of a stage, for each process (see the module docstring).
+
+    Args:
+        source_sizes: rows per source; weights: mixing weights (one per source).
+        batch_size: B, rows per process per micro-batch; num_processes: W.
+        seed, stage_index: key the generators.
+
+    `batches_per_epoch` = ceil(sum(sizes) / (B * W)). `batch(m, rank)` -> (source, epoch, rows [B], example
+    indices [B]); computing it for any m costs O(epoch count + B), so skipping batches reads no data.
+    """
+
+    def __init__(
+        self,
+        source_sizes: Sequence[int],
+        weights: Sequence[float],
+        *,
+        batch_size: int,
+        num_processes: int,
+        seed: int,
+        stage_index: int,
+    ):
+        self.sizes = [int(n) for n in source_sizes]
+        total_weight = float(sum(weights))
+        self.probabilities = np.asarray(weights, dtype=np.float64) / total_weight
+        self.batch_size = int(batch_size)
+        self.num_processes = int(num_processes)
+        self.seed = int(seed)
+        self.stage_index = int(stage_index)
+        self.batches_per_epoch = max(1, math.ceil(sum(self.sizes) / (self.batch_size * self.num_processes)))
+        self._choices: dict[int, np.ndarray] = {}
+        self._cursor_at_epoch: list[np.ndarray] = [np.zeros(len(self.sizes), dtype=np.int64)]
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    def _epoch_choices(self, epoch: int) -> np.ndarray:
+        if epoch not in self._choices:
+            if len(self.sizes) == 1:
+                choices = np.zeros(self.batches_per_epoch, dtype=np.int64)
+            else:
+                rng = np.random.default_rng([self.seed, self.stage_index, epoch, 11])
+                choices = rng.choice(len(self.sizes), self.batches_per_epoch, p=self.probabilities)
+            self._choices[epoch] = choices
+            if len(self._choices) > 4:  # keep memory flat on long runs
+                self._choices.pop(min(self._choices))
+        return self._choices[epoch]
+
+    def _cursor(self, epoch: int) -> np.ndarray:
+        """Micro-batches each source has served before `epoch`."""
+        while len(self._cursor_at_epoch) <= epoch:
+            e = len(self._cursor_at_epoch) - 1
+            counts = np.bincount(self._epoch_choices(e), minlength=len(self.sizes))
+            self._cursor_at_epoch.append(self._cursor_at_epoch[-1] + counts)
+        return self._cursor_at_epoch[epoch]
+
+    def _permutation(self, source: int, passes: int) -> np.ndarray:
+        key = (source, passes)
+        if key not in self._permutations:
+            rng = np.random.default_rng([self.seed, self.stage_index, source, passes, 13])
+            self._permutations[key] = rng.permutation(self.sizes[source])
+            if len(self._permutations) > 4:
+                self._permutations.pop(next(iter(self._permutations)))
+        return self._permutations[key]
+
+    def batch(self, micro_step: int, rank: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+        """(source, epoch, rows [B] int64, example_index [B] int64) of micro-batch `micro_step` for process `rank`."""
+        epoch, position = divmod(int(micro_step), self.batches_per_epoch)
+        choices = self._epoch_choices(epoch)
+        source = int(choices[position])
+        served = int(self._cursor(epoch)[source]) + int((choices[:position] == source).sum())
+        size = self.sizes[source]
+        start = served * self.batch_size * self.num_processes + rank * self.batch_size
+        offsets = start + np.arange(self.batch_size, dtype=np.int64)  # [B]
+        passes = offsets // size
+        rows = np.empty(self.batch_size, dtype=np.int64)
+        for p in np.unique(passes):
+            here = passes == p
+            rows[here] = self._permutation(source, int(p))[offsets[here] % size]
+        return source, epoch, rows, passes * size + rows
+
+
+class ScheduledBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose item j is the collated micro-batch `start + j` of this process: use it with
+    `DataLoader(batch_size=None)`, so DataLoader workers read and collate whole batches in order."""
+
+    def __init__(
+        self,
+        sources: list[StageSource],
+        schedule: BatchSchedule,
+        rank: int,
+        start: int,
+        stop: int,
+        tasks: Mapping,
+        itm_batch_fraction: float = 0.5,
+    ):
+        self.sources, self.schedule, self.rank = sources, schedule, rank
+        self.start, self.stop = int(start), int(stop)
+        self.itm_batch_fraction = float(itm_batch_fraction)
+        self.drop = [label for task in TASKS if tasks.get(task, 0) <= 0 for label in TASK_LABELS[task]]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        if not 0 <= j < len(self):
+            raise IndexError(f"micro-batch {j} is outside [0, {len(self)})")
+        source_id, epoch, rows, example_index = self.schedule.batch(self.start + j, self.rank)
+        source = self.sources[source_id]
+        columns = source.encoded[rows.tolist()]
+        examples = [{name: columns[name][i] for name in columns} for i in range(len(rows))]
+        for example, index in zip(examples, example_index, strict=True):
+            example["example_index"] = int(index)
+            if "image_id" not in example:
+                example["image_id"] = f"text-{index}"
+        micro_step = np.asarray([self.start + j], dtype=np.int64)
+        itm_batch = source.itm_collator is not None and (
+            hashed_uniform(self.schedule.seed, self.schedule.stage_index, micro_step, _STREAM_ITM_BATCH, 1)[
+                0, 0
+            ]
+            < self.itm_batch_fraction
+        )
+        collator = source.itm_collator if itm_batch else source.collator
+        collator.set_epoch(epoch)
+        batch = collator(examples)
+        if itm_batch:
+            drop = {"labels", "masked_regions", "region_class_labels", "region_feature_targets"}
+        elif source.itm_collator is not None:
+            drop = {"itm_labels"}  # all matched: an ITM loss here would only teach "always matched"
+        else:
+            drop = set()
+        for name in drop | set(self.drop):
+            batch.pop(name, None)
+        return batch
+
+
+def stage_num_steps(stage: StageSpec, schedule: BatchSchedule) -> int:
+    """Optimiser steps of a stage: `max_steps`, else ceil(num_epochs * batches_per_epoch / accumulation)."""
+    if stage.max_steps is not None:
+        return int(stage.max_steps)
+    return max(
+        1, math.ceil(stage.num_epochs * schedule.batches_per_epoch / stage.gradient_accumulation_steps)
+    )
+
+
+__all__ = [
+    "BatchSchedule",
+    "ScheduledBatches",
+    "StageSource",
+    "TASK_LABELS",
+    "build_stage_sources",
+    "stage_num_steps",
+]
