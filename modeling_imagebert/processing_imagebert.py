@@ -97,10 +97,12 @@ class ImageBertProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ one pair -> unpadded example
 
-    def _tokenize(self, caption: Any, where: str) -> list[int]:
-        if not isinstance(caption, str) or not caption.strip():
-            raise ValueError(f"caption of {where}: expected a non-empty string, got {caption!r}")
-        return self.tokenizer(caption, truncation=True, max_length=self.max_text_length)["input_ids"]
+    def _tokenize(self, captions: Sequence[Any], wheres: Sequence[str]) -> list[list[int]]:
+        """Token ids of each caption ([CLS] ... [SEP], truncated), in one batched call of the fast tokenizer."""
+        for caption, where in zip(captions, wheres, strict=True):
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"caption of {where}: expected a non-empty string, got {caption!r}")
+        return self.tokenizer(list(captions), truncation=True, max_length=self.max_text_length)["input_ids"]
 
     def _encode_regions(
         self,
@@ -179,7 +181,9 @@ class ImageBertProcessor(ProcessorMixin):
             encoded["region_classes"] = classes[keep]
         return encoded
 
-    def encode_record(self, record: Mapping[str, Any], index: int | None = None) -> dict[str, Any]:
+    def encode_record(
+        self, record: Mapping[str, Any], index: int | None = None, *, _input_ids: list[int] | None = None
+    ) -> dict[str, Any]:
         """Encode one dataset row (schema of `modeling_imagebert.data.schema`) into an unpadded example.
 
         Args:
@@ -208,10 +212,10 @@ class ImageBertProcessor(ProcessorMixin):
                 raise ValueError(f"{column} of {where}: missing (see modeling_imagebert.data.schema)")
         if record.get("region_scores") is None:
             raise ValueError(f"region_scores of {where}: missing; needed to keep the top max_regions regions")
-        encoded: dict[str, Any] = {
-            "image_id": image_id,
-            "input_ids": self._tokenize(record.get("caption"), where),
-        }
+        input_ids = (
+            _input_ids if _input_ids is not None else self._tokenize([record.get("caption")], [where])[0]
+        )
+        encoded: dict[str, Any] = {"image_id": image_id, "input_ids": input_ids}
         encoded.update(
             self._encode_regions(
                 where,
@@ -275,14 +279,31 @@ class ImageBertProcessor(ProcessorMixin):
         if not remove_columns:
             columns = {**{k: v for k, v in source.items() if k not in columns}, **columns}
         encoded = dataset.map(
-            self.encode_record,
+            self._encode_records,
             with_indices=True,
+            batched=True,
             num_proc=num_proc,
             remove_columns=dataset.column_names if remove_columns else None,
             features=Features(columns),
             desc="ImageBERT encode",
         )
         return encoded.with_format("numpy", dtype=None) if numpy_format else encoded
+
+    def _encode_records(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
+        """`encode_record` over a batch of rows (`Dataset.map(batched=True)`): the captions are tokenised in one
+        batched call, then each row's regions are encoded."""
+        size = len(indices)
+        rows = [{name: values[i] for name, values in batch.items()} for i in range(size)]
+        wheres = [
+            f"record {index} (image_id {row.get('image_id')!r})"
+            for index, row in zip(indices, rows, strict=True)
+        ]
+        token_ids = self._tokenize([row.get("caption") for row in rows], wheres)
+        encoded = [
+            self.encode_record(row, index, _input_ids=ids)
+            for row, index, ids in zip(rows, indices, token_ids, strict=True)
+        ]
+        return {name: [example[name] for example in encoded] for name in encoded[0]} if encoded else {}
 
     # ------------------------------------------------------------------ padding
 
@@ -475,9 +496,12 @@ class ImageBertProcessor(ProcessorMixin):
                     raise ValueError(f"{name} given without region_features")
         size = len(texts) if texts is not None else len(regions)
         examples: list[dict[str, Any]] = [{} for _ in range(size)]
+        if texts is not None:
+            for example, ids in zip(
+                examples, self._tokenize(texts, [f"item {i}" for i in range(size)]), strict=True
+            ):
+                example["input_ids"] = ids
         for i in range(size):
-            if texts is not None:
-                examples[i]["input_ids"] = self._tokenize(texts[i], f"item {i}")
             if regions is not None:
                 examples[i].update(regions[i])
         return BatchFeature(data=self.pad(examples))

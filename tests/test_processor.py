@@ -188,3 +188,32 @@ def test_prepare_dataset_keeps_float16_and_writes_example_index(processor):
     batch = processor.pad(rows)
     assert batch["region_features"].shape == (3, 4, FEATURE_DIM)
     assert batch["region_attention_mask"].sum(1).tolist() == [0, 3, 4]
+
+
+def test_captions_are_tokenised_in_one_batched_call(processor, monkeypatch):
+    from datasets import Dataset
+
+    from modeling_imagebert.data.schema import image_text_features
+
+    calls = []
+    tokenizer = processor.tokenizer
+    original = type(tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(len(text) if isinstance(text, list) else 1)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    captions = ["a dog", "two cats on a mat", "a red car"]
+    processor(text=captions)
+    assert calls == [3]
+
+    calls.clear()
+    records = [make_record(seed=i, caption=c, image_id=f"img{i}") for i, c in enumerate(captions)]
+    features = image_text_features(FEATURE_DIM)
+    dataset = Dataset.from_list(records, features=features)
+    encoded = processor.prepare_dataset(dataset)
+    assert calls == [3]
+    # Same ids as the one-record path.
+    for i, record in enumerate(records):
+        assert encoded[i]["input_ids"].tolist() == processor.encode_record(record, i)["input_ids"]
