@@ -90,6 +90,12 @@ class ImageBertConfig(PreTrainedConfig):
         retrieval_loss (`str`, "binary"): `binary`, `ce`, `triplet`, or a weighted sum such as `"binary+0.5*ce"`.
         triplet_margin (`float`, 0.2): hinge margin of the triplet loss.
 
+    Debugging:
+        check_inputs (`bool`, False): also check input and label VALUES in `forward` (NaN/Inf features, locations
+            outside [0, 1], token, class and ITM/retrieval label ranges, one positive per candidate group). Each
+            check reads tensor values on the host, a device synchronisation per step, so it is off by default: the
+            processor and collators check the same values where the data enters.
+
     Example:
 
     ```python
@@ -132,6 +138,8 @@ class ImageBertConfig(PreTrainedConfig):
     retrieval_loss: str = "binary"
     triplet_margin: float | int = 0.2
 
+    check_inputs: bool = False
+
     def __post_init__(self, **kwargs):
         generation_keys = set(GenerationConfig._get_default_generation_params())
         unknown = sorted(k for k in kwargs if k not in _BASE_CONFIG_KEYS and k not in generation_keys)
@@ -140,7 +148,7 @@ class ImageBertConfig(PreTrainedConfig):
                 f"ImageBertConfig got unknown field(s) {unknown}. Known fields are the BERT fields plus "
                 "visual_feature_dim, num_object_classes, max_regions, max_text_length, region_position_id, "
                 "region_segment_id, use_global_image_feature, global_image_feature_dim, "
-                "mlm/moc/mrfr/itm_loss_weight, retrieval_loss and triplet_margin."
+                "mlm/moc/mrfr/itm_loss_weight, retrieval_loss, triplet_margin and check_inputs."
             )
         super().__post_init__(**kwargs)
 

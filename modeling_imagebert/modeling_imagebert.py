@@ -95,7 +95,14 @@ class ImageBertEmbeddings(nn.Module):
         )
         if not sparse:
             return self.word_embeddings(input_ids)
-        return F.embedding(input_ids, weight, self.word_embeddings.padding_idx, sparse=True)
+        padding_idx = self.word_embeddings.padding_idx
+        embedded = F.embedding(input_ids, weight, sparse=True)  # (B, T, H)
+        if padding_idx is None:
+            return embedded
+        # The padding row gets no gradient, as with `padding_idx`, but without the boolean-mask gather the sparse
+        # backward uses to drop padding entries (a host synchronisation on a GPU): padding positions take the
+        # detached row, so their gradient entries are zeros.
+        return torch.where((input_ids == padding_idx)[..., None], weight[padding_idx].detach(), embedded)
 
     def _region_constant(self) -> torch.Tensor:
         """Segment + dummy position embedding shared by every image token, (H,)."""
@@ -167,9 +174,14 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-# Fast paths. Each computes what the plain path computes (same function, same dropout rate), only cheaper; the plain
-# path stays available through `ImageBertPreTrainedModel.set_fast_paths(...)`, and tests/test_fast_paths.py checks that
-# the two agree.
+# ----------------------------------------------------------------------------------------------------------------------
+# CPU-only kernels (fast paths used only in CPU training; CUDA keeps PyTorch's fused ops)
+#
+# Each computes what the PyTorch op computes (same function, same dropout rate), only cheaper on CPU; the plain path
+# stays available through `ImageBertPreTrainedModel.set_fast_paths(fast_dropout=False)`, tests/test_fast_paths.py
+# checks that the two agree, and benchmarks/bench_cpu_kernels.py measures each against the op it replaces (figures
+# in benchmarks/RESULTS.md).
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
@@ -376,9 +388,9 @@ class ImageBertLayer(GradientCheckpointingLayer):
         query_valid: torch.Tensor | None = None,
         **kwargs,
     ):
-        """The layer on `hidden_states` (B, L, H). With `query_index` (B, Q) (a distinct position per entry) and
-        `query_valid` (B, Q) bool, only the output rows at the valid entries' positions are computed (every position
-        still serves as key and value); the other rows are zero."""
+        """The layer on `hidden_states` (B, L, H). With `query_index` (B, Q) (a distinct position per entry), only
+        the output rows at those positions are computed (every position still serves as key and value); the other
+        rows are zero, and so are the rows of entries whose `query_valid` (B, Q) bool is False, when given."""
         if query_index is None:
             attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
             return self.output(self.intermediate(attention_output), attention_output)
@@ -395,18 +407,41 @@ class ImageBertLayer(GradientCheckpointingLayer):
             # Implementations with their own mask formats (flash, flex) compute every row.
             attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
             rows = self.output(self.intermediate(attention_output), attention_output).gather(1, gather_index)
-        rows = rows.masked_fill(~query_valid[..., None], 0.0)
+        if query_valid is not None:
+            rows = rows.masked_fill(~query_valid[..., None], 0.0)
         return rows.new_zeros(hidden_states.shape).scatter(1, gather_index, rows)
 
 
 def _query_index(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) bool -> the selected positions of each row in ascending order, padded to the longest row with distinct
-    unselected positions: (B, Q) indices, and (B, Q) bool saying which entries are selected."""
+    unselected positions: (B, Q) indices, and (B, Q) bool saying which entries are selected. Reads the longest
+    row's count on the host (a synchronisation): the collators compute the index form instead."""
     counts = positions.sum(1)
     num_queries = max(int(counts.max()), 1)
     index = torch.argsort((~positions).to(torch.int8), dim=1, stable=True)[:, :num_queries]
     valid = torch.arange(num_queries, device=positions.device) < counts[:, None]
     return index, valid
+
+
+def _last_layer_query(
+    positions: torch.Tensor, batch: int, length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`last_layer_positions` (bool (B, L) or long (B, Q)) -> (query_index (B, Q), query_valid (B, Q) or None)."""
+    if positions.dtype == torch.bool:
+        if positions.shape != (batch, length):
+            raise ValueError(
+                f"last_layer_positions must have shape {(batch, length)} (batch, joint sequence length) as a bool "
+                f"mask, or (batch, Q) as indices; got {tuple(positions.shape)}"
+            )
+        positions = positions.to(device).clone()
+        positions[:, 0] = True  # the pooler reads the first position
+        return _query_index(positions)
+    if positions.dim() != 2 or positions.shape[0] != batch or positions.dtype.is_floating_point:
+        raise ValueError(
+            f"last_layer_positions must have shape {(batch, length)} (batch, joint sequence length) as a bool mask, "
+            f"or (batch, Q) as integer indices; got {tuple(positions.shape)} {positions.dtype}"
+        )
+    return positions.to(device=device, dtype=torch.long), None
 
 
 class ImageBertEncoder(nn.Module):
@@ -418,14 +453,15 @@ class ImageBertEncoder(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        last_layer_positions: torch.Tensor | None = None,
+        last_layer_query: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         **kwargs,
     ):
+        """`last_layer_query`: `(query_index (B, Q), query_valid (B, Q) bool or None)`, the rows the last layer
+        computes (see `ImageBertLayer.forward`); None computes every row."""
         last = len(self.layer) - 1
         for index, layer_module in enumerate(self.layer):
-            if index == last and last_layer_positions is not None:
-                # Computed here, outside the (optionally compiled) layer: the number of queries depends on the data.
-                query_index, query_valid = _query_index(last_layer_positions)
+            if index == last and last_layer_query is not None:
+                query_index, query_valid = last_layer_query
                 kwargs = {**kwargs, "query_index": query_index, "query_valid": query_valid}
             hidden_states = layer_module(hidden_states, attention_mask, **kwargs)
         return hidden_states
@@ -541,15 +577,6 @@ def _check_inputs(
             raise ValueError(
                 f"region_attention_mask must have shape {(batch, num_regions)}, got {tuple(region_attention_mask.shape)}"
             )
-        if not torch.isfinite(region_features).all():
-            raise ValueError("region_features contains NaN or Inf")
-        if not torch.isfinite(region_locations).all():
-            raise ValueError("region_locations contains NaN or Inf")
-        if region_locations.numel() and (region_locations.min() < 0 or region_locations.max() > 1):
-            raise ValueError(
-                "region_locations must be normalised to [0, 1] (x1/W, y1/H, x2/W, y2/H, area/(W*H)); got values in "
-                f"[{region_locations.min().item():.4g}, {region_locations.max().item():.4g}]"
-            )
     elif region_locations is not None or region_attention_mask is not None:
         raise ValueError("region_locations / region_attention_mask were given without region_features")
     if global_image_features is not None:
@@ -560,8 +587,55 @@ def _check_inputs(
                 f"global_image_features has dimension {global_image_features.shape[1]}, but "
                 f"config.global_image_feature_dim is {config.global_image_feature_dim}"
             )
-        if not torch.isfinite(global_image_features).all():
-            raise ValueError("global_image_features contains NaN or Inf")
+
+
+def _check_input_values(
+    config: ImageBertConfig,
+    input_ids,
+    token_type_ids,
+    region_features,
+    region_locations,
+    global_image_features,
+) -> None:
+    """Value checks, run only with `config.check_inputs` (for debugging): each reads tensor values on the host, a
+    device synchronisation on a GPU. In training, the processor and collators check the same values where the data
+    enters, once per example."""
+    if input_ids is not None and input_ids.numel():
+        if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
+            raise ValueError(
+                f"input_ids must be in [0, vocab_size={config.vocab_size}), got values in "
+                f"[{input_ids.min().item()}, {input_ids.max().item()}]"
+            )
+    if token_type_ids is not None and token_type_ids.numel():
+        if token_type_ids.min() < 0 or token_type_ids.max() >= config.type_vocab_size:
+            raise ValueError(
+                f"token_type_ids must be in [0, type_vocab_size={config.type_vocab_size}), got values in "
+                f"[{token_type_ids.min().item()}, {token_type_ids.max().item()}]"
+            )
+    for name, tensor in (
+        ("region_features", region_features),
+        ("region_locations", region_locations),
+        ("global_image_features", global_image_features),
+    ):
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+    if region_locations is not None and region_locations.numel():
+        if region_locations.min() < 0 or region_locations.max() > 1:
+            raise ValueError(
+                "region_locations must be normalised to [0, 1] (x1/W, y1/H, x2/W, y2/H, area/(W*H)); got values in "
+                f"[{region_locations.min().item():.4g}, {region_locations.max().item():.4g}]"
+            )
+
+
+def _check_label_values(
+    config: ImageBertConfig, name: str, values: torch.Tensor, low: int, high: int
+) -> None:
+    """With `config.check_inputs`: `values` other than -100 lie in [low, high)."""
+    labelled = values[values != -100]
+    if labelled.numel() and (labelled.min() < low or labelled.max() >= high):
+        raise ValueError(
+            f"{name} must be in [{low}, {high}) or -100, got values in [{labelled.min().item()}, {labelled.max().item()}]"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -596,9 +670,10 @@ class ImageBertForPreTrainingOutput(ModelOutput):
     loss (`()`): weighted sum of the task losses present in the batch.
     mlm_loss, moc_loss, mrfr_loss, itm_loss (`()`): each task's unweighted loss, None when its labels were not given.
     itm_logits (`(batch,)`): image-text matching score (logit of "matched").
-    mlm_logits (`(num_masked_tokens, vocab_size)`): vocabulary logits at the labelled text positions only.
-    moc_logits (`(num_masked_regions, num_object_classes)`): class logits at the labelled regions only.
-    mrfr_predictions (`(num_masked_regions, visual_feature_dim)`): regressed features at the masked regions only.
+    mlm_logits (`(M, vocab_size)`): vocabulary logits at the `mlm_positions` only (padding and mismatched-pair
+        entries included, they do not count in the loss).
+    moc_logits (`(K, num_object_classes)`): class logits at the `moc_positions` only.
+    mrfr_predictions (`(K, visual_feature_dim)`): regressed features at the `mrfr_positions` only.
     hidden_states, attentions: as in `ImageBertModelOutput`.
     """
 
@@ -654,41 +729,26 @@ _BERT_FIELDS = (
 )
 
 
-def _read_bert_checkpoint(name_or_path: str, **hub_kwargs) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Config dict and state dict of a BERT checkpoint in a folder or on the Hub (safetensors, else pytorch .bin)."""
+def _read_bert_config(name_or_path: str, **hub_kwargs) -> dict:
+    """The config.json of a BERT checkpoint in a folder or on the Hub, as a dict."""
     from transformers.utils import cached_file
 
-    config_file = cached_file(name_or_path, "config.json", **hub_kwargs)
-    with open(config_file, encoding="utf-8") as f:
-        bert_config = json.load(f)
-    weights_file = cached_file(
-        name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs
-    )
-    if weights_file is not None:
-        from safetensors.torch import load_file
-
-        state_dict = load_file(weights_file)
-    else:
-        weights_file = cached_file(name_or_path, "pytorch_model.bin", **hub_kwargs)
-        state_dict = torch.load(weights_file, map_location="cpu", weights_only=True)
-    return bert_config, state_dict
+    with open(cached_file(name_or_path, "config.json", **hub_kwargs), encoding="utf-8") as f:
+        return json.load(f)
 
 
-def _bert_key_to_imagebert(key: str, base_prefix: str) -> str | None:
-    """Name in ImageBERT of a BERT checkpoint tensor, or None if ImageBERT has no such tensor."""
-    key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-    if key.startswith("bert."):
-        key = key[len("bert.") :]
-    if key.startswith(("embeddings.", "encoder.", "pooler.")):
-        if key in ("embeddings.position_ids", "embeddings.token_type_ids"):
-            return None
-        return f"{base_prefix}{key}"
-    if key.startswith("cls.predictions."):
-        rest = key[len("cls.predictions.") :]
-        if rest == "bias":
-            return "mlm_head.decoder.bias"
-        return f"mlm_head.{rest}"  # transform.* and decoder.weight/bias
-    return None
+def _bert_key_mapping(base_prefix: str) -> dict[str, str]:
+    """`from_pretrained(key_mapping=...)` from BERT checkpoint names to ImageBERT's: `bert.` (BertForPreTraining and
+    friends) becomes the base-model prefix, the MLM head `cls.predictions.*` becomes `mlm_head.*`, and the legacy
+    LayerNorm `gamma`/`beta` become `weight`/`bias`. A bare BertModel's keys need no prefix: `from_pretrained` adds
+    the base-model prefix itself."""
+    return {
+        r"^bert\.": base_prefix,
+        r"^cls\.predictions\.bias$": "mlm_head.decoder.bias",
+        r"^cls\.predictions\.(transform|decoder)\.": r"mlm_head.\1.",
+        r"LayerNorm\.gamma$": "LayerNorm.weight",
+        r"LayerNorm\.beta$": "LayerNorm.bias",
+    }
 
 
 class ImageBertPreTrainedModel(PreTrainedModel):
@@ -794,7 +854,8 @@ class ImageBertPreTrainedModel(PreTrainedModel):
         local_files_only: bool = False,
         **config_overrides,
     ):
-        """Build this ImageBERT class from a BERT checkpoint (a folder or a Hub id), as the paper initialises it.
+        """Build this ImageBERT class from a BERT checkpoint (a folder or a Hub id), as the paper initialises it: a
+        thin wrapper over `from_pretrained(..., config=ImageBertConfig(BERT's fields + overrides), key_mapping=...)`.
 
         Copies the word, position and segment embeddings with their LayerNorm, every encoder layer, the pooler and,
         when the checkpoint has one, the MLM head (`cls.predictions.*`). The region embeddings and the MOC, MRFR and
@@ -816,7 +877,7 @@ class ImageBertPreTrainedModel(PreTrainedModel):
             "token": token,
             "local_files_only": local_files_only,
         }
-        bert_config, bert_state = _read_bert_checkpoint(str(name_or_path), **hub_kwargs)
+        bert_config = _read_bert_config(str(name_or_path), **hub_kwargs)
         overridable = {"hidden_dropout_prob", "attention_probs_dropout_prob", "num_hidden_layers"}
         clash = sorted(set(config_overrides) & set(_BERT_FIELDS) - overridable)
         if clash:
@@ -831,35 +892,29 @@ class ImageBertPreTrainedModel(PreTrainedModel):
                 f"of {name_or_path!s}"
             )
         config = ImageBertConfig(**{**fields, **config_overrides})
-        model = cls(config)
-
         base_prefix = f"{cls.base_model_prefix}." if cls is not ImageBertModel else ""
-        own_state = model.state_dict()
-        copied, unused, renamed = [], [], {}
-        for key, tensor in bert_state.items():
-            target = _bert_key_to_imagebert(key, base_prefix)
-            if target is None or target not in own_state:
-                unused.append(key)
-                continue
-            if own_state[target].shape != tensor.shape:
-                raise ValueError(
-                    f"from_bert_pretrained: {key} in {name_or_path!s} has shape {tuple(tensor.shape)}, ImageBERT's "
-                    f"{target} has {tuple(own_state[target].shape)}"
-                )
-            renamed[target] = tensor
-        # The MLM decoder weight is tied to the word embeddings; a checkpoint may store it or not.
-        renamed.pop("mlm_head.decoder.weight", None)
-        model.load_state_dict(renamed, strict=False)
-        model.tie_weights()
-        copied = sorted(renamed)
-        tied = {"mlm_head.decoder.weight"} if "mlm_head.decoder.weight" in own_state else set()
-        newly_initialized = sorted(set(own_state) - set(copied) - tied)
+        model, loading = cls.from_pretrained(
+            name_or_path,
+            config=config,
+            key_mapping=_bert_key_mapping(base_prefix),
+            output_loading_info=True,
+            **hub_kwargs,
+        )
+        own = set(model.state_dict())
+        # The MLM decoder weight is tied to the word embeddings: never "new", whatever the checkpoint stores.
+        tied = {"mlm_head.decoder.weight"} & own
+        newly_initialized = sorted(set(loading["missing_keys"]) - tied)
+        copied = sorted(own - set(newly_initialized) - tied)
         logger.warning(
             f"{cls.__name__} initialised from BERT checkpoint {name_or_path!s}: copied {len(copied)} tensors; newly "
             f"initialised: {newly_initialized}"
         )
         if output_loading_info:
-            return model, {"copied": copied, "newly_initialized": newly_initialized, "unused": sorted(unused)}
+            return model, {
+                "copied": copied,
+                "newly_initialized": newly_initialized,
+                "unused": sorted(loading["unexpected_keys"]),
+            }
         return model
 
 
@@ -907,11 +962,16 @@ class ImageBertModel(ImageBertPreTrainedModel):
         region_locations (`(B, R, 5)`): (x1/W, y1/H, x2/W, y2/H, area/(W*H)) in [0, 1].
         region_attention_mask (`(B, R)`): 1 for real regions, 0 for padding (default: all ones).
         global_image_features (`(B, G)`): whole-image feature, only with `config.use_global_image_feature`.
-        last_layer_positions (`(B, L)` bool, L the joint length T [+ 1] + R): compute the last layer's output only
-            at these positions and the first (the pooler's); the other rows of `last_hidden_state` are zero. Every
-            position still feeds the last layer as key and value, so the computed rows equal the full computation's.
-            The pre-training and retrieval models pass the positions their heads read (like `logits_to_keep` in
+        last_layer_positions (`(B, L)` bool, L the joint length T [+ 1] + R, or `(B, Q)` long): compute the last
+            layer's output only at these positions; the other rows of `last_hidden_state` are zero. Every position
+            still feeds the last layer as key and value, so the computed rows equal the full computation's. The
+            pre-training and retrieval models pass the positions their heads read (like `logits_to_keep` in
             Transformers' language models). Default: all positions.
+            - bool `(B, L)`: the selected positions, plus the first (the pooler's). Turning a mask into indices
+              reads its counts on the host (a device synchronisation).
+            - long `(B, Q)`: the positions of each row, distinct within a row and including 0 (the pooler's), e.g.
+              padded with other unselected positions; every listed row is computed. No synchronisation: the
+              collators of `modeling_imagebert.data` compute them (`last_layer_positions` in their batches).
         """
         _check_inputs(
             self.config,
@@ -923,6 +983,15 @@ class ImageBertModel(ImageBertPreTrainedModel):
             region_attention_mask,
             global_image_features,
         )
+        if self.config.check_inputs:
+            _check_input_values(
+                self.config,
+                input_ids,
+                token_type_ids,
+                region_features,
+                region_locations,
+                global_image_features,
+            )
         embedding_output = self.embeddings(
             input_ids, token_type_ids, region_features, region_locations, global_image_features
         )  # (B, L, H)
@@ -944,20 +1013,20 @@ class ImageBertModel(ImageBertPreTrainedModel):
                 else torch.ones(region_features.shape[:2], dtype=torch.long, device=device)
             )
         joint_mask = torch.cat([m.to(torch.long) for m in masks], dim=1)  # (B, L)
+        # Always a materialised mask: skipping it when nothing is padded would test `mask.all()` on the host (a
+        # device synchronisation every step).
         encoder_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=joint_mask
+            config=self.config,
+            inputs_embeds=embedding_output,
+            attention_mask=joint_mask,
+            allow_is_bidirectional_skip=False,
         )
 
+        last_layer_query = None
         if last_layer_positions is not None:
-            if last_layer_positions.shape != (batch, length):
-                raise ValueError(
-                    f"last_layer_positions must have shape {(batch, length)} (batch, joint sequence length), got "
-                    f"{tuple(last_layer_positions.shape)}"
-                )
-            last_layer_positions = last_layer_positions.to(device=device, dtype=torch.bool).clone()
-            last_layer_positions[:, 0] = True  # the pooler reads the first position
+            last_layer_query = _last_layer_query(last_layer_positions, batch, length, device)
         sequence_output = self.encoder(
-            embedding_output, encoder_mask, last_layer_positions=last_layer_positions, **kwargs
+            embedding_output, encoder_mask, last_layer_query=last_layer_query, **kwargs
         )  # (B, L, H)
         pooled_output = self.pooler(sequence_output)
         image_start = text_length + num_global
@@ -970,29 +1039,34 @@ class ImageBertModel(ImageBertPreTrainedModel):
         )
 
 
-def _last_layer_positions(
-    input_ids, region_features, global_image_features, text_selected, class_selected, feature_selected
+def _flat_positions(selected: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool -> (M,) flat indices of the selected entries, or `[-100]` when none is (so a head still runs on
+    one ignored row and every parameter gets a gradient under DDP). Reads the count on the host: the collators
+    compute these indices instead (the `*_positions` entries of their batches)."""
+    index = selected.reshape(-1).nonzero().squeeze(1)
+    return index if index.numel() else torch.full((1,), -100, dtype=torch.long, device=selected.device)
+
+
+def _last_layer_mask(
+    num_text: int, num_global: int, num_regions: int, batch: int, device, text_positions, region_positions
 ) -> torch.Tensor:
-    """(B, L) bool over the joint sequence: the positions whose last hidden state a head reads (the first one,
-    for ITM, is added by the model)."""
-    reference = next(t for t in (input_ids, region_features, global_image_features) if t is not None)
-    batch, device = reference.shape[0], reference.device
-    parts = []
-    if input_ids is not None:
-        parts.append(
-            text_selected
-            if text_selected is not None
-            else input_ids.new_zeros(input_ids.shape, dtype=torch.bool)
-        )
-    if global_image_features is not None:
-        parts.append(torch.zeros(batch, 1, dtype=torch.bool, device=device))
-    if region_features is not None:
-        regions = torch.zeros(region_features.shape[:2], dtype=torch.bool, device=device)
-        for selected in (class_selected, feature_selected):
-            if selected is not None:
-                regions = regions | selected
-        parts.append(regions)
-    return torch.cat([part.to(device) for part in parts], dim=1)
+    """(B, L) bool over the joint sequence: the rows whose last hidden state a head reads, from flat text and region
+    positions (the first row, for the pooler, is added by the model)."""
+    length = num_text + num_global + num_regions
+    counts = torch.zeros(batch * length, device=device)
+    for positions, width, offset in (
+        *((p, num_text, 0) for p in text_positions),
+        *((p, num_regions, num_text + num_global) for p in region_positions),
+    ):
+        index = positions.clamp(min=0)
+        rows = (index // width) * length + offset + index % width
+        counts = counts.index_add(0, rows, (positions >= 0).to(counts.dtype))
+    return (counts > 0).view(batch, length)
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` (M,) over the `valid` (M,) entries; 0 (still connected to the graph) when none is."""
+    return (values * valid).sum() / valid.sum().clamp(min=1)
 
 
 def _outputs_requested(config: ImageBertConfig, kwargs: dict) -> bool:
@@ -1002,12 +1076,6 @@ def _outputs_requested(config: ImageBertConfig, kwargs: dict) -> bool:
         kwargs.get(name) if kwargs.get(name) is not None else getattr(config, name, False)
         for name in ("output_hidden_states", "output_attentions")
     )
-
-
-def _zero_loss_through(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """A zero that still reaches every parameter of `module` (DDP needs a gradient for each parameter, even when a
-    batch has no labelled position for this head)."""
-    return module(hidden[:1, :1].reshape(1, -1)).sum() * 0.0
 
 
 class ImageBertForPreTraining(ImageBertPreTrainedModel):
@@ -1049,7 +1117,7 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
     def set_output_embeddings(self, new_embeddings):
         self.mlm_head.decoder = new_embeddings
 
-    def _labelled_positions(
+    def _check_labels(
         self,
         input_ids,
         region_features,
@@ -1058,10 +1126,8 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
         region_class_labels,
         region_feature_targets,
         itm_labels,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Check the labels and return where each masked task reads the encoder: MLM (B, T), MOC (B, R) and MRFR
-        (B, R) bool, None for a task without labels. Conditional masking: only matched pairs (`itm_labels` 1) count."""
-        matched = None
+    ) -> None:
+        """Shape checks of the labels (free); with `config.check_inputs`, their values too."""
         if itm_labels is not None:
             reference = next(
                 (t for t in (input_ids, region_features) if t is not None), itm_labels.reshape(-1)
@@ -1071,16 +1137,8 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
                 raise ValueError(
                     f"itm_labels must have one label per pair, shape ({batch},); got {tuple(itm_labels.shape)}"
                 )
-            matched = itm_labels.reshape(batch, 1) == 1  # (B, 1)
-
-        def conditional(selected: torch.Tensor) -> torch.Tensor:
-            return selected if matched is None else selected & matched
-
-        text_selected = class_selected = feature_selected = None
-        if labels is not None:
-            if input_ids is None or labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids, got {tuple(labels.shape)}")
-            text_selected = conditional(labels != -100)
+        if labels is not None and (input_ids is None or labels.shape != input_ids.shape):
+            raise ValueError(f"labels must have the shape of input_ids, got {tuple(labels.shape)}")
         if masked_regions is not None or region_class_labels is not None:
             if region_features is None:
                 raise ValueError("masked_regions / region_class_labels were given without region_features")
@@ -1093,15 +1151,6 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
                     raise ValueError(
                         f"{name} must have shape {tuple(region_shape)}, got {tuple(tensor.shape)}"
                     )
-        if region_class_labels is not None:
-            class_selected = conditional(region_class_labels != -100)
-            if class_selected.any():
-                classes = region_class_labels[class_selected]
-                if classes.min() < 0 or classes.max() >= self.config.num_object_classes:
-                    raise ValueError(
-                        f"region_class_labels must be in [0, {self.config.num_object_classes}) or -100, got values in "
-                        f"[{classes.min().item()}, {classes.max().item()}]"
-                    )
         if region_feature_targets is not None:
             if masked_regions is None:
                 raise ValueError("region_feature_targets need masked_regions to say which regions to regress")
@@ -1110,8 +1159,23 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
                     f"region_feature_targets must have the shape of region_features {tuple(region_features.shape)}, "
                     f"got {tuple(region_feature_targets.shape)}"
                 )
-            feature_selected = conditional(masked_regions.bool())
-        return text_selected, class_selected, feature_selected
+        if self.config.check_inputs:
+            if labels is not None:
+                _check_label_values(self.config, "labels", labels, 0, self.config.vocab_size)
+            if region_class_labels is not None:
+                _check_label_values(
+                    self.config, "region_class_labels", region_class_labels, 0, self.config.num_object_classes
+                )
+            if itm_labels is not None:
+                _check_label_values(self.config, "itm_labels", itm_labels, 0, 2)
+
+    @staticmethod
+    def _check_positions(name: str, positions: torch.Tensor | None) -> None:
+        if positions is not None and (positions.dim() != 1 or positions.dtype.is_floating_point):
+            raise ValueError(
+                f"{name} must be a 1-D integer tensor of flat indices (-100 = ignored), got shape "
+                f"{tuple(positions.shape)} {positions.dtype}"
+            )
 
     def _word_gradient_can_be_sparse(self, labels) -> bool:
         """The word embeddings may return a sparse gradient only when the tied MLM decoder adds its dense one in the
@@ -1140,6 +1204,10 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
         region_class_labels: torch.LongTensor | None = None,
         region_feature_targets: torch.FloatTensor | None = None,
         itm_labels: torch.LongTensor | None = None,
+        mlm_positions: torch.LongTensor | None = None,
+        moc_positions: torch.LongTensor | None = None,
+        mrfr_positions: torch.LongTensor | None = None,
+        last_layer_positions: torch.Tensor | None = None,
         **kwargs,
     ) -> ImageBertForPreTrainingOutput:
         r"""
@@ -1150,8 +1218,16 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
         region_class_labels (`(B, R)`): MOC targets (detector class ids), -100 where not masked.
         region_feature_targets (`(B, R, F)`): MRFR targets, the original region features.
         itm_labels (`(B,)`): 1 for a matched pair, 0 for a mismatched one.
+        mlm_positions (`(M,)`), moc_positions, mrfr_positions (`(K,)`): where each masked task reads the encoder, as
+            flat indices into `labels.view(-1)` (B * T) and into the regions (B * R), -100 for padding entries.
+            The collators compute them, so the step reads nothing back from the device; without them they are
+            derived from the labels (a host synchronisation per task). Entries of mismatched pairs
+            (`itm_labels` 0) never count (conditional masking).
+        last_layer_positions: as `ImageBertModel.forward`; the collators pass the rows the heads read. Without it,
+            the model derives them from the positions above. Ignored when the fast path is off or hidden states
+            or attentions are requested.
         """
-        selection = self._labelled_positions(
+        self._check_labels(
             input_ids,
             region_features,
             labels,
@@ -1160,12 +1236,54 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
             region_feature_targets,
             itm_labels,
         )
-        text_selected, class_selected, feature_selected = selection
-        last_layer_positions = None
+        for name, positions in (
+            ("mlm_positions", mlm_positions),
+            ("moc_positions", moc_positions),
+            ("mrfr_positions", mrfr_positions),
+        ):
+            self._check_positions(name, positions)
+        reference = next(t for t in (input_ids, region_features, global_image_features) if t is not None)
+        batch, device = reference.shape[0], reference.device
+        num_text = 0 if input_ids is None else input_ids.shape[1]
+        num_global = int(global_image_features is not None)
+        num_regions = 0 if region_features is None else region_features.shape[1]
+        length = num_text + num_global + num_regions
+        matched = None if itm_labels is None else itm_labels.reshape(-1) == 1  # (B,) conditional masking
+
+        # Where each masked task reads the encoder, as flat indices. The collators compute them on the CPU; the
+        # fallback below reads the labels' counts on the host (a device synchronisation per task).
+        pair_counts = (
+            (lambda selected: selected) if matched is None else (lambda selected: selected & matched[:, None])
+        )
+        if labels is not None and mlm_positions is None:
+            mlm_positions = _flat_positions(pair_counts(labels != -100))
+        if region_class_labels is not None and moc_positions is None:
+            moc_positions = _flat_positions(pair_counts(region_class_labels != -100))
+        if region_feature_targets is not None and mrfr_positions is None:
+            mrfr_positions = _flat_positions(pair_counts(masked_regions.bool()))
+        if labels is None:
+            mlm_positions = None
+        if region_class_labels is None:
+            moc_positions = None
+        if region_feature_targets is None:
+            mrfr_positions = None
+
         if self.sparse_last_layer and not _outputs_requested(self.config, kwargs):
-            last_layer_positions = _last_layer_positions(
-                input_ids, region_features, global_image_features, *selection
-            )
+            if last_layer_positions is None and mlm_positions is moc_positions is mrfr_positions is None:
+                # ITM or scoring only: the pooler's row alone.
+                last_layer_positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            elif last_layer_positions is None:
+                last_layer_positions = _last_layer_mask(
+                    num_text,
+                    num_global,
+                    num_regions,
+                    batch,
+                    device,
+                    [p for p in (mlm_positions,) if p is not None],
+                    [p for p in (moc_positions, mrfr_positions) if p is not None],
+                )
+        else:
+            last_layer_positions = None
         embeddings = self.imagebert.embeddings
         embeddings._sparse_word_gradient = self._word_gradient_can_be_sparse(labels)
         try:
@@ -1182,30 +1300,46 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
             )
         finally:
             embeddings._sparse_word_gradient = False
-        text_hidden, region_hidden = outputs.text_hidden_state, outputs.region_hidden_state
         itm_logits = self.itm_head(outputs.pooler_output).squeeze(-1)  # (B,)
+        hidden = outputs.last_hidden_state.reshape(batch * length, -1)  # (B * L, H)
+
+        def rows(positions: torch.Tensor, width: int, offset: int) -> tuple[torch.Tensor, ...]:
+            """Flat positions (M,) over a (B, width) part starting at `offset` of the joint sequence -> their hidden
+            rows (M, H), the clamped indices (M,) and which entries count (M,) bool."""
+            index = positions.clamp(min=0)
+            row = index // width  # (M,) batch row of each entry
+            valid = positions >= 0
+            if matched is not None:
+                valid = valid & matched[row]
+            return hidden.index_select(0, row * length + offset + index % width), index, valid
 
         losses = {}
         mlm_logits = moc_logits = mrfr_predictions = None
-        if text_selected is not None:
-            if text_selected.any():
-                mlm_logits = self._mlm_logits(text_hidden[text_selected])  # (M, V)
-                losses["mlm"] = F.cross_entropy(mlm_logits.float(), labels[text_selected])
-            else:
-                losses["mlm"] = _zero_loss_through(self.mlm_head, text_hidden)
-        if class_selected is not None:
-            if class_selected.any():
-                moc_logits = self.moc_head(region_hidden[class_selected])  # (M, K)
-                losses["moc"] = F.cross_entropy(moc_logits.float(), region_class_labels[class_selected])
-            else:
-                losses["moc"] = _zero_loss_through(self.moc_head, region_hidden)
-        if feature_selected is not None:
-            if feature_selected.any():
-                mrfr_predictions = self.mrfr_head(region_hidden[feature_selected])  # (M, F)
-                targets = region_feature_targets[feature_selected].to(mrfr_predictions.dtype)
-                losses["mrfr"] = F.mse_loss(mrfr_predictions.float(), targets.float())
-            else:
-                losses["mrfr"] = _zero_loss_through(self.mrfr_head, region_hidden)
+        if mlm_positions is not None:
+            selected, index, valid = rows(mlm_positions, num_text, 0)
+            targets = labels.reshape(-1).index_select(0, index)
+            valid = valid & (targets != -100)
+            mlm_logits = self._mlm_logits(selected)  # (M, V)
+            per_token = F.cross_entropy(
+                mlm_logits.float(), targets.masked_fill(~valid, -100), reduction="none"
+            )
+            losses["mlm"] = _masked_mean(per_token, valid)
+        region_offset = num_text + num_global
+        if moc_positions is not None:
+            selected, index, valid = rows(moc_positions, num_regions, region_offset)
+            targets = region_class_labels.reshape(-1).index_select(0, index)
+            valid = valid & (targets != -100)
+            moc_logits = self.moc_head(selected)  # (M, K)
+            per_region = F.cross_entropy(
+                moc_logits.float(), targets.masked_fill(~valid, -100), reduction="none"
+            )
+            losses["moc"] = _masked_mean(per_region, valid)
+        if mrfr_positions is not None:
+            selected, index, valid = rows(mrfr_positions, num_regions, region_offset)
+            targets = region_feature_targets.reshape(batch * num_regions, -1).index_select(0, index)  # (M, F)
+            mrfr_predictions = self.mrfr_head(selected)  # (M, F)
+            per_region = (mrfr_predictions.float() - targets.float()).pow(2).mean(-1)
+            losses["mrfr"] = _masked_mean(per_region, valid)
         if itm_labels is not None:
             losses["itm"] = F.binary_cross_entropy_with_logits(itm_logits.float(), itm_labels.float())
 
@@ -1244,6 +1378,7 @@ def retrieval_losses(
     weights: dict[str, float],
     margin: float,
     num_candidates: int | None = None,
+    check_groups: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The fine-tuning losses of §4.4 on a batch of candidate groups.
 
@@ -1254,6 +1389,9 @@ def retrieval_losses(
             each, as `DataCollatorForImageTextRetrieval` lays it out.
         weights: `{name: weight}` for `binary` (BCE on every row), `ce` (cross-entropy picking the positive among the
             P candidates) and `triplet` (hinge `max(0, margin - s_pos + max s_neg)` with the hardest negative).
+        num_candidates: P. When None it is inferred from the number of positives, and the groups are checked:
+            both read values on the host (a device synchronisation); the retrieval collators pass P.
+        check_groups: check that each group holds exactly one positive (reads values on the host).
 
     Returns:
         `{name: loss}` for each configured name.
@@ -1264,15 +1402,19 @@ def retrieval_losses(
         losses["binary"] = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
     if "ce" in weights or "triplet" in weights:
         batch = logits.shape[0]
-        positives = int((labels == 1).sum())
-        group = num_candidates or (batch // positives if positives else 0)
+        if num_candidates is None:
+            positives = int((labels == 1).sum())
+            group = batch // positives if positives else 0
+        else:
+            positives, group = None, int(num_candidates)
         if not group or batch % group:
             raise ValueError(
                 f"the ce/triplet retrieval losses need contiguous groups of P candidates with one positive each; got "
-                f"{batch} rows with {positives} positives (num_candidates={num_candidates})"
+                f"{batch} rows with {positives if positives is not None else 'unchecked'} positives "
+                f"(num_candidates={num_candidates})"
             )
         grouped_labels = labels.view(-1, group)  # (G, P)
-        if not torch.equal(
+        if check_groups and not torch.equal(
             (grouped_labels == 1).sum(1), torch.ones_like(grouped_labels[:, 0], dtype=torch.long)
         ):
             raise ValueError(f"each group of {group} candidates must hold exactly one positive (labels == 1)")
@@ -1326,8 +1468,9 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
         last_layer_positions = None
         if self.sparse_last_layer and not _outputs_requested(self.config, kwargs):
             # The score reads the pooler only: the last layer runs at the first position.
-            last_layer_positions = _last_layer_positions(
-                input_ids, region_features, global_image_features, None, None, None
+            reference = next(t for t in (input_ids, region_features, global_image_features) if t is not None)
+            last_layer_positions = torch.zeros(
+                reference.shape[0], 1, dtype=torch.long, device=reference.device
             )
         outputs = self.imagebert(
             input_ids=input_ids,
@@ -1347,9 +1490,16 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
                 raise ValueError(
                     f"labels must have shape {tuple(logits.shape)} (one per pair), got {tuple(labels.shape)}"
                 )
+            if self.config.check_inputs:
+                _check_label_values(self.config, "labels", labels, 0, 2)
             weights = parse_retrieval_loss(self.config.retrieval_loss)
             terms = retrieval_losses(
-                logits, labels, weights, float(self.config.triplet_margin), num_candidates
+                logits,
+                labels,
+                weights,
+                float(self.config.triplet_margin),
+                num_candidates,
+                check_groups=num_candidates is None or self.config.check_inputs,
             )
             loss = sum(weights[name] * value for name, value in terms.items())
         return ImageBertForRetrievalOutput(

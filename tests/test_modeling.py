@@ -631,10 +631,22 @@ def test_retrieval_groups_need_one_positive_each():
     ],
 )
 def test_bad_input_gets_a_clear_error(tester, corrupt, message):
-    model = _seeded(ImageBertModel, tester.config())
+    # Value checks (NaN, location range) run with config.check_inputs; shape checks always.
+    model = _seeded(ImageBertModel, tester.config(check_inputs=True))
     inputs = tester.inputs()
     corrupt(inputs)
     with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+def test_value_checks_are_off_by_default_so_forward_reads_nothing_back(tester):
+    # Reading values on the host is a device synchronisation: the processor and collators check values instead.
+    model = _seeded(ImageBertModel, tester.config())
+    inputs = tester.inputs()
+    inputs["region_locations"][0, 0, 2] = 1.5
+    model(**inputs)  # no error: only config.check_inputs reads values
+    model.config.check_inputs = True
+    with pytest.raises(ValueError, match=r"normalised to \[0, 1\]"):
         model(**inputs)
 
 

@@ -148,6 +148,64 @@ def _check_probability(name: str, value: float) -> float:
     return float(value)
 
 
+POSITION_KEYS = ("mlm_positions", "moc_positions", "mrfr_positions", "last_layer_positions")
+
+
+def _flat_positions(selected: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool -> (M,) flat indices of the selected entries; `[-100]` (one ignored entry) when none is, so the
+    head still runs on one row and every parameter gets a gradient under DDP."""
+    index = torch.from_numpy(np.flatnonzero(selected.reshape(-1).numpy()))
+    return index if index.numel() else torch.full((1,), IGNORE_INDEX, dtype=torch.long)
+
+
+def add_labelled_positions(batch: dict[str, Any]) -> dict[str, Any]:
+    """Adds to a pre-training batch, in place, the positions each head reads, computed here on the CPU so that the
+    model's training step never reads a value back from the device:
+
+    - `mlm_positions` (M,): flat indices into `labels.view(-1)` of the labelled tokens of matched pairs;
+    - `moc_positions`, `mrfr_positions` (K,): flat indices into the (B * R) regions of the labelled (MOC) and
+      masked (MRFR) regions of matched pairs;
+    - `last_layer_positions` (B, Q): for each row, the joint-sequence positions the heads read ([CLS] first, then
+      the labelled tokens and regions, ascending), padded with other positions of the row so every row has Q
+      distinct entries.
+
+    A task whose labels are absent gets no positions; call again after removing labels (old positions are
+    replaced). Conditional masking: entries of mismatched pairs (`itm_labels` 0) are left out.
+    """
+    for key in POSITION_KEYS:
+        batch.pop(key, None)
+    input_ids, regions = batch.get("input_ids"), batch.get("region_features")
+    reference = input_ids if input_ids is not None else regions
+    if reference is None:
+        return batch
+    size = reference.shape[0]
+    num_text = 0 if input_ids is None else input_ids.shape[1]
+    num_global = int(batch.get("global_image_features") is not None)
+    num_regions = 0 if regions is None else regions.shape[1]
+    matched = batch["itm_labels"] == 1 if "itm_labels" in batch else torch.ones(size, dtype=torch.bool)
+    joint = torch.zeros(size, num_text + num_global + num_regions, dtype=torch.bool)
+    joint[:, 0] = True  # the pooler's row, read by ITM
+    if "labels" in batch and input_ids is not None:
+        selected = (batch["labels"] != IGNORE_INDEX) & matched[:, None]
+        batch["mlm_positions"] = _flat_positions(selected)
+        joint[:, :num_text] |= selected
+    region_part = joint[:, num_text + num_global :]
+    if "region_class_labels" in batch and regions is not None:
+        selected = (batch["region_class_labels"] != IGNORE_INDEX) & matched[:, None]
+        batch["moc_positions"] = _flat_positions(selected)
+        region_part |= selected
+    if "region_feature_targets" in batch and "masked_regions" in batch and regions is not None:
+        selected = batch["masked_regions"].bool() & matched[:, None]
+        batch["mrfr_positions"] = _flat_positions(selected)
+        region_part |= selected
+    num_queries = max(int(joint.sum(1).max()), 1)
+    # Selected positions first (ascending), then the others: a stable sort of "not selected".
+    batch["last_layer_positions"] = torch.argsort((~joint).to(torch.int8), dim=1, stable=True)[
+        :, :num_queries
+    ]
+    return batch
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     eligible: torch.Tensor,
@@ -202,7 +260,8 @@ class DataCollatorForImageBertPretraining(_SeededCollator):
     Output (dict of tensors): input_ids, attention_mask, token_type_ids [B, T]; region_features [B, R, F] (masked),
     region_locations [B, R, 5], region_attention_mask [B, R]; labels [B, T] (original ids at masked tokens, else
     -100); masked_regions [B, R] bool; region_class_labels [B, R] (detector class at masked regions, else -100);
-    region_feature_targets [B, R, F] (unmasked features); itm_labels [B] (1 matched, 0 negative); and
+    region_feature_targets [B, R, F] (unmasked features); itm_labels [B] (1 matched, 0 negative); the heads'
+    positions (`add_labelled_positions`: mlm_positions, moc_positions, mrfr_positions, last_layer_positions); and
     global_image_features [B, G] when the examples have a global feature. Negatives carry no masks.
 
     `stats` counts, in this process, examples, negatives, negative_captions, negative_images and no_partner
@@ -335,7 +394,7 @@ class DataCollatorForImageBertPretraining(_SeededCollator):
             masked_regions, classes, torch.full_like(classes, IGNORE_INDEX)
         )
         batch["itm_labels"] = torch.from_numpy(itm_labels)
-        return batch
+        return add_labelled_positions(batch)
 
 
 class DataCollatorForImageTextRetrieval(_SeededCollator):
@@ -355,7 +414,8 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
 
     Output (dict of tensors): the padded model inputs of B*P rows (input_ids, attention_mask, token_type_ids,
     region_features, region_locations, region_attention_mask, and global_image_features when present), laid out
-    as B contiguous groups of P rows, and labels [B*P] float (1.0 for each group's first row, 0.0 otherwise).
+    as B contiguous groups of P rows, labels [B*P] float (1.0 for each group's first row, 0.0 otherwise) and
+    num_candidates (the int P).
     """
 
     DIRECTIONS = ("both", "text", "image")
@@ -421,6 +481,8 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
         labels = torch.zeros(size * count, dtype=torch.float32)
         labels[::count] = 1.0
         batch["labels"] = labels
+        # P, so the ce/triplet losses need not count positives on the device (a host synchronisation).
+        batch["num_candidates"] = count
         return batch
 
 
@@ -436,7 +498,7 @@ class DataCollatorForTextMLM(_SeededCollator):
     image-text collator.
 
     Input: examples with input_ids and example_index. Output: input_ids, attention_mask, token_type_ids, labels
-    [B, T] long.
+    [B, T] long, and mlm_positions / last_layer_positions (`add_labelled_positions`).
     """
 
     def __init__(self, processor: ImageBertProcessor, *, mlm_probability: float = 0.15, seed: int = 0):
@@ -468,7 +530,7 @@ class DataCollatorForTextMLM(_SeededCollator):
             mask_token_id=self.mask_token_id,
             random_token_ids=self.random_token_ids,
         )
-        return batch
+        return add_labelled_positions(batch)
 
 
 class DataCollatorForCandidateGroups:
@@ -482,7 +544,8 @@ class DataCollatorForCandidateGroups:
         feature_dtype: dtype of `region_features`.
 
     Input: a list of B layout items (`CandidateLayout.__getitem__`).
-    Output: the padded model inputs of B*P rows (B contiguous groups of P, ground truth first) and labels [B*P]
+    Output: the padded model inputs of B*P rows (B contiguous groups of P, ground truth first), num_candidates
+    (the int P) and labels [B*P]
     float (1.0 at each group's first row).
     """
 
@@ -524,6 +587,8 @@ class DataCollatorForCandidateGroups:
         labels = torch.zeros(len(items) * count, dtype=torch.float32)
         labels[::count] = 1.0
         batch["labels"] = labels
+        # P, so the ce/triplet losses need not count positives on the device (a host synchronisation).
+        batch["num_candidates"] = count
         return batch
 
 
@@ -532,6 +597,8 @@ __all__ = [
     "DataCollatorForImageBertPretraining",
     "DataCollatorForImageTextRetrieval",
     "DataCollatorForTextMLM",
+    "POSITION_KEYS",
+    "add_labelled_positions",
     "hashed_uniform",
     "mask_tokens",
 ]

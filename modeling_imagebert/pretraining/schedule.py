@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.collators import DataCollatorForImageBertPretraining, DataCollatorForTextMLM, hashed_uniform
+from ..data.collators import (
+    DataCollatorForImageBertPretraining,
+    DataCollatorForTextMLM,
+    add_labelled_positions,
+    hashed_uniform,
+)
 from ..data.loading import encode_source, load_source
 from ..processing_imagebert import ImageBertProcessor
 from .recipes import TASKS, DatasetSpec, StageSpec
@@ -232,7 +237,8 @@ class ScheduledBatches(torch.utils.data.Dataset):
             drop = set()
         for name in drop | set(self.drop):
             batch.pop(name, None)
-        return batch
+        # The heads' positions follow the labels that stay.
+        return add_labelled_positions(batch) if drop or self.drop else batch
 
 
 def stage_num_steps(stage: StageSpec, schedule: BatchSchedule) -> int:
