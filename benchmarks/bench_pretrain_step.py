@@ -216,9 +216,13 @@ def build_imagebert(size: dict, feature_dim: int, regions: int, text_length: int
         max_text_length=max(44, text_length),
     )
     model = ImageBertForPreTraining(config)
+    try:  # the heads' positions, as the collators compute them (a step without host-device syncs)
+        from modeling_imagebert.data.collators import add_labelled_positions
+    except ImportError:  # an older checkout: the model derives them itself
+        add_labelled_positions = dict
 
     def inputs(batch):
-        return batch
+        return add_labelled_positions(dict(batch))
 
     return model, inputs
 
