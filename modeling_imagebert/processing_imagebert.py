@@ -567,5 +567,8 @@ def _split_scalars(value: Any, name: str, size: int) -> list:
 
 
 AutoProcessor.register(ImageBertConfig, ImageBertProcessor, exist_ok=True)
+# `save_pretrained` writes the AutoProcessor entry of `auto_map` and copies this file (and the config's) beside the
+# tokenizer, so `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works without this package.
+ImageBertProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = ["ImageBertProcessor", "region_locations", "top_region_indices"]

@@ -2,12 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from isolated import run_without_package
 from torch.nn import functional as F
 
 from modeling_imagebert import (
@@ -217,10 +216,7 @@ def test_hub_style_folder_loads_in_fresh_process_without_package(tester, tmp_pat
     torch.save({"inputs": inputs, "expected": expected}, tmp_path / "io.pt")
     script = textwrap.dedent(
         f"""
-        import sys, torch
-        sys.path = [p for p in sys.path if p not in ("", {REPO!r})]
-        import importlib.util
-        assert importlib.util.find_spec("modeling_imagebert") is None, "package must not be importable here"
+        import torch
         from transformers import AutoModel, AutoModelForPreTraining, AutoModelForSequenceClassification
         io = torch.load({str(tmp_path / "io.pt")!r})
         pre = AutoModelForPreTraining.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
@@ -236,21 +232,7 @@ def test_hub_style_folder_loads_in_fresh_process_without_package(tester, tmp_pat
         print("OK")
         """
     )
-    # Run outside the repository with the package hidden: an editable install must not leak it in.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    code = (
-        "import sys; sys.meta_path = [f for f in sys.meta_path "
-        "if 'editable' not in (getattr(f, '__module__', '') + type(f).__module__).lower()]\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-S", "-c", "import site; site.main()\n" + code + script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_without_package(script, tmp_path)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 

@@ -217,3 +217,25 @@ def test_captions_are_tokenised_in_one_batched_call(processor, monkeypatch):
     # Same ids as the one-record path.
     for i, record in enumerate(records):
         assert encoded[i]["input_ids"].tolist() == processor.encode_record(record, i)["input_ids"]
+
+
+def test_processor_loads_through_autoprocessor_without_the_package(processor, tmp_path):
+    import textwrap
+
+    from isolated import run_without_package
+
+    folder = tmp_path / "hub_folder"
+    processor.save_pretrained(folder)
+    expected = processor(text=["a dog on grass"])["input_ids"].tolist()
+    script = textwrap.dedent(
+        f"""
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(processor).__name__ == "ImageBertProcessor", type(processor)
+        assert processor.max_regions == {processor.max_regions} and processor.max_text_length == {processor.max_text_length}
+        assert processor(text=["a dog on grass"])["input_ids"].tolist() == {expected!r}
+        print("OK")
+        """
+    )
+    result = run_without_package(script, tmp_path)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
