@@ -1,0 +1,246 @@
+"""Transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`) run against our three classes, the
+way a model inside transformers is tested.
+
+The mixins ship in the transformers source distribution, not in the wheel: `make test` (and `.ci/run`) fetch the
+sdist of the installed version with `.ci/fetch_transformers_sdist.py` and point `TRANSFORMERS_SDIST_DIR` at it.
+Without that variable this module is skipped with the command that fetches it.
+
+The sdist's `tests/` folder is imported as the package `transformers_sdist_tests`, so it never mixes with our own
+`tests/`. Three helper modules the mixins import live in subfolders the sdist does not ship
+(`exporters/test_export.py`, `generation/test_utils.py`, `utils/test_configuration_utils.py`); when absent, they
+are stood in for below by what our classes need of them (see `_stand_ins`).
+"""
+
+import importlib
+import os
+import sys
+import types
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining, ImageBertForRetrieval, ImageBertModel
+
+SDIST_ENV = "TRANSFORMERS_SDIST_DIR"
+FETCH_COMMAND = f"{SDIST_ENV}=$(python .ci/fetch_transformers_sdist.py)"
+PACKAGE = "transformers_sdist_tests"
+
+
+def _stand_ins(tests_dir: Path) -> dict[str, dict]:
+    """Modules to register for the helper modules the sdist lacks: `{module name: attributes}`.
+
+    - `exporters.test_export.ExportTesterMixin` adds the export tests (ONNX, ExecuTorch, TensorRT, ...): exporting
+      is not part of this model's scope; an empty mixin leaves them out.
+    - `generation.test_utils.GenerationTesterMixin` is only used by `test_generation_tester_mixin_inheritance`
+      to check that a model which cannot generate does not inherit it: an empty class answers that.
+    - `utils.test_configuration_utils.config_common_kwargs`: the attributes every `PreTrainedConfig` accepts,
+      set to non-default values, that `ConfigTester.check_config_arguments_init` passes to the config.
+    """
+
+    class ExportTesterMixin:
+        """Stand-in: the export tests are not run (the sdist does not ship `tests/exporters/`)."""
+
+    class GenerationTesterMixin:
+        """Stand-in: none of our models generates."""
+
+    config_common_kwargs = {
+        "return_dict": False,
+        "output_hidden_states": True,
+        "output_attentions": True,
+        "dtype": "float16",
+        "chunk_size_feed_forward": 5,
+        "architectures": ["ImageBertModel"],
+        "id2label": {0: "label"},
+        "label2id": {"label": "0"},
+        "problem_type": "regression",
+    }
+    wanted = {
+        "exporters.test_export": {"ExportTesterMixin": ExportTesterMixin},
+        "generation.test_utils": {"GenerationTesterMixin": GenerationTesterMixin},
+        "utils.test_configuration_utils": {"config_common_kwargs": config_common_kwargs},
+    }
+    return {
+        name: attrs
+        for name, attrs in wanted.items()
+        if not (tests_dir / f"{name.replace('.', '/')}.py").is_file()
+    }
+
+
+def _import_sdist_mixins(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
+    """Import `test_modeling_common` and `test_configuration_common` from the unpacked sdist at `root` under the
+    package name `transformers_sdist_tests`. Returns the two modules."""
+    tests_dir = root / "tests"
+    if PACKAGE not in sys.modules:
+        package = types.ModuleType(PACKAGE)
+        package.__path__ = [str(tests_dir)]
+        sys.modules[PACKAGE] = package
+        for name, attributes in _stand_ins(tests_dir).items():
+            parent = f"{PACKAGE}.{name.split('.')[0]}"
+            if parent not in sys.modules:
+                sys.modules[parent] = types.ModuleType(parent)
+                sys.modules[parent].__path__ = []
+            module = types.ModuleType(f"{PACKAGE}.{name}")
+            module.__dict__.update(attributes)
+            sys.modules[module.__name__] = module
+    import transformers
+
+    modeling_common = importlib.import_module(f"{PACKAGE}.test_modeling_common")
+    # `test_configuration_common` runs `direct_transformers_import(<its folder>)`, which executes the repository's
+    # empty `tests/__init__.py` (absent from the sdist) as `transformers` and returns the installed `transformers`.
+    with mock.patch("transformers.utils.direct_transformers_import", lambda *args, **kwargs: transformers):
+        configuration_common = importlib.import_module(f"{PACKAGE}.test_configuration_common")
+    return modeling_common, configuration_common
+
+
+_sdist = os.environ.get(SDIST_ENV)
+if not _sdist:
+    pytest.skip(
+        f"transformers' common model tests need the transformers sdist: run `make test`, or set {FETCH_COMMAND}",
+        allow_module_level=True,
+    )
+if not (Path(_sdist) / "tests" / "test_modeling_common.py").is_file():
+    raise RuntimeError(f"{SDIST_ENV}={_sdist}: no tests/test_modeling_common.py there; set {FETCH_COMMAND}")
+try:
+    _modeling_common, _configuration_common = _import_sdist_mixins(Path(_sdist))
+except ImportError as error:
+    raise RuntimeError(
+        f"cannot import transformers' common tests from {_sdist} ({error}); install the test dependencies with "
+        "`pip install -e .[dev]`"
+    ) from error
+
+ModelTesterMixin = _modeling_common.ModelTesterMixin
+ids_tensor = _modeling_common.ids_tensor
+floats_tensor = _modeling_common.floats_tensor
+random_attention_mask = _modeling_common.random_attention_mask
+ConfigTester = _configuration_common.ConfigTester
+
+
+class ImageBertModelTester:
+    """Builds the tiny config and the inputs `ModelTesterMixin` runs every common test on, in transformers'
+    convention (`prepare_config_and_inputs_for_common()`): text of `seq_text_length` tokens followed by
+    `num_regions` detector regions, so the joint sequence is `seq_length` long."""
+
+    def __init__(
+        self,
+        parent,
+        batch_size=5,
+        text_length=7,
+        num_regions=8,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        visual_feature_dim=16,
+        num_object_classes=7,
+    ):
+        self.parent = parent
+        # The mixin's training tests run only when the tester says the models train.
+        self.is_training = True
+        self.batch_size = batch_size
+        self.text_length = text_length
+        self.num_regions = num_regions
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.visual_feature_dim = visual_feature_dim
+        self.num_object_classes = num_object_classes
+        # The mixin reads these for the shapes of attentions and hidden states: the joint text + region sequence.
+        self.seq_length = text_length + num_regions
+        self.encoder_seq_length = self.seq_length
+        self.key_length = self.seq_length
+
+    def get_config(self) -> ImageBertConfig:
+        return ImageBertConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            visual_feature_dim=self.visual_feature_dim,
+            num_object_classes=self.num_object_classes,
+            max_regions=self.num_regions,
+            max_text_length=self.text_length,
+            max_position_embeddings=32,
+            region_position_id=31,
+        )
+
+    def prepare_config_and_inputs(self) -> tuple[ImageBertConfig, dict[str, torch.Tensor]]:
+        """The config and the model inputs: `input_ids`, `attention_mask`, `token_type_ids` (B, T);
+        `region_features` (B, R, F); `region_locations` (B, R, 5), valid boxes in [0, 1]; `region_attention_mask`
+        (B, R)."""
+        B, T, R = self.batch_size, self.text_length, self.num_regions
+        corners = floats_tensor([B, R, 4])
+        x1, x2 = corners[..., 0].minimum(corners[..., 2]), corners[..., 0].maximum(corners[..., 2])
+        y1, y2 = corners[..., 1].minimum(corners[..., 3]), corners[..., 1].maximum(corners[..., 3])
+        inputs = {
+            "input_ids": ids_tensor([B, T], self.vocab_size),
+            "attention_mask": random_attention_mask([B, T]),
+            "token_type_ids": torch.zeros(B, T, dtype=torch.long),
+            "region_features": floats_tensor([B, R, self.visual_feature_dim]),
+            "region_locations": torch.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)], dim=-1),
+            "region_attention_mask": random_attention_mask([B, R]),
+        }
+        return self.get_config(), inputs
+
+    def prepare_config_and_inputs_for_common(self) -> tuple[ImageBertConfig, dict[str, torch.Tensor]]:
+        return self.prepare_config_and_inputs()
+
+    def labels_for(self, model_class, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Labels that make `model_class` return a loss: every pre-training task for `ImageBertForPreTraining`,
+        matched (1) / mismatched (0) pairs for `ImageBertForRetrieval`; none for the encoder. The same for the same
+        inputs."""
+        B, T, R = self.batch_size, self.text_length, self.num_regions
+        if model_class is ImageBertForPreTraining:
+            text_masked = torch.zeros(B, T, dtype=torch.bool)
+            text_masked[:, 1] = True
+            masked_regions = torch.zeros(B, R, dtype=torch.bool)
+            masked_regions[:, 0] = True
+            # Deterministic, as the mixin builds the inputs twice and compares the two outputs.
+            classes = torch.arange(B * R).view(B, R) % self.num_object_classes
+            return {
+                "labels": torch.where(text_masked, inputs["input_ids"], -100),
+                "masked_regions": masked_regions,
+                "region_class_labels": torch.where(masked_regions, classes, -100),
+                "region_feature_targets": inputs["region_features"].clone(),
+                "itm_labels": torch.arange(B) % 2,
+            }
+        if model_class is ImageBertForRetrieval:
+            return {"labels": (torch.arange(B) % 2).float()}
+        return {}
+
+
+class ImageBertModelTest(ModelTesterMixin, unittest.TestCase):
+    all_model_classes = (ImageBertModel, ImageBertForPreTraining, ImageBertForRetrieval)
+    # The mixin runs this check only on models it dates 2023 or later (by a copyright line we do not have); ours is
+    # new, and its `_init_weights` must cover every weight.
+    test_can_init_all_missing_weights_before_2023 = True
+
+    def setUp(self):
+        self.model_tester = ImageBertModelTester(self)
+        # The mixin tells base models from heads by transformers' auto mapping, where a model inside transformers is
+        # listed (a base model has no loss to train, and some tests run on base models only). List ours there, in the
+        # mixin module's view only.
+        base_models = {
+            **_modeling_common.MODEL_MAPPING_NAMES,
+            ImageBertConfig.model_type: ImageBertModel.__name__,
+        }
+        patcher = mock.patch.object(_modeling_common, "MODEL_MAPPING_NAMES", base_models)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        # As transformers' BERT test: hidden_size 37 with the default 12 heads (only a model refuses that).
+        self.config_tester = ConfigTester(self, config_class=ImageBertConfig, hidden_size=37)
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels:
+            inputs_dict.update(self.model_tester.labels_for(model_class, inputs_dict))
+        return inputs_dict
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
