@@ -197,8 +197,14 @@ class ImageBertConfig(PreTrainedConfig):
 
 
 def _field_names() -> frozenset[str]:
-    """The fields a person may set: ImageBERT's own and those every `PreTrainedConfig` declares."""
-    return frozenset(field.name for field in dataclasses.fields(ImageBertConfig))
+    """The fields a person may set: ImageBERT's own, those every `PreTrainedConfig` declares, and its public
+    settable properties (`output_attentions`, `num_labels`)."""
+    settable = {
+        name
+        for name, value in vars(PreTrainedConfig).items()
+        if isinstance(value, property) and value.fset is not None and not name.startswith("_")
+    }
+    return frozenset(field.name for field in dataclasses.fields(ImageBertConfig)) | settable
 
 
 def _closest_field(name: str) -> str | None:

@@ -118,6 +118,77 @@ random_attention_mask = _modeling_common.random_attention_mask
 ConfigTester = _configuration_common.ConfigTester
 
 
+# Every common test that does not run here, with why. A parameterised test is named by its stem. The mixin decides
+# these skips itself; `ImageBertModelTest.skipTest` fails any skip not listed here, and
+# `test_every_skip_of_the_common_suite_is_documented` any test skipped by a decorator and not listed, so a newer
+# transformers that skips more shows up instead of passing silently.
+NOT_APPLICABLE = {
+    # The architecture has no such part.
+    "test_attn_implementation_composite_models": "one config and one encoder: not a composite (vision + text) model",
+    "test_can_set_attention_dynamically_composite_model": "one config and one encoder: not a composite model",
+    "test_sdpa_can_dispatch_composite_models": "one config and one encoder: not a composite model",
+    "test_internal_model_config_and_subconfig_are_same": "the config has no sub-configs",
+    "test_bc_cache_name_forward": "a bidirectional encoder: no key-value cache",
+    "test_causal_lm_loss_honors_shift_labels": "no causal language-model head (MLM predicts masked tokens in place)",
+    "test_encoder_decoder_loss_no_double_shift": "not an encoder-decoder",
+    "test_can_load_from_already_mapped_keys": "no checkpoint-key conversion registered (from_bert_pretrained renames)",
+    "test_reverse_loading_mapping": "no checkpoint-key conversion registered (from_bert_pretrained renames)",
+    "test_eager_matches_batched_and_grouped_inference": "no mixture-of-experts layers (grouped_mm runs experts)",
+    "test_moe_models_record_router_logits": "no mixture-of-experts layers",
+    "test_output_router_logits_from_config": "no mixture-of-experts layers",
+    "test_keep_in_fp32_modules": "no module has to stay in fp32 (no `_keep_in_fp32_modules`)",
+    "test_keep_in_fp32_modules_exist": "no module has to stay in fp32 (no `_keep_in_fp32_modules`)",
+    "test_keep_in_fp32_modules_strict_also_hardcode_fp32": "no `_keep_in_fp32_modules_strict`",
+    "test_model_rope_scaling_frequencies": "learned absolute positions (BERT's), no RoPE",
+    "test_model_rope_scaling_from_config": "learned absolute positions (BERT's), no RoPE",
+    "test_model_rope_with_partial_rotation": "learned absolute positions (BERT's), no RoPE",
+    "test_vision_axial_rope": "learned absolute positions (BERT's), no RoPE",
+    "test_sliding_window_mask": "full bidirectional attention, no sliding window",
+    "test_tp_plan_matches_params": "no tensor-parallel plan declared (as BERT)",
+    "test_resize_position_vector_embeddings": "position table not resizable, as BERT (region_position_id indexes it)",
+    "test_inputs_embeds": "forward takes no `inputs_embeds`: text enters as ids, regions as features and boxes",
+    "test_inputs_embeds_matches_input_ids": "forward takes no `inputs_embeds`: text enters as ids",
+    # Needs hardware or a library the CI machine lacks (the mixin's `require_*` decorators); runs where present.
+    "test_flash_attn_2_can_compile_with_attention_mask_None_without_graph_break": "needs flash-attn 2 on a GPU",
+    "test_flash_attn_2_can_dispatch_composite_models": "needs flash-attn 2 on a GPU",
+    "test_flash_attn_2_fp32_ln": "needs flash-attn 2 on a GPU",
+    "test_flash_attn_2_from_config": "needs flash-attn 2 on a GPU",
+    "test_flash_attn_2_inference_equivalence": "needs flash-attn 2 on a GPU",
+    "test_flash_attn_2_inference_equivalence_right_padding": "needs flash-attn 2 on a GPU",
+    "test_flash_attn_3_can_dispatch_composite_models": "needs flash-attn 3 on a GPU",
+    "test_flash_attn_3_from_config": "needs flash-attn 3 on a GPU",
+    "test_flash_attn_3_inference_equivalence": "needs flash-attn 3 on a GPU",
+    "test_flash_attn_3_inference_equivalence_right_padding": "needs flash-attn 3 on a GPU",
+    "test_flash_attn_4_can_dispatch_composite_models": "needs flash-attn 4 on a GPU",
+    "test_flash_attn_4_from_config": "needs flash-attn 4 on a GPU",
+    "test_flash_attn_4_inference_equivalence": "needs flash-attn 4 on a GPU",
+    "test_flash_attn_4_inference_equivalence_right_padding": "needs flash-attn 4 on a GPU",
+    "test_flash_attn_kernels_inference_equivalence": "needs the `kernels` library",
+    "test_kernels_can_load_without_crashing": "needs the `kernels` library",
+    "test_flash_attn_kernels_mps_inference_equivalence": "needs an Apple MPS device",
+    "test_can_load_with_device_context_manager": "needs an accelerator",
+    "test_can_load_with_global_device_set": "needs an accelerator",
+    "test_cpu_offload": "needs an accelerator",
+    "test_disk_offload_bin": "needs an accelerator",
+    "test_disk_offload_safetensors": "needs an accelerator",
+    "test_flex_attention_with_grads": "needs an accelerator",
+    "test_sdpa_can_compile_dynamic": "needs an accelerator",
+    "test_sdpa_can_dispatch_on_flash": "needs an accelerator",
+    "test_model_parallelism": "needs several accelerators",
+    "test_resize_embeddings_untied_with_deepspeed": "needs deepspeed",
+    "test_resize_embeddings_untied_with_deepspeed_multi_gpu": "needs deepspeed and several GPUs",
+    "test_resize_tokens_embeddings_with_deepspeed": "needs deepspeed",
+    "test_resize_tokens_embeddings_with_deepspeed_multi_gpu": "needs deepspeed and several GPUs",
+    "test_torch_compile_for_training": "transformers marks it slow (RUN_SLOW=1): compiles the training step",
+}
+
+
+def _documented_reason(test_name: str) -> str | None:
+    """The reason `NOT_APPLICABLE` gives for `test_name` (a parameterised test by its stem), or None."""
+    stems = [stem for stem in NOT_APPLICABLE if test_name == stem or test_name.startswith(stem + "_")]
+    return NOT_APPLICABLE[max(stems, key=len)] if stems else None
+
+
 class ImageBertModelTester:
     """Builds the tiny config and the inputs `ModelTesterMixin` runs every common test on, in transformers'
     convention (`prepare_config_and_inputs_for_common()`): text of `seq_text_length` tokens followed by
@@ -242,5 +313,39 @@ class ImageBertModelTest(ModelTesterMixin, unittest.TestCase):
             inputs_dict.update(self.model_tester.labels_for(model_class, inputs_dict))
         return inputs_dict
 
+    def skipTest(self, reason):  # noqa: N802 (unittest's name)
+        documented = _documented_reason(self._testMethodName)
+        if documented is None:
+            self.fail(
+                f"{self._testMethodName}: the common suite skips it ({reason}) and NOT_APPLICABLE does not say why; "
+                "make it run, or add a one-line reason"
+            )
+        super().skipTest(f"{documented} [transformers: {reason}]")
+
     def test_config(self):
         self.config_tester.run_common_tests()
+
+    def test_every_skip_of_the_common_suite_is_documented(self):
+        decorated = [
+            name
+            for name in dir(self)
+            if name.startswith("test_") and getattr(getattr(self, name), "__unittest_skip__", False)
+        ]
+        self.assertEqual([name for name in decorated if _documented_reason(name) is None], [])
+        # A listed name that no longer names a common test is stale (renamed or removed upstream).
+        stale = [
+            stem
+            for stem in NOT_APPLICABLE
+            if not any(_documented_reason(n) for n in dir(self) if n == stem or n.startswith(stem + "_"))
+        ]
+        self.assertEqual(stale, [])
+
+
+# Tests the mixin skips by a decorator (`require_*`, `slow`) report this file's reason too. `hub_retry` gave each
+# test of this class its own wrapper (see `ModelTesterMixin.__init_subclass__`), so the mixin itself is untouched.
+for _name in dir(ImageBertModelTest):
+    _test = getattr(ImageBertModelTest, _name)
+    if _name.startswith("test_") and getattr(_test, "__unittest_skip__", False) and _documented_reason(_name):
+        _test.__unittest_skip_why__ = (
+            f"{_documented_reason(_name)} [transformers: {_test.__unittest_skip_why__}]"
+        )
