@@ -16,11 +16,13 @@ import os
 import sys
 import types
 import unittest
+import warnings
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
+import transformers
 
 from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining, ImageBertForRetrieval, ImageBertModel
 
@@ -32,8 +34,8 @@ PACKAGE = "transformers_sdist_tests"
 def _stand_ins(tests_dir: Path) -> dict[str, dict]:
     """Modules to register for the helper modules the sdist lacks: `{module name: attributes}`.
 
-    - `exporters.test_export.ExportTesterMixin` adds the export tests (ONNX, ExecuTorch, TensorRT, ...): exporting
-      is not part of this model's scope; an empty mixin leaves them out.
+    - `exporters.test_export.ExportTesterMixin` adds the export tests (ONNX, ExecuTorch, TensorRT, ...), which need
+      the exporters' own test helpers, absent from the sdist: an empty mixin leaves them out.
     - `generation.test_utils.GenerationTesterMixin` is only used by `test_generation_tester_mixin_inheritance`
       to check that a model which cannot generate does not inherit it: an empty class answers that.
     - `utils.test_configuration_utils.config_common_kwargs`: the attributes every `PreTrainedConfig` accepts,
@@ -85,14 +87,25 @@ def _import_sdist_mixins(root: Path) -> tuple[types.ModuleType, types.ModuleType
             module = types.ModuleType(f"{PACKAGE}.{name}")
             module.__dict__.update(attributes)
             sys.modules[module.__name__] = module
-    import transformers
-
-    modeling_common = importlib.import_module(f"{PACKAGE}.test_modeling_common")
+    with warnings.catch_warnings():
+        # The mixin's marks (flash_attn_test, accelerate_tests, ...) are registered by transformers' own conftest.
+        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+        modeling_common = importlib.import_module(f"{PACKAGE}.test_modeling_common")
     # `test_configuration_common` runs `direct_transformers_import(<its folder>)`, which executes the repository's
     # empty `tests/__init__.py` (absent from the sdist) as `transformers` and returns the installed `transformers`.
     with mock.patch("transformers.utils.direct_transformers_import", lambda *args, **kwargs: transformers):
         configuration_common = importlib.import_module(f"{PACKAGE}.test_configuration_common")
     return modeling_common, configuration_common
+
+
+def _sdist_version_of(root: Path) -> str | None:
+    """The `Version:` line of the unpacked sdist's PKG-INFO at `root`, or None without one."""
+    pkg_info = root / "PKG-INFO"
+    if pkg_info.is_file():
+        for line in pkg_info.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("Version:"):
+                return line.split(":", 1)[1].strip()
+    return None
 
 
 _sdist = os.environ.get(SDIST_ENV)
@@ -103,6 +116,13 @@ if not _sdist:
     )
 if not (Path(_sdist) / "tests" / "test_modeling_common.py").is_file():
     raise RuntimeError(f"{SDIST_ENV}={_sdist}: no tests/test_modeling_common.py there; set {FETCH_COMMAND}")
+_sdist_version = _sdist_version_of(Path(_sdist))
+if _sdist_version is not None and _sdist_version != transformers.__version__:
+    # The common tests follow the library they ship with: another version's tests test another API.
+    raise RuntimeError(
+        f"{SDIST_ENV}={_sdist}: PKG-INFO says transformers {_sdist_version}, but {transformers.__version__} is "
+        f"installed; set {FETCH_COMMAND}"
+    )
 try:
     _modeling_common, _configuration_common = _import_sdist_mixins(Path(_sdist))
 except ImportError as error:
@@ -191,7 +211,7 @@ def _documented_reason(test_name: str) -> str | None:
 
 class ImageBertModelTester:
     """Builds the tiny config and the inputs `ModelTesterMixin` runs every common test on, in transformers'
-    convention (`prepare_config_and_inputs_for_common()`): text of `seq_text_length` tokens followed by
+    convention (`prepare_config_and_inputs_for_common()`): text of `text_length` tokens followed by
     `num_regions` detector regions, so the joint sequence is `seq_length` long."""
 
     def __init__(
