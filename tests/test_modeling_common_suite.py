@@ -13,6 +13,7 @@ are stood in for below by what our classes need of them (see `_stand_ins`).
 
 import importlib
 import os
+import re
 import sys
 import types
 import unittest
@@ -164,8 +165,10 @@ NOT_APPLICABLE = {
     "test_model_rope_with_partial_rotation": "learned absolute positions (BERT's), no RoPE",
     "test_vision_axial_rope": "learned absolute positions (BERT's), no RoPE",
     "test_sliding_window_mask": "full bidirectional attention, no sliding window",
-    "test_tp_plan_matches_params": "no tensor-parallel plan declared (as BERT)",
-    "test_resize_position_vector_embeddings": "position table not resizable, as BERT (region_position_id indexes it)",
+    "test_tp_plan_matches_params": "no tensor-parallel plan declared (`base_model_tp_plan`)",
+    "test_resize_position_vector_embeddings": (
+        "mixin default test_resize_position_embeddings=False: region_position_id indexes the position table"
+    ),
     "test_inputs_embeds": "forward takes no `inputs_embeds`: text enters as ids, regions as features and boxes",
     "test_inputs_embeds_matches_input_ids": "forward takes no `inputs_embeds`: text enters as ids",
     # Needs hardware or a library the CI machine lacks (the mixin's `require_*` decorators); runs where present.
@@ -204,9 +207,9 @@ NOT_APPLICABLE = {
 
 
 def _documented_reason(test_name: str) -> str | None:
-    """The reason `NOT_APPLICABLE` gives for `test_name` (a parameterised test by its stem), or None."""
-    stems = [stem for stem in NOT_APPLICABLE if test_name == stem or test_name.startswith(stem + "_")]
-    return NOT_APPLICABLE[max(stems, key=len)] if stems else None
+    """The reason `NOT_APPLICABLE` gives for `test_name`, or None. A parameterised test (`parameterized.expand`
+    names them `<stem>_<index>_<parameters>`) is listed by its stem."""
+    return NOT_APPLICABLE.get(test_name) or NOT_APPLICABLE.get(re.sub(r"_\d+(_.*)?$", "", test_name))
 
 
 class ImageBertModelTester:
@@ -333,7 +336,7 @@ class ImageBertModelTest(ModelTesterMixin, unittest.TestCase):
             inputs_dict.update(self.model_tester.labels_for(model_class, inputs_dict))
         return inputs_dict
 
-    def skipTest(self, reason):  # noqa: N802 (unittest's name)
+    def skipTest(self, reason):
         documented = _documented_reason(self._testMethodName)
         if documented is None:
             self.fail(
@@ -353,11 +356,9 @@ class ImageBertModelTest(ModelTesterMixin, unittest.TestCase):
         ]
         self.assertEqual([name for name in decorated if _documented_reason(name) is None], [])
         # A listed name that no longer names a common test is stale (renamed or removed upstream).
-        stale = [
-            stem
-            for stem in NOT_APPLICABLE
-            if not any(_documented_reason(n) for n in dir(self) if n == stem or n.startswith(stem + "_"))
-        ]
+        names = {name for name in dir(self) if name.startswith("test_")}
+        names |= {re.sub(r"_\d+(_.*)?$", "", name) for name in names}
+        stale = [name for name in NOT_APPLICABLE if name not in names]
         self.assertEqual(stale, [])
 
 
