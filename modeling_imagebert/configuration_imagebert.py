@@ -73,6 +73,11 @@ class ImageBertConfig(PreTrainedConfig):
         retrieval_loss (`str`, "binary"): `binary`, `ce`, `triplet`, or a weighted sum such as `"binary+0.5*ce"`.
         triplet_margin (`float`, 0.2): hinge margin of the triplet loss.
 
+    Extra attributes (keys of a newer transformers, of a quantisation or PEFT tool) are kept and round-trip, as with
+    every `PreTrainedConfig`; one that resembles a field (`num_hiden_layers`) logs a warning naming the field. Where a
+    person types field names (recipes, `--set`, flags), `ImageBertConfig.check_field_names` refuses unknown ones.
+    Cross-field rules a model needs (hidden_size a multiple of num_attention_heads) are checked by the model.
+
     Example:
 
     ```python
