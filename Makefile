@@ -10,8 +10,11 @@ install:
 demo: install
 	HF_HUB_OFFLINE=1 accelerate launch --num_processes 1 examples/run_pretrain.py
 
+# transformers' common model tests (tests/test_modeling_common_suite.py) ship in its sdist only: fetched once per
+# installed version and cached (see .ci/fetch_transformers_sdist.py), unless TRANSFORMERS_SDIST_DIR is already set.
 test: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+	sdist="$${TRANSFORMERS_SDIST_DIR:-$$($(PYTHON) .ci/fetch_transformers_sdist.py)}" && \
+	HF_HUB_OFFLINE=1 TRANSFORMERS_SDIST_DIR="$$sdist" $(PYTHON) -m pytest -q
 
 style:
 	ruff check --fix modeling_imagebert examples tests benchmarks metrics

@@ -22,7 +22,8 @@ from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -254,6 +255,13 @@ def _cpu_training_attention(
 class ImageBertSelfAttention(nn.Module):
     def __init__(self, config: ImageBertConfig):
         super().__init__()
+        # Checked here, not in the config, as BERT does: transformers' config tooling builds configs (e.g.
+        # hidden_size=37 with the default 12 heads) that only a model would refuse.
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"ImageBertConfig.hidden_size ({config.hidden_size}) must be a multiple of num_attention_heads "
+                f"({config.num_attention_heads})"
+            )
         self.config = config
         self.attention_head_size = config.hidden_size // config.num_attention_heads
         self.scaling = self.attention_head_size**-0.5
@@ -877,6 +885,8 @@ class ImageBertPreTrainedModel(PreTrainedModel):
             "token": token,
             "local_files_only": local_files_only,
         }
+        # Typed by a person: a misspelt field must not become a silent extra attribute.
+        ImageBertConfig.check_field_names(config_overrides, where="from_bert_pretrained")
         bert_config = _read_bert_config(str(name_or_path), **hub_kwargs)
         overridable = {"hidden_dropout_prob", "attention_probs_dropout_prob", "num_hidden_layers"}
         clash = sorted(set(config_overrides) & set(_BERT_FIELDS) - overridable)
@@ -952,7 +962,7 @@ class ImageBertModel(ImageBertPreTrainedModel):
         region_attention_mask: torch.LongTensor | None = None,
         global_image_features: torch.FloatTensor | None = None,
         last_layer_positions: torch.BoolTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageBertModelOutput:
         r"""
         input_ids (`(B, T)`): WordPiece ids of `[CLS] text [SEP]`, padded.
@@ -1208,7 +1218,7 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
         moc_positions: torch.LongTensor | None = None,
         mrfr_positions: torch.LongTensor | None = None,
         last_layer_positions: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageBertForPreTrainingOutput:
         r"""
         Inputs as `ImageBertModel.forward`, plus the labels (any subset; a task without labels is skipped):
@@ -1457,7 +1467,7 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
         global_image_features: torch.FloatTensor | None = None,
         labels: torch.Tensor | None = None,
         num_candidates: int | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageBertForRetrievalOutput:
         r"""
         Inputs as `ImageBertModel.forward`, plus:

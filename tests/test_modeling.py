@@ -1,5 +1,6 @@
 """Specification of the ImageBERT model trio (tiny configs, CPU)."""
 
+import copy
 import json
 import os
 import textwrap
@@ -108,9 +109,51 @@ def _seeded(model_class, config, seed=0):
 # ---------------------------------------------------------------------------------------------------- configuration
 
 
-def test_config_refuses_unknown_field():
-    with pytest.raises(ValueError, match="hiden_size"):
-        ImageBertConfig(hiden_size=32)
+def test_config_keeps_extra_attributes_through_round_trips(tmp_path):
+    # As any PreTrainedConfig: keys a newer transformers, a quantisation/PEFT tool or transformers' own test tooling
+    # adds must survive to_dict/from_dict, deepcopy and save/load.
+    config = ImageBertConfig(
+        hidden_size=32, num_attention_heads=4, rms_norm_eps=1e-6, quantization_note="int8"
+    )
+    config.layer_norm_epsilon = 1e-5
+    assert ImageBertConfig.from_dict(config.to_dict()).rms_norm_eps == 1e-6
+    copied = copy.deepcopy(config)
+    assert (copied.quantization_note, copied.layer_norm_epsilon) == ("int8", 1e-5)
+    config.save_pretrained(tmp_path)
+    loaded = ImageBertConfig.from_pretrained(tmp_path)
+    assert (loaded.rms_norm_eps, loaded.quantization_note, loaded.layer_norm_epsilon) == (1e-6, "int8", 1e-5)
+    assert loaded.to_dict() == config.to_dict()
+
+
+def test_config_warns_when_an_extra_attribute_resembles_a_field(caplog):
+    with caplog.at_level("WARNING"):
+        config = ImageBertConfig(num_hiden_layers=3)
+    assert config.num_hidden_layers == 12 and config.num_hiden_layers == 3
+    assert "'num_hiden_layers'" in caplog.text and "did you mean 'num_hidden_layers'" in caplog.text
+
+
+def test_config_saved_and_loaded_without_warnings(tmp_path, caplog):
+    ImageBertConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        ImageBertConfig.from_pretrained(tmp_path)
+    assert "did you mean" not in caplog.text
+
+
+def test_check_field_names_refuses_a_typo_naming_the_closest_field():
+    ImageBertConfig.check_field_names(["num_hidden_layers", "max_regions", "output_hidden_states"])
+    with pytest.raises(
+        ValueError, match=r"^model\.overrides\.num_hiden_layers: .*did you mean 'num_hidden_layers'"
+    ):
+        ImageBertConfig.check_field_names(["max_regions", "num_hiden_layers"], where="model.overrides")
+    with pytest.raises(ValueError, match=r"zzz: not an ImageBertConfig field; expected one of \["):
+        ImageBertConfig.check_field_names(["zzz"])
+
+
+def test_model_refuses_hidden_size_not_a_multiple_of_heads(tester):
+    # The config accepts it (as BertConfig does, and as transformers' ConfigTester builds it); the model cannot.
+    config = tester.config(hidden_size=30)
+    with pytest.raises(ValueError, match="multiple of num_attention_heads"):
+        ImageBertModel(config)
 
 
 def test_config_refuses_ill_typed_value():
@@ -123,7 +166,6 @@ def test_config_refuses_ill_typed_value():
     [
         ("retrieval_loss", "binary+hinge", "hinge"),
         ("region_position_id", 512, "region_position_id"),
-        ("hidden_size", 30, "multiple of num_attention_heads"),
         ("mlm_loss_weight", -1.0, "mlm_loss_weight"),
     ],
 )
