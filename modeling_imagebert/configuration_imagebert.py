@@ -60,8 +60,9 @@ class ImageBertConfig(PreTrainedConfig):
         max_regions (`int`, 100): most region tokens per image.
         max_text_length (`int`, 44): most text tokens including [CLS] and [SEP]; with `max_regions` it makes the
             paper's input length of 144.
-        region_position_id (`int`, 511): the fixed dummy sequence position shared by all region tokens (regions
-            have no order); must be below `max_position_embeddings`.
+        region_position_id (`int`, default `max_position_embeddings - 1`, 511 for BERT's table): the fixed dummy
+            sequence position shared by all region tokens (regions have no order); must be below
+            `max_position_embeddings`.
         region_segment_id (`int`, 1): segment (token type) id of region tokens; text uses 0.
         use_global_image_feature (`bool`, False): add one global-image token before the regions (paper ablation).
         global_image_feature_dim (`int`, 2048): dimension of that global feature.
@@ -113,7 +114,7 @@ class ImageBertConfig(PreTrainedConfig):
     num_object_classes: int = 1600
     max_regions: int = 100
     max_text_length: int = 44
-    region_position_id: int = 511
+    region_position_id: int | None = None
     region_segment_id: int = 1
     use_global_image_feature: bool = False
     global_image_feature_dim: int = 2048
@@ -129,6 +130,8 @@ class ImageBertConfig(PreTrainedConfig):
     check_inputs: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.region_position_id is None:  # the last position: 511 for BERT's 512, and follows a smaller table
+            self.region_position_id = self.max_position_embeddings - 1
         # Like every `PreTrainedConfig`, extra attributes are kept (a newer transformers, a quantisation or PEFT
         # tool, or transformers' own test tooling adds them); only a likely misspelling of a field is flagged.
         for key in kwargs:
@@ -222,8 +225,10 @@ def _field_names() -> frozenset[str]:
 
 def _closest_field(name: str) -> str | None:
     """The declared field `name` most likely misspells (`num_hiden_layers` -> `num_hidden_layers`), or None."""
+    if name.startswith("_") or name in _field_names():  # private bookkeeping (`_name_or_path`, ...) is no typo
+        return None
     matches = difflib.get_close_matches(name, sorted(_field_names()), n=1, cutoff=0.85)
-    return matches[0] if matches and matches[0] != name else None
+    return matches[0] if matches else None
 
 
 __all__ = ["ImageBertConfig"]

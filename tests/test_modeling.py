@@ -760,3 +760,13 @@ def test_from_bert_pretrained_can_keep_only_the_first_layers(minilm_path):
     assert any(key.startswith("encoder.layer.5.") for key in info["unused"])
     with pytest.raises(ValueError, match="exceeds the 6 layers"):
         ImageBertModel.from_bert_pretrained(minilm_path, num_hidden_layers=7)
+
+
+def test_region_position_follows_a_smaller_position_table():
+    # The dummy region position defaults to the last row of the position table: 511 for BERT's 512.
+    assert ImageBertConfig().region_position_id == 511
+    small = ImageBertConfig(max_position_embeddings=64)
+    assert small.region_position_id == 63
+    assert ImageBertConfig.from_dict(small.to_dict()).region_position_id == 63
+    with pytest.raises(Exception, match="region_position_id must be in"):
+        ImageBertConfig(max_position_embeddings=64, region_position_id=100)
