@@ -146,11 +146,15 @@ class BUTDConfig(PreTrainedConfig):
             if getattr(self, name) <= 0:
                 raise ValueError(f"BUTDConfig.{name} must be positive, got {getattr(self, name)}")
         if len(self.stage_depths) != 3 or any(d <= 0 for d in self.stage_depths):
-            raise ValueError(f"BUTDConfig.stage_depths must be 3 positive block counts, got {self.stage_depths}")
+            raise ValueError(
+                f"BUTDConfig.stage_depths must be 3 positive block counts, got {self.stage_depths}"
+            )
         if self.num_classes < 2 or self.num_attributes < 2:
             raise ValueError("BUTDConfig: num_classes and num_attributes count a background entry; need >= 2")
         if self.anchor_style not in ANCHOR_STYLES:
-            raise ValueError(f"BUTDConfig.anchor_style must be one of {ANCHOR_STYLES}, got {self.anchor_style!r}")
+            raise ValueError(
+                f"BUTDConfig.anchor_style must be one of {ANCHOR_STYLES}, got {self.anchor_style!r}"
+            )
         if self.roi_pooler not in ROI_POOLERS:
             raise ValueError(f"BUTDConfig.roi_pooler must be one of {ROI_POOLERS}, got {self.roi_pooler!r}")
         if self.final_boxes not in FINAL_BOXES:

@@ -49,7 +49,9 @@ class BUTDImageProcessor(ImageProcessingMixin):
     ):
         super().__init__(**kwargs)
         if not 0 < min_size <= max_size:
-            raise ValueError(f"BUTDImageProcessor: need 0 < min_size <= max_size, got {min_size} and {max_size}")
+            raise ValueError(
+                f"BUTDImageProcessor: need 0 < min_size <= max_size, got {min_size} and {max_size}"
+            )
         if len(image_mean) != 3:
             raise ValueError(f"BUTDImageProcessor.image_mean must hold 3 BGR values, got {image_mean}")
         self.min_size = int(min_size)
@@ -76,7 +78,9 @@ class BUTDImageProcessor(ImageProcessingMixin):
         # so this equals Caffe's subtract-then-resize).
         pixels = torch.from_numpy(np.ascontiguousarray(array[:, :, ::-1])).permute(2, 0, 1)[None].float()
         if new_size != (height, width):
-            pixels = F.interpolate(pixels, size=new_size, mode="bilinear", align_corners=False, antialias=False)
+            pixels = F.interpolate(
+                pixels, size=new_size, mode="bilinear", align_corners=False, antialias=False
+            )
         pixels = pixels[0] - torch.tensor(self.image_mean).view(3, 1, 1)
         return {
             "pixel_values": pixels.contiguous(),
@@ -98,14 +102,18 @@ def _as_rgb_array(image, name: str) -> np.ndarray:
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
         image = np.asarray(image.convert("RGB"))
     if not isinstance(image, np.ndarray):
-        raise ValueError(f"{name}: expected an RGB np.ndarray (H, W, 3) or a PIL image, got {type(image).__name__}")
+        raise ValueError(
+            f"{name}: expected an RGB np.ndarray (H, W, 3) or a PIL image, got {type(image).__name__}"
+        )
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{name}: expected shape (H, W, 3) RGB, got {tuple(image.shape)}")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"{name}: empty image of shape {tuple(image.shape)}")
     if image.dtype != np.uint8:
         if not np.issubdtype(image.dtype, np.floating) or not np.isfinite(image).all():
-            raise ValueError(f"{name}: expected uint8 pixels (or finite floats in [0, 255]), got {image.dtype}")
+            raise ValueError(
+                f"{name}: expected uint8 pixels (or finite floats in [0, 255]), got {image.dtype}"
+            )
     return image
 
 

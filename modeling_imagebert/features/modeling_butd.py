@@ -135,7 +135,12 @@ class BUTDStem(nn.Module):
         super().__init__()
         self.caffe_maxpool = config.caffe_maxpool
         self.conv1 = BUTDConv2d(
-            config.num_channels, config.stem_out_channels, kernel_size=7, stride=2, padding=3, eps=config.norm_eps
+            config.num_channels,
+            config.stem_out_channels,
+            kernel_size=7,
+            stride=2,
+            padding=3,
+            eps=config.norm_eps,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +205,12 @@ def caffe_cell_anchors(sizes, ratios, base_size: int = 16) -> torch.Tensor:
 
     def around_center(ws: np.ndarray, hs: np.ndarray) -> np.ndarray:
         return np.stack(
-            [center - 0.5 * (ws - 1), center - 0.5 * (hs - 1), center + 0.5 * (ws - 1), center + 0.5 * (hs - 1)],
+            [
+                center - 0.5 * (ws - 1),
+                center - 0.5 * (hs - 1),
+                center + 0.5 * (ws - 1),
+                center + 0.5 * (hs - 1),
+            ],
             axis=1,
         )
 
@@ -208,7 +218,7 @@ def caffe_cell_anchors(sizes, ratios, base_size: int = 16) -> torch.Tensor:
     ratio_ws = np.round(np.sqrt(area / np.asarray(ratios, dtype=np.float64)))
     ratio_hs = np.round(ratio_ws * np.asarray(ratios, dtype=np.float64))
     scales = np.asarray(sizes, dtype=np.float64) / base_size
-    anchors = [around_center(w * scales, h * scales) for w, h in zip(ratio_ws, ratio_hs)]
+    anchors = [around_center(w * scales, h * scales) for w, h in zip(ratio_ws, ratio_hs, strict=True)]
     return torch.from_numpy(np.concatenate(anchors, axis=0)).float()
 
 
@@ -346,13 +356,17 @@ def per_class_max_confidence(
     if boxes.shape[0] == 0:
         return class_scores.new_zeros(0).float()
     scores = class_scores.float().t()  # (K, R)
-    order, kept_by_rank = _greedy_suppression(box_iou(boxes.float(), boxes.float(), offset) > threshold, scores)
+    order, kept_by_rank = _greedy_suppression(
+        box_iou(boxes.float(), boxes.float(), offset) > threshold, scores
+    )
     # Back from rank order to box order: survives[k, order[k, r]] = kept_by_rank[k, r].
     survives = torch.zeros_like(kept_by_rank).scatter_(1, order, kept_by_rank)
     return torch.where(survives, scores, torch.zeros_like(scores)).amax(dim=0)
 
 
-def select_regions(confidence: torch.Tensor, score_threshold: float, min_boxes: int, max_boxes: int) -> torch.Tensor:
+def select_regions(
+    confidence: torch.Tensor, score_threshold: float, min_boxes: int, max_boxes: int
+) -> torch.Tensor:
     """Indices of the regions kept, best first: those with confidence >= score_threshold, clamped to
     [min_boxes, max_boxes] by taking the most confident (fewer than min_boxes only if fewer exist)."""
     order = torch.sort(confidence, descending=True, stable=True).indices
@@ -403,14 +417,20 @@ class BUTDRegionProposalNetwork(nn.Module):
         # (B, A, h, w) -> (B, h, w, A) -> (B, h * w * A), the order of `grid_anchors`.
         logits = logits.float().permute(0, 2, 3, 1).reshape(batch, -1)
         # (B, A * 4, h, w) -> (B, A, 4, h, w) -> (B, h, w, A, 4) -> (B, h * w * A, 4)
-        deltas = deltas.float().view(batch, -1, 4, feat_h, feat_w).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4)
+        deltas = (
+            deltas.float().view(batch, -1, 4, feat_h, feat_w).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4)
+        )
         anchors = grid_anchors(self.cell_anchors.float(), feat_h, feat_w, config.feature_stride)
         offset = float(config.box_size_offset)
         height, width = image_size
         proposals = []
         for index in range(batch):
             boxes = decode_boxes(
-                deltas[index], anchors, config.rpn_box_weights, offset=offset, scale_clamp=config.box_scale_clamp
+                deltas[index],
+                anchors,
+                config.rpn_box_weights,
+                offset=offset,
+                scale_clamp=config.box_scale_clamp,
             )
             boxes = clip_boxes(boxes, height, width, offset)
             sides = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) + offset
@@ -489,7 +509,7 @@ class BUTDRoIHeads(nn.Module):
             # (r, hidden, s, s) -> (r, hidden): mean pool as the original's AVE pooling over the whole crop.
             features = self.res5(pooled[start : start + chunk_size]).mean(dim=(2, 3))
             class_logits, deltas, attr_logits = self.box_predictor(features)
-            for key, value in zip(outputs, (features, class_logits, deltas, attr_logits)):
+            for key, value in zip(outputs, (features, class_logits, deltas, attr_logits), strict=True):
                 outputs[key].append(value.float())
         if not outputs["features"]:
             hidden, classes = self.config.hidden_size, self.config.num_classes
@@ -597,7 +617,9 @@ class BUTDDetector(BUTDPreTrainedModel):
         """
         config = self.config
         if pixel_values.dim() != 4 or pixel_values.shape[1] != config.num_channels:
-            raise ValueError(f"pixel_values must be (B, {config.num_channels}, H, W), got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be (B, {config.num_channels}, H, W), got {tuple(pixel_values.shape)}"
+            )
         batch = pixel_values.shape[0]
         scales = [1.0] * batch if scales is None else [float(s) for s in scales]
         image_size = (pixel_values.shape[2], pixel_values.shape[3])
@@ -615,9 +637,9 @@ class BUTDDetector(BUTDPreTrainedModel):
             # Features of the final boxes: pool again at them and run res5 on those crops only.
             boxes = [result["boxes"] for result in results]
             pooled_again = self.roi_heads(self.roi_heads.pool(features, boxes), roi_chunk_size)["features"]
-            for result, feats in zip(results, pooled_again.split([len(b) for b in boxes])):
+            for result, feats in zip(results, pooled_again.split([len(b) for b in boxes]), strict=True):
                 result["features"] = feats
-        for result, scale in zip(results, scales):
+        for result, scale in zip(results, scales, strict=True):
             result["boxes"] = result["boxes"] / scale
         return results
 
@@ -639,7 +661,11 @@ class BUTDDetector(BUTDPreTrainedModel):
             # Each proposal refined by its best class's regression; per-class NMS on those boxes.
             deltas = outputs["box_deltas"].view(len(proposals), -1, 4)[torch.arange(len(proposals)), classes]
             boxes = decode_boxes(
-                deltas, proposals.float(), config.roi_box_weights, offset=offset, scale_clamp=config.box_scale_clamp
+                deltas,
+                proposals.float(),
+                config.roi_box_weights,
+                offset=offset,
+                scale_clamp=config.box_scale_clamp,
             )
             boxes = clip_boxes(boxes, image_size[0], image_size[1], offset)
             if offset == 0.0:
@@ -657,7 +683,9 @@ class BUTDDetector(BUTDPreTrainedModel):
             confidence = torch.zeros_like(scores)
             confidence[survivors] = scores[survivors]
             keep = select_regions(confidence, config.score_threshold, min_boxes, max_boxes)
-        attribute_scores, attributes = attr_probs[keep].max(dim=-1) if len(keep) else (attr_probs.new_zeros(0),) * 2
+        attribute_scores, attributes = (
+            attr_probs[keep].max(dim=-1) if len(keep) else (attr_probs.new_zeros(0),) * 2
+        )
         return {
             "boxes": boxes[keep],
             "features": outputs["features"][keep],
@@ -706,7 +734,7 @@ class BUTDDetector(BUTDPreTrainedModel):
                 chunk = indices[start : start + batch_size]
                 pixel_values = torch.stack([prepared[i]["pixel_values"] for i in chunk])
                 detections = self.forward(pixel_values, [prepared[i]["scale"] for i in chunk], roi_chunk_size)
-                for i, detection in zip(chunk, detections):
+                for i, detection in zip(chunk, detections, strict=True):
                     height, width = prepared[i]["original_size"]
                     result = {key: value.cpu().numpy() for key, value in detection.items()}
                     result["boxes"] = result["boxes"].astype(np.float32)
