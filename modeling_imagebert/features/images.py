@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own default MAX_IMAGE_PIXELS (about 0.25 GB of 24-bit pixels)
+# PIL warns above MAX_IMAGE_PIXELS (89,478,485) and refuses above twice that; we refuse above the limit itself, so
+# the default accepts what PIL accepts by default.
+DEFAULT_MAX_PIXELS = 178_956_970
 DEFAULT_MIN_SIDE = 10
 
 SKIP_REASONS = ("unreadable", "not_an_image", "truncated", "decompression_bomb", "too_small", "decode_error")
