@@ -94,3 +94,35 @@ def write_files(folder: Path, files: dict[str, bytes]) -> Path:
     for name, payload in files.items():
         (folder / name).write_bytes(payload)
     return folder
+
+
+# A BUTD detector small enough for tests (64-d features, 20 object classes, 5 attributes), random weights, and a
+# processor that resizes to 96..160 pixels.
+TINY_BUTD = {
+    "stem_out_channels": 8,
+    "stage_depths": [1, 1, 1],
+    "res5_depth": 1,
+    "res2_bottleneck_channels": 4,
+    "res2_out_channels": 8,
+    "rpn_hidden_channels": 16,
+    "rpn_pre_nms_top_n": 200,
+    "rpn_post_nms_top_n": 40,
+    "roi_pool_size": 4,
+    "num_classes": 21,
+    "num_attributes": 6,
+    "attribute_embedding_dim": 8,
+    "attribute_hidden_dim": 16,
+}
+TINY_PROCESSOR = {"min_size": 96, "max_size": 160}
+
+
+def save_tiny_detector(folder: Path, seed: int = 0) -> Path:
+    """A tiny random BUTD detector and its processor saved with save_pretrained into `folder`."""
+    import torch
+
+    from modeling_imagebert.features import BUTDConfig, BUTDDetector, BUTDImageProcessor
+
+    torch.manual_seed(seed)
+    BUTDDetector(BUTDConfig(**TINY_BUTD)).eval().save_pretrained(folder)
+    BUTDImageProcessor(**TINY_PROCESSOR).save_pretrained(folder)
+    return folder

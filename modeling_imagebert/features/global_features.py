@@ -141,7 +141,11 @@ class GlobalFeatureExtractor(nn.Module):
             )
         model = _build(spec)
         state = _load_state_dict(path, spec)
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # tensors of the wrong shape
+            first = str(error).strip().splitlines()[1:2] or [str(error)]
+            raise ValueError(f"{path}: not a {name} state dict: {first[0].strip()}") from None
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
                 f"{path}: not a {name} state dict: {len(result.missing_keys)} missing keys "

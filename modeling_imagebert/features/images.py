@@ -181,7 +181,8 @@ def decode_image(
     height, width = array.shape[:2]
     if min(height, width) < min_side:
         return _skip("too_small", f"{width}x{height} pixels; expected both sides >= {min_side}", mode)
-    return DecodedImage(image=np.ascontiguousarray(array), original_mode=mode)
+    # A copy: arrays viewing PIL's buffer are read-only, which torch.from_numpy warns about.
+    return DecodedImage(image=np.array(array, dtype=np.uint8, order="C"), original_mode=mode)
 
 
 def read_image_size(data: bytes | str | os.PathLike) -> tuple[int, int] | None:

@@ -505,6 +505,16 @@ def _finished_manifest(folder: Path) -> dict:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = {"complete": False, "shards": [], "num_shards": "?"}
+    shards = folder / SHARDS_DIR
+    if manifest.get("complete"):
+        # the manifest is merged at the end of a run: trust it only while every shard it lists is still finished
+        for entry in manifest["shards"]:
+            if not (_done_path(shards, entry["shard"]).is_file() and (folder / entry["path"]).exists()):
+                manifest["complete"] = False
+                manifest["shards"] = [
+                    e for e in manifest["shards"] if _done_path(shards, e["shard"]).is_file()
+                ]
+                break
     if not manifest.get("complete"):
         raise ExtractionError(
             f"{folder}: the extraction is unfinished ({len(manifest.get('shards', []))} of "

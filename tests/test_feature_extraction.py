@@ -1,0 +1,544 @@
+"""The extraction runner and CLI, end to end with a tiny random BUTD detector on real photographs: batched
+features equal single-image ones, bad images, every source kind, the three output formats read back by the
+importers, the join with captions, global CNN features, folder safety, and kill-and-resume."""
+
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from feature_fixtures import (
+    BOMB_LIMIT,
+    EXPECTED_SKIPS,
+    bad_image_files,
+    save_tiny_detector,
+    write_files,
+    write_photos,
+)
+
+from modeling_imagebert.data.schema import validate_record
+from modeling_imagebert.features.__main__ import main as extract_main
+from modeling_imagebert.features.images import decode_image
+from modeling_imagebert.features.runner import (
+    ExtractionError,
+    iter_extracted_records,
+    load_features,
+    run_extraction,
+)
+from modeling_imagebert.features.sources import list_images
+
+REPO = Path(__file__).resolve().parents[1]
+SLOW = pytest.mark.skipif(os.environ.get("IMAGEBERT_SLOW") != "1", reason="slow: set IMAGEBERT_SLOW=1")
+FEWER_PHOTOS = ("astronaut", "coffee", "rocket")
+
+
+@pytest.fixture(scope="module")
+def detector_dir(tmp_path_factory):
+    return save_tiny_detector(tmp_path_factory.mktemp("detector"))
+
+
+@pytest.fixture(scope="module")
+def detector(detector_dir):
+    from modeling_imagebert.features import BUTDDetector, BUTDImageProcessor
+
+    model = BUTDDetector.from_pretrained(detector_dir).eval()
+    return model, BUTDImageProcessor.from_pretrained(detector_dir)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return write_photos(tmp_path_factory.mktemp("photos"))
+
+
+def extract(refs, output, detector, **options):
+    model, processor = detector
+    with torch.inference_mode():
+        return run_extraction(
+            refs,
+            output,
+            detect=partial(model.detect, processor=processor),
+            feature_dim=model.config.hidden_size,
+            detector_settings={"test": "tiny"},
+            show_progress=False,
+            log=lambda message: None,
+            **options,
+        )
+
+
+def rows_by_id(folder) -> dict[str, dict]:
+    dataset = load_features(folder).with_format("numpy", dtype=None)
+    return {str(row["image_id"]): row for row in dataset}
+
+
+def assert_same_rows(left: dict, right: dict, columns=None):
+    assert list(left) == list(right)
+    for image_id in left:
+        for column in columns or left[image_id].keys():
+            a, b = np.asarray(left[image_id][column]), np.asarray(right[image_id][column])
+            assert a.dtype == b.dtype and np.array_equal(a, b), (image_id, column)
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = extract_main([str(arg) for arg in args])
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_help_lists_every_option_with_its_default():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        extract_main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(out.getvalue().split())
+    for expected in (
+        "--shard-size SHARD_SIZE images per output shard (the resume unit) (default: 500)",
+        "--num-boxes",
+        "--adaptive MIN MAX",
+        "--global-model",
+        "{dataset,butd-tsv,npz}",
+        "(default: dataset)",
+        "--device",
+        "--dtype",
+        "--batch-size",
+    ):
+        assert expected in text, expected
+
+
+def test_photographs_end_to_end_through_the_cli_equal_single_image_detection(
+    photos, detector_dir, detector, tmp_path
+):
+    status, out, err = run_cli(
+        photos,
+        "--detector",
+        detector_dir,
+        "--output",
+        tmp_path / "out",
+        "--shard-size",
+        3,
+        "--batch-size",
+        3,
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
+    assert status == 0, err
+    assert "8 images extracted, 0 skipped" in out
+    rows = rows_by_id(tmp_path / "out")
+    assert list(rows) == sorted(f.stem for f in photos.glob("*.jpg"))  # source order: sorted file names
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["complete"] and [s["images"] for s in manifest["shards"]] == [3, 3, 2]
+
+    # the same regions as the detector finds in each image alone (exact equality of batched and single-image
+    # features is test_batched_features_equal_single_image_ones; here the CLI pipeline: decoding, ids, order)
+    model, processor = detector
+    for image_id, row in rows.items():
+        image = decode_image(photos / f"{image_id}.jpg").image
+        with torch.inference_mode():
+            alone = model.detect([image], processor=processor)[0]
+        assert row["region_features"].dtype == np.float16
+        np.testing.assert_allclose(row["region_features"], alone["features"], rtol=2e-3, atol=1e-4)
+        np.testing.assert_allclose(row["region_boxes"], alone["boxes"], rtol=1e-5, atol=1e-3)
+        assert np.array_equal(row["region_classes"], alone["classes"].astype(np.int32)), image_id
+        np.testing.assert_allclose(row["region_scores"], alone["scores"], rtol=1e-4, atol=1e-6)
+        assert (row["image_height"], row["image_width"]) == image.shape[:2]
+        assert row["region_features"].shape[0] > 0
+        record = {k: row[k] for k in row if k not in ("region_attributes", "region_attribute_scores")}
+        validate_record({**record, "caption": "a photo"}, 0, feature_dim=64, num_classes=20)
+
+
+def test_batched_features_equal_single_image_ones(photos, detector, tmp_path):
+    """Batch size (and shard size) never change a bit of the output: the runner batches images of similar size
+    and relies on the detector's guarantee that `detect` gives each image the result it gives it alone."""
+    refs = list_images("folder", [photos])
+    extract(refs, tmp_path / "one", detector, batch_size=1, shard_size=8)
+    extract(refs, tmp_path / "five", detector, batch_size=5, shard_size=3)
+    assert_same_rows(rows_by_id(tmp_path / "one"), rows_by_id(tmp_path / "five"))
+
+
+def test_bad_images_are_converted_or_skipped_and_reported_without_stopping_the_run(detector, tmp_path):
+    folder = write_files(tmp_path / "bad", bad_image_files())
+    summary = extract(
+        list_images("folder", [folder]), tmp_path / "out", detector, shard_size=4, max_pixels=BOMB_LIMIT
+    )
+    assert summary.complete
+    rows = rows_by_id(tmp_path / "out")
+    converted = {
+        "good",
+        "cmyk",
+        "sixteen_bit",
+        "grayscale",
+        "rgba",
+        "la",
+        "palette",
+        "palette_transparent",
+        "exif_rotated",
+    }
+    assert set(rows) == converted
+    assert (rows["exif_rotated"]["image_width"], rows["exif_rotated"]["image_height"]) == (96, 192)
+    lines = (tmp_path / "out" / "skipped.tsv").read_text().splitlines()
+    assert lines[0] == "image_id\torigin\treason\tmessage"
+    skipped = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+    assert {image_id: fields[2] for image_id, fields in skipped.items()} == EXPECTED_SKIPS
+    assert skipped["bomb"][1].endswith("bomb.png") and "exceeds limit" in skipped["bomb"][3]
+    report = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert report["extracted"] == len(converted) and sum(report["skipped"].values()) == len(EXPECTED_SKIPS)
+
+
+def test_every_source_kind_gives_the_same_features(photos, detector, tmp_path):
+    import datasets
+    import webdataset
+
+    names = list(FEWER_PHOTOS)
+    files = [photos / f"{name}.jpg" for name in names]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{path}\t{path.stem}\n" for path in files))
+    hf = datasets.Dataset.from_dict({"image": [str(p) for p in files], "key": names})
+    hf.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    with webdataset.TarWriter(str(tmp_path / "00000.tar")) as sink:  # as img2dataset writes its shards
+        for path in files:
+            sink.write({"__key__": path.stem, "jpg": path.read_bytes(), "txt": "caption", "json": "{}"})
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for path in files:
+        shutil.copy(path, subset / path.name)
+
+    results = {}
+    for kind, inputs, options in (
+        ("folder", [subset], {}),
+        ("list", [listing], {}),
+        ("hf", [tmp_path / "hf"], {"id_column": "key"}),
+        ("webdataset", [tmp_path / "00000.tar"], {}),
+    ):
+        refs = list_images(kind, inputs, **options)
+        extract(refs, tmp_path / f"out-{kind}", detector, shard_size=2)
+        results[kind] = rows_by_id(tmp_path / f"out-{kind}")
+    assert sorted(results["folder"]) == sorted(names)
+    for kind in ("list", "hf", "webdataset"):
+        assert_same_rows({k: results["folder"][k] for k in names}, {k: results[kind][k] for k in names})
+
+
+@pytest.mark.parametrize("output_format", ["butd-tsv", "npz"])
+def test_interop_outputs_read_back_by_the_importers_equal_the_dataset(
+    output_format, photos, detector, tmp_path
+):
+    from modeling_imagebert.data.importers import read_butd_tsv, read_npz_dir
+
+    refs = list_images("folder", [photos])[:3]
+    extract(refs, tmp_path / "dataset", detector, shard_size=2)
+    extract(refs, tmp_path / output_format, detector, shard_size=2, output_format=output_format)
+    expected = rows_by_id(tmp_path / "dataset")
+    shards = sorted(
+        (tmp_path / output_format / "shards").glob(
+            "shard-?????" + (".tsv" if output_format == "butd-tsv" else "")
+        )
+    )
+    assert len(shards) == 2
+    reader = (
+        partial(read_butd_tsv, show_progress=False)
+        if output_format == "butd-tsv"
+        else partial(read_npz_dir, show_progress=False)
+    )
+    records = {record["image_id"]: record for shard in shards for record in reader(shard)}
+    assert list(records) == list(expected)
+    columns = (
+        "region_features",
+        "region_boxes",
+        "region_classes",
+        "region_scores",
+        "image_width",
+        "image_height",
+    )
+    assert_same_rows(
+        {k: {c: v[c] for c in columns} for k, v in expected.items()},
+        {
+            k: {
+                c: np.asarray(v[c]).astype(np.asarray(expected[k][c]).dtype)
+                if c.startswith("image")
+                else v[c]
+                for c in columns
+            }
+            for k, v in records.items()
+        },
+    )
+    assert list(iter_extracted_records(tmp_path / output_format))[0]["image_id"] == list(expected)[0]
+
+
+def test_convert_joins_extracted_features_with_karpathy_captions(photos, detector, tmp_path):
+    from fixtures_formats import write_karpathy_json
+
+    from modeling_imagebert.data.convert import main as convert_main
+    from modeling_imagebert.data.storage import load_dataset_from_disk
+
+    refs = list_images("folder", [photos])
+    extract(refs, tmp_path / "features", detector, shard_size=3)
+    karpathy = write_karpathy_json(
+        tmp_path / "dataset_flickr30k.json",
+        "flickr30k",
+        [
+            {"name": "astronaut", "split": "train", "captions": ["a woman in a space suit", "an astronaut"]},
+            {"name": "coffee", "split": "train", "captions": ["a cup of coffee"]},
+            {"name": "rocket", "split": "test", "captions": ["a rocket on the pad"]},
+        ],
+    )
+    output = tmp_path / "pairs"
+    status = convert_main(
+        [
+            "features",
+            str(tmp_path / "features"),
+            "--captions",
+            str(karpathy),
+            "--format",
+            "karpathy",
+            "--split",
+            "train",
+            "--output",
+            str(output),
+            "--no-progress",
+        ]
+    )
+    assert status == 0
+    pairs = load_dataset_from_disk(output, feature_dim=64).with_format("numpy", dtype=None)
+    assert sorted(zip(pairs["image_id"], pairs["caption"], strict=True)) == [
+        ("astronaut", "a woman in a space suit"),
+        ("astronaut", "an astronaut"),
+        ("coffee", "a cup of coffee"),
+    ]
+    features = rows_by_id(tmp_path / "features")
+    for row in pairs:
+        assert np.array_equal(row["region_features"], features[str(row["image_id"])]["region_features"])
+
+    # an unfinished extraction is refused with a clear message
+    (tmp_path / "features" / "shards" / "shard-00001.done.json").unlink()
+    extract_again = tmp_path / "pairs2"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert (
+            convert_main(
+                [
+                    "features",
+                    str(tmp_path / "features"),
+                    "--captions",
+                    str(karpathy),
+                    "--format",
+                    "karpathy",
+                    "--split",
+                    "train",
+                    "--output",
+                    str(extract_again),
+                    "--no-progress",
+                ]
+            )
+            == 2
+        )
+    assert "the extraction is unfinished (2 of 3 shards done)" in err.getvalue()
+    assert not extract_again.exists()
+
+
+def test_global_features_come_from_a_local_torchvision_cache(photos, detector, tmp_path, monkeypatch):
+    import torchvision
+
+    from modeling_imagebert.features.global_features import GlobalFeatureExtractor, cached_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(
+        FileNotFoundError, match=r"googlenet-1378be20.pth.*nothing is downloaded.*--global-weights"
+    ):
+        GlobalFeatureExtractor.from_local_weights("googlenet")
+    torch.manual_seed(0)
+    reference = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
+    path = cached_weights_path("googlenet")
+    assert path == tmp_path / "torch" / "hub" / "checkpoints" / "googlenet-1378be20.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    extractor = GlobalFeatureExtractor.from_local_weights("googlenet")
+
+    refs = list_images("folder", [photos])[:2]
+    extract(refs, tmp_path / "out", detector, global_extractor=extractor, shard_size=2)
+    rows = rows_by_id(tmp_path / "out")
+    # the same numbers as torchvision's own forward up to the pooled feature, on the preprocessed image
+    captured = {}
+    reference.eval().fc.register_forward_hook(lambda module, inputs, output: captured.update(x=inputs[0]))
+    reference.transform_input = True
+    for ref in refs:
+        image = decode_image(ref.read()).image
+        with torch.inference_mode():
+            reference(extractor.preprocess([image]))
+        assert row_global(rows, ref.image_id).shape == (1024,)
+        np.testing.assert_allclose(
+            row_global(rows, ref.image_id), captured["x"][0].numpy(), rtol=1e-5, atol=1e-6
+        )
+    assert np.abs(row_global(rows, refs[0].image_id) - row_global(rows, refs[1].image_id)).max() > 0
+
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other.pth: not a googlenet state dict"):
+        GlobalFeatureExtractor.from_local_weights("googlenet", tmp_path / "other.pth")
+
+
+def row_global(rows, image_id):
+    return np.asarray(rows[image_id]["global_feature"], dtype=np.float32)
+
+
+def test_refuses_folders_it_did_not_create_and_resumes_only_with_the_same_settings(
+    photos, detector, tmp_path
+):
+    refs = list_images("folder", [photos])[:2]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(ExtractionError, match="was not created by this extractor"):
+        extract(refs, foreign, detector)
+    assert [p.name for p in foreign.iterdir()] == ["precious.txt"]
+
+    extract(refs, tmp_path / "out", detector, shard_size=1)
+    with pytest.raises(ExtractionError, match=r"shard_size: 1 then, 2 now"):
+        extract(refs, tmp_path / "out", detector, shard_size=2)
+    with pytest.raises(ExtractionError, match=r"num_images: 2 then, 3 now"):
+        extract(list_images("folder", [photos])[:3], tmp_path / "out", detector, shard_size=1)
+    summary = extract(refs, tmp_path / "out", detector, shard_size=1)  # same settings: nothing left to do
+    assert summary.shards_written == 0 and summary.shards_done_before == 2 and summary.complete
+
+
+def test_leftovers_of_a_killed_run_are_removed_reported_and_the_shard_redone(photos, detector, tmp_path):
+    refs = list_images("folder", [photos])[:3]
+    extract(refs, tmp_path / "straight", detector, shard_size=1)
+    out = tmp_path / "out"
+    extract(refs, out, detector, shard_size=1)
+    shards = out / "shards"
+    # a kill between the data rename and the done record, and one while writing shard 2
+    (shards / "shard-00001.done.json").unlink()
+    (shards / "shard-00002.done.json").unlink()
+    (shards / "shard-00002.arrow").unlink()
+    (shards / ".tmp-shard-00002.arrow-abc123").write_bytes(b"half a shard")
+    messages = []
+    model, processor = detector
+    summary = run_extraction(
+        refs,
+        out,
+        detect=partial(model.detect, processor=processor),
+        feature_dim=64,
+        detector_settings={"test": "tiny"},
+        shard_size=1,
+        show_progress=False,
+        log=messages.append,
+    )
+    assert summary.shards_done_before == 1 and summary.shards_written == 2
+    assert sorted(Path(p).name for p in summary.removed_leftovers) == [
+        ".tmp-shard-00002.arrow-abc123",
+        "shard-00001.arrow",
+    ]
+    assert any("removed leftover" in m and "abc123" in m for m in messages)
+    assert not list(out.rglob(".tmp-*"))
+    assert_same_rows(rows_by_id(tmp_path / "straight"), rows_by_id(out))
+
+
+def _kill_and_resume(photos, detector_dir, tmp_path, rng, seconds):
+    """Start the CLI in a subprocess, SIGKILL it a random moment after it created its folder, check that every
+    shard on disk is complete, then resume in this process."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "modeling_imagebert.features",
+        str(photos),
+        "--detector",
+        str(detector_dir),
+        "--output",
+        str(out),
+        "--shard-size",
+        "1",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "imagebert_features.json").exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "the extraction never started"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, seconds))
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+        stderr = process.stderr.read().decode()
+        process.stderr.close()
+    import datasets
+
+    for data in (out / "shards").glob("shard-?????.arrow"):
+        datasets.Dataset.from_file(str(data))  # complete, or it would not load
+    return process.returncode, stderr
+
+
+def test_sigkill_at_a_random_moment_then_resume_equals_a_straight_run(
+    photos, detector_dir, detector, tmp_path
+):
+    seed = int(os.environ.get("IMAGEBERT_KILL_SEED", time.time_ns() % 2**32))
+    rng = random.Random(seed)
+    refs = list_images("folder", [photos])
+    straight = extract(refs, tmp_path / "straight", detector, shard_size=1, batch_size=2)
+    code, stderr = _kill_and_resume(photos, detector_dir, tmp_path, rng, 1.5 * straight.seconds)
+    assert code in (-signal.SIGKILL, 0), stderr
+    status, out, err = run_cli(
+        photos,
+        "--detector",
+        detector_dir,
+        "--output",
+        tmp_path / "out",
+        "--shard-size",
+        1,
+        "--batch-size",
+        2,
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
+    assert status == 0, (seed, err)
+    assert not list((tmp_path / "out").rglob(".tmp-*")), seed
+    assert_same_rows(rows_by_id(tmp_path / "straight"), rows_by_id(tmp_path / "out"))
+    # every finished shard has its data and its record, and nothing else is in the folder
+    names = sorted(p.name for p in (tmp_path / "out" / "shards").iterdir())
+    assert names == sorted(
+        [f"shard-{i:05d}.arrow" for i in range(8)] + [f"shard-{i:05d}.done.json" for i in range(8)]
+    )
+
+
+@SLOW
+def test_repeated_sigkills_then_resume_equal_a_straight_run(photos, detector_dir, detector, tmp_path):
+    seed = int(os.environ.get("IMAGEBERT_KILL_SEED", time.time_ns() % 2**32))
+    rng = random.Random(seed)
+    refs = list_images("folder", [photos])
+    straight = extract(refs, tmp_path / "straight", detector, shard_size=1, batch_size=2)
+    for _ in range(4):
+        _kill_and_resume(photos, detector_dir, tmp_path, rng, 2 * straight.seconds)
+    status, out, err = run_cli(
+        photos,
+        "--detector",
+        detector_dir,
+        "--output",
+        tmp_path / "out",
+        "--shard-size",
+        1,
+        "--batch-size",
+        2,
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
+    assert status == 0, (seed, err)
+    assert not list((tmp_path / "out").rglob(".tmp-*")), seed
+    assert_same_rows(rows_by_id(tmp_path / "straight"), rows_by_id(tmp_path / "out"))
