@@ -92,6 +92,8 @@ class BUTDBottleneck(nn.Module):
             eps=eps,
         )
         self.conv3 = BUTDConv2d(bottleneck_channels, out_channels, kernel_size=1, eps=eps)
+        # Only read by `_init_weights` (random weights start this norm small).
+        self.conv3.norm.ends_residual_branch = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.conv1(x))
@@ -540,12 +542,10 @@ class BUTDPreTrainedModel(PreTrainedModel):
         """Random weights for tests and benchmarks (real ones come from a converted checkpoint). The last norm of
         every residual branch starts at 0.1 so a random 33-block ResNet keeps activations of order one."""
         if isinstance(module, BUTDFrozenBatchNorm2d):
-            init.ones_(module.weight)
+            init.constant_(module.weight, 0.1 if getattr(module, "ends_residual_branch", False) else 1.0)
             init.zeros_(module.bias)
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
-        elif isinstance(module, BUTDBottleneck):
-            init.constant_(module.conv3.norm.weight, 0.1)
         elif isinstance(module, BUTDConv2d):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, BUTDRPNHead):
@@ -601,6 +601,7 @@ class BUTDDetector(BUTDPreTrainedModel):
         pixel_values: torch.Tensor,
         scales: list[float] | None = None,
         roi_chunk_size: int = 512,
+        original_sizes: list[tuple[int, int]] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Detect regions in a batch of same-size preprocessed images.
 
@@ -609,6 +610,8 @@ class BUTDDetector(BUTDPreTrainedModel):
                 to the same (H, W) with no padding.
             scales: resize scale of each image (resized / original); boxes are divided by it. None: 1.0.
             roi_chunk_size: most RoIs through res5 at once (memory bound).
+            original_sizes: (height, width) of each original image, where the boxes are clipped; None: the resized
+                size divided by the scale, rounded.
 
         Returns:
             B dicts of tensors: "boxes" float32 (N, 4) x1, y1, x2, y2 in original pixels, "features" float32
@@ -639,8 +642,13 @@ class BUTDDetector(BUTDPreTrainedModel):
             pooled_again = self.roi_heads(self.roi_heads.pool(features, boxes), roi_chunk_size)["features"]
             for result, feats in zip(results, pooled_again.split([len(b) for b in boxes]), strict=True):
                 result["features"] = feats
-        for result, scale in zip(results, scales, strict=True):
-            result["boxes"] = result["boxes"] / scale
+        if original_sizes is None:
+            original_sizes = [(round(image_size[0] / s), round(image_size[1] / s)) for s in scales]
+        offset = float(config.box_size_offset)
+        for result, scale, original in zip(results, scales, original_sizes, strict=True):
+            # Back to original pixels; clipped again because the resized size was rounded (a box may end at
+            # 451.5 on a 451-pixel-wide image otherwise).
+            result["boxes"] = clip_boxes(result["boxes"] / scale, original[0], original[1], offset)
         return results
 
     def _select(
@@ -733,7 +741,12 @@ class BUTDDetector(BUTDPreTrainedModel):
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start : start + batch_size]
                 pixel_values = torch.stack([prepared[i]["pixel_values"] for i in chunk])
-                detections = self.forward(pixel_values, [prepared[i]["scale"] for i in chunk], roi_chunk_size)
+                detections = self.forward(
+                    pixel_values,
+                    [prepared[i]["scale"] for i in chunk],
+                    roi_chunk_size,
+                    [prepared[i]["original_size"] for i in chunk],
+                )
                 for i, detection in zip(chunk, detections, strict=True):
                     height, width = prepared[i]["original_size"]
                     result = {key: value.cpu().numpy() for key, value in detection.items()}
