@@ -85,6 +85,8 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("collections", "OrderedDict"),
+        # Protocol-2 pickles written by Python 3 store raw bytes as codecs.encode(text, "latin1").
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
