@@ -495,13 +495,20 @@ class BUTDRoIHeads(nn.Module):
 
     def pool(self, features: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
         """features: (B, C, h, w); boxes: B tensors (R_i, 4) in network-input pixels. Returns (sum R_i, C, S, S)."""
-        rois = [box.to(features.dtype) for box in boxes]
+        # Pooled in float32: box corners up to ~1000 px lose whole pixels in bf16, and the crops are small.
+        rois = [box.float() for box in boxes]
         size, scale = self.config.roi_pool_size, 1.0 / self.config.feature_stride
         if self.config.roi_pooler == "roi_align":
-            return ops.roi_align(
-                features, rois, size, spatial_scale=scale, sampling_ratio=self.config.roi_sampling_ratio
+            pooled = ops.roi_align(
+                features.float(),
+                rois,
+                size,
+                spatial_scale=scale,
+                sampling_ratio=self.config.roi_sampling_ratio,
             )
-        return ops.roi_pool(features, rois, size, spatial_scale=scale)
+        else:
+            pooled = ops.roi_pool(features.float(), rois, size, spatial_scale=scale)
+        return pooled.to(features.dtype)
 
     def forward(self, pooled: torch.Tensor, chunk_size: int = 512) -> dict[str, torch.Tensor]:
         """pooled: (R, C, S, S) RoI crops. Runs res5 and the heads in chunks of `chunk_size` RoIs.
