@@ -542,3 +542,27 @@ def test_repeated_sigkills_then_resume_equal_a_straight_run(photos, detector_dir
     assert status == 0, (seed, err)
     assert not list((tmp_path / "out").rglob(".tmp-*")), seed
     assert_same_rows(rows_by_id(tmp_path / "straight"), rows_by_id(tmp_path / "out"))
+
+
+@SLOW
+def test_two_accelerate_processes_write_the_same_dataset_as_one(photos, detector_dir, detector, tmp_path):
+    """Two real gloo processes (accelerate launch on CPU) take alternate shards; the main one merges the
+    manifest; the result equals a one-process run."""
+    # Both runs with one thread per process: CPU kernels round differently with other thread counts.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    extraction = [
+        "-m", "modeling_imagebert.features", str(photos), "--detector", str(detector_dir), "--shard-size", "2",
+        "--batch-size", "2", "--no-progress",
+    ]  # fmt: skip
+    launch = [
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    for command in (
+        [sys.executable, *extraction, "--output", str(tmp_path / "one"), "--device", "cpu"],
+        [sys.executable, *launch, *extraction, "--output", str(tmp_path / "two")],
+    ):
+        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "shards: 2 written now, 0 done before, 4 in all (complete)" in done.stdout
+    assert_same_rows(rows_by_id(tmp_path / "one"), rows_by_id(tmp_path / "two"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -191,7 +192,17 @@ def extract(args: argparse.Namespace):
     from .runner import run_extraction
     from .sources import list_images
 
-    state = PartialState()
+    from accelerate.utils import parse_flag_from_env
+
+    # Several CPU processes (ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...) join a gloo group only when
+    # the state is made with cpu=True.
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise ValueError(
+            f"launched as {launched} processes but accelerate set up {state.num_processes}: they would write the "
+            "same shards; on CPU launch with ACCELERATE_USE_CPU=1 (and --multi_gpu), or pass --device cpu"
+        )
     device = state.device if args.device == "auto" else torch.device(args.device)
     kind = args.source or _guess_source(args.inputs[0])
     refs = list_images(

@@ -77,6 +77,7 @@ class ExtractionSummary:
 
     output: Path
     num_shards: int
+    num_processes: int = 1
     shards_done_before: int = 0
     shards_written: int = 0
     images_extracted: int = 0
@@ -98,7 +99,7 @@ class ExtractionSummary:
             f"output: {self.output}",
             f"shards: {self.shards_written} written now, {self.shards_done_before} done before, "
             f"{self.num_shards} in all ({'complete' if self.complete else 'INCOMPLETE'})",
-            f"this run: {self.images_extracted} images extracted, {sum(self.skipped.values())} skipped in "
+            f"{'this run' if self.num_processes == 1 else 'this process'}: {self.images_extracted} images extracted, {sum(self.skipped.values())} skipped in "
             f"{self.seconds:.1f} s ({self.images_per_second:.2f} images/s)",
         ]
         if self.complete:
@@ -387,7 +388,7 @@ def run_extraction(
         max_pixels=max_pixels,
         min_side=min_side,
     )
-    summary = ExtractionSummary(output=output, num_shards=num_shards)
+    summary = ExtractionSummary(output=output, num_shards=num_shards, num_processes=world_size)
     if rank == 0:
         summary.removed_leftovers = prepare_output(output, settings, num_shards, output_format)
         for path in summary.removed_leftovers:
