@@ -187,12 +187,11 @@ def extract(args: argparse.Namespace):
     """Run one extraction described by parsed arguments; returns the `ExtractionSummary`."""
     import torch
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from .global_features import GlobalFeatureExtractor
     from .runner import run_extraction
     from .sources import list_images
-
-    from accelerate.utils import parse_flag_from_env
 
     # Several CPU processes (ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...) join a gloo group only when
     # the state is made with cpu=True.
