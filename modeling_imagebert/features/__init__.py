@@ -11,6 +11,13 @@ _EXPORTS = {
     "BUTDDetector": "modeling_butd",
     "BUTDImageProcessor": "image_processing_butd",
     "convert_checkpoint": "convert_checkpoints",
+    # extraction (images -> features folder)
+    "GlobalFeatureExtractor": "global_features",
+    "decode_image": "images",
+    "iter_extracted_records": "runner",
+    "list_images": "sources",
+    "load_features": "runner",
+    "run_extraction": "runner",
 }
 
 
