@@ -289,3 +289,74 @@ def test_detector_save_and_load_is_bit_exact(tmp_path, photos, small_processor):
     first = detector.detect(photos[:1], processor=small_processor)[0]
     second = loaded.detect(photos[:1], processor=small_processor)[0]
     assert np.array_equal(first["features"], second["features"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parity check (what a user with the real weights runs)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _write_reference(tmp_path, photos, detections) -> tuple:
+    """Photos as PNG files and `detections` as a BUTD TSV, in the layout of the community's releases."""
+    from fixtures_formats import write_butd_tsv
+    from PIL import Image
+
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    rows = []
+    for index, (photo, found) in enumerate(zip(photos, detections, strict=True)):
+        Image.fromarray(photo).save(image_dir / f"img{index}.png")
+        rows.append(
+            {
+                "img_id": f"img{index}",
+                "img_h": photo.shape[0],
+                "img_w": photo.shape[1],
+                "objects_id": found["classes"],
+                "objects_conf": found["scores"],
+                "attrs_id": found["attributes"],
+                "attrs_conf": found["attribute_scores"],
+                "num_boxes": len(found["boxes"]),
+                "boxes": found["boxes"],
+                "features": found["features"],
+            }
+        )
+    return image_dir, write_butd_tsv(tmp_path / "reference.tsv", rows)
+
+
+def test_parity_check_passes_on_its_own_features_and_flags_other_weights(tmp_path, photos, small_processor):
+    from modeling_imagebert.features.parity import index_images, reference_records, run_parity
+
+    detector = tiny_detector(seed=0, fixed_boxes=8)
+    images = photos[:2]
+    image_dir, tsv = _write_reference(tmp_path, images, detector.detect(images, processor=small_processor))
+    same = run_parity(detector, small_processor, reference_records(str(tsv), None), index_images(image_dir))
+    figures = same.figures()
+    assert len(same.images) == 2 and same.verdict() == (True, [])
+    assert (
+        figures["cosine_at_reference"] > 0.999 and figures["mean_best_iou"] > 0.999
+    )  # float16 features only
+    assert figures["class_agreement_at_reference"] == 1.0
+
+    other = run_parity(
+        tiny_detector(seed=1, fixed_boxes=8),
+        small_processor,
+        reference_records(str(tsv), None),
+        index_images(image_dir),
+    )
+    passed, failures = other.verdict()
+    assert not passed and any(failure.startswith("cosine_at_reference") for failure in failures)
+
+
+def test_parity_command_reports_a_verdict(tmp_path, photos, small_processor, capsys):
+    from modeling_imagebert.features.parity import main
+
+    detector = tiny_detector(seed=0, fixed_boxes=8)
+    image_dir, tsv = _write_reference(
+        tmp_path, photos[:1], detector.detect(photos[:1], processor=small_processor)
+    )
+    detector.save_pretrained(tmp_path / "butd")
+    small_processor.save_pretrained(tmp_path / "butd")
+    args = ["--detector", str(tmp_path / "butd"), "--images", str(image_dir), "--reference-tsv", str(tsv)]
+    assert main(args + ["--fixed-boxes", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "images compared: 1" in out and "verdict: PASS" in out

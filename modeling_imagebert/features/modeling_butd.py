@@ -711,6 +711,44 @@ class BUTDDetector(BUTDPreTrainedModel):
         }
 
     @torch.no_grad()
+    def features_at_boxes(
+        self, image, boxes: np.ndarray, processor=None, roi_chunk_size: int = 512
+    ) -> dict[str, np.ndarray]:
+        """Pooled features and class / attribute predictions of given boxes (e.g. ground truth, or a reference
+        extraction's boxes for a parity check) in one image.
+
+        Args:
+            image: RGB uint8 `np.ndarray` (H, W, 3) or PIL image.
+            boxes: (N, 4) x1, y1, x2, y2 in original-image pixels.
+            processor: a `BUTDImageProcessor` (default settings when None).
+
+        Returns:
+            dict of numpy arrays: "features" float32 (N, hidden), "classes" int64 (N,), "scores" float32 (N,),
+            "attributes" int64 (N,), "attribute_scores" float32 (N,).
+        """
+        if processor is None:
+            from .image_processing_butd import BUTDImageProcessor
+
+            processor = BUTDImageProcessor()
+        boxes = np.asarray(boxes, dtype=np.float32)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"boxes must be (N, 4) x1, y1, x2, y2, got shape {boxes.shape}")
+        item = processor.preprocess_one(image)
+        features = self.backbone(item["pixel_values"][None].to(device=self.device, dtype=self.dtype))
+        scaled = torch.from_numpy(boxes).to(self.device) * item["scale"]
+        heads = self.roi_heads(self.roi_heads.pool(features, [scaled]), roi_chunk_size)
+        scores, classes = heads["class_logits"].softmax(dim=-1)[:, :-1].max(dim=-1)
+        attribute_scores, attributes = heads["attribute_logits"].softmax(dim=-1)[:, :-1].max(dim=-1)
+        outputs = {
+            "features": heads["features"],
+            "classes": classes,
+            "scores": scores,
+            "attributes": attributes,
+            "attribute_scores": attribute_scores,
+        }
+        return {key: value.cpu().numpy() for key, value in outputs.items()}
+
+    @torch.no_grad()
     def detect(
         self,
         images: list,
