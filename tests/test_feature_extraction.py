@@ -566,3 +566,54 @@ def test_two_accelerate_processes_write_the_same_dataset_as_one(photos, detector
         assert done.returncode == 0, done.stderr[-3000:]
     assert "shards: 2 written now, 0 done before, 4 in all (complete)" in done.stdout
     assert_same_rows(rows_by_id(tmp_path / "one"), rows_by_id(tmp_path / "two"))
+
+
+def test_img2dataset_shards_with_their_captions_become_pairs(photos, detector_dir, tmp_path):
+    import webdataset
+
+    from modeling_imagebert.data.convert import main as convert_main
+    from modeling_imagebert.data.storage import load_dataset_from_disk
+
+    captions = {"000000000": "a cup of\tcoffee\n", "000000001": "a rocket"}
+    with webdataset.TarWriter(str(tmp_path / "00000.tar")) as sink:  # as img2dataset writes its shards
+        for (key, caption), name in zip(captions.items(), ("coffee", "rocket"), strict=True):
+            record = {
+                "key": key,
+                "caption": caption,
+                "url": f"http://example.com/{name}.jpg",
+                "status": "success",
+            }
+            sink.write(
+                {
+                    "__key__": key,
+                    "jpg": (photos / f"{name}.jpg").read_bytes(),
+                    "txt": caption,
+                    "json": json.dumps(record),
+                }
+            )
+    status, out, err = run_cli(
+        tmp_path / "00000.tar", "--detector", detector_dir, "--output", tmp_path / "features", "--write-captions",
+        "--no-progress", "--device", "cpu",
+    )  # fmt: skip
+    assert status == 0, err
+    assert (tmp_path / "features" / "captions.tsv").read_text().splitlines() == [
+        "a cup of coffee\thttp://example.com/coffee.jpg\t000000000",
+        "a rocket\thttp://example.com/rocket.jpg\t000000001",
+    ]
+    status = convert_main([
+        "features", str(tmp_path / "features"), "--captions", str(tmp_path / "features" / "captions.tsv"),
+        "--format", "cc", "--cc-id-column", "2", "--output", str(tmp_path / "pairs"), "--no-progress",
+    ])  # fmt: skip
+    assert status == 0
+    pairs = load_dataset_from_disk(tmp_path / "pairs", feature_dim=64)
+    assert sorted(zip(pairs["image_id"], pairs["caption"], strict=True)) == [
+        ("000000000", "a cup of coffee"),
+        ("000000001", "a rocket"),
+    ]
+    status, _, err = run_cli(
+        photos, "--detector", detector_dir, "--output", tmp_path / "other", "--write-captions"
+    )
+    assert (
+        status == 2
+        and "--write-captions reads img2dataset .txt captions: it needs --source webdataset" in err
+    )

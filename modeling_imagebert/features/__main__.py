@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--min-side", type=int, default=DEFAULT_MIN_SIDE, help="skip images whose shorter side is below this"
     )
+    parser.add_argument(
+        "--write-captions",
+        action="store_true",
+        help="webdataset: also write OUTPUT/captions.tsv (caption<TAB>url<TAB>image_id from each sample's .txt and "
+        ".json), for `python -m modeling_imagebert.data.convert features OUTPUT --captions OUTPUT/captions.tsv "
+        "--format cc --cc-id-column 2`",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -191,7 +198,8 @@ def extract(args: argparse.Namespace):
 
     from .global_features import GlobalFeatureExtractor
     from .runner import run_extraction
-    from .sources import list_images
+    from .shard_formats import write_text_atomic
+    from .sources import list_images, webdataset_captions
 
     # Several CPU processes (ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...) join a gloo group only when
     # the state is made with cpu=True.
@@ -219,7 +227,11 @@ def extract(args: argparse.Namespace):
     def detect(images):
         return detector.detect(images, processor=processor, batch_size=args.batch_size)
 
-    return run_extraction(
+    if args.write_captions and kind != "webdataset":
+        raise ValueError(
+            f"--write-captions reads img2dataset .txt captions: it needs --source webdataset, not {kind}"
+        )
+    summary = run_extraction(
         refs,
         args.output,
         detect=detect,
@@ -238,6 +250,12 @@ def extract(args: argparse.Namespace):
         show_progress=not args.no_progress,
         log=partial(print, file=sys.stderr),
     )
+    if args.write_captions and state.is_main_process:
+        lines = [
+            f"{caption}\t{url}\t{key}\n" for key, caption, url in webdataset_captions(args.inputs) if caption
+        ]
+        write_text_atomic(args.output / "captions.tsv", "".join(lines))
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

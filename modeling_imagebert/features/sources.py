@@ -282,6 +282,36 @@ def list_webdataset(shards: Sequence[str | os.PathLike]) -> list[ImageRef]:
     return _check_unique(refs)
 
 
+def webdataset_captions(shards: Sequence[str | os.PathLike]) -> list[tuple[str, str, str]]:
+    """(key, caption, url) of every sample with an image in img2dataset shards: the caption from `{key}.txt`,
+    the URL from the "url" field of `{key}.json` ("" when absent). Whitespace runs (tabs, newlines) in captions
+    become single spaces so that the result can be written as a TSV."""
+    import json
+
+    rows = []
+    for shard in shards:
+        texts: dict[str, str] = {}
+        urls: dict[str, str] = {}
+        keys: list[str] = []
+        with tarfile.open(shard, mode="r:") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, extension = _webdataset_key(member.name)
+                if extension in WEBDATASET_IMAGE_EXTENSIONS and key not in keys:
+                    keys.append(key)
+                elif extension == "txt":
+                    texts[key] = archive.extractfile(member).read().decode("utf-8", errors="replace")
+                elif extension == "json":
+                    try:
+                        urls[key] = str(json.loads(archive.extractfile(member).read()).get("url") or "")
+                    except (ValueError, AttributeError):
+                        urls[key] = ""
+        for key in keys:
+            rows.append((key, " ".join(texts.get(key, "").split()), " ".join(urls.get(key, "").split())))
+    return rows
+
+
 def list_images(
     kind: str,
     inputs: Sequence[str | os.PathLike],
@@ -329,4 +359,5 @@ __all__ = [
     "list_hf_dataset",
     "list_images",
     "list_webdataset",
+    "webdataset_captions",
 ]
