@@ -212,6 +212,10 @@ def extract(args: argparse.Namespace):
         )
     device = state.device if args.device == "auto" else torch.device(args.device)
     kind = args.source or _guess_source(args.inputs[0])
+    if args.write_captions and kind != "webdataset":
+        raise ValueError(
+            f"--write-captions reads img2dataset .txt captions: it needs --source webdataset, not {kind}"
+        )
     refs = list_images(
         kind, args.inputs, id_style=args.id_style, image_column=args.image_column, id_column=args.id_column
     )
@@ -227,10 +231,6 @@ def extract(args: argparse.Namespace):
     def detect(images):
         return detector.detect(images, processor=processor, batch_size=args.batch_size)
 
-    if args.write_captions and kind != "webdataset":
-        raise ValueError(
-            f"--write-captions reads img2dataset .txt captions: it needs --source webdataset, not {kind}"
-        )
     summary = run_extraction(
         refs,
         args.output,
