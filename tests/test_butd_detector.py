@@ -11,6 +11,7 @@ from torchvision import ops
 from modeling_imagebert.features import BUTDConfig, BUTDDetector, BUTDImageProcessor
 from modeling_imagebert.features.modeling_butd import (
     _nms_from_iou,
+    batched_max_confidence,
     box_iou,
     caffe_cell_anchors,
     clip_boxes,
@@ -169,6 +170,27 @@ def test_per_class_nms_confidence_on_hand_made_scores():
     torch.testing.assert_close(per_class_max_confidence(boxes, scores, 0.3), torch.tensor([0.9, 0.3, 0.1]))
     # With a loose threshold nothing is suppressed: each box keeps its best class score.
     torch.testing.assert_close(per_class_max_confidence(boxes, scores, 0.95), torch.tensor([0.9, 0.6, 0.1]))
+
+
+def test_batched_confidence_equals_one_image_at_a_time():
+    generator = torch.Generator().manual_seed(4)
+    boxes, scores = [], []
+    for count in (7, 0, 12):  # different counts: padding must not change any image's result
+        corners = torch.rand(count, 2, generator=generator) * 50
+        boxes.append(
+            torch.cat([corners, corners + 5 + torch.rand(count, 2, generator=generator) * 30], dim=1)
+        )
+        scores.append(torch.rand(count, 6, generator=generator).softmax(dim=-1))
+    together = batched_max_confidence(boxes, scores, 0.3)
+    for image_boxes, image_scores, confidence in zip(boxes, scores, together, strict=True):
+        alone = per_class_max_confidence(image_boxes, image_scores, 0.3)
+        assert confidence.shape == (len(image_boxes),) and torch.equal(confidence, alone)
+    # And equal to running torchvision's NMS class by class.
+    expected = torch.zeros(12)
+    for k in range(6):
+        keep = ops.nms(boxes[2], scores[2][:, k], 0.3)
+        expected[keep] = torch.maximum(expected[keep], scores[2][keep, k])
+    torch.testing.assert_close(together[2], expected)
 
 
 def test_selection_honours_threshold_and_min_max_bounds():

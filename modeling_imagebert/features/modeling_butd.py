@@ -317,26 +317,38 @@ def _nms_from_iou(iou: torch.Tensor, scores: torch.Tensor, threshold: float) -> 
     Returns:
         K index tensors of kept boxes, best first.
     """
-    order, kept_by_rank = _greedy_suppression(iou > threshold, scores)
+    order, kept_by_rank = _greedy_suppression((iou > threshold)[None], scores[None])
     return [order[row][kept_by_rank[row]] for row in range(scores.shape[0])]
 
 
 def _greedy_suppression(overlaps: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared loop of the NMS helpers: walk the boxes of every row best first; a box is kept unless a kept box of
-    the same row overlaps it. overlaps: (R, R) bool; scores: (K, R). Returns the (K, R) score order and the (K, R)
-    bool "kept" flag of each rank."""
-    num_rows, num_boxes = scores.shape
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (K, R)
-    suppressed = torch.zeros(num_rows, num_boxes, dtype=torch.bool, device=scores.device)
-    kept_by_rank = torch.zeros(num_rows, num_boxes, dtype=torch.bool, device=scores.device)
-    rows = torch.arange(num_rows, device=scores.device)
+    """Shared loop of the NMS helpers, for G groups of K score rows over each group's R boxes at once: walk the
+    boxes of every row best first; a box is kept unless a kept box of the same row overlaps it.
+
+    Args:
+        overlaps: (G, R, R) bool, box i overlaps box j above the threshold.
+        scores: (G, K, R).
+
+    Returns:
+        the (G * K, R) score order of each row and the (G * K, R) bool "kept" flag of each rank.
+    """
+    groups, num_rows, num_boxes = scores.shape
+    order = torch.sort(
+        scores.reshape(groups * num_rows, num_boxes), dim=1, descending=True, stable=True
+    ).indices
+    # (G, R, R) -> (G * R, R): row g * R + i holds what box i of group g overlaps.
+    flat_overlaps = overlaps.reshape(groups * num_boxes, num_boxes)
+    row_base = torch.arange(groups, device=scores.device).repeat_interleave(num_rows) * num_boxes  # (G * K,)
+    suppressed = torch.zeros(groups * num_rows, num_boxes, dtype=torch.bool, device=scores.device)
+    kept_by_rank = torch.zeros_like(suppressed)
+    rows = torch.arange(groups * num_rows, device=scores.device)
     for rank in range(num_boxes):
-        candidate = order[:, rank]  # (K,)
+        candidate = order[:, rank]  # (G * K,)
         keep_now = ~suppressed[rows, candidate]
         kept_by_rank[:, rank] = keep_now
-        # (K, R): each kept candidate suppresses the boxes overlapping it (itself included, which is harmless:
+        # (G * K, R): each kept candidate suppresses the boxes overlapping it (itself included, which is harmless:
         # it has been decided already).
-        suppressed |= overlaps[candidate] & keep_now[:, None]
+        suppressed |= flat_overlaps[row_base + candidate] & keep_now[:, None]
     return order, kept_by_rank
 
 
@@ -355,15 +367,37 @@ def per_class_max_confidence(
     Returns:
         (R,) float32 confidences.
     """
-    if boxes.shape[0] == 0:
-        return class_scores.new_zeros(0).float()
-    scores = class_scores.float().t()  # (K, R)
-    order, kept_by_rank = _greedy_suppression(
-        box_iou(boxes.float(), boxes.float(), offset) > threshold, scores
+    return batched_max_confidence([boxes], [class_scores], threshold, offset)[0]
+
+
+def batched_max_confidence(
+    boxes: list[torch.Tensor], class_scores: list[torch.Tensor], threshold: float, offset: float = 0.0
+) -> list[torch.Tensor]:
+    """`per_class_max_confidence` of several images in one loop (one kernel sequence for the whole batch, not one
+    per image). Images with fewer boxes are padded with boxes scored -1: they rank last in every class, so they
+    never suppress a real box, and they are cut off the results."""
+    counts = [len(b) for b in boxes]
+    if not boxes or max(counts) == 0:
+        return [s.new_zeros(len(s)).float() for s in class_scores]
+    num_images, most, num_classes = len(boxes), max(counts), class_scores[0].shape[1]
+    device = class_scores[0].device
+    padded_boxes = torch.zeros(num_images, most, 4, device=device)
+    padded_scores = torch.full((num_images, num_classes, most), -1.0, device=device)  # (G, K, R)
+    overlaps = torch.zeros(num_images, most, most, dtype=torch.bool, device=device)
+    for index, (image_boxes, scores) in enumerate(zip(boxes, class_scores, strict=True)):
+        count = counts[index]
+        padded_boxes[index, :count] = image_boxes.float()
+        padded_scores[index, :, :count] = scores.float().t()
+        overlaps[index, :count, :count] = (
+            box_iou(image_boxes.float(), image_boxes.float(), offset) > threshold
+        )
+    order, kept_by_rank = _greedy_suppression(overlaps, padded_scores)
+    # Back from rank order to box order: survives[row, order[row, r]] = kept_by_rank[row, r].
+    survives = (
+        torch.zeros_like(kept_by_rank).scatter_(1, order, kept_by_rank).view(num_images, num_classes, most)
     )
-    # Back from rank order to box order: survives[k, order[k, r]] = kept_by_rank[k, r].
-    survives = torch.zeros_like(kept_by_rank).scatter_(1, order, kept_by_rank)
-    return torch.where(survives, scores, torch.zeros_like(scores)).amax(dim=0)
+    confidence = torch.where(survives, padded_scores, torch.zeros_like(padded_scores)).amax(dim=1)  # (G, R)
+    return [confidence[index, : counts[index]] for index in range(num_images)]
 
 
 def select_regions(
@@ -639,10 +673,16 @@ class BUTDDetector(BUTDPreTrainedModel):
         heads = self.roi_heads(self.roi_heads.pool(features, proposals), roi_chunk_size)
         counts = [len(p) for p in proposals]
         per_image = {key: value.split(counts) for key, value in heads.items()}
+        confidences = [None] * batch
+        if config.final_boxes == "proposals":
+            # BUTD's per-class NMS confidence of every proposal, all images in one loop.
+            class_probs = [logits.softmax(dim=-1)[:, :-1] for logits in per_image["class_logits"]]
+            offset = float(config.box_size_offset)
+            confidences = batched_max_confidence(proposals, class_probs, config.nms_threshold, offset)
         results = []
         for index in range(batch):
             outputs = {key: value[index] for key, value in per_image.items()}
-            results.append(self._select(outputs, proposals[index], image_size))
+            results.append(self._select(outputs, proposals[index], image_size, confidences[index]))
         if config.final_boxes == "regressed":
             # Features of the final boxes: pool again at them and run res5 on those crops only.
             boxes = [result["boxes"] for result in results]
@@ -659,9 +699,14 @@ class BUTDDetector(BUTDPreTrainedModel):
         return results
 
     def _select(
-        self, outputs: dict[str, torch.Tensor], proposals: torch.Tensor, image_size: tuple[int, int]
+        self,
+        outputs: dict[str, torch.Tensor],
+        proposals: torch.Tensor,
+        image_size: tuple[int, int],
+        confidence: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Choose one image's final regions from its per-proposal outputs (see `BUTDConfig`, selection)."""
+        """Choose one image's final regions from its per-proposal outputs (see `BUTDConfig`, selection);
+        `confidence`: the proposals' per-class NMS confidence when already computed."""
         config = self.config
         offset = float(config.box_size_offset)
         class_probs = outputs["class_logits"].softmax(dim=-1)[:, :-1]  # (R, K - 1): background (last) removed
@@ -670,7 +715,8 @@ class BUTDDetector(BUTDPreTrainedModel):
         min_boxes, max_boxes = config.box_bounds
         if config.final_boxes == "proposals":
             boxes = proposals.float()
-            confidence = per_class_max_confidence(boxes, class_probs, config.nms_threshold, offset)
+            if confidence is None:
+                confidence = per_class_max_confidence(boxes, class_probs, config.nms_threshold, offset)
             keep = select_regions(confidence, config.score_threshold, min_boxes, max_boxes)
         else:
             # Each proposal refined by its best class's regression; per-class NMS on those boxes.
