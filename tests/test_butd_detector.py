@@ -382,3 +382,14 @@ def test_parity_command_reports_a_verdict(tmp_path, photos, small_processor, cap
     assert main(args + ["--fixed-boxes", "8"]) == 0
     out = capsys.readouterr().out
     assert "images compared: 1" in out and "verdict: PASS" in out
+
+
+def test_bf16_loading_keeps_the_rpn_and_its_anchors_in_float32(tmp_path, photos, small_processor):
+    detector = tiny_detector(seed=5, fixed_boxes=6)
+    detector.save_pretrained(tmp_path)
+    half = BUTDDetector.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert half.backbone.stem.conv1.weight.dtype == torch.bfloat16
+    assert half.proposal_generator.cell_anchors.dtype == torch.float32
+    assert torch.equal(half.proposal_generator.cell_anchors, detector.proposal_generator.cell_anchors)
+    result = half.detect(photos[:1], processor=small_processor)[0]
+    assert result["features"].dtype == np.float32 and result["features"].shape == (6, 128)

@@ -448,7 +448,7 @@ class BUTDRegionProposalNetwork(nn.Module):
         """features: (B, C, h, w) res4 of B images of the same (H, W) `image_size`; scales: resize scale per image.
         Returns B tensors (R_i, 4) float32 of proposals in network-input pixels, best first."""
         config = self.config
-        logits, deltas = self.rpn_head(features)
+        logits, deltas = self.rpn_head(features.to(self.rpn_head.conv.weight.dtype))
         batch, _, feat_h, feat_w = logits.shape
         # (B, A, h, w) -> (B, h, w, A) -> (B, h * w * A), the order of `grid_anchors`.
         logits = logits.float().permute(0, 2, 3, 1).reshape(batch, -1)
@@ -577,6 +577,8 @@ class BUTDPreTrainedModel(PreTrainedModel):
     base_model_prefix = "butd"
     main_input_name = "pixel_values"
     _no_split_modules = ["BUTDBottleneck"]
+    # The RPN is small; in fp32 its anchors stay exact and its objectness ranking does not tie in bf16.
+    _keep_in_fp32_modules_strict = ["proposal_generator"]
 
     @torch.no_grad()
     def _init_weights(self, module):
