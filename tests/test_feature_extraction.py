@@ -22,10 +22,12 @@ from feature_fixtures import (
     BOMB_LIMIT,
     EXPECTED_SKIPS,
     bad_image_files,
+    photo,
     save_tiny_detector,
     write_files,
     write_photos,
 )
+from PIL import Image
 
 from modeling_imagebert.data.schema import validate_record
 from modeling_imagebert.features.__main__ import main as extract_main
@@ -617,3 +619,38 @@ def test_img2dataset_shards_with_their_captions_become_pairs(photos, detector_di
         status == 2
         and "--write-captions reads img2dataset .txt captions: it needs --source webdataset" in err
     )
+
+
+@SLOW
+@pytest.mark.parametrize("name", ["resnet152", "densenet161"])
+def test_large_global_models_load_torchvision_checkpoints(name, tmp_path, monkeypatch):
+    """ResNet-152 and DenseNet-161 read their files from torchvision's cache; DenseNet's published file uses the
+    old key names ("norm.1"), which are renamed while loading as torchvision does."""
+    import re
+
+    import torchvision
+
+    from modeling_imagebert.features.global_features import GlobalFeatureExtractor, cached_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, name)(weights=None).eval()
+    state = reference.state_dict()
+    if name == "densenet161":
+        state = {
+            re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()
+        }
+        assert any(".norm.1." in key for key in state)
+    path = cached_weights_path(name)
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    extractor = GlobalFeatureExtractor.from_local_weights(name)
+    image = np.asarray(Image.fromarray(photo("chelsea")))
+    features = extractor.extract([image])
+    assert features.shape == (1, {"resnet152": 2048, "densenet161": 2208}[name])
+    head = reference.fc if name == "resnet152" else reference.classifier
+    captured = {}
+    head.register_forward_hook(lambda module, inputs, output: captured.update(x=inputs[0]))
+    with torch.inference_mode():
+        reference(extractor.preprocess([image]))
+    np.testing.assert_allclose(features[0], captured["x"][0].numpy(), rtol=1e-5, atol=1e-6)
