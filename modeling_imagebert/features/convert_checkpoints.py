@@ -8,7 +8,19 @@ Formats:
     milvlg      MILVLG's `bua-caffe-frcn-r101_with_attributes.pth` (Caffe order: background first, a 2-way softmax
                 RPN, Caffe anchors and "+1" box widths)
 
-    python -m modeling_imagebert.features.convert_checkpoints --format lxmert pytorch_model.bin butd-vg/
+    # the LXMERT demo's weights (Hub repo unc-nlp/frcnn-vg-finetuned, file pytorch_model.bin)
+    python -m modeling_imagebert.features.convert_checkpoints --format lxmert pytorch_model.bin butd-vg-lxmert/
+    # py-bottom-up-attention's Caffe-converted weights with attributes
+    python -m modeling_imagebert.features.convert_checkpoints --format detectron2 \
+        faster_rcnn_from_caffe_attr.pkl butd-vg-d2/
+    # MILVLG's conversion of the original Caffe model (bottom-up-attention.pytorch)
+    python -m modeling_imagebert.features.convert_checkpoints --format milvlg \
+        bua-caffe-frcn-r101_with_attributes.pth butd-vg-milvlg/
+
+Then check the result against features the community extracted with the original model (see `parity.py`):
+
+    python -m modeling_imagebert.features.parity --detector butd-vg-milvlg/ --images val2014/ \
+        --reference-tsv coco_val2014_36.tsv --fixed-boxes 36 --limit 50
 
 Every source key is either copied, transformed (named with what was done), ignored (`num_batches_tracked`, which
 frozen batch norm does not use) or reported as unmapped; every detector key the source lacks is reported as
