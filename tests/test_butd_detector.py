@@ -393,3 +393,36 @@ def test_bf16_loading_keeps_the_rpn_and_its_anchors_in_float32(tmp_path, photos,
     assert torch.equal(half.proposal_generator.cell_anchors, detector.proposal_generator.cell_anchors)
     result = half.detect(photos[:1], processor=small_processor)[0]
     assert result["features"].dtype == np.float32 and result["features"].shape == (6, 128)
+
+
+def test_parity_reads_uniter_npz_references_sizing_boxes_from_the_images(tmp_path, photos, small_processor):
+    from fixtures_formats import write_uniter_npz
+
+    from modeling_imagebert.features.parity import index_images, reference_records, run_parity
+
+    detector = tiny_detector(seed=0, fixed_boxes=8)
+    image_dir, _ = _write_reference(
+        tmp_path, photos[:1], detector.detect(photos[:1], processor=small_processor)
+    )
+    found = detector.detect(photos[:1], processor=small_processor)[0]
+    height, width = photos[0].shape[:2]
+    write_uniter_npz(
+        tmp_path / "npz",
+        {
+            "img_id": "img0",
+            "img_w": width,
+            "img_h": height,
+            "num_boxes": len(found["boxes"]),
+            "boxes": found["boxes"],
+            "features": found["features"],
+            "objects_id": found["classes"],
+            "objects_conf": found["scores"],
+        },
+        num_classes=10,
+    )  # no image size inside, as UNITER's dumps
+    images = index_images(image_dir)
+    summary = run_parity(
+        detector, small_processor, reference_records(None, str(tmp_path / "npz"), images), images
+    )
+    assert len(summary.images) == 1 and summary.verdict() == (True, [])
+    assert summary.figures()["mean_best_iou"] > 0.99

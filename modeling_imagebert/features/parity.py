@@ -27,7 +27,7 @@ with poor end-to-end ones point at proposals and selection (anchors, NMS, thresh
 import argparse
 import statistics
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,14 +182,40 @@ def index_images(folder: str | Path) -> dict[str, Path]:
     }
 
 
-def reference_records(tsv: str | None, npz_dir: str | None) -> Iterator[dict]:
-    """Reference image records from a BUTD TSV or a folder of per-image `.npz` (our importers read both)."""
+class _ImageSizes(Mapping):
+    """(width, height) of each image, read from its header when first asked (UNITER's `.npz` store boxes
+    normalised by a size they do not record)."""
+
+    def __init__(self, images: dict[str, Path]):
+        self._images = images
+
+    def __getitem__(self, image_id: str) -> tuple[int, int]:
+        from .images import read_image_size
+
+        size = read_image_size(self._images[image_id])
+        if size is None:
+            raise KeyError(image_id)
+        return size
+
+    def __iter__(self):
+        return iter(self._images)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+
+def reference_records(
+    tsv: str | None, npz_dir: str | None, images: dict[str, Path] | None = None
+) -> Iterator[dict]:
+    """Reference image records from a BUTD TSV or a folder of per-image `.npz` (our importers read both);
+    `images` (id -> file) gives the image sizes `.npz` files without one need."""
     from modeling_imagebert.data.importers import read_butd_tsv, read_npz_dir
 
     if tsv:
         yield from read_butd_tsv(tsv, show_progress=False)
     if npz_dir:
-        yield from read_npz_dir(npz_dir, show_progress=False)
+        sizes = _ImageSizes(images) if images is not None else None
+        yield from read_npz_dir(npz_dir, image_sizes=sizes, show_progress=False)
 
 
 def run_parity(
@@ -249,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         processor = BUTDImageProcessor.from_pretrained(args.detector)
     except OSError:
         processor = BUTDImageProcessor()
+    images = index_images(args.images)
     summary = run_parity(
         detector,
         processor,
-        reference_records(args.reference_tsv, args.reference_npz),
-        index_images(args.images),
+        reference_records(args.reference_tsv, args.reference_npz, images),
+        images,
         args.limit,
     )
     print(summary.report())
