@@ -722,7 +722,8 @@ class BUTDDetector(BUTDPreTrainedModel):
             keep = select_regions(confidence, config.score_threshold, min_boxes, max_boxes)
         else:
             # Each proposal refined by its best class's regression; per-class NMS on those boxes.
-            deltas = outputs["box_deltas"].view(len(proposals), -1, 4)[torch.arange(len(proposals)), classes]
+            rows = torch.arange(len(proposals), device=proposals.device)
+            deltas = outputs["box_deltas"].view(len(proposals), -1, 4)[rows, classes]
             boxes = decode_boxes(
                 deltas,
                 proposals.float(),
