@@ -18,8 +18,9 @@ Output folder:
     summary.json              counts by reason, images/s
 
 Within a shard, images are ordered by size (orientation, then area, read from file headers) so batches hold
-images of similar size; the detector guarantees that batched features equal single-image ones, so the order
-and the batch size never change the output. Rows are stored in source order.
+images of similar size (the detector batches only images of one resized shape). With `exact=True` every image goes
+through the detector alone, so its features are bit for bit the single-image ones whatever the batch size;
+batched calls agree with them up to float rounding. Rows are stored in source order.
 
 Several processes (`accelerate launch`): process i takes shards i, i + n, i + 2n, ...; the main process prepares
 the folder before the others start and merges the manifest after all have finished.
@@ -129,11 +130,12 @@ def run_settings(
     global_model: str | None,
     max_pixels: int | None,
     min_side: int,
+    exact: bool = False,
 ) -> dict:
     """The settings that fix the content of an output folder (a resumed run must match them): the image list
     (count and a digest of the ids in order), sharding, output format, the detector description (weights, box
-    selection, dtype), the global model, and the bad-image limits. Batch size, device and worker counts are not
-    among them: they do not change the output."""
+    selection, dtype), the global model, the bad-image limits and exact mode. Batch size, device and worker counts
+    are not among them: they change the output at most in float rounding (and not at all in exact mode)."""
     return {
         "num_images": len(refs),
         "image_ids_sha1": _ids_digest(refs),
@@ -143,6 +145,7 @@ def run_settings(
         "global_model": global_model,
         "max_pixels": max_pixels,
         "min_side": min_side,
+        "exact": exact,
     }
 
 
@@ -238,6 +241,7 @@ def _extract_shard(
     detect: Detect,
     global_extractor,
     batch_size: int,
+    exact: bool,
     max_pixels: int | None,
     min_side: int,
     output_format: str,
@@ -289,7 +293,9 @@ def _extract_shard(
             batch.append((index, decoded.image))
         if len(batch) == batch_size or (not pending and batch):
             images = [image for _, image in batch]
-            detections = detect(images)
+            # exact: one image per detector call, so each result is bit for bit the single-image one (a batched
+            # convolution or matmul may pick other kernels and round differently in the last bits).
+            detections = [detect([image])[0] for image in images] if exact else detect(images)
             if len(detections) != len(images):
                 raise RuntimeError(
                     f"the detector returned {len(detections)} results for {len(images)} images"
@@ -319,6 +325,7 @@ def run_extraction(
     output_format: str = "dataset",
     shard_size: int = 500,
     batch_size: int = 4,
+    exact: bool = False,
     global_extractor=None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
@@ -343,7 +350,11 @@ def run_extraction(
             settings a resumed run must match.
         output_format: "dataset", "butd-tsv" or "npz" (see `shard_formats`).
         shard_size: images per shard.
-        batch_size: images per detector call.
+        batch_size: images per detector call (and decoded ahead: twice this many).
+        exact: call the detector on one image at a time, so every feature is bit for bit what the detector gives
+            that image alone, whatever the batch size. Batched calls (the default) differ from single-image ones
+            only in float rounding (about 1e-5 on CPU, below float16's resolution at most values), depending on
+            which images share a batch.
         global_extractor: a `global_features.GlobalFeatureExtractor` to add `global_feature`, or None.
         max_pixels, min_side: bad-image limits (see `images.decode_image`).
         num_workers: threads reading and decoding images.
@@ -387,6 +398,7 @@ def run_extraction(
         global_model=None if global_extractor is None else global_extractor.name,
         max_pixels=max_pixels,
         min_side=min_side,
+        exact=exact,
     )
     summary = ExtractionSummary(output=output, num_shards=num_shards, num_processes=world_size)
     if rank == 0:
@@ -415,6 +427,7 @@ def run_extraction(
                     detect=detect,
                     global_extractor=global_extractor,
                     batch_size=batch_size,
+                    exact=exact,
                     max_pixels=max_pixels,
                     min_side=min_side,
                     output_format=output_format,
