@@ -6,8 +6,8 @@ proposals, which the RPN always fills up to `--proposals` (300 as the original e
 Images are random RGB of exactly `--height` x `--width` (600 x 1000 by default, the size the preprocessing produces
 for a 3:5 photo), so every batch is one same-shape group.
 
-Two rows per dtype: `detect` on one image at a time (batch 1), and on `--batch-size` images per call (one backbone
-batch, RoI work batched across the images). The script prints images/s and the batched speed-up, and appends
+Two rows per dtype: `detect` on one image at a time (batch 1), and on `--batch-size` images per call with
+`batch_invariant=False` (one backbone batch, RoI work batched across the images). The script prints images/s and the batched speed-up, and appends
 markdown rows to `benchmarks/RESULTS.md` unless `--no-record`, under the columns
 `| date | commit | machine | device | dtype | image | proposals | row | images/s | vs batch 1 |`.
 
@@ -74,7 +74,9 @@ def time_rows(
     for name, per_call in (("batch 1", 1), (f"batch {args.batch_size}", args.batch_size)):
         with autocast:
             for _ in range(args.warmup):
-                detector.detect(images[:per_call], processor=processor, batch_size=per_call)
+                detector.detect(
+                    images[:per_call], processor=processor, batch_size=per_call, batch_invariant=per_call == 1
+                )
             _synchronize(args.device)
             start = time.perf_counter()
             for first in range(0, len(images), per_call):
@@ -83,6 +85,7 @@ def time_rows(
                     processor=processor,
                     batch_size=per_call,
                     roi_chunk_size=args.roi_chunk_size,
+                    batch_invariant=per_call == 1,
                 )
             _synchronize(args.device)
         rows[name] = len(images) / (time.perf_counter() - start)

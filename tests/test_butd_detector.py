@@ -277,9 +277,18 @@ def test_features_are_pooled_at_the_returned_boxes(photos, small_processor, fina
     np.testing.assert_allclose(again.numpy(), result["features"], atol=1e-4)
 
 
+def test_detections_in_a_call_are_bit_identical_to_single_image_ones(photos, small_processor):
+    detector = tiny_detector()
+    together = detector.detect(photos, processor=small_processor)
+    for image, result in zip(photos, together, strict=True):
+        alone = detector.detect([image], processor=small_processor)[0]
+        for key in OUTPUT_KEYS:
+            assert np.array_equal(alone[key], result[key]), key
+
+
 def test_batched_detections_equal_single_image_ones(photos, small_processor):
     detector = tiny_detector()
-    batched = detector.detect(photos, processor=small_processor)
+    batched = detector.detect(photos, processor=small_processor, batch_invariant=False)
     for image, together in zip(photos, batched, strict=True):
         alone = detector.detect([image], processor=small_processor)[0]
         assert len(alone["boxes"]) == len(together["boxes"])
@@ -295,7 +304,7 @@ def test_full_size_batched_features_equal_single_image_ones(photos, small_proces
     torch.manual_seed(0)
     detector = BUTDDetector(BUTDConfig(rpn_pre_nms_top_n=200, rpn_post_nms_top_n=8, fixed_boxes=5)).eval()
     images = [photos[1], photos[3]]  # coffee and rocket share a resized shape: one backbone batch of two
-    batched = detector.detect(images, processor=small_processor)
+    batched = detector.detect(images, processor=small_processor, batch_invariant=False)
     for image, together in zip(images, batched, strict=True):
         alone = detector.detect([image], processor=small_processor)[0]
         assert together["features"].shape == (5, 2048)

@@ -8,8 +8,9 @@ Parameter names follow Detectron2's (`backbone.res4.22.conv2.norm.running_var`, 
 so the checkpoints of py-bottom-up-attention and of the LXMERT demo map one to one; MILVLG's Caffe-ordered one is
 rearranged by `convert_checkpoints.py`. Only torch and `torchvision.ops` (RoIPool / RoIAlign, NMS) are used.
 
-Note to 12b: `detect(images, processor=...)` is the entry point; it groups images by resized shape so no padding
-enters the backbone, and returns one dict of numpy arrays per image (see `BUTDDetector.detect`).
+Note to 12b: `detect(images, processor=...)` is the entry point and returns one dict of numpy arrays per image (see
+`BUTDDetector.detect`). By default (`batch_invariant=True`) each image runs alone, so results are bit-identical
+whatever the batch; `batch_invariant=False` batches same-shape images (equal within 1e-4).
 """
 
 import math
@@ -806,15 +807,21 @@ class BUTDDetector(BUTDPreTrainedModel):
         batch_size: int = 8,
         roi_chunk_size: int = 512,
         names: list[str] | None = None,
+        batch_invariant: bool = True,
     ) -> list[dict]:
         """Detect regions in raw images, one result per image, the same whether an image comes alone or in a batch.
 
         Args:
             images: list of RGB uint8 `np.ndarray` (H, W, 3) or PIL images.
             processor: a `BUTDImageProcessor` (default: shorter side 600, longer at most 1000).
-            batch_size: most images of the same resized shape through the backbone at once.
+            batch_size: most images of the same resized shape through the network at once (batch_invariant=False).
             roi_chunk_size: most RoIs through res5 at once.
             names: how errors refer to each image.
+            batch_invariant: True runs every image through the network alone, so its result is bit-identical
+                whatever else is in the call (a convolution's kernel choice depends on the batch size, which moves
+                results by ~1e-5). False lets same-shape images share the backbone and RoI batches (faster on a
+                GPU when images are small or have few proposals); results then match the single-image ones within
+                1e-4. No padding enters the backbone either way.
 
         Returns:
             list of dicts of numpy arrays: "boxes" float32 (N, 4) x1, y1, x2, y2 in original pixels, "features"
@@ -831,9 +838,10 @@ class BUTDDetector(BUTDPreTrainedModel):
         for index, item in enumerate(prepared):
             groups.setdefault(tuple(item["image_size"]), []).append(index)
         results: list[dict | None] = [None] * len(prepared)
+        step = 1 if batch_invariant else batch_size
         for indices in groups.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
                 pixel_values = torch.stack([prepared[i]["pixel_values"] for i in chunk])
                 detections = self.forward(
                     pixel_values,
