@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None):
         single = rows["batch 1"]
         for name, rate in rows.items():
             speedup = f"{rate / single:.2f}x" if name != "batch 1" else "1.00x"
-            print(f"{dtype_name:<6} {name:<10} {rate:>9.2f}  ({speedup} batch 1)")
+            print(f"{dtype_name:<6} {name:<10} {rate:>9.3g}  ({speedup} batch 1)")
             lines.append(
                 f"| {datetime.datetime.now():%Y-%m-%d %H:%M} | {commit()} | {machine()} | {args.device} | {dtype_name} "
-                f"| {args.height}x{args.width} | {args.proposals} | {name} | {rate:.2f} | {speedup} |"
+                f"| {args.height}x{args.width} | {args.proposals} | {name} | {rate:.3g} | {speedup} |"
             )
     if not args.no_record:
         with open(RESULTS, "a") as handle:
