@@ -33,13 +33,22 @@ DTYPES = ("float32", "float16", "bfloat16")
 GLOBAL_MODEL_NAMES = ("resnet152", "densenet161", "googlenet")
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_imagebert.features",
         description="Extract bottom-up-attention region features (Faster R-CNN, Visual Genome) from images into "
         "resumable shards: a features folder for `python -m modeling_imagebert.data.convert features`, or BUTD "
         "TSV / per-image .npz files. Run the same command again to resume a killed run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument(
         "inputs",
