@@ -20,6 +20,7 @@ import pytest
 import torch
 from feature_fixtures import (
     BOMB_LIMIT,
+    DETECTOR_SKIPS,
     EXPECTED_SKIPS,
     bad_image_files,
     photo,
@@ -204,10 +205,15 @@ def test_bad_images_are_converted_or_skipped_and_reported_without_stopping_the_r
     lines = (tmp_path / "out" / "skipped.tsv").read_text().splitlines()
     assert lines[0] == "image_id\torigin\treason\tmessage"
     skipped = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
-    assert {image_id: fields[2] for image_id, fields in skipped.items()} == EXPECTED_SKIPS
+    assert {image_id: fields[2] for image_id, fields in skipped.items()} == {
+        **EXPECTED_SKIPS,
+        **DETECTOR_SKIPS,
+    }
+    assert skipped["panorama"][3]  # the detector's own error, on one line
     assert skipped["bomb"][1].endswith("bomb.png") and "exceeds limit" in skipped["bomb"][3]
     report = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert report["extracted"] == len(converted) and sum(report["skipped"].values()) == len(EXPECTED_SKIPS)
+    assert report["extracted"] == len(converted)
+    assert sum(report["skipped"].values()) == len(EXPECTED_SKIPS) + len(DETECTOR_SKIPS)
 
 
 def test_every_source_kind_gives_the_same_features(photos, detector, tmp_path):

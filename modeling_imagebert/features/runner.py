@@ -235,6 +235,23 @@ def _size_key(ref_size: tuple[int, int] | None, index: int) -> tuple:
     return (int(height > width), width * height, index)
 
 
+def _try_detect(detect: Detect, images: list[np.ndarray]) -> tuple[list[dict] | None, Exception | None]:
+    """(`detect(images)`, None), or (None, the error) when it raises on these images (e.g. a 12 x 2000 panorama
+    whose resized short side vanishes in the backbone). Running out of memory, interrupts and a wrong number of
+    results are raised: they are not about one image."""
+    try:
+        detections = detect(images)
+    except MemoryError:
+        raise
+    except Exception as error:
+        if "out of memory" in str(error).lower():
+            raise
+        return None, error
+    if len(detections) != len(images):
+        raise RuntimeError(f"the detector returned {len(detections)} results for {len(images)} images")
+    return detections, None
+
+
 def _extract_shard(
     refs: Sequence[ImageRef],
     *,
@@ -270,6 +287,7 @@ def _extract_shard(
 
     def skip(index: int, reason: str, message: str) -> None:
         ref = refs[index]
+        message = " ".join(str(message).split())  # one line, whatever the decoder or detector said
         skips[index] = {"image_id": ref.image_id, "origin": ref.origin, "reason": reason, "message": message}
 
     # Decode ahead of the detector, at most two batches in flight, so memory stays bounded.
@@ -295,11 +313,19 @@ def _extract_shard(
             images = [image for _, image in batch]
             # exact: one image per detector call, so each result is bit for bit the single-image one (a batched
             # convolution or matmul may pick other kernels and round differently in the last bits).
-            detections = [detect([image])[0] for image in images] if exact else detect(images)
-            if len(detections) != len(images):
-                raise RuntimeError(
-                    f"the detector returned {len(detections)} results for {len(images)} images"
-                )
+            detections = None if exact else _try_detect(detect, images)[0]
+            if detections is None:  # exact mode, or an image of the batch broke the detector: one at a time
+                detections = []
+                for position, image in batch:
+                    result, error = _try_detect(detect, [image])
+                    if result is None:
+                        skip(position, "detector_error", f"{type(error).__name__}: {error}")
+                        progress.update(1)
+                    detections.append(None if result is None else result[0])
+                kept = [k for k, detection in enumerate(detections) if detection is not None]
+                batch = [batch[k] for k in kept]
+                images = [images[k] for k in kept]
+                detections = [detections[k] for k in kept]
             globals_ = (
                 global_extractor.extract(images) if global_extractor is not None else [None] * len(images)
             )
