@@ -401,6 +401,26 @@ def test_global_features_come_from_a_local_torchvision_cache(photos, detector, t
         )
     assert np.abs(row_global(rows, refs[0].image_id)).max() > 0
 
+    # convert carries global_feature into the pairs dataset
+    from fixtures_formats import write_karpathy_json
+
+    from modeling_imagebert.data.convert import main as convert_main
+    from modeling_imagebert.data.storage import load_dataset_from_disk
+
+    image_id = refs[0].image_id
+    karpathy = write_karpathy_json(
+        tmp_path / "k.json", "flickr30k", [{"name": image_id, "split": "test", "captions": ["one", "two"]}]
+    )
+    arguments = ["features", str(tmp_path / "out"), "--captions", str(karpathy), "--format", "karpathy"]
+    assert (
+        convert_main([*arguments, "--split", "test", "--output", str(tmp_path / "pairs"), "--no-progress"])
+        == 0
+    )
+    pairs = load_dataset_from_disk(tmp_path / "pairs", feature_dim=64)
+    assert len(pairs) == 2
+    for value in pairs["global_feature"]:
+        assert np.array_equal(np.asarray(value, dtype=np.float32), row_global(rows, image_id))
+
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match=r"other.pth: not a googlenet state dict"):
         GlobalFeatureExtractor.from_local_weights("googlenet", tmp_path / "other.pth")
