@@ -441,6 +441,12 @@ def test_refuses_folders_it_did_not_create_and_resumes_only_with_the_same_settin
         extract(refs, foreign, detector)
     assert [p.name for p in foreign.iterdir()] == ["precious.txt"]
 
+    killed_at_once = tmp_path / "killed-while-writing-its-marker"
+    killed_at_once.mkdir()
+    (killed_at_once / ".tmp-imagebert_features.json-x1y2").write_text("{")
+    extract(refs, killed_at_once, detector, shard_size=2)
+    assert not list(killed_at_once.glob(".tmp-*")) and (killed_at_once / "manifest.json").is_file()
+
     extract(refs, tmp_path / "out", detector, shard_size=1)
     with pytest.raises(ExtractionError, match=r"shard_size: 1 then, 2 now"):
         extract(refs, tmp_path / "out", detector, shard_size=2)

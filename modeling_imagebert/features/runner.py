@@ -179,7 +179,8 @@ def prepare_output(output: Path, settings: dict, num_shards: int, output_format:
     if output.exists() and not output.is_dir():
         raise ExtractionError(f"{output} is a file; expected a folder for the features")
     if output.is_dir() and not marker.is_file():
-        if any(output.iterdir()):
+        # A run killed while writing its marker leaves only the marker's temporary file: that folder is ours.
+        if any(not path.name.startswith(f"{TEMP_PREFIX}{MARKER_NAME}") for path in output.iterdir()):
             raise ExtractionError(
                 f"{output} exists and was not created by this extractor (no {MARKER_NAME}); refusing to write "
                 "into it: choose a new or empty folder"
