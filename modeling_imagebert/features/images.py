@@ -35,7 +35,8 @@ DEFAULT_MIN_SIDE = 10
 
 SKIP_REASONS = ("unreadable", "not_an_image", "truncated", "decompression_bomb", "too_small", "decode_error")
 
-# PIL's bomb check reads the module-global MAX_IMAGE_PIXELS: decoding threads must not see each other's limit.
+# PIL's bomb check reads the module-global MAX_IMAGE_PIXELS and we turn its warning into an error with the
+# process-wide warning filters: opening images in several threads must not interleave those changes.
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
@@ -189,7 +190,8 @@ def read_image_size(data: bytes | str | os.PathLike) -> tuple[int, int] | None:
     """(width, height) from the image header without decoding pixels (EXIF rotation applied), or None when the
     header cannot be read. Used to order images by size before batching."""
     try:
-        with warnings.catch_warnings():
+        # Under the lock: warning filters and PIL's pixel limit are process-wide, and decode_image changes both.
+        with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = io.BytesIO(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
             with Image.open(source) as image:
