@@ -563,6 +563,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_a_straight_run(
     )
 
 
+@pytest.mark.slow
 @SLOW
 def test_repeated_sigkills_then_resume_equal_a_straight_run(photos, detector_dir, detector, tmp_path):
     seed = int(os.environ.get("IMAGEBERT_KILL_SEED", time.time_ns() % 2**32))
@@ -590,6 +591,7 @@ def test_repeated_sigkills_then_resume_equal_a_straight_run(photos, detector_dir
     assert_same_rows(rows_by_id(tmp_path / "straight"), rows_by_id(tmp_path / "out"))
 
 
+@pytest.mark.slow
 @SLOW
 def test_two_accelerate_processes_write_the_same_dataset_as_one(photos, detector_dir, detector, tmp_path):
     """Two real gloo processes (accelerate launch on CPU) take alternate shards; the main one merges the
@@ -665,6 +667,7 @@ def test_img2dataset_shards_with_their_captions_become_pairs(photos, detector_di
     )
 
 
+@pytest.mark.slow
 @SLOW
 @pytest.mark.parametrize("name", ["resnet152", "densenet161"])
 def test_large_global_models_load_torchvision_checkpoints(name, tmp_path, monkeypatch):
