@@ -10,7 +10,7 @@ Image ids must be unique: a duplicate is refused with both places named.
 | `folder`     | a folder, searched recursively          | file name without extension (`--id-style stem`) or the relative path without extension (`relative`) | sorted relative paths |
 | `list`       | a text file: `path` or `path<TAB>id` per line (relative paths are relative to the list file; blank lines and `#` comments skipped) | the id column, else as for folders | file order |
 | `hf`         | a folder written by `Dataset.save_to_disk` and the name of its `Image` column | `--id-column`, else the row index | row order |
-| `webdataset` | `.tar` shards as img2dataset writes them (`{key}.jpg|png|webp` beside `{key}.txt` / `{key}.json`) | the key | shard order, then tar order |
+| `webdataset` | `.tar` shards as img2dataset writes them (`{key}.jpg` or `.png` or `.webp` beside `{key}.txt` / `{key}.json`) | the key | shard order, then tar order |
 """
 
 from __future__ import annotations
