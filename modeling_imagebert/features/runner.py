@@ -271,14 +271,14 @@ def _extract_shard(
     def size_of(ref: ImageRef) -> tuple[int, int] | None:
         try:
             return read_image_size(ref.read())
-        except OSError:
+        except Exception:  # reported by decode below
             return None
 
     def decode(ref: ImageRef):
         try:
             data = ref.read()
-        except OSError as error:
-            return DecodedImage(None, "unreadable", f"cannot read the image: {error}")
+        except Exception as error:  # a vanished file, a tar cut short, a dataset row without the column
+            return DecodedImage(None, "unreadable", f"cannot read the image: {type(error).__name__}: {error}")
         return decode_image(data, max_pixels=max_pixels, min_side=min_side)
 
     sizes = list(pool.map(size_of, refs))
