@@ -228,6 +228,8 @@ def extract(args: argparse.Namespace):
             "same shards; on CPU launch with ACCELERATE_USE_CPU=1 (and --multi_gpu), or pass --device cpu"
         )
     device = state.device if args.device == "auto" else torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device on this machine; use --device cpu")
     kind = args.source or _guess_source(args.inputs[0])
     if args.write_captions and kind != "webdataset":
         raise ValueError(

@@ -157,7 +157,8 @@ class GlobalFeatureExtractor(nn.Module):
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """RGB uint8 arrays (H, W, 3) of any sizes -> a normalised batch (B, 3, 224, 224) float32."""
         tensors = [
-            self.transform(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)) for image in images
+            self.transform(torch.from_numpy(np.array(image, dtype=np.uint8, order="C")).permute(2, 0, 1))
+            for image in images
         ]
         return torch.stack(tensors)
 
