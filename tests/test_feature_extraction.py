@@ -526,7 +526,10 @@ def _kill_and_resume(photos, detector_dir, tmp_path, rng, seconds):
     import datasets
 
     for data in (out / "shards").glob("shard-?????.arrow"):
-        datasets.Dataset.from_file(str(data))  # complete, or it would not load
+        rows = len(datasets.Dataset.from_file(str(data)))  # a complete Arrow file, or it would not load
+        done = data.with_name(data.name.replace(".arrow", ".done.json"))
+        if done.exists():  # a finished shard holds every image its record counts
+            assert rows == json.loads(done.read_text())["extracted"] == 1, data
     return process.returncode, stderr
 
 
