@@ -64,13 +64,13 @@ def photos(tmp_path_factory):
     return write_photos(tmp_path_factory.mktemp("photos"))
 
 
-def extract(refs, output, detector, **options):
+def extract(refs, output, detector, batch_invariant=True, **options):
     model, processor = detector
     with torch.inference_mode():
         return run_extraction(
             refs,
             output,
-            detect=partial(model.detect, processor=processor),
+            detect=partial(model.detect, processor=processor, batch_invariant=batch_invariant),
             feature_dim=model.config.hidden_size,
             detector_settings={"test": "tiny"},
             show_progress=False,
@@ -132,7 +132,6 @@ def test_photographs_end_to_end_through_the_cli_equal_single_image_detection(
         3,
         "--batch-size",
         3,
-        "--exact",
         "--no-progress",
         "--device",
         "cpu",
@@ -144,7 +143,7 @@ def test_photographs_end_to_end_through_the_cli_equal_single_image_detection(
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["complete"] and [s["images"] for s in manifest["shards"]] == [3, 3, 2]
 
-    # --exact: bit for bit what the detector finds in each image alone
+    # by default bit for bit what the detector finds in each image alone
     model, processor = detector
     for image_id, row in rows.items():
         image = decode_image(photos / f"{image_id}.jpg").image
@@ -163,13 +162,17 @@ def test_photographs_end_to_end_through_the_cli_equal_single_image_detection(
 
 
 def test_batched_features_equal_single_image_ones(photos, detector, tmp_path):
-    """In exact mode batch size and shard size never change a bit of the output; batched detector calls agree
-    with single-image ones up to float rounding, which float16 storage mostly hides."""
+    """Batch size and shard size never change a bit of the output, whether the detector runs each image alone
+    (batch_invariant, the CLI's default) or the runner calls it one image at a time (exact); network batches of
+    same-size images (the CLI's --batched) agree with single-image results up to float rounding, which float16
+    storage mostly hides."""
     refs = list_images("folder", [photos])[:5]
     extract(refs, tmp_path / "one", detector, batch_size=1, shard_size=5)
-    extract(refs, tmp_path / "exact", detector, batch_size=4, shard_size=3, exact=True)
-    extract(refs, tmp_path / "batched", detector, batch_size=4, shard_size=3)
+    extract(refs, tmp_path / "invariant", detector, batch_size=4, shard_size=3)
+    extract(refs, tmp_path / "exact", detector, batch_size=4, shard_size=3, exact=True, batch_invariant=False)
+    extract(refs, tmp_path / "batched", detector, batch_size=4, shard_size=3, batch_invariant=False)
     single = rows_by_id(tmp_path / "one")
+    assert_same_rows(single, rows_by_id(tmp_path / "invariant"))
     assert_same_rows(single, rows_by_id(tmp_path / "exact"))
     batched = rows_by_id(tmp_path / "batched")
     assert list(batched) == list(single)

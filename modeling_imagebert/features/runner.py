@@ -18,9 +18,9 @@ Output folder:
     summary.json              counts by reason, images/s
 
 Within a shard, images are ordered by size (orientation, then area, read from file headers) so batches hold
-images of similar size (the detector batches only images of one resized shape). With `exact=True` every image goes
-through the detector alone, so its features are bit for bit the single-image ones whatever the batch size;
-batched calls agree with them up to float rounding. Rows are stored in source order.
+images of similar size (the detector batches only images of one resized shape). With `exact=True` (the CLI's
+default) every image goes through the detector alone, so its features are bit for bit the single-image ones
+whatever the batch size; network batches agree with them up to float rounding. Rows are stored in source order.
 
 Several processes (`accelerate launch`): process i takes shards i, i + n, i + 2n, ...; the main process prepares
 the folder before the others start and merges the manifest after all have finished.
@@ -378,10 +378,10 @@ def run_extraction(
         output_format: "dataset", "butd-tsv" or "npz" (see `shard_formats`).
         shard_size: images per shard.
         batch_size: images per detector call (and decoded ahead: twice this many).
-        exact: call the detector on one image at a time, so every feature is bit for bit what the detector gives
-            that image alone, whatever the batch size. Batched calls (the default) differ from single-image ones
-            only in float rounding (about 1e-5 on CPU, below float16's resolution at most values), depending on
-            which images share a batch.
+        exact: call `detect` on one image at a time, so every feature is bit for bit what the detector gives
+            that image alone, whatever the batch size, even with a `detect` whose batched calls round differently
+            (`BUTDDetector.detect(..., batch_invariant=False)` is within 1e-4 of single-image results). Recorded
+            in the folder's settings.
         global_extractor: a `global_features.GlobalFeatureExtractor` to add `global_feature`, or None.
         max_pixels, min_side: bad-image limits (see `images.decode_image`).
         num_workers: threads reading and decoding images.
