@@ -11,6 +11,10 @@ Examples:
         --captions dataset_coco.json --format karpathy --split train --image-id-style filename \\
         --image-size 640 480 --output data/coco_train --num-shards 64
 
+    # images through our own extractor (python -m modeling_imagebert.features ... --output feats/flickr30k)
+    python -m modeling_imagebert.data.convert features feats/flickr30k \\
+        --captions dataset_flickr30k.json --format karpathy --split train --output data/flickr30k_train
+
     # Conceptual Captions / SBU
     python -m modeling_imagebert.data.convert npz cc_npz --captions Train_GCC-training.tsv --format cc ...
     python -m modeling_imagebert.data.convert npz sbu_npz --captions SBU_captioned_photo_dataset_captions.txt \\
@@ -53,13 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "feature_format",
-        choices=["butd-tsv", "npz"],
+        choices=["butd-tsv", "npz", "features"],
         help="butd-tsv: bottom-up-attention TSV files as used by LXMERT/Oscar (no header; img_id, img_h, img_w, "
         "objects_id, objects_conf, attrs_id, attrs_conf, num_boxes, boxes, features; base64 arrays). "
-        "npz: folders of per-image <image_id>.npz files (UNITER or bottom-up-attention.pytorch keys).",
+        "npz: folders of per-image <image_id>.npz files (UNITER or bottom-up-attention.pytorch keys). "
+        "features: folders written by python -m modeling_imagebert.features (any of its output formats; "
+        "global_feature is carried over when present).",
     )
     parser.add_argument(
-        "features", nargs="+", type=Path, help="the TSV file(s) or .npz folder(s), read in the order given"
+        "features",
+        nargs="+",
+        type=Path,
+        help="the TSV file(s), .npz folder(s) or features folder(s), read in the order given",
     )
     parser.add_argument("--captions", required=True, type=Path, help="the caption file (see --format)")
     parser.add_argument(
@@ -189,6 +198,12 @@ def _images(args: argparse.Namespace, report: ImportReport) -> Iterator[dict]:
                 report=report,
                 show_progress=show,
             )
+        elif args.feature_format == "features":
+            from ..features.runner import iter_extracted_records
+
+            for record in iter_extracted_records(source):
+                report.images_read += 1
+                yield record
         else:
             yield from read_npz_dir(
                 source,

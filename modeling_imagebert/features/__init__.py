@@ -1,0 +1,31 @@
+"""Region and image features: the bottom-up-attention (BUTD) Faster R-CNN detector and its extraction tools.
+
+Names are loaded lazily so that `import modeling_imagebert.features` stays cheap (no torchvision import until a
+detector is built).
+"""
+
+import importlib
+
+_EXPORTS = {
+    "BUTDConfig": "configuration_butd",
+    "BUTDDetector": "modeling_butd",
+    "BUTDImageProcessor": "image_processing_butd",
+    "convert_checkpoint": "convert_checkpoints",
+    # extraction (images -> features folder)
+    "GlobalFeatureExtractor": "global_features",
+    "decode_image": "images",
+    "iter_extracted_records": "runner",
+    "list_images": "sources",
+    "load_features": "runner",
+    "run_extraction": "runner",
+}
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'modeling_imagebert.features' has no attribute {name!r}")
+    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    return getattr(module, name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,120 @@
+"""Image preprocessing of the bottom-up-attention detector, as its original Caffe extraction did it.
+
+RGB uint8 image -> float -> resize (bilinear) so the shorter side is `min_size` unless the longer side would exceed
+`max_size` -> RGB to BGR -> subtract the Caffe pixel means (BGR order, no division by a std).
+"""
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from transformers.image_processing_base import ImageProcessingMixin
+
+# BGR means of the Caffe ImageNet models the detector was trained from (py-faster-rcnn's PIXEL_MEANS).
+CAFFE_BGR_MEANS = (102.9801, 115.9465, 122.7717)
+
+
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """Scale that makes the shorter side `min_size` without the longer side exceeding `max_size`.
+
+    As py-faster-rcnn: the longer side is checked after rounding the scaled size.
+    """
+    short_side, long_side = min(height, width), max(height, width)
+    scale = min_size / short_side
+    if round(scale * long_side) > max_size:
+        scale = max_size / long_side
+    return scale
+
+
+class BUTDImageProcessor(ImageProcessingMixin):
+    r"""
+    Turns RGB images into the detector's input: BGR, Caffe-mean-subtracted, float32 tensors resized as the original
+    extraction (shorter side 600, longer side at most 1000, bilinear without antialiasing like OpenCV's
+    `INTER_LINEAR`). Settings are saved and loaded with `save_pretrained` / `from_pretrained`
+    (`preprocessor_config.json`).
+
+    Args:
+        min_size (`int`, 600): target length of the shorter side.
+        max_size (`int`, 1000): most length of the longer side.
+        image_mean (`list[float]`): per-channel means subtracted, in BGR order (Caffe's).
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        min_size: int = 600,
+        max_size: int = 1000,
+        image_mean: list[float] | tuple[float, ...] = CAFFE_BGR_MEANS,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not 0 < min_size <= max_size:
+            raise ValueError(
+                f"BUTDImageProcessor: need 0 < min_size <= max_size, got {min_size} and {max_size}"
+            )
+        if len(image_mean) != 3:
+            raise ValueError(f"BUTDImageProcessor.image_mean must hold 3 BGR values, got {image_mean}")
+        self.min_size = int(min_size)
+        self.max_size = int(max_size)
+        self.image_mean = [float(m) for m in image_mean]
+
+    def preprocess_one(self, image, name: str = "image") -> dict:
+        """Preprocess one image.
+
+        Args:
+            image: RGB `np.ndarray` of shape (H, W, 3) (uint8, or float in [0, 255]) or a `PIL.Image` (converted
+                to RGB).
+            name: how errors refer to this image (a file name or record id).
+
+        Returns:
+            dict with "pixel_values" float32 tensor (3, h, w) BGR mean-subtracted at the resized size, "scale"
+            (resized / original), "original_size" (H, W) and "image_size" (h, w).
+        """
+        array = _as_rgb_array(image, name)
+        height, width = array.shape[:2]
+        scale = resize_scale(height, width, self.min_size, self.max_size)
+        new_size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        # (H, W, 3) RGB -> (1, 3, H, W) BGR; the mean is subtracted after resizing (bilinear weights sum to one,
+        # so this equals Caffe's subtract-then-resize).
+        pixels = torch.from_numpy(np.ascontiguousarray(array[:, :, ::-1])).permute(2, 0, 1)[None].float()
+        if new_size != (height, width):
+            pixels = F.interpolate(
+                pixels, size=new_size, mode="bilinear", align_corners=False, antialias=False
+            )
+        pixels = pixels[0] - torch.tensor(self.image_mean).view(3, 1, 1)
+        return {
+            "pixel_values": pixels.contiguous(),
+            "scale": scale,
+            "original_size": (height, width),
+            "image_size": new_size,
+        }
+
+    def __call__(self, images, names: list[str] | None = None) -> list[dict]:
+        """Preprocess a list of images (see `preprocess_one`); returns one dict per image."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        names = names or [f"image {i}" for i in range(len(images))]
+        return [self.preprocess_one(image, name) for image, name in zip(images, names, strict=True)]
+
+
+def _as_rgb_array(image, name: str) -> np.ndarray:
+    """RGB (H, W, 3) array of `image`, or a one-line `ValueError` naming `name`."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise ValueError(
+            f"{name}: expected an RGB np.ndarray (H, W, 3) or a PIL image, got {type(image).__name__}"
+        )
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{name}: expected shape (H, W, 3) RGB, got {tuple(image.shape)}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"{name}: empty image of shape {tuple(image.shape)}")
+    if image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.floating) or not np.isfinite(image).all():
+            raise ValueError(
+                f"{name}: expected uint8 pixels (or finite floats in [0, 255]), got {image.dtype}"
+            )
+    return image
+
+
+__all__ = ["BUTDImageProcessor", "CAFFE_BGR_MEANS", "resize_scale"]
