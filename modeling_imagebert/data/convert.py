@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..atomic import check_removable, remove_stale_temporaries, temporary_sibling
 from .importers import (
     KARPATHY_IMAGE_ID_STYLES,
     ImportFormatError,
@@ -98,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--urls", type=Path, help="sbu: the URLs file, line-aligned with --captions")
     parser.add_argument("--output", required=True, type=Path, help="output folder (save_dataset layout)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace --output if it exists (it is refused otherwise)"
+        "--overwrite",
+        action="store_true",
+        help="replace --output if it exists and was written by this package (it carries our marker file); a "
+        "folder without the marker, the current folder, or one holding an input is never replaced",
     )
     parser.add_argument(
         "--feature-dim",
@@ -201,12 +205,27 @@ def _images(args: argparse.Namespace, report: ImportReport) -> Iterator[dict]:
             )
 
 
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    """Every path the conversion reads: the output may not be, or hold, any of them."""
+    return [*args.features, args.captions, *([args.urls] if args.urls is not None else [])]
+
+
 def convert(args: argparse.Namespace) -> ImportReport:
-    """Run one conversion described by parsed command-line arguments; returns the report."""
+    """Run one conversion described by parsed command-line arguments; returns the report.
+
+    Temporaries of an earlier run of the same command that was killed are removed first (and reported on
+    stderr); an existing `--output` is replaced only with `--overwrite` and only when it is ours to replace.
+    """
     from .storage import save_dataset
 
-    if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    for stale in remove_stale_temporaries(args.output):
+        print(f"note: removed {stale}, left by an interrupted earlier run", file=sys.stderr)
+    if args.output.exists() or args.output.is_symlink():
+        if not args.overwrite:
+            raise FileExistsError(
+                f"{args.output}: exists ; pass --overwrite to replace it or choose another --output"
+            )
+        check_removable(args.output, inputs=_inputs(args))
     report = ImportReport()
     captions = _captions(args, report)
     images = _images(args, report)
@@ -216,10 +235,9 @@ def convert(args: argparse.Namespace) -> ImportReport:
     feature_dim = args.feature_dim or int(first["region_features"].shape[1])
     # The join writes an Arrow file before the save copies it into shards: keep that intermediate copy next
     # to the output (same disk) and delete it afterwards, instead of leaving it in the datasets cache.
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(
-        prefix=f".{args.output.name}-join-", dir=args.output.parent
-    ) as cache_dir:
+    # Named as a temporary of the output (kind "join"), so a run killed here leaves a folder the next run removes.
+    cache_dir = temporary_sibling(args.output.absolute(), "join")
+    try:
         dataset = build_pair_dataset(
             captions,
             itertools.chain([first], images),
@@ -243,8 +261,12 @@ def convert(args: argparse.Namespace) -> ImportReport:
             feature_dim=feature_dim,
             num_classes=args.num_classes,
             overwrite=args.overwrite,
+            written_by="python -m modeling_imagebert.data.convert",
+            inputs=_inputs(args),
         )
         del dataset
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     return report
 
 
