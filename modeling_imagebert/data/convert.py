@@ -130,7 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-duplicate",
         choices=["raise", "skip"],
         default="raise",
-        help="an image id found twice in the features: stop with an error (default) or keep the first",
+        help="an image id found twice in the features, or an image id / file name found twice in a Karpathy "
+        "caption file: stop with an error (default) or keep the first and count the rest in the summary",
+    )
+    parser.add_argument(
+        "--cc-header",
+        choices=["auto", "none", "skip"],
+        default="auto",
+        help="cc: a header line is detected and skipped (auto, default; counted in the summary), read as data "
+        "(none) or the first line is always skipped (skip)",
     )
     parser.add_argument(
         "--image-size",
@@ -142,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="npz: read the pickled 'info' dict of bottom-up-attention.pytorch dumps (trusted files only)",
+        help="npz: read the pickled 'info' entry of bottom-up-attention.pytorch dumps through a restricted unpickler "
+        "that admits only plain containers, numbers and numeric arrays; nothing else is ever unpickled",
     )
     parser.add_argument("--num-shards", type=int, default=None, help="write exactly this many Arrow shards")
     parser.add_argument(
@@ -162,6 +171,7 @@ def _captions(args: argparse.Namespace, report: ImportReport) -> Iterator[tuple[
             args.split,
             image_id_style=style or "filename",
             restval_as_train=args.restval_as_train,
+            on_duplicate=args.on_duplicate,
             report=report,
         )
     if args.caption_format == "cc":
@@ -169,6 +179,7 @@ def _captions(args: argparse.Namespace, report: ImportReport) -> Iterator[tuple[
             args.captions,
             id_column=args.cc_id_column,
             id_format=style or "{row}",
+            header=args.cc_header,
             on_error=args.on_error,
             report=report,
         )
