@@ -389,24 +389,53 @@ class _ShardCache:
     def path(self, shard: int) -> Path:
         return self.folder / f"shard-{shard:06d}.pt"
 
+    def manifest_path(self, shard: int) -> Path:
+        """The shard's manifest entry: {"file", "size", "sha256", "rows"}, written after the shard itself. One
+        small file per shard (not one shared manifest) so processes saving their own shards never race."""
+        return self.folder / f"shard-{shard:06d}.json"
+
     def load(self, shard: int, rows: tuple[int, int], num_images: int) -> torch.Tensor | None:
+        """The cached scores of `shard`, or None (after a warning naming the file) when it is absent, has no
+        manifest entry, differs from it in size or sha256, holds other rows, or holds non-finite scores."""
         path = self.path(shard)
         if not path.is_file():
             return None
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            data = path.read_bytes()
+            try:
+                entry = json.loads(self.manifest_path(shard).read_text())
+            except (OSError, ValueError):
+                raise ValueError(f"no readable manifest entry {self.manifest_path(shard).name}") from None
+            if entry.get("size") != len(data):
+                raise ValueError(f"size {len(data)} bytes differs from the manifest's {entry.get('size')}")
+            digest = hashlib.sha256(data).hexdigest()
+            if entry.get("sha256") != digest:
+                raise ValueError(
+                    f"sha256 {digest[:12]}... differs from the manifest's {str(entry.get('sha256'))[:12]}..."
+                )
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             scores = payload["scores"]
             if tuple(payload["rows"]) != rows or tuple(scores.shape) != (rows[1] - rows[0], num_images):
                 raise ValueError(f"holds rows {tuple(payload['rows'])} of shape {tuple(scores.shape)}")
+            if not torch.isfinite(scores).all():
+                raise ValueError("holds non-finite scores")
         except Exception as error:  # a damaged file is recomputed, never trusted
-            warnings.warn(f"ignoring unreadable cached shard {path} ({error}); recomputing it", stacklevel=3)
+            warnings.warn(f"ignoring cached shard {path} ({error}); recomputing it", stacklevel=3)
             return None
         return scores
 
     def save(self, shard: int, rows: tuple[int, int], scores: torch.Tensor) -> None:
         buffer = io.BytesIO()
         torch.save({"rows": list(rows), "scores": scores.contiguous()}, buffer)
-        atomic_write_bytes(self.path(shard), buffer.getvalue())
+        data = buffer.getvalue()
+        atomic_write_bytes(self.path(shard), data)
+        entry = {
+            "file": self.path(shard).name,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "rows": list(rows),
+        }
+        atomic_write_bytes(self.manifest_path(shard), json.dumps(entry, indent=2).encode())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
