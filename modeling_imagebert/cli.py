@@ -49,7 +49,9 @@ def _hint(error: BaseException) -> str:
 
 def format_error(error: BaseException) -> str:
     """`error: <message on one line> ; <how to fix>`; a message that already carries its fix (` ; `) keeps it."""
-    message = " ".join(str(error).split()) or type(error).__name__
+    # Multi-line messages (DataValidationError lists one problem a line) become one line, problems split by "; ".
+    lines = [" ".join(line.split()) for line in str(error).splitlines()]
+    message = "; ".join(line for line in lines if line) or type(error).__name__
     if " ; " not in message:
         message = f"{message} ; {_hint(error)} (rerun with {DEBUG_FLAG} for the traceback)"
     return f"error: {message}"

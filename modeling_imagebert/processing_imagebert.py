@@ -566,7 +566,9 @@ def _check_ids(values: np.ndarray, name: str, where: str, limit: int | None, lim
     if out.any():
         position = int(np.flatnonzero(out)[0])
         bound = ">= 0" if limit is None else f"in [0, {limit}) ({limit_name})"
-        raise ValueError(f"{name} of {where}: id {values[position]!r} at position {position} is not {bound}")
+        raise ValueError(
+            f"{name} of {where}: id {_scalar(values[position])!r} at position {position} is not {bound}"
+        )
 
 
 def _scalar(value: Any) -> Any:

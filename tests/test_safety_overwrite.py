@@ -130,35 +130,48 @@ def test_a_kill_between_the_two_renames_of_a_replace_restores_the_previous_folde
     assert (target / "v").read_text() == "1" and not old.exists()
 
 
-def _kill_convert_at_random_moments(tmp_path: Path, kills: int, seed: int) -> None:
-    features, captions = _inputs(tmp_path, num_images=120, num_boxes=36)
-    out = tmp_path / "out"
-    argv = [sys.executable, "-m", "modeling_imagebert.data.convert", *_argv(features, captions, out)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    began = time.perf_counter()
-    subprocess.run([*argv[:-1], "--num-shards", "3", "--output", str(tmp_path / "straight")], env=env, check=True,
-                   capture_output=True)  # fmt: skip
-    straight_seconds = time.perf_counter() - began
-    rng = random.Random(seed)
-    for _ in range(kills):
-        process = subprocess.Popen([*argv, "--num-shards", "3"], env=env, stderr=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL)  # fmt: skip
-        time.sleep(rng.uniform(0.3, 0.95) * straight_seconds)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        if out.exists():  # a kill after the final rename: the output must be complete
-            assert is_ours(out)
-            break
-    final = subprocess.run(
-        [*argv, "--num-shards", "3", "--overwrite"], env=env, capture_output=True, text=True
-    )
-    assert final.returncode == 0, final.stderr
-    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX))
-    assert leftovers == []
+def _kill_convert_at_random_moments(tmp_path: Path, kills: int, seed: int) -> list[str]:
+    """Kills a convert subprocess `kills` times, each at a random moment after its work began (its first temporary
+    folder appeared: before that it is only importing), then runs it to the end: no temporary may remain, and the
+    output must equal a straight conversion's."""
     from modeling_imagebert.data.storage import load_dataset_from_disk
 
+    features, captions = _inputs(tmp_path, num_images=150, num_boxes=36)
+    out = tmp_path / "out"
+    assert main([*_argv(features, captions, tmp_path / "straight"), "--num-shards", "3"]) == 0
+    argv = [
+        sys.executable,
+        "-m",
+        "modeling_imagebert.data.convert",
+        *_argv(features, captions, out),
+        "--num-shards",
+        "3",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    rng = random.Random(seed)
+    for _ in range(kills):
+        process = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            if any(p.name.startswith(f"{TEMP_PREFIX}out.") for p in tmp_path.iterdir()):
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.6))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if out.exists():  # the kill came after the final rename: the output must be complete and ours
+            assert is_ours(out) and len(load_dataset_from_disk(out)) == 150
+            break
+    left_by_kills = [p.name for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    final = subprocess.run([*argv, "--overwrite"], env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    for name in left_by_kills:  # the next run says what it removed
+        assert name in final.stderr
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX))
+    assert leftovers == []
     got, want = load_dataset_from_disk(out), load_dataset_from_disk(tmp_path / "straight")
     assert got["caption"] == want["caption"] and got["region_features"] == want["region_features"]
+    return left_by_kills
 
 
 def test_convert_killed_at_a_random_moment_leaves_nothing_the_next_run_keeps(tmp_path):
@@ -167,4 +180,4 @@ def test_convert_killed_at_a_random_moment_leaves_nothing_the_next_run_keeps(tmp
 
 @SLOW
 def test_convert_killed_repeatedly_at_random_moments_leaves_nothing_the_next_run_keeps(tmp_path):
-    _kill_convert_at_random_moments(tmp_path, kills=6, seed=1)
+    assert _kill_convert_at_random_moments(tmp_path, kills=6, seed=1)  # some kill left temporaries to clean

@@ -100,7 +100,7 @@ def test_run_cli_prints_one_line_for_user_errors_and_lets_bugs_through(capsys):
     assert run_cli(bad_data, []) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert line.startswith(
-        "error: data.arrow: row 3, field 'region_boxes': x2 < x1 and more ; fix the named record"
+        "error: data.arrow: row 3, field 'region_boxes': x2 < x1; and more ; fix the named record"
     )
 
     def bug(argv):

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..atomic import check_removable, remove_stale_temporaries, temporary_sibling
+from ..cli import USER_ERRORS, format_error
 from .importers import (
     KARPATHY_IMAGE_ID_STYLES,
     ImportFormatError,
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", default="500MB", help="largest Arrow shard when --num-shards is not given"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of its one-line summary"
+    )
     return parser
 
 
@@ -237,6 +241,10 @@ def convert(args: argparse.Namespace) -> ImportReport:
                 f"{args.output}: exists ; pass --overwrite to replace it or choose another --output"
             )
         check_removable(args.output, inputs=_inputs(args))
+    if args.num_shards is not None and args.num_shards < 1:
+        raise ValueError(
+            f"--num-shards: expected an int >= 1, got {args.num_shards} ; pass a positive count or omit it"
+        )
     report = ImportReport()
     captions = _captions(args, report)
     images = _images(args, report)
@@ -291,10 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = convert(args)
-    except (ImportFormatError, ValueError, OSError) as error:
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
         # DataValidationError is a ValueError; its per-problem lines are joined into one line.
-        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)
+        print(format_error(error), file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     print(f"wrote {report.rows_written} rows to {args.output}")
     print(report.summary())

@@ -1119,6 +1119,13 @@ def read_cc_captions(
     _check_on_error(on_error)
     if header not in ("auto", "none", "skip"):
         raise ValueError(f"header must be 'auto', 'none' or 'skip', got {header!r}")
+    try:
+        id_format.format(row=0, url_sha1="0" * 40)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(
+            f"id_format {id_format!r} (--image-id-style): cannot be filled ({type(error).__name__}: {error}) ; use "
+            "only the fields {row} and {url_sha1}, e.g. '{row}' or '{row:09d}'"
+        ) from None
     report = ImportReport() if report is None else report
     before = report.skipped.copy()
     lines = _read_lines(path)
@@ -1355,7 +1362,12 @@ def build_pair_dataset(
             image_id = str(image.get("image_id"))
             if image_id in seen:
                 failure = ImportFormatError(
-                    "duplicate image id in the features (kept the first)",
+                    "duplicate image id in the features"
+                    + (
+                        " ; pass --on-duplicate skip to keep the first"
+                        if on_duplicate == "raise"
+                        else " (kept the first)"
+                    ),
                     image_id=image_id,
                     field="image_id",
                     reason="duplicate_image_id",

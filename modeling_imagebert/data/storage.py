@@ -36,6 +36,7 @@ import re
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 from datasets.distributed import split_dataset_by_node
 
 from ..atomic import atomic_folder, check_removable
@@ -89,6 +90,10 @@ def save_dataset(
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
     if target.exists():
         check_removable(target, inputs=inputs)  # refuse before the (long) validation and write
+    if num_shards is not None and (
+        isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1
+    ):
+        raise ValueError(f"num_shards must be an int >= 1 or None, got {num_shards!r}")
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"save_dataset needs a datasets.Dataset, got {type(dataset).__name__}")
     if validate:
@@ -148,7 +153,15 @@ def load_dataset_from_disk(path: str | os.PathLike, *, feature_dim: int | None =
     """
     folder = Path(path).absolute()
     _check_saved_dataset_folder(folder)
-    dataset = datasets.load_from_disk(str(folder))
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except (pa.ArrowException, OSError, ValueError, KeyError) as error:
+        # A truncated or corrupt shard, or damaged metadata: name the folder instead of Arrow's internals.
+        message = " ".join(str(error).split())
+        raise DataValidationError(
+            f"dataset at {folder}: cannot be read ({type(error).__name__}: {message}) ; a data-*.arrow shard or "
+            "state.json is truncated or corrupt: write the dataset again"
+        ) from None
     try:
         validate_features(dataset.features, feature_dim=feature_dim)
     except DataValidationError as error:
