@@ -116,6 +116,28 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     return handled
 
 
+def remove_stale_temporaries_in(folder: str | os.PathLike) -> list[Path]:
+    """Removes every temporary (of any target) directly inside `folder` left by a process of this host that no
+    longer runs, e.g. the half-written files of a killed writer of many files (a score cache). "old" folders are
+    restored onto their target when it is missing, as in `remove_stale_temporaries`.
+
+    Returns:
+        The paths removed or restored.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    handled: list[Path] = []
+    for path in sorted(folder.iterdir()):
+        if not path.name.startswith(TEMP_PREFIX):
+            continue
+        # "<name>.<kind>.<host>.<pid>.<random>": the target's name may hold dots, the last four fields do not.
+        fields = path.name[len(TEMP_PREFIX) :].rsplit(".", 4)
+        if len(fields) == 5 and fields[3].isdigit():
+            handled += remove_stale_temporaries(folder / fields[0])
+    return handled
+
+
 def write_marker(folder: str | os.PathLike, written_by: str) -> Path:
     """Writes the ownership marker into `folder`: {"written_by", "created" (UTC ISO time), "run_id"}."""
     marker = {
@@ -270,6 +292,7 @@ __all__ = [
     "read_marker",
     "remove_ours",
     "remove_stale_temporaries",
+    "remove_stale_temporaries_in",
     "replace_folder",
     "temporary_sibling",
     "write_marker",

@@ -220,6 +220,26 @@ def test_cached_shard_with_non_finite_scores_is_recomputed_like_a_fresh_one(proc
     assert second.computed_shards == [1] and torch.equal(first.scores, second.scores)
 
 
+def test_a_shard_file_left_half_written_by_a_killed_evaluation_is_removed_by_the_next_run(
+    processor, split, tmp_path
+):
+    import subprocess
+
+    model = tiny_model()
+    evaluate_retrieval(model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
+    (folder,) = tmp_path.glob("scores-*")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    from modeling_imagebert.atomic import _host_tag
+
+    # What a SIGKILL inside atomic_write_bytes of shard 1 leaves behind.
+    stale = folder / f".tmp-shard-000001.pt.file.{_host_tag()}.{dead.pid}.x1y2z3"
+    stale.write_bytes(b"half a shard")
+    with pytest.warns(UserWarning, match="left by an interrupted evaluation"):
+        evaluate_retrieval(model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
+    assert not stale.exists()
+
+
 def test_coco_1k_is_the_mean_over_folds_and_strict_sizes_are_enforced(processor):
     split = toy_test_split(num_images=5)
     model = tiny_model()

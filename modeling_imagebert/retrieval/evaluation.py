@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, remove_stale_temporaries_in
 from . import metrics as retrieval_metrics
 
 # Protocol name -> (function, label used in the paper-style table).
@@ -360,6 +360,10 @@ class _ShardCache:
         if is_main_process:
             self._warn_about_stale(meta)
         self.folder.mkdir(parents=True, exist_ok=True)
+        # A run killed while writing a shard leaves its temporary file; processes of this host that still run
+        # keep theirs (see modeling_imagebert.atomic).
+        for stale in remove_stale_temporaries_in(self.folder):
+            warnings.warn(f"removed {stale}, left by an interrupted evaluation", stacklevel=3)
         atomic_write_bytes(self.folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
 
     def _warn_about_stale(self, meta: dict[str, Any]) -> None:
