@@ -153,3 +153,21 @@ def test_an_object_array_other_than_info_gets_no_numpy_pickle_hint(tmp_path, cap
                  "--no-progress", "--allow-pickle", "--image-id-style", "1"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "1.npz" in err and "never read" in err and "allow_pickle" not in err
+
+
+def test_an_id_template_with_unknown_fields_is_refused_before_reading(tmp_path):
+    path = tmp_path / "cc.tsv"
+    path.write_text("a\thttp://u/0\n")
+    with pytest.raises(ValueError, match=r"id_format '\{nope\}'.*\{row\} and \{url_sha1\}"):
+        list(read_cc_captions(path, id_format="{nope}"))
+
+
+def test_convert_refuses_zero_shards_instead_of_ignoring_the_flag(tmp_path, capsys):
+    detections = [make_detections(str(i), 2, F, seed=i) for i in range(2)]
+    features = write_butd_tsv(tmp_path / "f.tsv", detections)
+    captions = tmp_path / "cc.tsv"
+    captions.write_text("a\thttp://u/0\nb\thttp://u/1\n")
+    argv = ["butd-tsv", str(features), "--captions", str(captions), "--format", "cc", "--no-progress",
+            "--output", str(tmp_path / "out"), "--num-shards", "0"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--num-shards" in capsys.readouterr().err and not (tmp_path / "out").exists()

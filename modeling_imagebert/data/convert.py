@@ -17,7 +17,12 @@ Examples:
         --urls SBU_captioned_photo_dataset_urls.txt --format sbu --image-id-style photo_id ...
 
 Prints a summary (rows written, skips by reason, output path). Bad input ends the program with exit status 2
-and a one-line error naming the file, line or record, image id and field.
+and a one-line error naming the file, line or record, image id and field (`--debug` shows the traceback).
+
+The output folder carries a marker file (`modeling_imagebert.atomic.MARKER_NAME`); `--overwrite` replaces only a
+folder with that marker, never the current folder, a folder above it, or one that is or holds an input. Temporary
+folders beside the output are named after it and this process, so a run killed by SIGKILL leaves folders that the
+next run of the same command removes (saying so on stderr).
 """
 
 from __future__ import annotations

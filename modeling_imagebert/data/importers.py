@@ -833,7 +833,8 @@ def read_npz_dir(
         feature_dim: F expected; None accepts any.
         image_size: (W, H) for every file without its own size (needed with normalised `norm_bb` boxes).
         image_sizes: per-image (W, H) by image id, taking precedence over `image_size`.
-        allow_pickle: read a pickled `info` dict (bottom-up-attention.pytorch); trusted files only.
+        allow_pickle: read the pickled `info` dict of bottom-up-attention.pytorch dumps through a restricted
+            unpickler (plain containers, numbers, numeric arrays); nothing else is ever unpickled.
         on_error: "raise" or "skip" (counted in `report` by reason and logged).
 
     Yields:
