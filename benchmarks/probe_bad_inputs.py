@@ -169,7 +169,7 @@ def good_row(i: int, n: int = 3) -> dict:
 def probe_convert(p: Probes, work: Path) -> None:
     from fixtures_formats import butd_fields, make_detections, write_butd_tsv, write_karpathy_json
 
-    from modeling_imagebert.atomic import MARKER_NAME, TEMP_PREFIX, is_ours
+    from modeling_imagebert.atomic import MARKER_NAME, TEMP_PREFIX, _host_tag, is_ours
     from modeling_imagebert.data.convert import main
     from modeling_imagebert.data.storage import load_dataset_from_disk
 
@@ -430,10 +430,7 @@ def probe_convert(p: Probes, work: Path) -> None:
     p.cli("UNITER norm_bb without an image size", lambda: run_npz(norm), "0.npz", "--image-size")
 
     target_stale = out()
-    stale = (
-        base
-        / f"{TEMP_PREFIX}{target_stale.name}.join.{__import__('modeling_imagebert.atomic', fromlist=['x'])._host_tag()}.{dead_pid()}.abc"
-    )
+    stale = base / f"{TEMP_PREFIX}{target_stale.name}.join.{_host_tag()}.{dead_pid()}.abc"
     stale.mkdir()
     p.cli(
         "a killed run's temporary folder beside the output",
