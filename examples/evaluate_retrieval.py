@@ -25,6 +25,7 @@ With `--cache_dir`, an interrupted evaluation restarted with the same arguments 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from accelerate import Accelerator
 
 from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval
+from modeling_imagebert.atomic import atomic_write_bytes, atomic_write_text
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
 from modeling_imagebert.retrieval.evaluation import PROTOCOLS, evaluate_retrieval
 
@@ -92,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--save_scores", default=None, help="save the score matrix and image ids (torch.save)"
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of its one-line summary"
+    )
     return parser.parse_args(argv)
 
 
@@ -111,9 +116,9 @@ def load_processor(path: str) -> ImageBertProcessor:
     try:
         return ImageBertProcessor.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise SystemExit(
-            f"cannot load an ImageBertProcessor from {path} ({error}); pass --processor with the folder the "
-            "pre-training script saved the processor to"
+        raise ValueError(
+            f"{path}: cannot load an ImageBertProcessor ({' '.join(str(error).split())}) ; pass --processor with the "
+            "folder the pre-training script saved the processor to"
         ) from None
 
 
@@ -143,7 +148,9 @@ def load_split(args: argparse.Namespace, config):
     if (folder / "dataset_dict.json").is_file():
         splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
         if args.split not in splits:
-            raise SystemExit(f"--split {args.split!r} is not in {folder} (splits: {splits})")
+            raise ValueError(
+                f"{folder}: --split {args.split!r} is not one of its splits {splits} ; pass one of them"
+            )
         folder = folder / args.split
     return load_dataset_from_disk(folder, feature_dim=config.visual_feature_dim)
 
@@ -184,22 +191,26 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result.metrics, indent=2))
         if args.output_json:
             Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(args.output_json, json.dumps(summary, indent=2) + "\n")
         if args.output_markdown:
             Path(args.output_markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output_markdown).write_text(result.table)
+            atomic_write_text(args.output_markdown, result.table)
         if args.save_scores:
+            buffer = io.BytesIO()
             torch.save(
                 {
                     "scores": result.scores,
                     "caption_image_index": result.caption_image_index,
                     "image_ids": result.image_ids,
                 },
-                args.save_scores,
+                buffer,
             )
+            atomic_write_bytes(args.save_scores, buffer.getvalue())
     accelerator.wait_for_everyone()
     return summary
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from modeling_imagebert.cli import run_cli
+
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -21,6 +21,10 @@ During training, evaluation scores a FIXED candidate layout (`--eval_num_candida
 against its image and 19 others, each eval image against one of its captions and 19 others; negatives chosen once
 from `--eval_layout_seed`) and reports recall@1/5/10 per direction. `--do_full_ranking` then ranks the whole eval
 split with the full-ranking evaluator (`modeling_imagebert.retrieval.evaluation`) and writes JSON and markdown.
+
+Bad input (a missing or malformed dataset, a bad flag value) ends the script with one line on stderr,
+`error: <file/field>: <what> ; <how to fix>`, and exit status 2; a bare `--debug` (or IMAGEBERT_DEBUG=1) shows the
+traceback instead (`--debug underflow_overflow` stays TrainingArguments' own option).
 """
 
 from __future__ import annotations
@@ -315,5 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from modeling_imagebert.cli import run_cli
+
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
-    main()
+    sys.exit(run_cli(main))

@@ -1,36 +1,210 @@
-"""Writing files and folders atomically: the one helper every writer of the package uses.
+"""Writing files and folders atomically, and deleting only what we wrote: the one helper every writer uses.
 
 A folder is built under a temporary sibling name and renamed onto its target only once complete, so a reader (or a
-resumed run) sees it whole or not at all; a file is written to a temporary sibling and `os.replace`d. Temporary
-names start with `.tmp-` followed by the target's name, so the folder's owner can tell them from its own files.
+resumed run) sees it whole or not at all; a file is written to a temporary sibling and `os.replace`d.
+
+Ownership: every folder `atomic_folder` writes carries a small marker file (`MARKER_NAME`: what wrote it, when, a
+run id). Replacing or removing an existing folder (`overwrite=True`, `remove_ours`) is refused unless the folder
+carries that marker, and always refused for the current folder, a folder above it, and a folder that is or holds
+one of the command's inputs. So an overwrite flag can never delete a user's folder.
+
+Temporary names are `.tmp-<target name>.<kind>.<host>.<pid>.<random>` beside the target (`kind` is "new", "old",
+"file" or a caller's word such as "join"). A kill (SIGKILL, power loss) can leave one behind; the next write of the
+same target finds the ones whose process is gone (`remove_stale_temporaries`), removes them and says so. A folder
+moved aside while being replaced ("old") is renamed back when the target is missing, so a kill during the swap
+never loses the previous version.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
 TEMP_PREFIX = ".tmp-"
+MARKER_NAME = ".written-by-modeling_imagebert.json"
+RUN_ID = uuid.uuid4().hex  # one id per process: every folder a run writes carries the same one
 
 
-def temporary_sibling(target: str | os.PathLike) -> Path:
-    """A new, empty temporary folder beside `target` (same file system, so the final rename is atomic)."""
+class UnsafeRemovalError(FileExistsError):
+    """Refusal to replace or delete a folder that the project did not write, or that would take inputs with it."""
+
+
+def _host_tag() -> str:
+    # Host names may hold dots or odd characters: a short hash keeps temporary names parseable.
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(target: Path, kind: str) -> str:
+    return f"{TEMP_PREFIX}{target.name}.{kind}.{_host_tag()}.{os.getpid()}."
+
+
+def temporary_sibling(target: str | os.PathLike, kind: str = "new") -> Path:
+    """A new, empty temporary folder beside `target` (same file system, so the final rename is atomic).
+
+    Its name records `kind`, this host and this process id, so `remove_stale_temporaries(target)` can tell a
+    leftover of a dead process from a folder another live process is filling.
+    """
+    if not kind.isidentifier():
+        raise ValueError(f"kind must be a plain word, got {kind!r}")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=target.parent))
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(target, kind), dir=target.parent))
+
+
+def _parse_temporary(name: str, target_name: str) -> tuple[str, str, int] | None:
+    """(kind, host, pid) when `name` is a temporary of `target_name`, else None."""
+    if not name.startswith(f"{TEMP_PREFIX}{target_name}."):
+        return None
+    parts = name[len(TEMP_PREFIX) + len(target_name) + 1 :].split(".")
+    if len(parts) != 4 or not parts[2].isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2])
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Removes the temporary siblings of `target` left by processes of this host that no longer run.
+
+    A folder moved aside while `target` was being replaced ("old") is renamed back onto `target` when `target`
+    is missing (the kill came between the two renames), else removed. Each action is logged as a warning.
+
+    Returns:
+        The paths removed or restored.
+    """
+    target = Path(target).absolute()
+    if not target.parent.is_dir():
+        return []
+    host, handled = _host_tag(), []
+    for path in sorted(target.parent.iterdir()):
+        parsed = _parse_temporary(path.name, target.name)
+        if parsed is None:
+            continue
+        kind, their_host, pid = parsed
+        if their_host != host or _process_alive(pid):
+            continue  # another machine's or a live process's work in progress
+        if kind == "old" and (path / "folder").is_dir() and not target.exists():
+            os.rename(path / "folder", target)
+            logger.warning(f"restored {target} from {path}, left by an interrupted replace (process {pid})")
+        else:
+            logger.warning(f"removed stale temporary {path} left by an interrupted run (process {pid})")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        handled.append(path)
+    return handled
+
+
+def remove_stale_temporaries_in(folder: str | os.PathLike) -> list[Path]:
+    """Removes every temporary (of any target) directly inside `folder` left by a process of this host that no
+    longer runs, e.g. the half-written files of a killed writer of many files (a score cache). "old" folders are
+    restored onto their target when it is missing, as in `remove_stale_temporaries`.
+
+    Returns:
+        The paths removed or restored.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    handled: list[Path] = []
+    for path in sorted(folder.iterdir()):
+        if not path.name.startswith(TEMP_PREFIX):
+            continue
+        # "<name>.<kind>.<host>.<pid>.<random>": the target's name may hold dots, the last four fields do not.
+        fields = path.name[len(TEMP_PREFIX) :].rsplit(".", 4)
+        if len(fields) == 5 and fields[3].isdigit():
+            handled += remove_stale_temporaries(folder / fields[0])
+    return handled
+
+
+def write_marker(folder: str | os.PathLike, written_by: str) -> Path:
+    """Writes the ownership marker into `folder`: {"written_by", "created" (UTC ISO time), "run_id"}."""
+    marker = {
+        "written_by": written_by,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "run_id": RUN_ID,
+    }
+    return atomic_write_text(Path(folder) / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
+
+
+def read_marker(folder: str | os.PathLike) -> dict | None:
+    """The marker of `folder` as a dict, or None when it has none (or an unreadable one)."""
+    try:
+        marker = json.loads((Path(folder) / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and "written_by" in marker else None
+
+
+def is_ours(folder: str | os.PathLike) -> bool:
+    """True when `folder` is a real folder (not a link) carrying the project's marker."""
+    folder = Path(folder)
+    return folder.is_dir() and not folder.is_symlink() and read_marker(folder) is not None
+
+
+def check_removable(folder: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Raises UnsafeRemovalError unless `folder` may be deleted: it carries our marker, is not the current
+    folder or above it, and neither is nor holds any of `inputs`. Returns the absolute folder."""
+    folder = Path(folder).absolute()
+    resolved = folder.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise UnsafeRemovalError(
+            f"{folder}: refusing to replace the current folder or a folder above it ; choose a new output folder"
+        )
+    for item in inputs:
+        item = Path(item).absolute().resolve()
+        if item == resolved or resolved in item.parents:
+            raise UnsafeRemovalError(
+                f"{folder}: refusing to replace a folder that is or holds the input {item} ; choose another output"
+            )
+    if folder.is_symlink() or not folder.is_dir():
+        raise UnsafeRemovalError(
+            f"{folder}: exists and is not a folder written by modeling_imagebert ; remove it yourself or choose "
+            "another output"
+        )
+    if read_marker(folder) is None:
+        raise UnsafeRemovalError(
+            f"{folder}: has no {MARKER_NAME} marker, so it was not written by modeling_imagebert and is not "
+            "replaced ; remove it yourself or choose another output"
+        )
+    return folder
+
+
+def remove_ours(folder: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Deletes `folder` after `check_removable` (our marker, not the current folder, holds no input)."""
+    shutil.rmtree(check_removable(folder, inputs=inputs))
 
 
 def replace_folder(temp: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Renames the finished folder `temp` onto `target`. A previous `target` is first moved aside and deleted only
-    after the rename, so a failure in between leaves the previous folder in place."""
+    after the rename, so a failure in between leaves the previous folder in place (and a kill in between leaves it
+    in an "old" temporary that `remove_stale_temporaries` renames back)."""
     temp, target = Path(temp), Path(target)
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}old-{target.name}-", dir=target.parent))
+        old = temporary_sibling(target, "old")
         os.rename(target, old / "folder")
     try:
         os.rename(temp, target)
@@ -45,19 +219,41 @@ def replace_folder(temp: str | os.PathLike, target: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary folder to fill; on success it replaces `target`, on an exception it is removed.
+def atomic_folder(
+    target: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    written_by: str = "modeling_imagebert",
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Iterator[Path]:
+    """Yields a temporary folder to fill; on success it gets our marker and replaces `target`, on an exception it is
+    removed. Stale temporaries of `target` from killed runs are removed first.
 
-    Raises FileExistsError when `target` exists and `overwrite` is False (checked before and after the work).
+    Args:
+        target: the folder to write.
+        overwrite: replace an existing `target`, only if `check_removable(target, inputs=inputs)` allows it.
+        written_by: what wrote the folder (a command or function name), recorded in the marker.
+        inputs: the paths the work reads; `target` may not be or hold any of them.
+
+    Raises:
+        FileExistsError: `target` exists and `overwrite` is False (checked before and after the work).
+        UnsafeRemovalError: `target` exists, `overwrite` is True, but it is not ours or would take inputs with it.
     """
     target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
+    inputs = list(inputs)
+    remove_stale_temporaries(target)
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
+        check_removable(target, inputs=inputs)
     temp = temporary_sibling(target)
     try:
         yield temp
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} appeared while writing; pass overwrite=True to replace it")
+        if target.exists() or target.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"{target} appeared while writing; pass overwrite=True to replace it")
+            check_removable(target, inputs=inputs)
+        write_marker(temp, written_by)
         replace_folder(temp, target)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -67,7 +263,7 @@ def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False) -> Iter
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Writes `data` to `path` through a temporary sibling file and `os.replace`."""
     path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)
+    handle, temp = tempfile.mkstemp(prefix=_temp_prefix(path, "file"), dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
@@ -84,10 +280,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 __all__ = [
+    "MARKER_NAME",
+    "RUN_ID",
     "TEMP_PREFIX",
+    "UnsafeRemovalError",
     "atomic_folder",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_removable",
+    "is_ours",
+    "read_marker",
+    "remove_ours",
+    "remove_stale_temporaries",
+    "remove_stale_temporaries_in",
     "replace_folder",
     "temporary_sibling",
+    "write_marker",
 ]

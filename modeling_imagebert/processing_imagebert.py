@@ -102,7 +102,11 @@ class ImageBertProcessor(ProcessorMixin):
         for caption, where in zip(captions, wheres, strict=True):
             if not isinstance(caption, str) or not caption.strip():
                 raise ValueError(f"caption of {where}: expected a non-empty string, got {caption!r}")
-        return self.tokenizer(list(captions), truncation=True, max_length=self.max_text_length)["input_ids"]
+        # split_special_tokens: a caption is text, so "[SEP]" or "[MASK]" in it becomes the word pieces of that
+        # string, never the special id (data could otherwise inject separators, padding or masks).
+        return self.tokenizer(
+            list(captions), truncation=True, max_length=self.max_text_length, split_special_tokens=True
+        )["input_ids"]
 
     def _encode_regions(
         self,
@@ -312,14 +316,20 @@ class ImageBertProcessor(ProcessorMixin):
         examples: Sequence[Mapping[str, Any]],
         feature_dtype: torch.dtype = torch.float32,
         return_region_classes: bool = False,
+        num_object_classes: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Pad encoded examples into model inputs: text to the longest caption, regions to the most regions.
+
+        Values are checked where they enter: token ids must be integers in [0, len(tokenizer)) (examples may come
+        pre-tokenised), region class ids integers >= 0 and, with `num_object_classes`, below it; an error names
+        the example (position in the batch, image_id, example_index) and the field.
 
         Args:
             examples: B encoded examples (see `encode_record`); a modality is padded when every example has it
                 (input_ids for text, region_features + region_locations for regions). Zero regions are allowed.
             feature_dtype: dtype of `region_features` (and `global_image_features`).
             return_region_classes: also return `region_classes` [B, R] long (-100 at padding).
+            num_object_classes: when given, region class ids must lie in [0, num_object_classes).
 
         Returns:
             dict of tensors: input_ids, attention_mask, token_type_ids [B, T] long (T = longest caption);
@@ -344,7 +354,14 @@ class ImageBertProcessor(ProcessorMixin):
             width = int(lengths.max())
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             input_ids = np.full((size, width), pad_id, dtype=np.int64)
+            vocabulary = len(self.tokenizer)
             for i, x in enumerate(ids):
+                if x.size and not (
+                    np.issubdtype(x.dtype, np.integer) and 0 <= x.min() and x.max() < vocabulary
+                ):  # one vectorised test per example; the slow path only names the culprit
+                    _check_ids(
+                        x, "input_ids", _where(examples[i], i), vocabulary, "the tokenizer's vocabulary"
+                    )
                 input_ids[i, : len(x)] = x
             batch["input_ids"] = torch.from_numpy(input_ids)
             batch["attention_mask"] = (
@@ -400,6 +417,9 @@ class ImageBertProcessor(ProcessorMixin):
                             f"region_classes of example {i} (image_id {example.get('image_id')!r}): missing"
                         )
                     value = to_numpy(example["region_classes"], "region_classes", f"example {i}").reshape(-1)
+                    _check_ids(
+                        value, "region_classes", _where(example, i), num_object_classes, "num_object_classes"
+                    )
                     if value.shape[0] != counts[i]:
                         raise ValueError(
                             f"region_classes of example {i} (image_id {example.get('image_id')!r}): "
@@ -513,6 +533,42 @@ class ImageBertProcessor(ProcessorMixin):
     def decode(self, *args, **kwargs):
         """Forwarded to the tokenizer's `decode`."""
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def _where(example: Mapping[str, Any], position: int) -> str:
+    """How an error names an example: its position in the batch, image_id and example_index when known."""
+    parts = [f"image_id {example.get('image_id')!r}"] if example.get("image_id") is not None else []
+    if example.get("example_index") is not None:
+        parts.append(f"example_index {_scalar(example['example_index'])}")
+    return f"example {position}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _check_ids(values: np.ndarray, name: str, where: str, limit: int | None, limit_name: str) -> None:
+    """Raises ValueError unless `values` are whole numbers in [0, limit) (limit None: >= 0 only)."""
+    if values.size == 0:
+        return
+    if not np.issubdtype(values.dtype, np.integer):
+        whole = (
+            np.issubdtype(values.dtype, np.number)
+            and np.isfinite(values).all()
+            and (np.mod(values, 1) == 0).all()
+        )
+        if not whole:
+            bad = (
+                values[~np.isfinite(values) | (np.mod(values, 1) != 0)][0]
+                if np.issubdtype(values.dtype, np.number)
+                else values[0]
+            )
+            raise ValueError(
+                f"{name} of {where}: expected integer ids, got {_scalar(bad)!r} ({values.dtype})"
+            )
+    out = (values < 0) if limit is None else (values < 0) | (values >= limit)
+    if out.any():
+        position = int(np.flatnonzero(out)[0])
+        bound = ">= 0" if limit is None else f"in [0, {limit}) ({limit_name})"
+        raise ValueError(
+            f"{name} of {where}: id {_scalar(values[position])!r} at position {position} is not {bound}"
+        )
 
 
 def _scalar(value: Any) -> Any:

@@ -171,12 +171,73 @@ def test_damaged_cache_shard_is_recomputed_not_trusted(processor, split, tmp_pat
     first = evaluate_retrieval(model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
     (shard,) = tmp_path.glob("scores-*/shard-000001.pt")
     shard.write_bytes(b"not a torch file")
-    with pytest.warns(UserWarning, match="unreadable cached shard"):
+    with pytest.warns(UserWarning, match="ignoring cached shard"):
         second = evaluate_retrieval(
             model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False
         )
     assert second.computed_shards == [1]
     assert torch.equal(first.scores, second.scores)
+
+
+def test_one_flipped_bit_in_a_cache_shard_is_caught_by_its_checksum_and_recomputed(
+    processor, split, tmp_path
+):
+    model = tiny_model()
+    first = evaluate_retrieval(model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
+    (shard,) = tmp_path.glob("scores-*/shard-000000.pt")
+    data = bytearray(shard.read_bytes())
+    start = bytes(data).find(torch.load(shard, weights_only=True)["scores"].numpy().tobytes())
+    assert start > 0
+    data[start + 2] ^= 0x10  # one bit of one stored score: torch.load reads the file without complaint
+    shard.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"shard-000000.pt \(sha256 .* differs from the manifest"):
+        second = evaluate_retrieval(
+            model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False
+        )
+    assert second.computed_shards == [0]
+    assert torch.equal(first.scores, second.scores)
+
+
+def test_cached_shard_with_non_finite_scores_is_recomputed_like_a_fresh_one(processor, split, tmp_path):
+    import hashlib
+    import io
+
+    model = tiny_model()
+    first = evaluate_retrieval(model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
+    (shard,) = tmp_path.glob("scores-*/shard-000001.pt")
+    payload = torch.load(shard, weights_only=True)
+    payload["scores"][0, 0] = float("nan")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    shard.write_bytes(buffer.getvalue())  # a consistent manifest: only the finiteness check can catch it
+    entry = json.loads(shard.with_suffix(".json").read_text())
+    entry.update(size=len(buffer.getvalue()), sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
+    shard.with_suffix(".json").write_text(json.dumps(entry))
+    with pytest.warns(UserWarning, match="non-finite"):
+        second = evaluate_retrieval(
+            model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False
+        )
+    assert second.computed_shards == [1] and torch.equal(first.scores, second.scores)
+
+
+def test_a_shard_file_left_half_written_by_a_killed_evaluation_is_removed_by_the_next_run(
+    processor, split, tmp_path
+):
+    import subprocess
+
+    model = tiny_model()
+    evaluate_retrieval(model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
+    (folder,) = tmp_path.glob("scores-*")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    from modeling_imagebert.atomic import _host_tag
+
+    # What a SIGKILL inside atomic_write_bytes of shard 1 leaves behind.
+    stale = folder / f".tmp-shard-000001.pt.file.{_host_tag()}.{dead.pid}.x1y2z3"
+    stale.write_bytes(b"half a shard")
+    with pytest.warns(UserWarning, match="left by an interrupted evaluation"):
+        evaluate_retrieval(model, split, processor, shard_size=10, cache_dir=tmp_path, progress=False)
+    assert not stale.exists()
 
 
 def test_coco_1k_is_the_mean_over_folds_and_strict_sizes_are_enforced(processor):

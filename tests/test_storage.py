@@ -363,3 +363,27 @@ def test_saved_folder_layout_is_what_load_expects(tmp_path):
     save_dataset(make_dataset(3), tmp_path / "ds")
     state = json.loads((tmp_path / "ds" / "state.json").read_text())
     assert [f["filename"] for f in state["_data_files"]] == ["data-00000-of-00001.arrow"]
+
+
+def test_a_truncated_arrow_shard_is_named_with_its_folder_not_an_arrow_internal_error(tmp_path):
+    save_dataset(make_dataset(3), tmp_path / "ds")
+    (shard,) = (tmp_path / "ds").glob("data-*.arrow")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(
+        DataValidationError, match=r"dataset at .*ds: cannot be read .* write the dataset again"
+    ):
+        load_dataset_from_disk(tmp_path / "ds")
+
+
+def test_saved_dataset_carries_our_marker_and_overwrite_refuses_a_folder_without_it(tmp_path):
+    from modeling_imagebert.atomic import UnsafeRemovalError, read_marker
+
+    save_dataset(make_dataset(2), tmp_path / "ds")
+    assert read_marker(tmp_path / "ds")["written_by"].endswith("save_dataset")
+    save_dataset(make_dataset(3), tmp_path / "ds", overwrite=True)
+    assert len(load_dataset_from_disk(tmp_path / "ds")) == 3
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    with pytest.raises(UnsafeRemovalError, match="marker"):
+        save_dataset(make_dataset(2), tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"

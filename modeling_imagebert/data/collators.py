@@ -158,6 +158,34 @@ def _flat_positions(selected: torch.Tensor) -> torch.Tensor:
     return index if index.numel() else torch.full((1,), IGNORE_INDEX, dtype=torch.long)
 
 
+def _check_label_ranges(batch: Mapping[str, Any]) -> None:
+    """Labels of a hand-made or modified batch: itm_labels in {0, 1}; labels and region_class_labels whole numbers
+    >= 0 or -100 (ignored). Checked on the CPU, where the collators run, so the model never has to."""
+    itm = batch.get("itm_labels")
+    if itm is not None:
+        itm = torch.as_tensor(itm)
+        bad = ~((itm == 0) | (itm == 1))
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"itm_labels of batch row {row}: {itm[row].item()!r} is not 0 (mismatched) or 1 (matched)"
+            )
+    for name in ("labels", "region_class_labels"):
+        value = batch.get(name)
+        if value is None:
+            continue
+        value = torch.as_tensor(value)
+        if value.is_floating_point():
+            raise ValueError(f"{name}: expected integer ids (or -100), got dtype {value.dtype}")
+        bad = (value < 0) & (value != IGNORE_INDEX)
+        if bad.any():
+            row, column = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"{name} of batch row {row}, position {column}: {value[row, column].item()} is neither an id >= 0 nor "
+                f"{IGNORE_INDEX} (ignored)"
+            )
+
+
 def add_labelled_positions(batch: dict[str, Any]) -> dict[str, Any]:
     """Adds to a pre-training batch, in place, the positions each head reads, computed here on the CPU so that the
     model's training step never reads a value back from the device:
@@ -172,6 +200,7 @@ def add_labelled_positions(batch: dict[str, Any]) -> dict[str, Any]:
     A task whose labels are absent gets no positions; call again after removing labels (old positions are
     replaced). Conditional masking: entries of mismatched pairs (`itm_labels` 0) are left out.
     """
+    _check_label_ranges(batch)
     for key in POSITION_KEYS:
         batch.pop(key, None)
     input_ids, regions = batch.get("input_ids"), batch.get("region_features")
@@ -254,6 +283,8 @@ class DataCollatorForImageBertPretraining(_SeededCollator):
             image_id; an example with no such partner stays positive (counted in `stats["no_partner"]`).
         seed (0): randomness derives only from (seed, epoch, example_index); see `set_epoch`.
         feature_dtype (torch.float32): dtype of region_features and region_feature_targets.
+        num_object_classes (None): when given (the model's `config.num_object_classes`), every region class id
+            must lie in [0, num_object_classes): MOC targets out of range are refused naming the example.
 
     Input: a list of B encoded examples (`ImageBertProcessor.encode_record`, with `example_index`).
 
@@ -281,9 +312,17 @@ class DataCollatorForImageBertPretraining(_SeededCollator):
         negative_caption_share: float = 0.5,
         seed: int = 0,
         feature_dtype: torch.dtype = torch.float32,
+        num_object_classes: int | None = None,
     ):
         super().__init__(seed)
         self.processor = _as_processor(processor_or_tokenizer)
+        if num_object_classes is not None and (
+            isinstance(num_object_classes, bool)
+            or not isinstance(num_object_classes, int)
+            or num_object_classes < 1
+        ):
+            raise ValueError(f"num_object_classes must be an int >= 1 or None, got {num_object_classes!r}")
+        self.num_object_classes = num_object_classes
         self.mlm_probability = _check_probability("mlm_probability", mlm_probability)
         self.mask_replace_prob = _check_probability("mask_replace_prob", mask_replace_prob)
         self.random_replace_prob = _check_probability("random_replace_prob", random_replace_prob)
@@ -350,7 +389,12 @@ class DataCollatorForImageBertPretraining(_SeededCollator):
             raise ValueError("DataCollatorForImageBertPretraining: got an empty batch")
         indices = _example_indices(examples)
         pairs, itm_labels = self._make_pairs(examples, indices)
-        batch = self.processor.pad(pairs, feature_dtype=self.feature_dtype, return_region_classes=True)
+        batch = self.processor.pad(
+            pairs,
+            feature_dtype=self.feature_dtype,
+            return_region_classes=True,
+            num_object_classes=self.num_object_classes,
+        )
         matched = torch.from_numpy(itm_labels == 1)  # [B]
 
         # MLM over real, non-special tokens of matched pairs.

@@ -21,7 +21,12 @@ Examples:
         --urls SBU_captioned_photo_dataset_urls.txt --format sbu --image-id-style photo_id ...
 
 Prints a summary (rows written, skips by reason, output path). Bad input ends the program with exit status 2
-and a one-line error naming the file, line or record, image id and field.
+and a one-line error naming the file, line or record, image id and field (`--debug` shows the traceback).
+
+The output folder carries a marker file (`modeling_imagebert.atomic.MARKER_NAME`); `--overwrite` replaces only a
+folder with that marker, never the current folder, a folder above it, or one that is or holds an input. Temporary
+folders beside the output are named after it and this process, so a run killed by SIGKILL leaves folders that the
+next run of the same command removes (saying so on stderr).
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..atomic import check_removable, remove_stale_temporaries, temporary_sibling
+from ..cli import USER_ERRORS, format_error
 from .importers import (
     KARPATHY_IMAGE_ID_STYLES,
     ImportFormatError,
@@ -107,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--urls", type=Path, help="sbu: the URLs file, line-aligned with --captions")
     parser.add_argument("--output", required=True, type=Path, help="output folder (save_dataset layout)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace --output if it exists (it is refused otherwise)"
+        "--overwrite",
+        action="store_true",
+        help="replace --output if it exists and was written by this package (it carries our marker file); a "
+        "folder without the marker, the current folder, or one holding an input is never replaced",
     )
     parser.add_argument(
         "--feature-dim",
@@ -135,7 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-duplicate",
         choices=["raise", "skip"],
         default="raise",
-        help="an image id found twice in the features: stop with an error (default) or keep the first",
+        help="an image id found twice in the features, or an image id / file name found twice in a Karpathy "
+        "caption file: stop with an error (default) or keep the first and count the rest in the summary",
+    )
+    parser.add_argument(
+        "--cc-header",
+        choices=["auto", "none", "skip"],
+        default="auto",
+        help="cc: a header line is detected and skipped (auto, default; counted in the summary), read as data "
+        "(none) or the first line is always skipped (skip)",
     )
     parser.add_argument(
         "--image-size",
@@ -147,13 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="npz: read the pickled 'info' dict of bottom-up-attention.pytorch dumps (trusted files only)",
+        help="npz: read the pickled 'info' entry of bottom-up-attention.pytorch dumps through a restricted unpickler "
+        "that admits only plain containers, numbers and numeric arrays; nothing else is ever unpickled",
     )
     parser.add_argument("--num-shards", type=int, default=None, help="write exactly this many Arrow shards")
     parser.add_argument(
         "--max-shard-size", default="500MB", help="largest Arrow shard when --num-shards is not given"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of its one-line summary"
+    )
     return parser
 
 
@@ -167,6 +189,7 @@ def _captions(args: argparse.Namespace, report: ImportReport) -> Iterator[tuple[
             args.split,
             image_id_style=style or "filename",
             restval_as_train=args.restval_as_train,
+            on_duplicate=args.on_duplicate,
             report=report,
         )
     if args.caption_format == "cc":
@@ -174,6 +197,7 @@ def _captions(args: argparse.Namespace, report: ImportReport) -> Iterator[tuple[
             args.captions,
             id_column=args.cc_id_column,
             id_format=style or "{row}",
+            header=args.cc_header,
             on_error=args.on_error,
             report=report,
         )
@@ -216,12 +240,31 @@ def _images(args: argparse.Namespace, report: ImportReport) -> Iterator[dict]:
             )
 
 
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    """Every path the conversion reads: the output may not be, or hold, any of them."""
+    return [*args.features, args.captions, *([args.urls] if args.urls is not None else [])]
+
+
 def convert(args: argparse.Namespace) -> ImportReport:
-    """Run one conversion described by parsed command-line arguments; returns the report."""
+    """Run one conversion described by parsed command-line arguments; returns the report.
+
+    Temporaries of an earlier run of the same command that was killed are removed first (and reported on
+    stderr); an existing `--output` is replaced only with `--overwrite` and only when it is ours to replace.
+    """
     from .storage import save_dataset
 
-    if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    for stale in remove_stale_temporaries(args.output):
+        print(f"note: removed {stale}, left by an interrupted earlier run", file=sys.stderr)
+    if args.output.exists() or args.output.is_symlink():
+        if not args.overwrite:
+            raise FileExistsError(
+                f"{args.output}: exists ; pass --overwrite to replace it or choose another --output"
+            )
+        check_removable(args.output, inputs=_inputs(args))
+    if args.num_shards is not None and args.num_shards < 1:
+        raise ValueError(
+            f"--num-shards: expected an int >= 1, got {args.num_shards} ; pass a positive count or omit it"
+        )
     report = ImportReport()
     captions = _captions(args, report)
     images = _images(args, report)
@@ -231,10 +274,9 @@ def convert(args: argparse.Namespace) -> ImportReport:
     feature_dim = args.feature_dim or int(first["region_features"].shape[1])
     # The join writes an Arrow file before the save copies it into shards: keep that intermediate copy next
     # to the output (same disk) and delete it afterwards, instead of leaving it in the datasets cache.
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(
-        prefix=f".{args.output.name}-join-", dir=args.output.parent
-    ) as cache_dir:
+    # Named as a temporary of the output (kind "join"), so a run killed here leaves a folder the next run removes.
+    cache_dir = temporary_sibling(args.output.absolute(), "join")
+    try:
         dataset = build_pair_dataset(
             captions,
             itertools.chain([first], images),
@@ -258,8 +300,12 @@ def convert(args: argparse.Namespace) -> ImportReport:
             feature_dim=feature_dim,
             num_classes=args.num_classes,
             overwrite=args.overwrite,
+            written_by="python -m modeling_imagebert.data.convert",
+            inputs=_inputs(args),
         )
         del dataset
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     return report
 
 
@@ -273,10 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = convert(args)
-    except (ImportFormatError, ValueError, OSError) as error:
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
         # DataValidationError is a ValueError; its per-problem lines are joined into one line.
-        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)
+        print(format_error(error), file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     print(f"wrote {report.rows_written} rows to {args.output}")
     print(report.summary())

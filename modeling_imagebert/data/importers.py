@@ -36,8 +36,10 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import sys
 import uuid
+import zipfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -386,6 +388,11 @@ def decode_butd_row(
     }
 
 
+def _has_surrogate(text: str) -> bool:
+    """True when `text` holds a byte that was not UTF-8 (decoded with errors="surrogateescape")."""
+    return not text.isascii() and any("\udc80" <= char <= "\udcff" for char in text)
+
+
 def _raise_csv_field_limit() -> None:
     # BUTD rows hold ~100 x 2048 float32 as base64 (~1 MB per field), far beyond csv's 128 KiB default.
     limit = sys.maxsize
@@ -423,7 +430,9 @@ def read_butd_tsv(
     report = ImportReport() if report is None else report
     before = report.skipped.copy()
     _raise_csv_field_limit()
-    with open(path, newline="", encoding="utf-8") as handle:
+    # Undecodable bytes become lone surrogates instead of a UnicodeDecodeError from deep inside csv (which could
+    # name no line and would end the file in skip mode); rows holding one are refused by line below.
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.reader(handle, delimiter="\t")
         bar = tqdm(desc=f"reading {Path(path).name}", unit="img", disable=not show_progress)
         try:
@@ -442,6 +451,17 @@ def read_butd_tsv(
                     continue
                 if not row or row == [""]:
                     continue
+                bad = next((i for i, text in enumerate(row[:8]) if _has_surrogate(text)), None)
+                if bad is not None:
+                    failure = ImportFormatError(
+                        "not UTF-8 text (undecodable bytes); the file is corrupt or not a BUTD TSV",
+                        source=path,
+                        line=reader.line_num,
+                        field=BUTD_TSV_COLUMNS[bad],
+                        reason="bad_encoding",
+                    )
+                    report.skip_or_raise(failure, on_error)
+                    continue
                 try:
                     record = decode_butd_row(row, feature_dim=feature_dim, source=path, line=reader.line_num)
                 except ImportFormatError as failure:
@@ -459,6 +479,10 @@ def read_butd_tsv(
 # per-image .npz folders (UNITER, bottom-up-attention.pytorch)
 # --------------------------------------------------------------------------------------------------------
 
+_INFO_HINT = (
+    " (a pickled 'info' dict is present: pass allow_pickle=True / --allow-pickle to read it through a restricted "
+    "unpickler)"
+)
 _NPZ_FEATURE_KEYS = ("features", "x")
 _NPZ_PIXEL_BOX_KEYS = ("boxes", "bbox")
 _NPZ_SCORE_KEYS = ("conf", "scores", "objects_conf")
@@ -512,6 +536,8 @@ def decode_npz_record(
     if "info" in keys:
         try:
             loaded = np.asarray(arrays["info"])
+        except ImportFormatError:
+            raise
         except ValueError as error:  # np.load(allow_pickle=False) refuses the pickled dict
             if "pickle" in str(error).lower():
                 loaded = None
@@ -605,7 +631,7 @@ def decode_npz_record(
     if score_key is None and soft is not None:
         score_key, scores = "soft_labels", soft[:, 1:].max(axis=1)
     if score_key is None:
-        hint = " (a pickled 'info' dict is present: open it with allow_pickle=True)" if "info" in keys else ""
+        hint = _INFO_HINT if "info" in keys else ""
         raise fail(
             f"no confidences: expected one of {list(_NPZ_SCORE_KEYS)} or soft_labels{hint}",
             None,
@@ -621,7 +647,7 @@ def decode_npz_record(
     if class_key is None and soft is not None:
         class_key, classes = "soft_labels", soft[:, 1:].argmax(axis=1)
     if class_key is None:
-        hint = " (a pickled 'info' dict is present: open it with allow_pickle=True)" if "info" in keys else ""
+        hint = _INFO_HINT if "info" in keys else ""
         raise fail(
             f"no classes: expected one of {list(_NPZ_CLASS_KEYS)} or soft_labels{hint}", None, "missing_key"
         )
@@ -655,6 +681,85 @@ def _scalar_int(value: Any, key: str, where: dict) -> int:
     return _parse_int(str(array.reshape(()).item()), column=key, **where)
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+# What a numpy object array holding a dict of numbers and numeric arrays pickles to; nothing that can run code.
+_UNPICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "int"),
+    ("builtins", "float"),
+    ("builtins", "complex"),
+    ("builtins", "bool"),
+    ("builtins", "str"),
+    ("builtins", "bytes"),
+}
+
+
+class _InfoUnpickler(pickle.Unpickler):
+    """Admits plain containers, numbers, strings and numeric numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _UNPICKLE_ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: only plain containers and numbers"
+            )
+        return super().find_class(module, name)
+
+
+def _read_info_entry(archive: zipfile.ZipFile, path: Path) -> Any:
+    """The `info` entry of an .npz, its pickle read with `_InfoUnpickler` (never `pickle.load`)."""
+    with archive.open("info.npy") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            _shape, _fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            _shape, _fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy format version {version} of the info entry")
+        if not dtype.hasobject:
+            return np.lib.format.read_array(handle, allow_pickle=False)
+        try:
+            return _InfoUnpickler(handle).load()
+        except Exception as error:
+            raise ImportFormatError(
+                f"the pickled 'info' entry cannot be read safely: {error}",
+                source=path,
+                image_id=path.stem,
+                field="info",
+                reason="unsafe_pickle",
+            ) from None
+
+
+class _NpzEntries(Mapping):
+    """The arrays of an opened .npz (loaded with allow_pickle=False); `info` is read by the restricted unpickler
+    when `allow_pickle` is True and refused otherwise."""
+
+    def __init__(self, arrays: Any, path: Path, allow_pickle: bool):
+        self.arrays, self.path, self.allow_pickle = arrays, path, allow_pickle
+
+    def __getitem__(self, key: str) -> Any:
+        if key != "info":
+            return self.arrays[key]
+        if not self.allow_pickle:
+            raise ValueError("pickled info entry not read: allow_pickle is off")
+        return _read_info_entry(self.arrays.zip, self.path)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.arrays.files)
+
+    def __len__(self) -> int:
+        return len(self.arrays.files)
+
+
 def read_npz_file(
     path: str | os.PathLike,
     *,
@@ -664,20 +769,46 @@ def read_npz_file(
 ) -> dict:
     """Read one per-image `.npz` file into an image record (image_id = file stem); see `decode_npz_record`.
 
-    `allow_pickle=True` lets a bottom-up-attention.pytorch `info` dict be read (classes, confidences); only
-    for files you trust, since unpickling runs code.
+    Every array is read with numpy's `allow_pickle=False`. `allow_pickle=True` reads the `info` entry of a
+    bottom-up-attention.pytorch dump (classes, confidences) through a restricted unpickler that admits only plain
+    containers, numbers, strings and numeric arrays; nothing else is ever unpickled, and a file that is not a zip
+    archive (e.g. a raw pickle named `.npz`) is refused before numpy opens it.
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=allow_pickle) as arrays:
+        with open(path, "rb") as handle:
+            magic = handle.read(len(_ZIP_MAGIC))
+    except OSError as error:
+        raise ImportFormatError(
+            f"cannot read the file: {error.strerror or error}",
+            source=path,
+            image_id=path.stem,
+            reason="unreadable_file",
+        ) from None
+    if magic != _ZIP_MAGIC:
+        raise ImportFormatError(
+            "not an .npz (zip) archive; refusing to read it (a raw pickle or a truncated file?)",
+            source=path,
+            image_id=path.stem,
+            reason="unreadable_file",
+        )
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
             return decode_npz_record(
-                arrays, path.stem, feature_dim=feature_dim, image_size=image_size, source=path
+                _NpzEntries(arrays, path, allow_pickle),
+                path.stem,
+                feature_dim=feature_dim,
+                image_size=image_size,
+                source=path,
             )
     except ImportFormatError:
         raise
     except Exception as error:  # zip / header corruption surfaces as many exception types
+        message = str(error).split("\n")[0]
+        if "allow_pickle" in message:  # numpy's advice to enable pickle is not advice we give
+            message = "an entry holds pickled Python objects, which are never read"
         raise ImportFormatError(
-            f"unreadable .npz file: {type(error).__name__}: {error}",
+            f"unreadable .npz file: {type(error).__name__}: {message}",
             source=path,
             image_id=path.stem,
             reason="unreadable_file",
@@ -702,7 +833,8 @@ def read_npz_dir(
         feature_dim: F expected; None accepts any.
         image_size: (W, H) for every file without its own size (needed with normalised `norm_bb` boxes).
         image_sizes: per-image (W, H) by image id, taking precedence over `image_size`.
-        allow_pickle: read a pickled `info` dict (bottom-up-attention.pytorch); trusted files only.
+        allow_pickle: read the pickled `info` dict of bottom-up-attention.pytorch dumps through a restricted
+            unpickler (plain containers, numbers, numeric arrays); nothing else is ever unpickled.
         on_error: "raise" or "skip" (counted in `report` by reason and logged).
 
     Yields:
@@ -762,6 +894,7 @@ def read_karpathy_captions(
     *,
     image_id_style: str = "filename",
     restval_as_train: bool = True,
+    on_duplicate: str = "raise",
     report: ImportReport | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Yield (image_id, caption) pairs of one split of a Karpathy-split JSON (`dataset_flickr30k.json`,
@@ -774,7 +907,10 @@ def read_karpathy_captions(
         image_id_style: how image ids are formed, see `karpathy_image_id` ("filename" by default, which
             matches LXMERT/Oscar TSV img_ids for COCO and Flickr feature file names).
         restval_as_train: with split "train", also yield COCO's "restval" images (the usual 113k train set).
-        report: counts captions read.
+        on_duplicate: two image entries with the same image id or file name (in any split: the same image in
+            train and test is a leak too) would merge two images' captions: "raise" (default) stops naming both
+            entries; "skip" keeps the first entry's captions and counts the later entry as "duplicate_image_entry".
+        report: counts captions read and duplicate entries skipped.
 
     Yields:
         (image_id, caption) with the caption taken from `raw`, surrounding whitespace stripped.
@@ -787,12 +923,23 @@ def read_karpathy_captions(
         raise ValueError(f"image_id_style must be one of {KARPATHY_IMAGE_ID_STYLES}, got {image_id_style!r}")
     if restval_as_train and "train" in splits:
         splits.add("restval")
+    _check_on_error(on_duplicate, "on_duplicate")
     report = ImportReport() if report is None else report
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ImportFormatError(f"invalid JSON: {error}", source=path, reason="bad_json") from None
+    try:
+        raw_bytes = Path(path).read_bytes()
+    except OSError as error:
+        raise ImportFormatError(
+            f"cannot read the file: {error.strerror or error}", source=path, reason="missing_file"
+        ) from None
+    try:
+        data = json.loads(_decode_text(raw_bytes, path))
+    except json.JSONDecodeError as error:
+        raise ImportFormatError(
+            f"invalid JSON: {error.msg} (column {error.colno})",
+            source=path,
+            line=error.lineno,
+            reason="bad_json",
+        ) from None
     if not isinstance(data, Mapping) or not isinstance(data.get("images"), list):
         raise ImportFormatError(
             "expected a JSON object with an 'images' list (Karpathy split format)",
@@ -800,6 +947,8 @@ def read_karpathy_captions(
             field="images",
             reason="bad_json",
         )
+    seen_ids: dict[str, int] = {}
+    seen_files: dict[str, int] = {}
     for index, entry in enumerate(data["images"]):
         record = f"images[{index}]"
         if (
@@ -820,17 +969,42 @@ def read_karpathy_captions(
                 field="split",
                 reason="bad_json",
             )
-        if entry["split"] not in splits:
-            continue
         try:
             image_id = karpathy_image_id(entry, image_id_style)
         except KeyError as missing:
+            if entry["split"] not in splits:
+                continue  # an entry of another split is only checked for duplicates when it has an id
             raise ImportFormatError(
                 f"{record} has no {missing.args[0]!r} for image_id_style={image_id_style!r}",
                 source=path,
                 field=missing.args[0],
                 reason="bad_json",
             ) from None
+        filename = str(entry.get("filename", "")) if entry.get("filename") is not None else ""
+        duplicate = None
+        if image_id in seen_ids:
+            duplicate = (f"image id {image_id!r}", seen_ids[image_id], "image_id")
+        elif filename and filename in seen_files:
+            duplicate = (f"filename {filename!r}", seen_files[filename], "filename")
+        seen_ids.setdefault(image_id, index)
+        if filename:
+            seen_files.setdefault(filename, index)
+        if duplicate is not None:
+            what, first, key = duplicate
+            failure = ImportFormatError(
+                f"{record} repeats the {what} of images[{first}]: their captions would be merged onto one image",
+                source=path,
+                image_id=image_id,
+                field=key,
+                reason="duplicate_image_entry",
+            )
+            if on_duplicate == "raise":
+                raise failure
+            report.skip(failure.reason, str(failure))
+            logger.warning(f"{failure} (kept the first entry)")
+            continue
+        if entry["split"] not in splits:
+            continue
         for number, sentence in enumerate(entry["sentences"]):
             raw = sentence.get("raw") if isinstance(sentence, Mapping) else None
             if not isinstance(raw, str) or not raw.strip():
@@ -845,13 +1019,72 @@ def read_karpathy_captions(
             yield image_id, raw.strip()
 
 
+def _decode_text(data: bytes, path: str | os.PathLike) -> str:
+    """UTF-8 text of a caption file; a decoding error names the file, line and byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = (
+            data.count(b"\n", 0, error.start) + 1 if b"\n" in data else data.count(b"\r", 0, error.start) + 1
+        )
+        raise ImportFormatError(
+            f"not UTF-8 text: byte {data[error.start : error.start + 1]!r} at offset {error.start} ({error.reason}); "
+            "re-encode the file as UTF-8",
+            source=path,
+            line=line,
+            reason="bad_encoding",
+        ) from None
+
+
 def _read_lines(path: str | os.PathLike) -> list[str]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        text = handle.read()
-    lines = text.split("\n")
+    """The lines of a text file, without their endings.
+
+    Lines end with LF (a CR before it is dropped, CRLF files); a file without any LF but with CRs is read as
+    CR-only (old Mac) line endings instead of as one long line. A CR alone inside an LF file stays in its line:
+    splitting there would shift every later caption of a line-aligned file (SBU) onto the wrong image.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImportFormatError(
+            f"cannot read the file: {error.strerror or error}", source=path, reason="missing_file"
+        ) from None
+    text = _decode_text(data, path)
+    if text.startswith("\ufeff"):  # a UTF-8 byte order mark is not part of the first caption
+        text = text[1:]
+    separator = "\n" if "\n" in text or "\r" not in text else "\r"
+    lines = text.split(separator)
     if lines and lines[-1] == "":
         lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    return [line.removesuffix("\r") for line in lines] if separator == "\n" else lines
+
+
+_CC_HEADER_WORDS = {
+    "caption",
+    "captions",
+    "text",
+    "url",
+    "urls",
+    "image_url",
+    "image",
+    "key",
+    "id",
+    "image_id",
+}
+
+
+def _looks_like_url(text: str) -> bool:
+    return "://" in text or text.startswith("www.")
+
+
+def _is_cc_header(columns: list[str], next_columns: list[str] | None) -> bool:
+    """A first line whose URL column is not a URL while the next line's is, or whose columns are all header words."""
+    names = [column.strip().lower() for column in columns]
+    if len(names) >= 2 and all(name in _CC_HEADER_WORDS for name in names[:2]):
+        return True
+    if len(columns) < 2 or _looks_like_url(columns[1]):
+        return False
+    return next_columns is not None and len(next_columns) >= 2 and _looks_like_url(next_columns[1])
 
 
 def read_cc_captions(
@@ -859,34 +1092,69 @@ def read_cc_captions(
     *,
     id_column: int | None = None,
     id_format: str = "{row}",
+    header: str = "auto",
     on_error: str = "raise",
     report: ImportReport | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Yield (image_id, caption) pairs of a Conceptual Captions TSV (caption<TAB>url per line, no header).
 
+    The format has no quoting, so a line with more tab-separated columns than the format's two (or than
+    `id_column` needs) is an error naming the line (a tab inside a caption would otherwise cut the caption and
+    take part of it as the URL). LF, CRLF and CR-only line endings are all read line by line.
+
     Args:
         path: e.g. `Train_GCC-training.tsv` or `Validation_GCC-1.1.0-Validation.tsv`.
         id_column: 0-based column holding the image id, for TSVs extended with one (e.g. a downloader's
-            key); None forms ids with `id_format`.
-        id_format: a `str.format` template with fields `row` (0-based line index, the default id: "{row}",
-            or zero-padded "{row:09d}") and `url_sha1` (hex SHA-1 of the URL, as some downloaders name files).
+            key); None forms ids with `id_format`. Extended files may have any number of columns >= 2.
+        id_format: a `str.format` template with fields `row` (0-based line index of the caption among the data
+            lines, the default id: "{row}", or zero-padded "{row:09d}") and `url_sha1` (hex SHA-1 of the URL, as
+            some downloaders name files).
+        header: "auto" (default) skips a first line that is a header (header words, or a URL column that is not a
+            URL while the next line's is), counted as "header_line" in the report; "none" reads the first line as
+            data; "skip" always skips the first line.
         on_error: "raise" or "skip" for lines with the wrong number of columns or an empty caption.
 
     Yields:
         (image_id, caption) with surrounding whitespace stripped from the caption.
     """
     _check_on_error(on_error)
+    if header not in ("auto", "none", "skip"):
+        raise ValueError(f"header must be 'auto', 'none' or 'skip', got {header!r}")
+    try:
+        id_format.format(row=0, url_sha1="0" * 40)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(
+            f"id_format {id_format!r} (--image-id-style): cannot be filled ({type(error).__name__}: {error}) ; use "
+            "only the fields {row} and {url_sha1}, e.g. '{row}' or '{row:09d}'"
+        ) from None
     report = ImportReport() if report is None else report
     before = report.skipped.copy()
-    for row, line in enumerate(_read_lines(path)):
+    lines = _read_lines(path)
+    first = 0
+    if lines and (
+        header == "skip"
+        or (
+            header == "auto"
+            and _is_cc_header(lines[0].split("\t"), lines[1].split("\t") if len(lines) > 1 else None)
+        )
+    ):
+        first = 1
+        report.skip("header_line", f"{path}:1: header line {lines[0][:80]!r} skipped")
+        logger.warning(
+            f"{path}:1: skipped a header line {lines[0][:80]!r} (pass header='none' to read it as data)"
+        )
+    for row, line in enumerate(lines[first:]):
+        number = row + first + 1
         columns = line.split("\t")
         try:
-            if len(columns) < 2 or (id_column is not None and id_column >= len(columns)):
-                need = max(2, (id_column or 0) + 1)
+            need = max(2, (id_column or 0) + 1)
+            if len(columns) < need or (id_column is None and len(columns) > 2):
+                extra = " (a tab inside the caption?)" if len(columns) > 2 else ""
                 raise ImportFormatError(
-                    f"expected at least {need} tab-separated columns (caption, url), got {len(columns)}",
+                    f"expected {'at least ' if id_column is not None else ''}{need} tab-separated columns "
+                    f"(caption, url), got {len(columns)}{extra}",
                     source=path,
-                    line=row + 1,
+                    line=number,
                     reason="column_count",
                 )
             caption, url = columns[0].strip(), columns[1].strip()
@@ -898,14 +1166,14 @@ def read_cc_captions(
                 raise ImportFormatError(
                     "empty caption",
                     source=path,
-                    line=row + 1,
+                    line=number,
                     image_id=image_id,
                     field="caption",
                     reason="empty_caption",
                 )
             if not image_id:
                 raise ImportFormatError(
-                    "empty image id", source=path, line=row + 1, field=f"column {id_column}", reason="bad_id"
+                    "empty image id", source=path, line=number, field=f"column {id_column}", reason="bad_id"
                 )
         except ImportFormatError as failure:
             report.skip_or_raise(failure, on_error)
@@ -1095,7 +1363,12 @@ def build_pair_dataset(
             image_id = str(image.get("image_id"))
             if image_id in seen:
                 failure = ImportFormatError(
-                    "duplicate image id in the features (kept the first)",
+                    "duplicate image id in the features"
+                    + (
+                        " ; pass --on-duplicate skip to keep the first"
+                        if on_duplicate == "raise"
+                        else " (kept the first)"
+                    ),
                     image_id=image_id,
                     field="image_id",
                     reason="duplicate_image_id",

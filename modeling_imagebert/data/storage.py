@@ -36,9 +36,10 @@ import re
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 from datasets.distributed import split_dataset_by_node
 
-from ..atomic import atomic_folder
+from ..atomic import atomic_folder, check_removable
 from .schema import DataValidationError, validate_dataset, validate_features
 
 _SPLIT_MARK = "modeling_imagebert: streamed part for rank "
@@ -54,6 +55,8 @@ def save_dataset(
     feature_dim: int | None = None,
     num_classes: int | None = None,
     overwrite: bool = False,
+    written_by: str = "modeling_imagebert.data.storage.save_dataset",
+    inputs: tuple[str | os.PathLike, ...] | list = (),
 ) -> Path:
     """Saves an image-text dataset to `path` as sharded Arrow files (`Dataset.save_to_disk`), atomically.
 
@@ -69,18 +72,28 @@ def save_dataset(
         validate: check column types and every record first (`schema.validate_dataset`).
         feature_dim: the expected region feature dimension F (read from the column type when None).
         num_classes: when given, detector class ids must lie in [0, num_classes).
-        overwrite: replace an existing `path`.
+        overwrite: replace an existing `path`, only when it is a folder this package wrote (it carries the
+            marker of `modeling_imagebert.atomic`) that is not the current folder and holds none of `inputs`.
+        written_by: what wrote the dataset, recorded in the folder's ownership marker.
+        inputs: the files the dataset was made from; `path` may not be or hold any of them.
 
     Returns:
         The target path.
 
     Raises:
         FileExistsError: `path` exists and `overwrite` is False.
+        UnsafeRemovalError: `path` exists but is not ours to replace (a FileExistsError).
         DataValidationError: the dataset does not follow the schema.
     """
     target = Path(path).absolute()
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
+    if target.exists():
+        check_removable(target, inputs=inputs)  # refuse before the (long) validation and write
+    if num_shards is not None and (
+        isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1
+    ):
+        raise ValueError(f"num_shards must be an int >= 1 or None, got {num_shards!r}")
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"save_dataset needs a datasets.Dataset, got {type(dataset).__name__}")
     if validate:
@@ -88,7 +101,7 @@ def save_dataset(
     else:
         validate_features(dataset.features, feature_dim=feature_dim)
 
-    with atomic_folder(target, overwrite=overwrite) as temp:
+    with atomic_folder(target, overwrite=overwrite, written_by=written_by, inputs=inputs) as temp:
         if num_shards is not None:
             dataset.save_to_disk(str(temp), num_shards=num_shards)
         else:
@@ -140,7 +153,15 @@ def load_dataset_from_disk(path: str | os.PathLike, *, feature_dim: int | None =
     """
     folder = Path(path).absolute()
     _check_saved_dataset_folder(folder)
-    dataset = datasets.load_from_disk(str(folder))
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except (pa.ArrowException, OSError, ValueError, KeyError) as error:
+        # A truncated or corrupt shard, or damaged metadata: name the folder instead of Arrow's internals.
+        message = " ".join(str(error).split())
+        raise DataValidationError(
+            f"dataset at {folder}: cannot be read ({type(error).__name__}: {message}) ; a data-*.arrow shard or "
+            "state.json is truncated or corrupt: write the dataset again"
+        ) from None
     try:
         validate_features(dataset.features, feature_dim=feature_dim)
     except DataValidationError as error:

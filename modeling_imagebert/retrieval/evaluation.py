@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, remove_stale_temporaries_in
 from . import metrics as retrieval_metrics
 
 # Protocol name -> (function, label used in the paper-style table).
@@ -360,6 +360,10 @@ class _ShardCache:
         if is_main_process:
             self._warn_about_stale(meta)
         self.folder.mkdir(parents=True, exist_ok=True)
+        # A run killed while writing a shard leaves its temporary file; processes of this host that still run
+        # keep theirs (see modeling_imagebert.atomic).
+        for stale in remove_stale_temporaries_in(self.folder):
+            warnings.warn(f"removed {stale}, left by an interrupted evaluation", stacklevel=3)
         atomic_write_bytes(self.folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
 
     def _warn_about_stale(self, meta: dict[str, Any]) -> None:
@@ -389,24 +393,53 @@ class _ShardCache:
     def path(self, shard: int) -> Path:
         return self.folder / f"shard-{shard:06d}.pt"
 
+    def manifest_path(self, shard: int) -> Path:
+        """The shard's manifest entry: {"file", "size", "sha256", "rows"}, written after the shard itself. One
+        small file per shard (not one shared manifest) so processes saving their own shards never race."""
+        return self.folder / f"shard-{shard:06d}.json"
+
     def load(self, shard: int, rows: tuple[int, int], num_images: int) -> torch.Tensor | None:
+        """The cached scores of `shard`, or None (after a warning naming the file) when it is absent, has no
+        manifest entry, differs from it in size or sha256, holds other rows, or holds non-finite scores."""
         path = self.path(shard)
         if not path.is_file():
             return None
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            data = path.read_bytes()
+            try:
+                entry = json.loads(self.manifest_path(shard).read_text())
+            except (OSError, ValueError):
+                raise ValueError(f"no readable manifest entry {self.manifest_path(shard).name}") from None
+            if entry.get("size") != len(data):
+                raise ValueError(f"size {len(data)} bytes differs from the manifest's {entry.get('size')}")
+            digest = hashlib.sha256(data).hexdigest()
+            if entry.get("sha256") != digest:
+                raise ValueError(
+                    f"sha256 {digest[:12]}... differs from the manifest's {str(entry.get('sha256'))[:12]}..."
+                )
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             scores = payload["scores"]
             if tuple(payload["rows"]) != rows or tuple(scores.shape) != (rows[1] - rows[0], num_images):
                 raise ValueError(f"holds rows {tuple(payload['rows'])} of shape {tuple(scores.shape)}")
+            if not torch.isfinite(scores).all():
+                raise ValueError("holds non-finite scores")
         except Exception as error:  # a damaged file is recomputed, never trusted
-            warnings.warn(f"ignoring unreadable cached shard {path} ({error}); recomputing it", stacklevel=3)
+            warnings.warn(f"ignoring cached shard {path} ({error}); recomputing it", stacklevel=3)
             return None
         return scores
 
     def save(self, shard: int, rows: tuple[int, int], scores: torch.Tensor) -> None:
         buffer = io.BytesIO()
         torch.save({"rows": list(rows), "scores": scores.contiguous()}, buffer)
-        atomic_write_bytes(self.path(shard), buffer.getvalue())
+        data = buffer.getvalue()
+        atomic_write_bytes(self.path(shard), data)
+        entry = {
+            "file": self.path(shard).name,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "rows": list(rows),
+        }
+        atomic_write_bytes(self.manifest_path(shard), json.dumps(entry, indent=2).encode())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
