@@ -130,7 +130,9 @@ class ImageBertConfig(PreTrainedConfig):
     check_inputs: bool = False
 
     def __post_init__(self, **kwargs):
-        if self.region_position_id is None:  # the last position: 511 for BERT's 512, and follows a smaller table
+        if (
+            self.region_position_id is None
+        ):  # the last position: 511 for BERT's 512, and follows a smaller table
             self.region_position_id = self.max_position_embeddings - 1
         # Like every `PreTrainedConfig`, extra attributes are kept (a newer transformers, a quantisation or PEFT
         # tool, or transformers' own test tooling adds them); only a likely misspelling of a field is flagged.
@@ -225,7 +227,9 @@ def _field_names() -> frozenset[str]:
 
 def _closest_field(name: str) -> str | None:
     """The declared field `name` most likely misspells (`num_hiden_layers` -> `num_hidden_layers`), or None."""
-    if name.startswith("_") or name in _field_names():  # private bookkeeping (`_name_or_path`, ...) is no typo
+    if (
+        name.startswith("_") or name in _field_names()
+    ):  # private bookkeeping (`_name_or_path`, ...) is no typo
         return None
     matches = difflib.get_close_matches(name, sorted(_field_names()), n=1, cutoff=0.85)
     return matches[0] if matches else None

@@ -635,6 +635,14 @@ def _check_input_values(
             )
 
 
+def _check_binary_labels(name: str, values: torch.Tensor) -> None:
+    """With `config.check_inputs`: ITM and retrieval labels are exactly 0 or 1 (0.5 or 2 would give a finite,
+    meaningless loss)."""
+    bad = (values != 0) & (values != 1)
+    if bad.any():
+        raise ValueError(f"{name} must be 0 or 1, got {values[bad][0].item()!r}")
+
+
 def _check_label_values(
     config: ImageBertConfig, name: str, values: torch.Tensor, low: int, high: int
 ) -> None:
@@ -1177,7 +1185,7 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
                     self.config, "region_class_labels", region_class_labels, 0, self.config.num_object_classes
                 )
             if itm_labels is not None:
-                _check_label_values(self.config, "itm_labels", itm_labels, 0, 2)
+                _check_binary_labels("itm_labels", itm_labels)
 
     @staticmethod
     def _check_positions(name: str, positions: torch.Tensor | None) -> None:
@@ -1501,7 +1509,7 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
                     f"labels must have shape {tuple(logits.shape)} (one per pair), got {tuple(labels.shape)}"
                 )
             if self.config.check_inputs:
-                _check_label_values(self.config, "labels", labels, 0, 2)
+                _check_binary_labels("labels", labels)
             weights = parse_retrieval_loss(self.config.retrieval_loss)
             terms = retrieval_losses(
                 logits,

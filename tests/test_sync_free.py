@@ -246,3 +246,19 @@ def test_scoring_pairs_never_synchronises(processor):
     with torch.inference_mode(), SyncCounter() as counter:
         model.score(**inputs)
     assert counter.total == 0, dict(counter.counts)
+
+
+@pytest.mark.parametrize("bad", [0.5, 2.0, -1.0])
+def test_check_inputs_refuses_itm_and_retrieval_labels_other_than_0_and_1(processor, bad):
+    config = _config(processor, check_inputs=True)
+    batch = _pretraining_batch(processor)
+    batch["itm_labels"] = batch["itm_labels"].float()
+    batch["itm_labels"][0] = bad
+    with pytest.raises(ValueError, match="itm_labels must be 0 or 1"):
+        _seeded(ImageBertForPreTraining, config)(**batch)
+    retrieval = DataCollatorForImageTextRetrieval(processor, num_candidates=3, seed=2)(
+        _examples(6, captions_per_image=1)
+    )
+    retrieval["labels"][1] = bad
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        _seeded(ImageBertForRetrieval, config)(**retrieval)
