@@ -66,38 +66,31 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
     """Trains stage `stage_index` (0-based); returns the prepared model and each task's last logged loss."""
     stage, training, number = recipe.stages[stage_index], recipe.training, stage_index + 1
     output_dir = Path(training.output_dir).absolute()
+    config = accelerator.unwrap_model(model).config
     plan = plan_stage(
-        stage,
-        stage_index,
-        processor,
-        accelerator.unwrap_model(model).config,
-        num_processes=accelerator.num_processes,
-        seed=training.seed,
+        stage, stage_index, processor, config, num_processes=accelerator.num_processes, seed=training.seed
     )
     # One source of truth for the loss: the stage's task weights go into the config (disabled tasks 0), so
     # `outputs.loss` is the weighted sum this stage trains on, and the saved config records it.
-    set_stage_loss_weights(accelerator.unwrap_model(model).config, stage.tasks)
+    set_stage_loss_weights(config, stage.tasks)
 
     # A new optimiser and LR schedule per stage. The scheduler is stepped by hand, once per optimiser step
     # whatever the number of processes, and saved beside accelerate's state in checkpoints.
     optimizer = make_optimizer(accelerator.unwrap_model(model), stage)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = get_scheduler(
-        stage.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=plan.warmup_steps,
-        num_training_steps=plan.num_steps,
+        stage.lr_scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.num_steps
     )
     step = 0
     if resume is not None:
         step, _ = ckpt.restore_stage_checkpoint(accelerator, resume, scheduler, stage.batch_size)
 
-    def checkpoint(step_now: int) -> Path:
+    def checkpoint(
+        step_now: int,
+    ) -> Path:  # model, optimiser, RNG states, LR schedule, position, loss history
         return ckpt.save_stage_checkpoint(
-            accelerator, output_dir, stage=number, stage_name=stage.name, step=step_now,
-            num_steps=plan.num_steps, gradient_accumulation_steps=stage.gradient_accumulation_steps,
-            batch_size=stage.batch_size, recipe_name=recipe.name, scheduler=scheduler,
-            save_total_limit=training.save_total_limit, loss_history=history,
+            accelerator, recipe, stage_index, step_now, num_steps=plan.num_steps, scheduler=scheduler,
+            loss_history=history,
         )  # fmt: skip
 
     log = StageLossLog(
@@ -237,8 +230,8 @@ def training_function(recipe, args) -> dict:
     final_dir = output_dir / "final"
     # Final model + card (with the loss curves), pretrain_results.json and loss_curves.png; then the Hub.
     if accelerator.is_main_process:
-        base_card = read_base_card(REPO_ROOT / "MODEL_CARD.md")
-        outputs_of_run.save_run_results(model, processor, recipe, results, output_dir, base_card)
+        card = read_base_card(REPO_ROOT / "MODEL_CARD.md")  # the project's card; the run appends its section
+        outputs_of_run.save_run_results(model, processor, recipe, results, output_dir, card)
         if args.push_to_hub:
             repo_id = args.hub_model_id or output_dir.name
             url = outputs_of_run.push_final_model(final_dir, repo_id, recipe.name)

@@ -162,36 +162,34 @@ def save_pretrained_atomic(
 
 def save_stage_checkpoint(
     accelerator,
-    output_dir: str | Path,
-    *,
-    stage: int,
-    stage_name: str,
+    recipe,
+    stage_index: int,
     step: int,
+    *,
     num_steps: int,
-    gradient_accumulation_steps: int,
-    batch_size: int,
-    recipe_name: str,
     scheduler=None,
-    save_total_limit: int | None = None,
     loss_history: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """`save_checkpoint` of optimiser step `step` of stage `stage` (1-based) with the state a resume checks (stage,
-    step, processes, batch size) and the loss history so far; then, on the main process, `rotate_checkpoints`.
-    Call on every process. Returns the checkpoint path."""
+    """`save_checkpoint` of optimiser step `step` of stage `stage_index` (0-based) of `recipe` (a `Recipe`), in
+    its `training.output_dir`, with the state a resume checks (stage, step, processes, batch size) and the loss
+    history so far; then, on the main process, `rotate_checkpoints` to `training.save_total_limit`. Call on
+    every process. Returns the checkpoint path."""
+    stage, number = recipe.stages[stage_index], stage_index + 1
+    output_dir = Path(recipe.training.output_dir).absolute()
     state = {
-        "stage": stage,
-        "stage_name": stage_name,
+        "stage": number,
+        "stage_name": stage.name,
         "step": step,
         "num_steps": num_steps,
-        "micro_step": step * gradient_accumulation_steps,
+        "micro_step": step * stage.gradient_accumulation_steps,
         "num_processes": accelerator.num_processes,
-        "batch_size": batch_size,
-        "recipe": recipe_name,
+        "batch_size": stage.batch_size,
+        "recipe": recipe.name,
         "loss_history": list(loss_history or []),
     }
-    path = save_checkpoint(accelerator, output_dir, stage, step, state, scheduler)
+    path = save_checkpoint(accelerator, output_dir, number, step, state, scheduler)
     if accelerator.is_main_process:
-        rotate_checkpoints(output_dir, save_total_limit)
+        rotate_checkpoints(output_dir, recipe.training.save_total_limit)
     return path
 
 
