@@ -2,7 +2,9 @@
 resume after a stop or a SIGTERM, stage chaining, failures before training, and a two-process CPU DDP run."""
 
 import importlib.util
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,9 +154,19 @@ def test_stopped_and_resumed_run_ends_with_the_weights_of_a_straight_run(tmp_pat
         tmp_path, recipe, "--max_steps_this_run", "2", "--resume_from_checkpoint", "latest", name="parts"
     )
     assert (parts / "checkpoint-2-1").is_dir() and "stopped" in second
-    _run(tmp_path, recipe, "--resume_from_checkpoint", "latest", name="parts")
+    # Without that checkpoint, stage 2 restarts from stage 1's final weights, and its data order is a function of
+    # the step: the end is the same. The loss history comes back from the checkpoint of the first stop, then from
+    # loss_history.json.
+    shutil.rmtree(parts / "checkpoint-2-1")
+    resumed, _ = _run(tmp_path, recipe, "--resume_from_checkpoint", "latest", name="parts")
     _assert_same_weights(straight / "stage-1-final", parts / "stage-1-final")
     _assert_same_weights(straight / "final", parts / "final")
+    straight_history = json.loads((straight / "pretrain_results.json").read_text())["loss_history"]
+    key = [(r["stage"], r["step"], r["global_step"], r["task"]) for r in straight_history]
+    assert [(r["stage"], r["step"], r["global_step"], r["task"]) for r in resumed["loss_history"]] == key
+    assert [r["loss"] for r in resumed["loss_history"]] == pytest.approx(
+        [r["loss"] for r in straight_history]
+    )
 
 
 def test_sigterm_saves_a_checkpoint_then_exits_and_resume_finishes_identically(
@@ -246,3 +258,48 @@ def test_two_process_cpu_ddp_run_trains_and_saves(tmp_path, minilm_path):
     checkpoint = out / "checkpoint-1-1"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_stage_task_weights_reach_the_model_so_outputs_loss_is_the_stage_loss(
+    tmp_path, minilm_path, monkeypatch
+):
+    from modeling_imagebert import ImageBertForPreTraining
+
+    # A recorder around the model's forward: what the script trains on is what forward returns as `loss`.
+    seen = []
+    original = ImageBertForPreTraining.forward
+
+    def recording_forward(self, *args, **kwargs):
+        outputs = original(self, *args, **kwargs)
+        seen.append(
+            (outputs.loss.detach(), outputs.mlm_loss, outputs.itm_loss, outputs.moc_loss, outputs.mrfr_loss)
+        )
+        return outputs
+
+    monkeypatch.setattr(ImageBertForPreTraining, "forward", recording_forward)
+    recipe = _tiny_recipe(minilm_path, stages=1, steps=2, tasks={"mlm": 2.0, "itm": 0.5}, itm_mode="joint")
+    _, out = _run(tmp_path, recipe, "--no_eval")
+    assert len(seen) == 2
+    for loss, mlm, itm, moc, mrfr in seen:
+        assert moc is None and mrfr is None  # disabled tasks: their labels never reach the model
+        torch.testing.assert_close(loss, 2.0 * mlm.detach() + 0.5 * itm.detach(), rtol=0, atol=1e-6)
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert (config["mlm_loss_weight"], config["itm_loss_weight"]) == (2.0, 0.5)
+    assert (config["moc_loss_weight"], config["mrfr_loss_weight"]) == (0.0, 0.0)
+
+
+def test_run_records_the_loss_history_and_embeds_its_curves_in_the_model_card(tmp_path, minilm_path):
+    recipe = _tiny_recipe(minilm_path, stages=2, steps=3)
+    recipe["training"]["logging_steps"] = 2
+    results, out = _run(tmp_path, recipe, "--no_eval")
+    history = json.loads((out / "pretrain_results.json").read_text())["loss_history"]
+    assert history == results["loss_history"]
+    # Logged at step 2 and at each stage's last step (3); stage 2 continues the global step count.
+    assert sorted({(r["stage"], r["step"], r["global_step"]) for r in history}) == [
+        (1, 2, 2), (1, 3, 3), (2, 2, 5), (2, 3, 6),
+    ]  # fmt: skip
+    last = {r["task"]: r["loss"] for r in history if (r["stage"], r["step"]) == (2, 3)}
+    assert last == pytest.approx(results["final_losses"])
+    png = (out / "loss_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (out / "final" / "loss_curves.png").read_bytes() == png
+    assert "![per-task loss curves](loss_curves.png)" in (out / "final" / "README.md").read_text()

@@ -10,7 +10,14 @@ import torch
 import yaml
 
 from modeling_imagebert.data.collators import DataCollatorForTextMLM
-from modeling_imagebert.pretraining.checkpoints import find_resume_point, list_checkpoints, rotate_checkpoints
+from modeling_imagebert.pretraining.checkpoints import (
+    StopRequests,
+    find_resume_point,
+    list_checkpoints,
+    rotate_checkpoints,
+)
+from modeling_imagebert.pretraining.loss_curves import write_loss_curves
+from modeling_imagebert.pretraining.loss_log import StageLossLog
 from modeling_imagebert.pretraining.model_card import build_model_card
 from modeling_imagebert.pretraining.recipes import (
     RecipeError,
@@ -271,3 +278,104 @@ def test_model_card_has_the_stages_losses_and_recalls():
     assert card.startswith("---\nlicense: apache-2.0\n---")
     assert "## Pre-training" in card and "| 1 web |" in card and "| 2 curated |" in card
     assert "itm 0.2500" in card and "image_retrieval/R@1 40.0" in card
+
+
+class _FakeAccelerator:
+    """What StageLossLog and StopRequests use of an Accelerator; `reduce` returns what the other processes say."""
+
+    is_main_process = True
+    device = torch.device("cpu")
+
+    def __init__(self, num_processes=1, others_stop=False):
+        self.num_processes, self.others_stop = num_processes, others_stop
+        self.logged, self.printed, self.reduced = [], [], 0
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def print(self, text):
+        self.printed.append(text)
+
+    def reduce(self, tensor, reduction):
+        self.reduced += 1
+        return tensor + int(self.others_stop)
+
+
+def test_loss_log_reads_losses_only_at_logging_steps_and_averages_each_task_over_its_batches():
+    from types import SimpleNamespace
+
+    accelerator, history = (
+        _FakeAccelerator(),
+        [{"stage": 1, "step": 4, "global_step": 4, "task": "mlm", "loss": 1}],
+    )
+    log = StageLossLog(
+        accelerator, stage=2, num_stages=2, stage_name="s", num_steps=5, first_step=0,
+        tasks={"mlm": 1.0, "itm": 1.0}, logging_steps=2, history=history, progress=False,
+    )  # fmt: skip
+    batches = [{"mlm_loss": 1.0}, {"itm_loss": 0.5}, {"mlm_loss": 3.0, "moc_loss": 9.0}]
+    for values in batches:
+        losses = {"mlm_loss": None, "itm_loss": None, **{k: torch.tensor(v) for k, v in values.items()}}
+        log.add(SimpleNamespace(**losses))
+    assert not log.step(1, 1e-4) and accelerator.logged == [] and log.last_losses == {}
+    assert log.step(2, 1e-4)
+    assert log.last_losses == {"mlm": 2.0, "itm": 0.5}  # moc is not a task of this stage
+    assert accelerator.logged == [(2, {"stage2/mlm_loss": 2.0, "stage2/itm_loss": 0.5, "stage2/lr": 1e-4})]
+    assert history[1:] == [
+        {"stage": 2, "step": 2, "global_step": 6, "task": "mlm", "loss": 2.0},
+        {"stage": 2, "step": 2, "global_step": 6, "task": "itm", "loss": 0.5},
+    ]
+    log.add(SimpleNamespace(mlm_loss=torch.tensor(4.0), itm_loss=None))
+    assert log.close() == {
+        "mlm": 4.0,
+        "itm": 0.5,
+    }  # the unlogged rest, when a stage stops between logging steps
+
+
+def test_several_processes_agree_on_a_signal_only_at_sync_points():
+    import signal
+
+    accelerator = _FakeAccelerator(num_processes=2, others_stop=True)
+    stops = StopRequests(accelerator)
+    assert (
+        stops.check(sync_point=False) is None and accelerator.reduced == 0
+    )  # no exchange between sync points
+    stop = stops.check(sync_point=True)
+    assert "another process" in str(stop) and stop.code == 128 + signal.SIGTERM
+    budget = StopRequests(_FakeAccelerator(num_processes=2), max_steps_this_run=2)
+    assert budget.check(sync_point=False) is None
+    stop = budget.check(sync_point=False)
+    assert stop.code == 0 and "--max_steps_this_run 2" in str(stop)
+
+
+def test_loss_curves_have_a_panel_per_task_and_say_how_to_install_matplotlib_when_missing(
+    tmp_path, monkeypatch, capsys
+):
+    import builtins
+
+    history = [
+        {"stage": s, "step": k, "global_step": 4 * (s - 1) + k, "task": t, "loss": 1.0 / k}
+        for s in (1, 2)
+        for k in (2, 4)
+        for t in ("mlm", "itm")
+    ]
+    path = write_loss_curves(history, tmp_path / "curves.png", stage_names=["web", "curated"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert write_loss_curves(history, tmp_path / "none.png") is None
+    assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "none.png").exists()
+
+
+def test_model_card_embeds_the_loss_curves_only_when_there_are_some():
+    recipe = load_recipe(RECIPES / "demo.yaml")
+    with_curves = build_model_card(
+        "# ImageBERT\n", recipe, {"itm": 0.25}, None, loss_curves="loss_curves.png"
+    )
+    assert "![per-task loss curves](loss_curves.png)" in with_curves
+    assert "![" not in build_model_card("# ImageBERT\n", recipe, {"itm": 0.25}, None)

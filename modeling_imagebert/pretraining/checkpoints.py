@@ -138,20 +138,78 @@ def load_checkpoint(accelerator, path: str | Path, scheduler=None) -> dict[str, 
     return json.loads((path / TRAINER_STATE_NAME).read_text())
 
 
-def save_pretrained_atomic(model, processor, target: str | Path, card: str | None = None) -> Path:
-    """`model.save_pretrained` + `processor.save_pretrained` (+ README.md `card`) into a temporary folder, renamed
-    onto `target` when complete. Call on the main process only."""
+def load_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """The JSON state of a checkpoint (stage, step, loss history, ...), without loading its tensors."""
+    return json.loads((Path(path) / TRAINER_STATE_NAME).read_text())
+
+
+def save_pretrained_atomic(
+    model, processor, target: str | Path, card: str | None = None, files: Sequence[str | Path] = ()
+) -> Path:
+    """`model.save_pretrained` + `processor.save_pretrained` (+ README.md `card`, + copies of `files`, e.g. the
+    loss-curve PNG the card embeds) into a temporary folder, renamed onto `target` when complete. Call on the main
+    process only."""
     with atomic_folder(target, overwrite=True) as temp:
         model.save_pretrained(temp)
         if processor is not None:
             processor.save_pretrained(temp)
         if card is not None:
             (temp / "README.md").write_text(card)
+        for file in files:
+            shutil.copyfile(file, temp / Path(file).name)
     return Path(target)
 
 
+def save_stage_checkpoint(
+    accelerator,
+    recipe,
+    stage_index: int,
+    step: int,
+    *,
+    num_steps: int,
+    scheduler=None,
+    loss_history: list[dict[str, Any]] | None = None,
+) -> Path:
+    """`save_checkpoint` of optimiser step `step` of stage `stage_index` (0-based) of `recipe` (a `Recipe`), in
+    its `training.output_dir`, with the state a resume checks (stage, step, processes, batch size) and the loss
+    history so far; then, on the main process, `rotate_checkpoints` to `training.save_total_limit`. Call on
+    every process. Returns the checkpoint path."""
+    stage, number = recipe.stages[stage_index], stage_index + 1
+    output_dir = Path(recipe.training.output_dir).absolute()
+    state = {
+        "stage": number,
+        "stage_name": stage.name,
+        "step": step,
+        "num_steps": num_steps,
+        "micro_step": step * stage.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+        "batch_size": stage.batch_size,
+        "recipe": recipe.name,
+        "loss_history": list(loss_history or []),
+    }
+    path = save_checkpoint(accelerator, output_dir, number, step, state, scheduler)
+    if accelerator.is_main_process:
+        rotate_checkpoints(output_dir, recipe.training.save_total_limit)
+    return path
+
+
+def restore_stage_checkpoint(accelerator, path: str | Path, scheduler, batch_size: int) -> tuple[int, list]:
+    """`load_checkpoint` for a stage about to resume; warns when the number of processes or the batch size
+    changed (the data order then differs from an uninterrupted run). Returns (optimiser steps done, the loss
+    history saved with it)."""
+    state = load_checkpoint(accelerator, path, scheduler)
+    if state.get("num_processes") != accelerator.num_processes or state.get("batch_size") != batch_size:
+        accelerator.print(
+            f"warning: {path} was written with {state.get('num_processes')} processes x batch "
+            f"{state.get('batch_size')}; resuming with {accelerator.num_processes} x {batch_size} changes the "
+            f"data order"
+        )
+    accelerator.print(f"resumed stage {state['stage']} at step {state['step']} from {path}")
+    return int(state["step"]), list(state.get("loss_history", []))
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Signals
+# Signals and stops
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -183,13 +241,61 @@ class GracefulStop:
         self._previous.clear()
 
 
+class Stopped(Exception):
+    """Raised to leave the run once its stop checkpoint is written; `code` is the process exit status (0 for
+    --max_steps_this_run, 128 + the signal number for a signal)."""
+
+    def __init__(self, reason: str, code: int):
+        super().__init__(reason)
+        self.code = code
+
+
+class StopRequests(GracefulStop):
+    """Whether the run should stop after an optimiser step: a SIGTERM/SIGINT (caught as `GracefulStop` does) or
+    `max_steps_this_run` optimiser steps done in this run. A context manager, like `GracefulStop`.
+
+    With several processes they must all stop at the same step (a signal may reach only one, and `save_state`
+    would hang): the step budget is the same everywhere, and a signal is agreed on by an all-reduce at sync points
+    only (the logging steps, where the loop reads its losses anyway), so no step waits for the device for it.
+    """
+
+    def __init__(self, accelerator, max_steps_this_run: int | None = None):
+        super().__init__()
+        self.accelerator = accelerator
+        self.max_steps_this_run = max_steps_this_run
+        self.steps_this_run = 0
+
+    def check(self, sync_point: bool) -> Stopped | None:
+        """Counts one optimiser step; returns a `Stopped` (reason, exit code) when the run must stop now, else
+        None. `sync_point`: whether processes may exchange the signal flag at this step."""
+        self.steps_this_run += 1
+        signal_stop = None
+        if self.received is not None:
+            signal_stop = Stopped(f"received signal {self.received}", 128 + self.received)
+        budget_stop = None
+        if self.max_steps_this_run is not None and self.steps_this_run >= self.max_steps_this_run:
+            budget_stop = Stopped(f"--max_steps_this_run {self.max_steps_this_run} reached", 0)
+        if self.accelerator.num_processes == 1:
+            return signal_stop or budget_stop
+        if sync_point:
+            flag = torch.tensor([0 if signal_stop is None else 1], device=self.accelerator.device)
+            if int(self.accelerator.reduce(flag, reduction="sum").item()) > 0:
+                return signal_stop or Stopped("another process was asked to stop", 128 + signal.SIGTERM)
+        return budget_stop
+
+
 __all__ = [
     "GracefulStop",
+    "Stopped",
+    "StopRequests",
+    "restore_stage_checkpoint",
+    "save_stage_checkpoint",
     "ResumePoint",
     "checkpoint_name",
     "find_resume_point",
     "list_checkpoints",
     "load_checkpoint",
+    "load_checkpoint_state",
     "rotate_checkpoints",
     "save_checkpoint",
     "save_pretrained_atomic",

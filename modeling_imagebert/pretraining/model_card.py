@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from .recipes import Recipe
 
@@ -16,10 +17,12 @@ def build_model_card(
     recipe: Recipe,
     final_losses: Mapping[str, float] | None,
     metrics: Mapping[str, float] | None,
+    loss_curves: str | None = None,
 ) -> str:
     """The README.md of a pre-trained checkpoint: the project's MODEL_CARD.md (`base_card`, YAML front matter
-    kept) followed by a "Pre-training" section with the recipe's stages, the final per-task losses and the
-    zero-shot retrieval recalls."""
+    kept) followed by a "Pre-training" section with the recipe's stages, the final per-task losses, the per-task
+    loss curves (`loss_curves`: the PNG's file name beside the card; not embedded when None) and the zero-shot
+    retrieval recalls."""
     lines = [
         "",
         "## Pre-training",
@@ -46,6 +49,8 @@ def build_model_card(
             "",
             "Final per-task training losses: " + ", ".join(f"{k} {v:.4f}" for k, v in final_losses.items()),
         ]
+    if loss_curves:
+        lines += ["", f"![per-task loss curves]({loss_curves})"]
     if metrics:
         lines += [
             "",
@@ -55,4 +60,10 @@ def build_model_card(
     return base_card.rstrip() + "\n" + "\n".join(lines) + "\n"
 
 
-__all__ = ["build_model_card"]
+def read_base_card(path: str | Path) -> str:
+    """The project's MODEL_CARD.md at `path`, or a bare title when the file is absent (an installed package)."""
+    path = Path(path)
+    return path.read_text() if path.is_file() else "# ImageBERT\n"
+
+
+__all__ = ["build_model_card", "read_base_card"]

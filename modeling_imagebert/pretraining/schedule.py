@@ -27,7 +27,7 @@ from ..data.collators import (
 )
 from ..data.loading import encode_source, load_source
 from ..processing_imagebert import ImageBertProcessor
-from .recipes import TASKS, DatasetSpec, StageSpec
+from .recipes import TASKS, DatasetSpec, RecipeError, StageSpec
 
 _STREAM_ITM_BATCH = 24
 
@@ -250,11 +250,80 @@ def stage_num_steps(stage: StageSpec, schedule: BatchSchedule) -> int:
     )
 
 
+def check_sources_fit_model(sources: Sequence[StageSource], config: Any, stage_index: int) -> None:
+    """Fails before training (RecipeError naming `stages[i].datasets[j]`) when a source's region features do not
+    have the model's `visual_feature_dim`."""
+    for d, source in enumerate(sources):
+        features = source.encoded.features
+        if "region_features" not in features:
+            continue
+        dim = features["region_features"].shape[1]
+        if dim != config.visual_feature_dim:
+            raise RecipeError(
+                f"stages[{stage_index}].datasets[{d}]: region features have dimension {dim}, the model expects "
+                f"visual_feature_dim={config.visual_feature_dim} (set model.overrides.visual_feature_dim)"
+            )
+
+
+@dataclass
+class StagePlan:
+    """What a stage trains on and for how long: its encoded `sources`, the batch `schedule`, `num_steps`
+    optimiser steps, `warmup_steps`, and the enabled `tasks` (weight > 0) with their loss weights."""
+
+    stage: StageSpec
+    sources: list[StageSource]
+    schedule: BatchSchedule
+    num_steps: int
+    warmup_steps: int
+    tasks: dict[str, float]
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches of the whole stage per process (optimiser steps x gradient accumulation)."""
+        return self.num_steps * self.stage.gradient_accumulation_steps
+
+    def batches(self, rank: int, start: int, stop: int) -> ScheduledBatches:
+        """The collated micro-batches [start, stop) of process `rank`, for `DataLoader(batch_size=None)`."""
+        return ScheduledBatches(
+            self.sources, self.schedule, rank, start, stop, self.tasks, self.stage.itm_batch_fraction
+        )
+
+
+def plan_stage(
+    stage: StageSpec,
+    stage_index: int,
+    processor: ImageBertProcessor,
+    config: Any,
+    *,
+    num_processes: int,
+    seed: int,
+) -> StagePlan:
+    """Loads and encodes the sources of stage `stage_index` (0-based), checks them against the model `config`,
+    and lays out its batch schedule for `num_processes` processes (see `BatchSchedule`)."""
+    sources = build_stage_sources(stage, stage_index, processor, seed)
+    check_sources_fit_model(sources, config, stage_index)
+    schedule = BatchSchedule(
+        [len(s) for s in sources],
+        [s.spec.weight for s in sources],
+        batch_size=stage.batch_size,
+        num_processes=num_processes,
+        seed=seed,
+        stage_index=stage_index,
+    )
+    num_steps = stage_num_steps(stage, schedule)
+    warmup = stage.warmup_steps if stage.warmup_steps > 0 else math.ceil(stage.warmup_ratio * num_steps)
+    tasks = {task: float(stage.tasks[task]) for task in TASKS if stage.tasks.get(task, 0) > 0}
+    return StagePlan(stage, sources, schedule, num_steps, warmup, tasks)
+
+
 __all__ = [
     "BatchSchedule",
     "ScheduledBatches",
+    "StagePlan",
     "StageSource",
     "TASK_LABELS",
     "build_stage_sources",
+    "check_sources_fit_model",
+    "plan_stage",
     "stage_num_steps",
 ]

@@ -1,0 +1,87 @@
+"""The command line of `examples/run_pretrain.py`: its flags and how they override the recipe."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .recipes import Recipe, check_recipe_paths, load_recipe, validate_recipe
+
+# Flags copied as-is into the recipe's `training` section.
+_TRAINING_FLAGS = (
+    "output_dir",
+    "seed",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "num_workers",
+    "num_threads",
+    "mixed_precision",
+)
+# Flags applied to every stage.
+_STAGE_FLAGS = ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate")
+
+
+def build_argument_parser(description: str | None, default_recipe: str | Path) -> argparse.ArgumentParser:
+    """The pre-training command line. `description`: the script's docstring; `default_recipe`: the recipe run
+    when `--recipe` is not given. Every flag but `--recipe` and `--set` defaults to None (keep the recipe's value)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--recipe", default=str(default_recipe), help="recipe YAML (default: %(default)s)")
+    add(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set stages.0.max_steps=3 --set stages.1.learning_rate=5e-5",
+    )
+    add("--output_dir", help="overrides training.output_dir")
+    add("--seed", type=int, help="overrides training.seed")
+    add("--max_steps", type=int, help="overrides max_steps of every stage")
+    add("--batch_size", type=int, help="overrides batch_size of every stage (per process)")
+    add("--gradient_accumulation_steps", type=int, help="overrides it in every stage")
+    add("--learning_rate", type=float, help="overrides learning_rate of every stage")
+    add("--save_steps", type=int, help="checkpoint every N optimiser steps (0: only on signals)")
+    add("--save_total_limit", type=int, help="keep at most N checkpoints (older ones are deleted)")
+    add("--logging_steps", type=int, help="log the per-task losses every N optimiser steps")
+    add("--num_workers", type=int, help="DataLoader workers")
+    add("--num_threads", type=int, help="torch threads per process (default: cores / processes)")
+    add("--mixed_precision", choices=["no", "fp16", "bf16", "fp8"], help="overrides accelerate's setting")
+    add("--resume_from_checkpoint", help="'latest' (newest checkpoint in output_dir) or a checkpoint folder")
+    add(
+        "--max_steps_this_run",
+        type=int,
+        help="stop after this many optimiser steps in this run, saving a checkpoint (for time-sliced jobs)",
+    )
+    add("--no_eval", action="store_true", help="skip the zero-shot retrieval check")
+    add("--report_to", default="none", help="tracker: tensorboard, wandb, ..., all or none")
+    add("--push_to_hub", action="store_true", help="upload the final model, processor and card")
+    add("--hub_model_id", help="repository for --push_to_hub (default: the output_dir name)")
+    add("--overwrite_output_dir", action="store_true", help="delete output_dir first")
+    add("--no_progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def recipe_from_arguments(args: argparse.Namespace) -> Recipe:
+    """The recipe of `args.recipe` with the `--set` overrides and the dedicated flags applied, validated and its
+    dataset paths checked. Raises RecipeError (field and expectation named) or FileNotFoundError."""
+    overrides = list(args.overrides)
+    for flag in _TRAINING_FLAGS:
+        if getattr(args, flag) is not None:
+            overrides.append(f"training.{flag}={getattr(args, flag)}")
+    if args.no_eval:
+        overrides.append("evaluation=null")
+    recipe = load_recipe(args.recipe, overrides)
+    for stage in recipe.stages:
+        for flag in _STAGE_FLAGS:
+            if getattr(args, flag) is not None:
+                setattr(stage, flag, getattr(args, flag))
+    validate_recipe(recipe)
+    check_recipe_paths(recipe)
+    return recipe
+
+
+__all__ = ["build_argument_parser", "recipe_from_arguments"]
