@@ -379,3 +379,10 @@ def test_model_card_embeds_the_loss_curves_only_when_there_are_some():
     )
     assert "![per-task loss curves](loss_curves.png)" in with_curves
     assert "![" not in build_model_card("# ImageBERT\n", recipe, {"itm": 0.25}, None)
+
+
+def test_a_misspelt_model_override_is_refused_naming_the_closest_field():
+    data = yaml.safe_load((RECIPES / "demo.yaml").read_text())
+    data["model"]["overrides"] = {**data["model"].get("overrides", {}), "num_hiden_layers": 2}
+    with pytest.raises(RecipeError, match="num_hiden_layers.*num_hidden_layers"):
+        recipe_from_dict(data)

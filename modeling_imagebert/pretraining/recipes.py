@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from ..configuration_imagebert import ImageBertConfig
+
 TASKS = ("mlm", "moc", "mrfr", "itm")
 MODALITIES = ("image_text", "text")
 INITIALISATIONS = ("bert", "previous", "config")
@@ -276,6 +278,10 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         raise RecipeError("model: set exactly one of model.bert_checkpoint and model.config")
     if not recipe.stages:
         raise RecipeError("stages: a recipe needs at least one stage")
+    try:  # typed by a person: a misspelt field must not become a silent extra attribute of the config
+        ImageBertConfig.check_field_names(model.overrides, where="model.overrides")
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
     training = recipe.training
     _positive(training.save_steps, "training.save_steps", allow_zero=True)
     _positive(training.save_total_limit, "training.save_total_limit", allow_none=True)

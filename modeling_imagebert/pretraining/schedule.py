@@ -60,11 +60,14 @@ def build_stage_sources(
     processor: ImageBertProcessor,
     seed: int,
     base: str | Path | None = None,
+    num_object_classes: int | None = None,
 ) -> list[StageSource]:
     """Loads and encodes every source of a stage and gives each its collator (seeded by (seed, stage, source)).
 
     `stage_index` is 0-based. ITM negatives are drawn only when the stage trains ITM. In "separate" ITM mode (with
     a masked task also on), an image-text source gets a second collator for its ITM batches: no masks, negatives.
+    With `num_object_classes`, the collators refuse region class ids outside [0, num_object_classes), naming the
+    example.
     """
     sources = []
     itm_on = stage.tasks.get("itm", 0) > 0
@@ -87,6 +90,7 @@ def build_stage_sources(
                 region_mask_probability=stage.region_mask_probability if masked_on else 0.0,
                 itm_negative_rate=stage.itm_negative_rate if itm_on and not separate else 0.0,
                 seed=collator_seed,
+                num_object_classes=num_object_classes,
             )
         itm_collator = None
         if separate and spec.modality == "image_text":
@@ -96,6 +100,7 @@ def build_stage_sources(
                 region_mask_probability=0.0,
                 itm_negative_rate=stage.itm_negative_rate,
                 seed=collator_seed,
+                num_object_classes=num_object_classes,
             )
         sources.append(StageSource(spec=spec, encoded=encoded, collator=collator, itm_collator=itm_collator))
     return sources
@@ -300,7 +305,9 @@ def plan_stage(
 ) -> StagePlan:
     """Loads and encodes the sources of stage `stage_index` (0-based), checks them against the model `config`,
     and lays out its batch schedule for `num_processes` processes (see `BatchSchedule`)."""
-    sources = build_stage_sources(stage, stage_index, processor, seed)
+    sources = build_stage_sources(
+        stage, stage_index, processor, seed, num_object_classes=getattr(config, "num_object_classes", None)
+    )
     check_sources_fit_model(sources, config, stage_index)
     schedule = BatchSchedule(
         [len(s) for s in sources],
