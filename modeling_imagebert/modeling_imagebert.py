@@ -1147,6 +1147,13 @@ def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * valid).sum() / valid.sum().clamp(min=1)
 
 
+def _keep_in_graph(loss: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """`loss` plus 0 x the parameters of an unused `module`: they get zero gradients instead of none, so DDP finds
+    every parameter in the graph (as the heads' ignored rows do) without a search for unused parameters; Adam's update
+    of a zero gradient is zero."""
+    return loss + 0.0 * sum(parameter.sum() for parameter in module.parameters())
+
+
 def _outputs_requested(config: ImageBertConfig, kwargs: dict) -> bool:
     """Whether the caller asked for every layer's hidden states or attentions (then every position of the last
     layer is computed)."""
@@ -1526,6 +1533,8 @@ class ImageBertForPreTraining(ImageBertContrastiveFeaturesMixin, ImageBertPreTra
                 "itc": self.config.itc_loss_weight,
             }
             loss = sum(weights[name] * value for name, value in losses.items())
+            if "itc" not in losses:
+                loss = _keep_in_graph(loss, self.itc_head)
 
         return ImageBertForPreTrainingOutput(
             loss=loss,
@@ -1695,6 +1704,8 @@ class ImageBertForRetrieval(ImageBertContrastiveFeaturesMixin, ImageBertPreTrain
                     itc_image_groups,
                 )
             loss = sum(weights[name] * value for name, value in terms.items())
+            if "itc" not in terms:
+                loss = _keep_in_graph(loss, self.itc_head)
         return ImageBertForRetrievalOutput(
             loss=loss,
             logits=logits,

@@ -440,3 +440,33 @@ def test_retriever_answers_a_query_with_the_two_stage_ranking(model, split, proc
     )
     with pytest.raises(ValueError, match="query 1"):
         retriever.search([caption, " "])
+
+
+def test_cli_candidates_writes_the_three_rows_the_json_and_the_plot(model, split, processor, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from modeling_imagebert.data.storage import save_dataset
+
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    save_dataset(split, tmp_path / "data")
+    script = Path(__file__).resolve().parents[1] / "examples" / "evaluate_retrieval.py"
+    spec = importlib.util.spec_from_file_location("evaluate_retrieval_cli_two_stage", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    summary = cli.main(
+        [
+            "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data"), "--candidates", "2",
+            "--full_ranking", "--output_json", str(tmp_path / "out.json"), "--recall_plot", str(tmp_path / "k.png"),
+            "--no_progress",
+        ]
+    )  # fmt: skip
+    expected = evaluate_two_stage(model, split, processor, candidates=2, progress=False, full_ranking=True)
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["metrics"]["two_stage"] == pytest.approx(expected.metrics)
+    assert written["metrics"]["full"] == pytest.approx(expected.full_metrics)
+    assert written["passes"] == expected.passes and summary["k"] == 2
+    assert (tmp_path / "k.png").is_file()
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--model", "m", "--toy", "--full_ranking"])  # --full_ranking needs --candidates
