@@ -509,3 +509,17 @@ def test_itc_fine_tuning_lifts_stage_one_recall_well_above_chance(processor):
     # Chance is 5% R@1 over 20 images; measured 5.0 / 5.0 before and 25.0 / 20.0 after (image / text R@1).
     assert after["image_retrieval/R@1"] >= 15.0 and after["text_retrieval/R@1"] >= 15.0, (before, after)
     assert after["rsum"] >= before["rsum"] + 80.0, (before, after)
+
+
+def test_a_saved_index_answers_like_the_fresh_one_and_refuses_other_weights(
+    model, split, processor, tmp_path
+):
+    retriever = ImageBertRetriever(model, processor, candidates=3).index(split)
+    retriever.save_index(tmp_path / "index.pt")
+    loaded = ImageBertRetriever(model, processor, candidates=3).load_index(tmp_path / "index.pt")
+    assert loaded.image_ids == retriever.image_ids
+    caption = split[3]["caption"]
+    assert loaded.search(caption) == retriever.search(caption)
+    other = tiny_model(ImageBertForRetrieval, seed=9)
+    with pytest.raises(ValueError, match="other model weights"):
+        ImageBertRetriever(other, processor).load_index(tmp_path / "index.pt")

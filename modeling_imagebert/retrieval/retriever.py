@@ -2,17 +2,22 @@
 each query is embedded, its top candidates by cosine similarity are re-ranked by the cross-encoder.
 
     retriever = ImageBertRetriever(model, processor, candidates=16).index(dataset)
-    retriever.search(["a red cube left of a blue ball"], top_k=5)  # [[(image_id, score), ...]]
+    retriever.search(["a red cube left of a blue ball"], top_k=5)  # [[SearchHit(image_id, score, similarity)]]
+    retriever.save_index("index.pt")  # later: ImageBertRetriever(model, processor).load_index("index.pt")
 """
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .evaluation import RetrievalInputs
+from ..atomic import atomic_write_bytes
+from .evaluation import RetrievalInputs, model_fingerprint
 from .two_stage import FINAL_SCORES, _check_embedding_model, embed_images, embed_texts, score_pairs
 
 
@@ -113,6 +118,39 @@ class ImageBertRetriever:
         self.image_embeds = embed_images(
             self.model, self.images, batch_size=self.batch_size, bf16=self.bf16, device=self.device
         )
+        return self
+
+    def save_index(self, path: str | os.PathLike) -> Path:
+        """Write the index (image ids, padded region tensors, embeddings, the model's fingerprint) to one file,
+        atomically. Returns the path."""
+        if self.image_embeds is None:
+            raise RuntimeError("ImageBertRetriever.save_index: nothing indexed yet; call index(...) first")
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "format": 1,
+                "model": model_fingerprint(self.model),
+                "image_ids": self.image_ids,
+                "images": self.images,
+                "image_embeds": self.image_embeds,
+            },
+            buffer,
+        )
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write_bytes(path, buffer.getvalue())
+
+    def load_index(self, path: str | os.PathLike) -> ImageBertRetriever:
+        """Load an index written by `save_index` with the same model weights (checked by fingerprint). Returns self."""
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != 1:
+            raise ValueError(f"{path}: not an ImageBertRetriever index (expected the file save_index writes)")
+        if payload["model"] != model_fingerprint(self.model):
+            raise ValueError(
+                f"{path}: the index was built with other model weights or config; rebuild it with index(...)"
+            )
+        self.image_ids = list(payload["image_ids"])
+        self.images = payload["images"]
+        self.image_embeds = payload["image_embeds"]
         return self
 
     def search(self, queries: str | Sequence[str], top_k: int = 10) -> list[list[SearchHit]]:
