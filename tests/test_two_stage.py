@@ -523,3 +523,40 @@ def test_a_saved_index_answers_like_the_fresh_one_and_refuses_other_weights(
     other = tiny_model(ImageBertForRetrieval, seed=9)
     with pytest.raises(ValueError, match="other model weights"):
         ImageBertRetriever(other, processor).load_index(tmp_path / "index.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("os").environ.get("IMAGEBERT_SLOW") != "1", reason="slow: set IMAGEBERT_SLOW=1"
+)
+def test_two_processes_rerank_the_same_pairs_as_one(model, split, processor, tmp_path):
+    """Two real gloo processes (accelerate launch) split the pair shards and both end with the one-process scores."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from modeling_imagebert.data.storage import save_dataset
+
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    save_dataset(split, tmp_path / "data")
+    single = evaluate_two_stage(model, split, processor, candidates=2, shard_size=16, progress=False)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).resolve().parents[1] / "examples" / "evaluate_retrieval.py"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+        "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data"), "--candidates", "2",
+        "--shard_size", "16", "--no_progress", "--save_scores", str(tmp_path / "scores.pt"),
+        "--output_json", str(tmp_path / "out.json"),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert summary["num_processes"] == 2 and summary["num_shards"] == single.num_shards > 1
+    assert summary["computed_shards"] == len(range(0, single.num_shards, 2))  # the main process's shards
+    saved = torch.load(tmp_path / "scores.pt")
+    torch.testing.assert_close(saved["image_retrieval_scores"], single.image_matrix, rtol=0, atol=1e-6)
+    torch.testing.assert_close(saved["text_retrieval_scores"], single.text_matrix, rtol=0, atol=1e-6)
+    assert summary["metrics"]["two_stage"] == pytest.approx(single.metrics)
