@@ -9,10 +9,17 @@ The model is built from a config (random weights, nothing downloaded): base size
 hidden 768), fed `--text-length` tokens and `--regions` regions of `--feature-dim`-d features per pair. The script
 prints pairs/s of both and their ratio, and appends a markdown row to `benchmarks/RESULTS.md`.
 
+It also times the first stage of two-stage retrieval (text and image embeddings per second, one unimodal pass each,
+`modeling_imagebert.retrieval.two_stage`) and projects, from the measured rates, the cost of evaluating Flickr30k 1k
+(1,000 images x 5,000 captions) and MSCOCO 5k (5,000 x 25,000) on this machine: full ranking (every pair) against
+two-stage with K candidates per query in each direction (C + I embeddings, then at most (C + I) x K pairs: the
+union of both directions' top-K, an upper bound).
+
 Usage:
     python benchmarks/bench_retrieval_scoring.py                              # base size, small counts, CPU
     python benchmarks/bench_retrieval_scoring.py --size tiny --num-images 8   # smoke run
     python benchmarks/bench_retrieval_scoring.py --device cuda --dtype bf16 --num-images 100 --batch-size 512
+    python benchmarks/bench_retrieval_scoring.py --candidates 16,128,256 --no-record   # projections only printed
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 
 from modeling_imagebert import ImageBertConfig, ImageBertForRetrieval
 from modeling_imagebert.retrieval.evaluation import RetrievalInputs, score_caption_rows
+from modeling_imagebert.retrieval.two_stage import embed_images, embed_texts
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +120,85 @@ def time_one_by_one(model, inputs: RetrievalInputs, args, device) -> float:
     return len(pairs) / (time.perf_counter() - began)
 
 
+def time_embeddings(model, inputs: RetrievalInputs, args, device) -> tuple[float, float]:
+    """Texts per second and images per second of the unimodal embedding passes (the first stage)."""
+    kwargs = {"batch_size": args.batch_size, "bf16": args.bf16, "device": device}
+    embed_texts(model, {k: v[:2] for k, v in inputs.text.items()}, **kwargs)  # warm-up
+    embed_images(model, {k: v[:1] for k, v in inputs.images.items()}, **kwargs)
+    _sync(device)
+    began = time.perf_counter()
+    embed_texts(model, inputs.text, **kwargs)
+    _sync(device)
+    texts = inputs.num_captions / (time.perf_counter() - began)
+    began = time.perf_counter()
+    embed_images(model, inputs.images, **kwargs)
+    _sync(device)
+    images = inputs.num_images / (time.perf_counter() - began)
+    return texts, images
+
+
+# Test splits of the paper's protocols: (images, captions).
+PROTOCOL_SIZES = {"Flickr30k 1k": (1000, 5000), "MSCOCO 5k": (5000, 25000)}
+
+
+def project_costs(
+    pairs_per_s: float, texts_per_s: float, images_per_s: float, ks: list[int]
+) -> list[dict[str, object]]:
+    """Projected wall time of full ranking and of two-stage at each K, for Flickr30k 1k and MSCOCO 5k.
+
+    Two-stage counts C + I embedding passes and (C + I) x K cross-encoder pairs (the union of both directions'
+    top-K, at most that many; the similarity matrix and top-K are negligible beside the passes)."""
+    rows = []
+    for name, (images, captions) in PROTOCOL_SIZES.items():
+        full = captions * images
+        rows.append({"split": name, "method": "full ranking", "pairs": full, "seconds": full / pairs_per_s})
+        embed_seconds = captions / texts_per_s + images / images_per_s
+        for k in ks:
+            pairs = min((captions + images) * k, full)
+            rows.append(
+                {
+                    "split": name,
+                    "method": f"two-stage K={k}",
+                    "pairs": pairs,
+                    "seconds": embed_seconds + pairs / pairs_per_s,
+                }
+            )
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+def append_projection(
+    args, device, texts_per_s: float, images_per_s: float, pairs_per_s: float, rows
+) -> None:
+    """Append the projected costs under their own section of benchmarks/RESULTS.md."""
+    marker = "## Two-stage retrieval: projected cost (`bench_retrieval_scoring.py`)"
+    header = (
+        "| date | commit | machine | device | size | dtype | texts/s | images/s | pairs/s | split | method | "
+        "cross-encoder pairs | projected time | vs full |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    with RESULTS.open("a") as f:
+        if marker not in text:
+            f.write(f"\n{marker}\n\n{header}")
+        full = {row["split"]: row["seconds"] for row in rows if row["method"] == "full ranking"}
+        for row in rows:
+            f.write(
+                f"| {date} | {_git_commit()} | {_machine(device)} | {device.type} | {args.size} | "
+                f"{'bf16' if args.bf16 else 'fp32'} | {texts_per_s:.1f} | {images_per_s:.1f} | {pairs_per_s:.1f} | "
+                f"{row['split']} | {row['method']} | {row['pairs']:,} | {_duration(row['seconds'])} | "
+                f"{full[row['split']] / row['seconds']:.1f}x |\n"
+            )
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(
@@ -166,6 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
+    parser.add_argument(
+        "--candidates",
+        default="16,128",
+        help="comma-separated K of the two-stage projection (16: >= 50x fewer pairs; 128: ALBEF/BLIP's Flickr30k)",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     args.bf16 = args.dtype == "bf16"
@@ -190,10 +282,29 @@ def main(argv: list[str] | None = None) -> dict:
         f"{single:.1f} pairs/s\n"
         f"  ratio: {batched / single:.1f}x"
     )
+    texts_per_s, images_per_s = time_embeddings(model, inputs, args, device)
+    ks = [int(k) for k in args.candidates.split(",") if k.strip()]
+    projection = project_costs(batched, texts_per_s, images_per_s, ks)
+    full = {row["split"]: row["seconds"] for row in projection if row["method"] == "full ranking"}
+    print(f"  embeddings: {texts_per_s:.1f} texts/s, {images_per_s:.1f} images/s")
+    print("  projected cost on this machine:")
+    for row in projection:
+        print(
+            f"    {row['split']:13s} {row['method']:18s} {row['pairs']:>12,} pairs  {_duration(row['seconds']):>9s}  "
+            f"({full[row['split']] / row['seconds']:.1f}x faster than full)"
+        )
     if not args.no_record:
         append_results(args, device, batched, single)
-        print(f"appended a row to {RESULTS}")
-    return {"batched_pairs_per_s": batched, "one_by_one_pairs_per_s": single, "ratio": batched / single}
+        append_projection(args, device, texts_per_s, images_per_s, batched, projection)
+        print(f"appended rows to {RESULTS}")
+    return {
+        "batched_pairs_per_s": batched,
+        "one_by_one_pairs_per_s": single,
+        "ratio": batched / single,
+        "texts_per_s": texts_per_s,
+        "images_per_s": images_per_s,
+        "projection": projection,
+    }
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ Two CPU processes (to check data parallelism without a GPU):
         --dynamo_backend no examples/evaluate_retrieval.py --model ... --toy
 
 With `--cache_dir`, an interrupted evaluation restarted with the same arguments resumes with the shards it lacks.
+
+Two-stage (embeddings from the same encoder pick K candidates per query in each direction, the cross-encoder
+re-ranks them; reports stage 1 alone, two-stage and, with --full_ranking, full ranking, with passes and wall times):
+
+    python examples/evaluate_retrieval.py --model runs/retrieval --toy --candidates 16 --full_ranking \
+        --output_json two_stage.json --recall_plot recall_vs_k.png
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval
 from modeling_imagebert.atomic import atomic_write_bytes, atomic_write_text
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
 from modeling_imagebert.retrieval.evaluation import PROTOCOLS, evaluate_retrieval
+from modeling_imagebert.retrieval.two_stage import FINAL_SCORES, evaluate_two_stage
 
 HEADS = {"itm": ImageBertForPreTraining, "retrieval": ImageBertForRetrieval}
 
@@ -94,10 +101,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--save_scores", default=None, help="save the score matrix and image ids (torch.save)"
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    two_stage = parser.add_argument_group("two-stage retrieval")
+    two_stage.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="K: re-rank only each query's top-K candidates by embedding similarity (two-stage); default: full ranking",
+    )
+    two_stage.add_argument(
+        "--final_score",
+        choices=FINAL_SCORES,
+        default="itm",
+        help="--candidates: rank by the cross-encoder's score (itm) or add the ITC similarity (itm+itc, as BLIP)",
+    )
+    two_stage.add_argument(
+        "--full_ranking", action="store_true", help="--candidates: also run full ranking and report it"
+    )
+    two_stage.add_argument(
+        "--recall_plot", default=None, help="--candidates: write the recall-vs-K plot (PNG) here"
+    )
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error instead of its one-line summary"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.candidates is not None and args.candidates < 1:
+        parser.error(f"--candidates must be a positive number of candidates per query, got {args.candidates}")
+    if args.candidates is None and (args.full_ranking or args.recall_plot):
+        parser.error("--full_ranking and --recall_plot go with --candidates K (two-stage evaluation)")
+    return args
 
 
 def load_model(path: str, head: str | None) -> torch.nn.Module:
@@ -164,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     processor = load_processor(args.processor or args.model)
     dataset = load_split(args, model.config)
 
+    if args.candidates is not None:
+        return run_two_stage(args, model, processor, dataset, accelerator)
+
     result = evaluate_retrieval(
         model,
         dataset,
@@ -206,6 +240,65 @@ def main(argv: list[str] | None = None) -> dict:
                 buffer,
             )
             atomic_write_bytes(args.save_scores, buffer.getvalue())
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def run_two_stage(args: argparse.Namespace, model, processor, dataset, accelerator) -> dict:
+    """`--candidates K`: two-stage evaluation, the three tables, the JSON and the recall-vs-K plot."""
+    result = evaluate_two_stage(
+        model,
+        dataset,
+        processor,
+        candidates=args.candidates,
+        protocol=args.protocol,
+        final_score=args.final_score,
+        full_ranking=args.full_ranking,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        bf16=args.bf16,
+        accelerator=accelerator,
+        progress=not args.no_progress,
+        shard_size=args.shard_size,
+        strict=not args.no_strict,
+    )
+    summary = result.to_json_dict()
+    summary.update(
+        model=str(args.model),
+        head=type(model).__name__,
+        dataset="toy world (synthetic)" if args.toy else str(args.dataset),
+        split=args.split,
+        num_processes=accelerator.num_processes,
+        bf16=bool(args.bf16),
+    )
+    if accelerator.is_main_process:
+        print(result.table)
+        passes, seconds = result.passes, result.seconds
+        print(
+            f"cross-encoder passes: {passes['cross_encoder']} of {passes['full']} "
+            f"({passes['full'] / max(passes['cross_encoder'], 1):.1f}x fewer), plus {passes['embedding']} "
+            f"embedding passes; stage 1 {seconds['stage1']:.1f} s, stage 2 {seconds['stage2']:.1f} s"
+            + (f", full ranking {seconds['full']:.1f} s" if seconds["full"] is not None else "")
+        )
+        if args.output_json:
+            Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.output_json, json.dumps(summary, indent=2) + "\n")
+        if args.output_markdown:
+            Path(args.output_markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output_markdown).write_text(result.table)
+        if args.recall_plot:
+            result.plot_recall_vs_k(args.recall_plot)
+        if args.save_scores:
+            torch.save(
+                {
+                    "image_retrieval_scores": result.image_matrix,
+                    "text_retrieval_scores": result.text_matrix,
+                    "similarity": result.similarity,
+                    "caption_image_index": result.caption_image_index,
+                    "image_ids": result.image_ids,
+                },
+                args.save_scores,
+            )
     accelerator.wait_for_everyone()
     return summary
 

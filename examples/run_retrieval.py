@@ -13,7 +13,7 @@
 Every `TrainingArguments` flag works (`--learning_rate` 5e-5 and `--per_device_train_batch_size` 24 default to the
 paper's settings; `--push_to_hub`, `--report_to`, `--seed`, ...). Ours:
 
-    --loss binary|ce|triplet or a weighted sum such as binary+0.5*triplet   (config.retrieval_loss)
+    --loss binary|ce|triplet|itc or a weighted sum such as binary+0.5*triplet or binary+itc   (config.retrieval_loss)
     --num_candidates P          rows per positive in a training group (the positive + P-1 negatives)
     --negative_direction        text (negative captions: image-to-text), image (negative images), both
 

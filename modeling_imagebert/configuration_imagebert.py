@@ -11,7 +11,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-RETRIEVAL_LOSSES = ("binary", "ce", "triplet")
+RETRIEVAL_LOSSES = ("binary", "ce", "triplet", "itc")
 _LOSS_TERM = re.compile(
     r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<name>[a-z]+)\s*$"
 )
@@ -20,9 +20,9 @@ _LOSS_TERM = re.compile(
 def parse_retrieval_loss(spec: str) -> dict[str, float]:
     """Parse a retrieval loss spec into `{loss_name: weight}`.
 
-    `spec` is one of `binary`, `ce` (multi-class cross-entropy over the P candidates of a positive) and `triplet`
-    (hinge against the hardest sampled negative), or a `+`-joined weighted sum of them such as
-    `"binary+0.5*triplet"`. Raises `ValueError` naming the bad term.
+    `spec` is one of `binary`, `ce` (multi-class cross-entropy over the P candidates of a positive), `triplet`
+    (hinge against the hardest sampled negative) and `itc` (image-text contrastive loss on the groups' positive
+    pairs), or a `+`-joined weighted sum of them such as `"binary+0.5*triplet"` or `"binary+itc"`. Raises `ValueError` naming the bad term.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(
@@ -70,8 +70,14 @@ class ImageBertConfig(PreTrainedConfig):
     Pre-training losses (weighted sum; a task whose labels are absent from a batch is skipped):
         mlm_loss_weight, moc_loss_weight, mrfr_loss_weight, itm_loss_weight (`float`, 1.0 each).
 
+    Image-text contrastive embeddings (two-stage retrieval; `get_text_features` / `get_image_features`):
+        projection_dim (`int`, 256): size of the L2-normalised text and image embeddings.
+        itc_loss_weight (`float`, 0.0): weight of the in-batch image-text contrastive (ITC) loss in pre-training;
+            0.0 (the paper's recipe) leaves it off.
+
     Retrieval fine-tuning:
-        retrieval_loss (`str`, "binary"): `binary`, `ce`, `triplet`, or a weighted sum such as `"binary+0.5*ce"`.
+        retrieval_loss (`str`, "binary"): `binary`, `ce`, `triplet`, `itc`, or a weighted sum such as
+            `"binary+0.5*ce"` or `"binary+itc"`.
         triplet_margin (`float`, 0.2): hinge margin of the triplet loss.
 
     Debugging:
@@ -124,6 +130,9 @@ class ImageBertConfig(PreTrainedConfig):
     mrfr_loss_weight: float | int = 1.0
     itm_loss_weight: float | int = 1.0
 
+    projection_dim: int = 256
+    itc_loss_weight: float | int = 0.0
+
     retrieval_loss: str = "binary"
     triplet_margin: float | int = 0.2
 
@@ -174,6 +183,7 @@ class ImageBertConfig(PreTrainedConfig):
             "num_object_classes",
             "max_position_embeddings",
             "vocab_size",
+            "projection_dim",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ImageBertConfig.{name} must be positive, got {getattr(self, name)}")
@@ -202,6 +212,7 @@ class ImageBertConfig(PreTrainedConfig):
             "moc_loss_weight",
             "mrfr_loss_weight",
             "itm_loss_weight",
+            "itc_loss_weight",
             "triplet_margin",
         ):
             if getattr(self, name) < 0:

@@ -8,6 +8,7 @@ the weights and a Hub user can load the model with `trust_remote_code=True` with
 """
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, logging
@@ -515,6 +517,76 @@ class ImageBertPredictionHead(nn.Module):
         return self.decoder(self.transform(hidden_states))
 
 
+# CLIP's initial temperature 0.07, and its cap: the logit scale exp(logit_scale) never exceeds 100.
+ITC_INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
+ITC_MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class ImageBertContrastiveHead(nn.Module):
+    """Image-text contrastive (ITC) head: linear projections (no bias, as CLIP) of the pooled unimodal text and image
+    outputs of the shared encoder to `config.projection_dim`, and the learnable log temperature `logit_scale`
+    (initialised to log(1 / 0.07), as CLIP)."""
+
+    def __init__(self, config: ImageBertConfig):
+        super().__init__()
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.image_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(ITC_INITIAL_LOGIT_SCALE))
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), capped at 100 (as CLIP), `()`: the factor of the cosine similarities in the ITC loss."""
+        return self.logit_scale.clamp(max=ITC_MAX_LOGIT_SCALE).exp()
+
+
+def image_text_contrastive_loss(
+    text_embeds: torch.Tensor,
+    image_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    text_groups: torch.Tensor | None = None,
+    image_groups: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE (CLIP's loss), where pairs that show the same image are never negatives.
+
+    Args:
+        text_embeds: `(B, D)` L2-normalised text embeddings; row i is paired with `image_embeds[i]`.
+        image_embeds: `(B, D)` L2-normalised image embeddings.
+        logit_scale: `()` the factor of the cosine similarities (exp of the learnable log temperature).
+        text_groups: `(B,)` long, the image group of each row's caption (the image it describes); default: every
+            row its own group (CLIP's assumption).
+        image_groups: `(B,)` long, the group of each row's image, in the same id space; default: `text_groups`.
+            Text i and image j (j != i) with `text_groups[i] == image_groups[j]` are left out of each other's
+            softmax (a caption of the same image is no negative).
+        valid: `(B,)` bool, the rows whose pair counts as a positive (e.g. matched ITM pairs); every row still
+            serves as a negative for the others. Default: all.
+
+    Returns:
+        `()` the mean over valid rows of (text-to-image + image-to-text cross-entropy) / 2; 0 when no row is valid.
+    """
+    batch = text_embeds.shape[0]
+    device = text_embeds.device
+    logits = logit_scale.float() * text_embeds.float() @ image_embeds.float().t()  # (B, B) texts x images
+    if text_groups is None:
+        text_groups = torch.arange(batch, device=device)
+    if image_groups is None:
+        image_groups = text_groups
+    same = (
+        text_groups.to(device)[:, None] == image_groups.to(device)[None, :]
+    )  # (B, B) text i describes image j
+    other_positive = same & ~torch.eye(batch, dtype=torch.bool, device=device)
+    target = torch.arange(batch, device=device)
+    text_to_image = F.cross_entropy(
+        logits.masked_fill(other_positive, float("-inf")), target, reduction="none"
+    )
+    image_to_text = F.cross_entropy(
+        logits.t().masked_fill(other_positive.t(), float("-inf")), target, reduction="none"
+    )
+    per_pair = (text_to_image + image_to_text) / 2  # (B,)
+    if valid is None:
+        return per_pair.mean()
+    return _masked_mean(per_pair, valid.to(device))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------------------------------------
@@ -685,6 +757,8 @@ class ImageBertForPreTrainingOutput(ModelOutput):
     r"""
     loss (`()`): weighted sum of the task losses present in the batch.
     mlm_loss, moc_loss, mrfr_loss, itm_loss (`()`): each task's unweighted loss, None when its labels were not given.
+    itc_loss (`()`): the image-text contrastive loss, when `config.itc_loss_weight` > 0 and the batch has text and
+        regions.
     itm_logits (`(batch,)`): image-text matching score (logit of "matched").
     mlm_logits (`(M, vocab_size)`): vocabulary logits at the `mlm_positions` only (padding and mismatched-pair
         entries included, they do not count in the loss).
@@ -698,6 +772,7 @@ class ImageBertForPreTrainingOutput(ModelOutput):
     moc_loss: torch.FloatTensor | None = None
     mrfr_loss: torch.FloatTensor | None = None
     itm_loss: torch.FloatTensor | None = None
+    itc_loss: torch.FloatTensor | None = None
     itm_logits: torch.FloatTensor | None = None
     mlm_logits: torch.FloatTensor | None = None
     moc_logits: torch.FloatTensor | None = None
@@ -711,7 +786,7 @@ class ImageBertForRetrievalOutput(ModelOutput):
     r"""
     loss (`()`): the configured retrieval loss (weighted sum of binary / ce / triplet), when `labels` are given.
     logits (`(batch,)`): matching score of each (text, image) pair; higher means a better match.
-    binary_loss, ce_loss, triplet_loss (`()`): each term, None when not configured.
+    binary_loss, ce_loss, triplet_loss, itc_loss (`()`): each term, None when not configured.
     hidden_states, attentions: as in `ImageBertModelOutput`.
     """
 
@@ -720,6 +795,7 @@ class ImageBertForRetrievalOutput(ModelOutput):
     binary_loss: torch.FloatTensor | None = None
     ce_loss: torch.FloatTensor | None = None
     triplet_loss: torch.FloatTensor | None = None
+    itc_loss: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -789,6 +865,9 @@ class ImageBertPreTrainedModel(PreTrainedModel):
             # Non-persistent buffers hold garbage after a meta-device load unless re-initialised here.
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.copy_(module.whole_image_location, torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]))
+        if isinstance(module, ImageBertContrastiveHead):
+            # Also what an older checkpoint without the ITC head gets when loaded.
+            init.constant_(module.logit_scale, ITC_INITIAL_LOGIT_SCALE)
 
     def set_fast_paths(
         self,
@@ -1087,6 +1166,13 @@ def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * valid).sum() / valid.sum().clamp(min=1)
 
 
+def _keep_in_graph(loss: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """`loss` plus 0 x the parameters of an unused `module`: they get zero gradients instead of none, so DDP finds
+    every parameter in the graph (as the heads' ignored rows do) without a search for unused parameters; Adam's update
+    of a zero gradient is zero."""
+    return loss + 0.0 * sum(parameter.sum() for parameter in module.parameters())
+
+
 def _outputs_requested(config: ImageBertConfig, kwargs: dict) -> bool:
     """Whether the caller asked for every layer's hidden states or attentions (then every position of the last
     layer is computed)."""
@@ -1096,7 +1182,121 @@ def _outputs_requested(config: ImageBertConfig, kwargs: dict) -> bool:
     )
 
 
-class ImageBertForPreTraining(ImageBertPreTrainedModel):
+class ImageBertContrastiveFeaturesMixin:
+    """`get_text_features` / `get_image_features` (CLIP's names) for the head models: a unimodal pass through the
+    shared encoder, pooled, projected by `itc_head` and L2-normalised. One set of weights serves the cheap first
+    stage of two-stage retrieval (cosine similarity of embeddings) and the cross-encoder that re-ranks.
+
+    Pooling: the text takes the last hidden state at its first position ([CLS], the row the pooler reads); the image
+    takes the mean of the last hidden states of its real tokens (regions, and the global-image token when given): an
+    image sequence has no [CLS], and no single region stands for the whole image.
+    """
+
+    def _text_pass(
+        self, input_ids, attention_mask=None, token_type_ids=None, **kwargs
+    ) -> ImageBertModelOutput:
+        """A text-only pass (B, T) -> the encoder outputs; the pooled row is `last_hidden_state[:, 0]` ([CLS])."""
+        last_layer_positions = None
+        if self.sparse_last_layer and not _outputs_requested(self.config, kwargs):
+            # Only [CLS] is read: the last layer runs at that row alone (the other rows of last_hidden_state are 0).
+            last_layer_positions = torch.zeros(
+                input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device
+            )
+        return self.imagebert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            last_layer_positions=last_layer_positions,
+            **{**kwargs, "return_dict": True},
+        )
+
+    def _image_pass(
+        self,
+        region_features,
+        region_locations,
+        region_attention_mask=None,
+        global_image_features=None,
+        **kwargs,
+    ) -> tuple[ImageBertModelOutput, torch.Tensor]:
+        """An image-only pass -> (the encoder outputs, (B, H) mean last hidden state over the real tokens)."""
+        outputs = self.imagebert(
+            region_features=region_features,
+            region_locations=region_locations,
+            region_attention_mask=region_attention_mask,
+            global_image_features=global_image_features,
+            **{**kwargs, "return_dict": True},
+        )
+        hidden = outputs.last_hidden_state  # (B, [1 +] R, H)
+        batch, num_regions = region_features.shape[:2]
+        if region_attention_mask is None:
+            real = torch.ones(batch, num_regions, dtype=hidden.dtype, device=hidden.device)
+        else:
+            real = region_attention_mask.to(device=hidden.device, dtype=hidden.dtype)
+        if global_image_features is not None:
+            real = torch.cat([real.new_ones(batch, 1), real], dim=1)  # the global token comes first
+        return outputs, (hidden * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+
+    def text_embeddings(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.FloatTensor:
+        """L2-normalised text embeddings, `(B, projection_dim)`: `get_text_features(...).pooler_output`."""
+        pooled = self._text_pass(input_ids, attention_mask, token_type_ids).last_hidden_state[:, 0]
+        return F.normalize(self.itc_head.text_projection(pooled), dim=-1)
+
+    def image_embeddings(
+        self, region_features, region_locations, region_attention_mask=None, global_image_features=None
+    ) -> torch.FloatTensor:
+        """L2-normalised image embeddings, `(B, projection_dim)`: `get_image_features(...).pooler_output`."""
+        _, pooled = self._image_pass(
+            region_features, region_locations, region_attention_mask, global_image_features
+        )
+        return F.normalize(self.itc_head.image_projection(pooled), dim=-1)
+
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        """Text embeddings from `[CLS] text [SEP]` ids `(B, T)` (masks as in `ImageBertModel.forward`), encoded alone
+        (no image token takes part), in transformers' convention: `pooler_output` holds the L2-normalised
+        `(B, projection_dim)` embeddings, `last_hidden_state` the text-only encoder output (only its [CLS] row with
+        the sparse last layer, unless hidden states or attentions are requested)."""
+        outputs = self._text_pass(input_ids, attention_mask, token_type_ids, **kwargs)
+        embeds = F.normalize(self.itc_head.text_projection(outputs.last_hidden_state[:, 0]), dim=-1)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=embeds,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        region_features: torch.FloatTensor,
+        region_locations: torch.FloatTensor,
+        region_attention_mask: torch.LongTensor | None = None,
+        global_image_features: torch.FloatTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        """Image embeddings from region features `(B, R, F)`, locations `(B, R, 5)`, the region mask `(B, R)` and,
+        with `config.use_global_image_feature`, the global feature `(B, G)`, encoded alone (no text token takes part),
+        in transformers' convention: `pooler_output` holds the L2-normalised `(B, projection_dim)` embeddings,
+        `last_hidden_state` the image-only encoder output."""
+        outputs, pooled = self._image_pass(
+            region_features, region_locations, region_attention_mask, global_image_features, **kwargs
+        )
+        embeds = F.normalize(self.itc_head.image_projection(pooled), dim=-1)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=embeds,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class ImageBertForPreTraining(ImageBertContrastiveFeaturesMixin, ImageBertPreTrainedModel):
     """ImageBERT with the four pre-training heads of §4.3: masked language modelling (MLM, tied to the word
     embeddings), masked object classification (MOC), masked region feature regression (MRFR) and image-text matching
     (ITM). Each head runs only on the positions that carry a label. Conditional masking: the masked losses ignore
@@ -1111,6 +1311,7 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
         self.moc_head = ImageBertPredictionHead(config, config.num_object_classes)
         self.mrfr_head = ImageBertPredictionHead(config, config.visual_feature_dim)
         self.itm_head = nn.Linear(config.hidden_size, 1)
+        self.itc_head = ImageBertContrastiveHead(config)
         self.post_init()
 
     # Fast paths (see `set_fast_paths`).
@@ -1226,6 +1427,8 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
         moc_positions: torch.LongTensor | None = None,
         mrfr_positions: torch.LongTensor | None = None,
         last_layer_positions: torch.Tensor | None = None,
+        itc_text_groups: torch.LongTensor | None = None,
+        itc_image_groups: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ImageBertForPreTrainingOutput:
         r"""
@@ -1244,6 +1447,12 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
         last_layer_positions: as `ImageBertModel.forward`; the collators pass the rows the heads read. Without it,
             the model derives them from the positions above. Ignored when the fast path is off or hidden states
             or attentions are requested.
+        itc_text_groups, itc_image_groups (`(B,)` long): for the image-text contrastive task (on when
+            `config.itc_loss_weight` > 0 and the batch has text and regions): the image group of each row's caption
+            and of each row's image (rows showing or describing the same image share a group; see
+            `image_text_contrastive_loss`). The pre-training collator computes them on the CPU; default: every row
+            its own image. ITC encodes each row's text and image alone, unmasked (the MLM `labels` and
+            `region_feature_targets` restore the masked tokens and regions), and counts matched rows only.
         """
         self._check_labels(
             input_ids,
@@ -1360,6 +1569,18 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
             losses["mrfr"] = _masked_mean(per_region, valid)
         if itm_labels is not None:
             losses["itm"] = F.binary_cross_entropy_with_logits(itm_logits.float(), itm_labels.float())
+        if self.config.itc_loss_weight > 0 and input_ids is not None and region_features is not None:
+            # The unmasked inputs: MLM labels hold the original id at each selected token, the MRFR targets the
+            # original features (no host read: `where` keeps the shapes).
+            text_ids = input_ids if labels is None else torch.where(labels != -100, labels, input_ids)
+            features = region_features if region_feature_targets is None else region_feature_targets
+            text_embeds = self.text_embeddings(text_ids, attention_mask, token_type_ids)
+            image_embeds = self.image_embeddings(
+                features, region_locations, region_attention_mask, global_image_features
+            )
+            losses["itc"] = image_text_contrastive_loss(
+                text_embeds, image_embeds, self.itc_head.scale(), itc_text_groups, itc_image_groups, matched
+            )
 
         loss = None
         if losses:
@@ -1368,8 +1589,11 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
                 "moc": self.config.moc_loss_weight,
                 "mrfr": self.config.mrfr_loss_weight,
                 "itm": self.config.itm_loss_weight,
+                "itc": self.config.itc_loss_weight,
             }
             loss = sum(weights[name] * value for name, value in losses.items())
+            if "itc" not in losses:
+                loss = _keep_in_graph(loss, self.itc_head)
 
         return ImageBertForPreTrainingOutput(
             loss=loss,
@@ -1377,6 +1601,7 @@ class ImageBertForPreTraining(ImageBertPreTrainedModel):
             moc_loss=losses.get("moc"),
             mrfr_loss=losses.get("mrfr"),
             itm_loss=losses.get("itm"),
+            itc_loss=losses.get("itc"),
             itm_logits=itm_logits,
             mlm_logits=mlm_logits,
             moc_logits=moc_logits,
@@ -1447,7 +1672,7 @@ def retrieval_losses(
     return losses
 
 
-class ImageBertForRetrieval(ImageBertPreTrainedModel):
+class ImageBertForRetrieval(ImageBertContrastiveFeaturesMixin, ImageBertPreTrainedModel):
     """ImageBERT with a matching-score head on the pooled [CLS] for image-text retrieval (§4.4). The head is named
     like the pre-training ITM head (`itm_head`), so loading a pre-training checkpoint initialises it from ITM."""
 
@@ -1461,6 +1686,7 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
         super().__init__(config)
         self.imagebert = ImageBertModel(config)
         self.itm_head = nn.Linear(config.hidden_size, 1)
+        self.itc_head = ImageBertContrastiveHead(config)
         self.post_init()
 
     @can_return_tuple
@@ -1475,13 +1701,17 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
         global_image_features: torch.FloatTensor | None = None,
         labels: torch.Tensor | None = None,
         num_candidates: int | None = None,
+        itc_image_groups: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ImageBertForRetrievalOutput:
         r"""
         Inputs as `ImageBertModel.forward`, plus:
         labels (`(B,)`): 1 for matched pairs, 0 for negatives; laid out as contiguous groups of P candidates with one
-            positive each when the configured loss includes `ce` or `triplet`.
+            positive each when the configured loss includes `ce`, `triplet` or `itc`.
         num_candidates (`int`): P; inferred as B / number of positives when omitted.
+        itc_image_groups (`(B / P,)` long): for the `itc` loss, the image group of each group's positive pair
+            (rows 0, P, 2P, ...): positives showing the same image are not each other's negatives. Default: all
+            distinct. The retrieval collator computes them.
         """
         last_layer_positions = None
         if self.sparse_last_layer and not _outputs_requested(self.config, kwargs):
@@ -1519,16 +1749,72 @@ class ImageBertForRetrieval(ImageBertPreTrainedModel):
                 num_candidates,
                 check_groups=num_candidates is None or self.config.check_inputs,
             )
+            if "itc" in weights:
+                terms["itc"] = self._positives_itc_loss(
+                    input_ids,
+                    attention_mask,
+                    token_type_ids,
+                    region_features,
+                    region_locations,
+                    region_attention_mask,
+                    global_image_features,
+                    labels,
+                    num_candidates,
+                    itc_image_groups,
+                )
             loss = sum(weights[name] * value for name, value in terms.items())
+            if "itc" not in terms:
+                loss = _keep_in_graph(loss, self.itc_head)
         return ImageBertForRetrievalOutput(
             loss=loss,
             logits=logits,
             binary_loss=terms.get("binary"),
             ce_loss=terms.get("ce"),
             triplet_loss=terms.get("triplet"),
+            itc_loss=terms.get("itc"),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _positives_itc_loss(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        region_features,
+        region_locations,
+        region_attention_mask,
+        global_image_features,
+        labels,
+        num_candidates,
+        itc_image_groups,
+    ) -> torch.Tensor:
+        """ITC over the positive pairs of the candidate groups (rows 0, P, 2P, ...), each encoded unimodally."""
+        if input_ids is None or region_features is None:
+            raise ValueError("the itc retrieval loss needs both input_ids and region_features")
+        if num_candidates is None:
+            positives = int((labels == 1).sum())  # a host read; the retrieval collators pass P
+            num_candidates = labels.shape[0] // positives if positives else 0
+        group = int(num_candidates)
+        if not group or labels.shape[0] % group:
+            raise ValueError(
+                f"the itc retrieval loss needs contiguous groups of P candidates, the positive first; got "
+                f"{labels.shape[0]} rows with num_candidates={num_candidates}"
+            )
+
+        def first_rows(tensor):
+            return None if tensor is None else tensor[::group]  # (G, ...) each group's positive
+
+        text_embeds = self.text_embeddings(
+            first_rows(input_ids), first_rows(attention_mask), first_rows(token_type_ids)
+        )
+        image_embeds = self.image_embeddings(
+            first_rows(region_features),
+            first_rows(region_locations),
+            first_rows(region_attention_mask),
+            first_rows(global_image_features),
+        )
+        return image_text_contrastive_loss(text_embeds, image_embeds, self.itc_head.scale(), itc_image_groups)
 
     def score(self, **inputs) -> torch.Tensor:
         """Matching score of each (text, image) pair, `(B,)`. Takes the model inputs only."""
@@ -1544,6 +1830,7 @@ ImageBertForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 ImageBertForRetrieval.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "ImageBertContrastiveHead",
     "ImageBertForPreTraining",
     "ImageBertForRetrieval",
     "ImageBertModel",

@@ -452,7 +452,9 @@ def test_text_embedding_is_bert_embedding(tester):
 
 
 def test_every_parameter_gets_a_gradient_from_the_full_loss(tester):
-    model = ImageBertForPreTraining(tester.config(use_global_image_feature=True, global_image_feature_dim=8))
+    # ITC on, so that the contrastive head (unused when it is off, the paper's default) is reached too.
+    config = tester.config(use_global_image_feature=True, global_image_feature_dim=8, itc_loss_weight=1.0)
+    model = ImageBertForPreTraining(config)
     model.train()
     inputs = tester.inputs()
     inputs["global_image_features"] = torch.randn(tester.batch_size, 8)
@@ -460,7 +462,7 @@ def test_every_parameter_gets_a_gradient_from_the_full_loss(tester):
     out.loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing, f"parameters without gradient: {missing}"
-    assert all(getattr(out, f"{t}_loss") is not None for t in ("mlm", "moc", "mrfr", "itm"))
+    assert all(getattr(out, f"{t}_loss") is not None for t in ("mlm", "moc", "mrfr", "itm", "itc"))
 
 
 def test_total_loss_is_the_weighted_sum_of_task_losses(tester):

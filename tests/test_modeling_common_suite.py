@@ -315,6 +315,22 @@ class ImageBertModelTest(ModelTesterMixin, unittest.TestCase):
     # new, and its `_init_weights` must cover every weight.
     test_can_init_all_missing_weights_before_2023 = True
 
+    # The mixin reads the batch size of image features from pixel inputs; ours are regions (the shapes are checked in
+    # tests/test_two_stage.py).
+    skip_test_image_features_output_shape = True
+
+    def _text_features_prepare_config_and_inputs(self):
+        # The mixin reads `config.text_config.hidden_size` (composite configs); ours is one config for both.
+        config, inputs = super()._text_features_prepare_config_and_inputs()
+        config.text_config = types.SimpleNamespace(hidden_size=config.hidden_size)
+        return config, inputs
+
+    def _image_features_prepare_config_and_inputs(self):
+        # The mixin picks image inputs by name ("pixel" / "image" in the key); ours are regions.
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        names = ("region_features", "region_locations", "region_attention_mask", "global_image_features")
+        return config, {key: value for key, value in inputs.items() if key in names}
+
     def setUp(self):
         self.model_tester = ImageBertModelTester(self)
         # The mixin tells base models from heads by transformers' auto mapping, where a model inside transformers is

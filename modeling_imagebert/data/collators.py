@@ -121,7 +121,25 @@ def _pair(text_example: Mapping[str, Any], image_example: Mapping[str, Any]) -> 
     for key in _TEXT_KEYS:
         pair[key] = text_example[key]
     pair["image_id"] = image_example.get("image_id")
+    pair["caption_image_id"] = text_example.get("image_id")
     return pair
+
+
+def contrastive_groups(*image_id_lists: Sequence[str]) -> list[torch.Tensor]:
+    """Group ids for the image-text contrastive loss: equal image ids get equal ids, in one id space across all the
+    lists (e.g. the image each row's caption describes, and the image each row shows).
+
+    Args:
+        image_id_lists: sequences of image ids, one per role.
+
+    Returns:
+        One LongTensor `(len(list),)` per list.
+    """
+    ids: dict[str, int] = {}
+    return [
+        torch.tensor([ids.setdefault(str(i), len(ids)) for i in image_ids], dtype=torch.long)
+        for image_ids in image_id_lists
+    ]
 
 
 class _SeededCollator:
@@ -292,8 +310,10 @@ class DataCollatorForImageBertPretraining(_SeededCollator):
     region_locations [B, R, 5], region_attention_mask [B, R]; labels [B, T] (original ids at masked tokens, else
     -100); masked_regions [B, R] bool; region_class_labels [B, R] (detector class at masked regions, else -100);
     region_feature_targets [B, R, F] (unmasked features); itm_labels [B] (1 matched, 0 negative); the heads'
-    positions (`add_labelled_positions`: mlm_positions, moc_positions, mrfr_positions, last_layer_positions); and
-    global_image_features [B, G] when the examples have a global feature. Negatives carry no masks.
+    positions (`add_labelled_positions`: mlm_positions, moc_positions, mrfr_positions, last_layer_positions);
+    itc_text_groups, itc_image_groups [B] (the image each row's caption describes and the image it shows, as
+    group ids: for the optional contrastive task); and global_image_features [B, G] when the examples have a global
+    feature. Negatives carry no masks.
 
     `stats` counts, in this process, examples, negatives, negative_captions, negative_images and no_partner
     (DataLoader workers each count on their own copy).
@@ -389,6 +409,10 @@ class DataCollatorForImageBertPretraining(_SeededCollator):
             raise ValueError("DataCollatorForImageBertPretraining: got an empty batch")
         indices = _example_indices(examples)
         pairs, itm_labels = self._make_pairs(examples, indices)
+        text_groups, image_groups = contrastive_groups(
+            [pair.get("caption_image_id", pair.get("image_id")) for pair in pairs],
+            [pair.get("image_id") for pair in pairs],
+        )
         batch = self.processor.pad(
             pairs,
             feature_dtype=self.feature_dtype,
@@ -438,6 +462,7 @@ class DataCollatorForImageBertPretraining(_SeededCollator):
             masked_regions, classes, torch.full_like(classes, IGNORE_INDEX)
         )
         batch["itm_labels"] = torch.from_numpy(itm_labels)
+        batch["itc_text_groups"], batch["itc_image_groups"] = text_groups, image_groups
         return add_labelled_positions(batch)
 
 
@@ -458,8 +483,8 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
 
     Output (dict of tensors): the padded model inputs of B*P rows (input_ids, attention_mask, token_type_ids,
     region_features, region_locations, region_attention_mask, and global_image_features when present), laid out
-    as B contiguous groups of P rows, labels [B*P] float (1.0 for each group's first row, 0.0 otherwise) and
-    num_candidates (the int P).
+    as B contiguous groups of P rows, labels [B*P] float (1.0 for each group's first row, 0.0 otherwise),
+    num_candidates (the int P) and itc_image_groups [B] (group ids of the examples' images, for the `itc` loss).
     """
 
     DIRECTIONS = ("both", "text", "image")
@@ -527,6 +552,7 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
         batch["labels"] = labels
         # P, so the ce/triplet losses need not count positives on the device (a host synchronisation).
         batch["num_candidates"] = count
+        (batch["itc_image_groups"],) = contrastive_groups(image_ids)
         return batch
 
 
