@@ -207,13 +207,21 @@ class MiniWebServer:
         return self.base_url + path
 
 
+_NOISE: dict[int, np.ndarray] = {}
+
+
 def _photo(rng: np.random.Generator, width: int, height: int) -> bytes:
-    """A photo-like JPEG: smooth colour gradients, shapes and sensor-like noise (many colours, real edges)."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = rng.uniform(0, 255, size=3)
-    slope = rng.uniform(-0.4, 0.4, size=(3, 2))
-    channels = [base[c] + slope[c, 0] * x + slope[c, 1] * y for c in range(3)]
-    array = np.stack(channels, axis=-1) + rng.normal(0, 18, size=(height, width, 3))
+    """A photo-like JPEG: smooth colour gradients, shapes and sensor-like noise (many colours, real edges).
+    The noise is cut at a random offset from one shared field, which keeps the fixture fast to build."""
+    if 0 not in _NOISE:
+        _NOISE[0] = np.random.default_rng(12345).normal(0, 18, size=(800, 1000, 3)).astype(np.float32)
+    noise = _NOISE[0]
+    oy, ox = int(rng.integers(0, noise.shape[0] - height)), int(rng.integers(0, noise.shape[1] - width))
+    y = np.arange(height, dtype=np.float32)[:, None, None]
+    x = np.arange(width, dtype=np.float32)[None, :, None]
+    base = rng.uniform(0, 255, size=3).astype(np.float32)
+    slope = rng.uniform(-0.4, 0.4, size=(2, 3)).astype(np.float32)
+    array = base + slope[0] * x + slope[1] * y + noise[oy : oy + height, ox : ox + width]
     image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(6):
@@ -310,14 +318,14 @@ def build_mini_web(
     # Ad banners are photo-like JPEGs (a real ad often is): only their DOM position and class give them away.
     banners = [server.add(f"/img/banner{i}.jpg", _photo(rng, 728, 90), "image/jpeg") for i in range(3)]
     # A large sidebar teaser photo (bigger than 300 px): stage 2 alone would not reject it, stage 1 must.
-    teasers = [server.add(f"/img/teaser{i}.jpg", _photo(rng, 400, 320), "image/jpeg") for i in range(5)]
+    teasers = [server.add(f"/img/teaser{i}.jpg", _photo(rng, 360, 320), "image/jpeg") for i in range(5)]
 
     pages: list[GroundTruthPage] = []
     documents: list[tuple[str, bytes, str]] = []  # (url, body, content type) in crawl order
     photo_bytes: list[tuple[str, bytes]] = []
 
     def new_photo(
-        name: str, width: int = 640, height: int = 480, host: str | None = None
+        name: str, width: int = 400, height: int = 320, host: str | None = None
     ) -> tuple[str, bytes, str]:
         data = _photo(rng, width, height)
         url = server.add(f"/img/{name}.jpg", data, "image/jpeg") if host is None else f"{host}/img/{name}.jpg"

@@ -106,7 +106,7 @@ def write_shards(
 ) -> list[str]:
     """Writes `(pair, jpeg bytes)` samples as webdataset shards `folder/shards/{n:05d}.tar` in img2dataset's
     layout: `{key}.jpg`, `{key}.txt` (the caption) and `{key}.json` (url, caption, key, status, width, height,
-    provenance and scores). The shards folder is built beside and renamed into place. Output: shard names."""
+    provenance and scores), with `key = pair["image_key"]`. The shards folder is built beside and renamed into place. Output: shard names."""
     final = Path(folder) / "shards"
     temp = Path(tempfile.mkdtemp(prefix=".shards.", dir=folder))
     names: list[str] = []
@@ -118,7 +118,9 @@ def write_shards(
                     tar.close()
                 names.append(f"{len(names):05d}.tar")
                 tar = tarfile.open(temp / names[-1], "w")
-            key = f"{len(names) - 1:05d}{i % shard_size:04d}" if shard_size <= 10000 else f"{i:09d}"
+            # The key is the image's content hash prefix: stable across engines and runs, unique after
+            # aggregation (one pair per image).
+            key = pair["image_key"]
             meta = {
                 "key": key,
                 "url": pair["image_url"],
