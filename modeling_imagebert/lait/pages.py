@@ -209,6 +209,32 @@ def site_of(url: str) -> str:
     return host[4:] if host.startswith("www.") else host
 
 
+def _fast_site(url: str) -> str:
+    """`site_of` for an absolute http(s) URL by string slicing (urlsplit is the slowest call per image)."""
+    start = url.find("://") + 3
+    end = len(url)
+    for mark in "/?#":
+        found = url.find(mark, start)
+        if 0 <= found < end:
+            end = found
+    host = url[start:end]
+    if "@" in host or ":" in host or "[" in host:
+        return site_of(url)
+    host = host.lower()
+    return host[4:] if host.startswith("www.") else host
+
+
+def _absolute(base: str, origin: str, raw: str) -> str:
+    """`urljoin(base, raw)` with shortcuts for the common absolute, protocol-relative and root-relative forms."""
+    if raw.startswith(("http://", "https://")) and " " not in raw and "/." not in raw:
+        return raw
+    if raw.startswith("//"):
+        return urljoin(base, raw)
+    if raw.startswith("/") and "/." not in raw and " " not in raw:
+        return origin + raw
+    return urljoin(base, raw)
+
+
 def _px(value: str | None) -> int:
     if not value:
         return 0
@@ -254,8 +280,21 @@ def _image_source(attributes: Mapping[str, str | None]) -> tuple[str, bool, int]
     return src, False, srcset_width
 
 
-def _extension_feature(url: str) -> str:
-    path = urlsplit(url).path.lower()
+def _url_path(url: str) -> str:
+    """The path of an absolute URL (no query or fragment), by string slicing."""
+    start = url.find("/", url.find("://") + 3)
+    if start < 0:
+        return ""
+    end = len(url)
+    for mark in "?#":
+        found = url.find(mark, start)
+        if 0 <= found < end:
+            end = found
+    return url[start:end]
+
+
+def _extension_feature(path: str) -> str:
+    path = path.lower()
     dot = path.rfind(".")
     if dot < 0 or "/" in path[dot:]:
         return "ext_other"
@@ -333,7 +372,8 @@ def _image_features(
     features, figure, link, near_words = _ancestor_features(node, settings)
     side = max(width, height, srcset_width)
     alt = attributes.get("alt") or ""
-    own_words = _words(attributes.get("class"), attributes.get("id"), alt, urlsplit(url).path)
+    path = _url_path(url)
+    own_words = _words(attributes.get("class"), attributes.get("id"), alt, path)
     words = set(own_words)
     words.update(near_words)
     features.update(
@@ -354,13 +394,13 @@ def _image_features(
             "alt_words": float(len(alt.split())),
             "has_title": 1.0 if (attributes.get("title") or "").strip() else 0.0,
             "has_figcaption": 0.0,
-            "same_host": 1.0 if site_of(url) == page_site else 0.0,
+            "same_host": 1.0 if _fast_site(url) == page_site else 0.0,
             "lazy": 1.0 if lazy else 0.0,
         }
     )
     for name in ("ext_jpg", "ext_png", "ext_gif", "ext_webp", "ext_svg", "ext_ico", "ext_other"):
         features[name] = 0.0
-    features[_extension_feature(url)] = 1.0
+    features[_extension_feature(path)] = 1.0
     if figure is not None and figure.css_first("figcaption") is not None:
         features["has_figcaption"] = 1.0
     return features, figure, link
@@ -368,7 +408,12 @@ def _image_features(
 
 def score_features(features: Mapping[str, float], settings: PagesSettings) -> float:
     """The rule score: `bias + sum(weights[f] * features[f])` over the weighted features."""
-    return settings.bias + sum(weight * features.get(name, 0.0) for name, weight in settings.weights.items())
+    score = settings.bias
+    for name, weight in settings.weights.items():
+        value = features.get(name)
+        if value:
+            score += weight * value
+    return score
 
 
 def _language(tree: LexborHTMLParser, settings: PagesSettings) -> tuple[str, float, int]:
@@ -390,6 +435,17 @@ def _text_block(node: LexborNode) -> str:
     return " ".join(node.text(separator=" ", strip=True).split())
 
 
+def _cut(text: str, max_chars: int) -> str:
+    """`text` cut to at most `max_chars`: after the last sentence end that fits, else at a word boundary."""
+    if len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    end = max(head.rfind(". "), head.rfind("! "), head.rfind("? "))
+    if end >= max_chars // 4:
+        return head[: end + 1]
+    return head.rsplit(" ", 1)[0]
+
+
 def _sibling(node: LexborNode, forward: bool) -> LexborNode | None:
     """The next (or previous) sibling that is an element or a non-blank text node."""
     sibling = node.next if forward else node.prev
@@ -406,7 +462,8 @@ def nearest_text_block(node: LexborNode, settings: PagesSettings, exclude: str =
     """The text block nearest to `node`: going up from the image (at most `nearby_max_levels` ancestors), the
     first next-or-previous sibling whose text has at least `nearby_min_words` words; "" when there is none.
 
-    Text longer than `nearby_max_chars` is cut at a word boundary (a whole article is not one description);
+    Text longer than `nearby_max_chars` is cut after its last whole sentence that fits, else at a word boundary
+    (a whole article is not one description);
     `exclude` (e.g. the figcaption already taken) is removed from the block.
     """
     current = node
@@ -419,9 +476,7 @@ def nearest_text_block(node: LexborNode, settings: PagesSettings, exclude: str =
             if exclude and exclude in text:
                 text = " ".join(text.replace(exclude, " ").split())
             if len(text.split()) >= settings.nearby_min_words:
-                if len(text) > settings.nearby_max_chars:
-                    text = text[: settings.nearby_max_chars].rsplit(" ", 1)[0]
-                return text
+                return _cut(text, settings.nearby_max_chars)
         current = current.parent
         if current is None or current.tag in ("body", "html", "#document"):
             break
@@ -482,12 +537,14 @@ def stage1_pages(
     if base_node is not None:
         base = urljoin(base, (base_node.attributes.get("href") or "").strip())
     page_site = site_of(page.page_url)
+    parts = urlsplit(base)
+    origin = f"{parts.scheme}://{parts.netloc}"
     images: list[_Image] = []
     for node in nodes[: settings.max_images_per_page]:
         raw, lazy, srcset_width = _image_source(node.attributes)
         if not raw or raw.startswith(("data:", "javascript:", "about:", "#")):
             continue
-        url = urljoin(base, raw)
+        url = _absolute(base, origin, raw)
         if not url.startswith(("http://", "https://")):
             continue
         features, figure, link = _image_features(node, url, lazy, srcset_width, page_site, settings)
