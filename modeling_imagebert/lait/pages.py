@@ -32,6 +32,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -187,7 +188,8 @@ def _settings_from_json(text: str) -> PagesSettings:
             raise ValueError(f"config pages.{key}: expected a positive number, got {values[key]!r}")
     for key in ("languages", "negative_words", "positive_words", "boilerplate_words"):
         values[key] = frozenset(str(word).lower() for word in values[key])
-    values["weights"] = {k: float(v) for k, v in values["weights"].items()}
+    # Read-only: one cached settings object is shared by every call with the same section.
+    values["weights"] = MappingProxyType({k: float(v) for k, v in values["weights"].items()})
     return PagesSettings(**values)
 
 

@@ -14,7 +14,7 @@ every filter, in this order (the first failing one is the drop reason, stage "te
 4. `high_oov_ratio`: the share of words that are not whole entries of the BERT WordPiece vocabulary is above
    `max_oov_ratio`. Words are BERT's basic tokens (`basic_words`: lower case, accents stripped, split on
    punctuation, as BERT's BasicTokenizer); punctuation tokens do not count, numbers count as known;
-5. `duplicate_text`: the same cleaned text (case-insensitive) as an earlier source of the same image (sources in
+5. `duplicate_text`: the same words (case and punctuation aside) as an earlier source of the same image (sources in
    `sources` order; the kept one records `n_sources`).
 
 An image left without any text candidate is dropped as `no_text_candidates`. Each kept `TextCandidate` gets
@@ -355,7 +355,8 @@ def clean_candidates(
         if reason is not None:
             drops.drop(STAGE, reason)
             continue
-        key = text.lower()
+        # Same words (case and punctuation aside) = the same description.
+        key = " ".join(basic_words(text))
         if key in seen:
             seen[key].features["n_sources"] += 1.0
             drops.drop(STAGE, "duplicate_text")

@@ -159,11 +159,13 @@ def iter_responses(
     name = warc_name if warc_name is not None else path
     gz = _is_gzip(path)
     offset = start_offset
+    resynced = False
     while offset is not None:
         resume_at = None
         pending: WarcResponse | None = None
         pending_broken = False
         last_offset = offset
+        records_read = 0
         with open(path, "rb") as handle:
             handle.seek(offset)
             records = ArchiveIterator(handle, record_types=WarcRecordType.response, parse_http=True)
@@ -175,6 +177,7 @@ def iter_responses(
                         drops.drop(STAGE, "broken_http_headers")
                     pending, pending_broken = None, False
                     last_offset = record.stream_pos
+                    records_read += 1
                     response, broken = _read_record(record, name, max_bytes, drops)
                     if broken:
                         pending_broken = True
@@ -185,7 +188,9 @@ def iter_responses(
                 if pending is not None:
                     yield pending
                 pending, pending_broken = None, False
-                drops.drop(STAGE, "truncated_archive")
+                if not (resynced and records_read <= 1):
+                    # After a resync the first member is the corrupt one found before: counted once already.
+                    drops.drop(STAGE, "truncated_archive")
                 resume_at = _next_member(path, last_offset) if gz else _next_plain_record(path, last_offset)
         if pending is not None or pending_broken:
             # The last record of a file: an incomplete one means the file was cut, not that the page was broken.
@@ -195,7 +200,7 @@ def iter_responses(
                 drops.drop(STAGE, "broken_http_headers")
             else:
                 drops.drop(STAGE, "truncated_archive")
-        offset = resume_at
+        offset, resynced = resume_at, resume_at is not None
 
 
 def _read_record(record, name: str, max_bytes: int, drops: DropCounter) -> tuple[WarcResponse | None, bool]:
