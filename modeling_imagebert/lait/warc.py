@@ -10,7 +10,7 @@ that does not become a `PageRecord` is counted in a `DropCounter` under stage "w
   `max_page_bytes`, its body is never read into memory), `empty_body`, `undecodable`.
 
 Body decoding: the charset declared in the HTTP Content-Type, else in a `<meta charset>` within the first 2 KB,
-is tried strictly; when it fails (or names an unknown codec) the page counts as `charset_misdeclared` (an event,
+is tried strictly (labels read as browsers do, WHATWG: "iso-8859-1" is windows-1252); when it fails (or names an unknown codec) the page counts as `charset_misdeclared` (an event,
 not a drop) and the charset is detected with uchardet (`resiliparse.parse.encoding.detect_encoding`). A page
 declared Latin-1 / Windows-1252 whose non-ASCII bytes are valid UTF-8 is read as UTF-8 (the most common
 mis-declaration on the web; a Latin-1 decoder never fails, so it would otherwise pass as mojibake). A body that
@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fastwarc.warc import ArchiveIterator, WarcRecordType
-from resiliparse.parse.encoding import detect_encoding
+from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 
 from .records import DropCounter, PageRecord
 
@@ -232,11 +232,17 @@ def _read_record(record, name: str, max_bytes: int, drops: DropCounter) -> tuple
 
 
 def _codec(label: str | None) -> str | None:
-    """Python codec name for a charset label, or None when unknown."""
+    """Python codec name for a charset label as browsers read it (WHATWG: "iso-8859-1" means windows-1252),
+    or None when the label names no known encoding."""
     if not label:
         return None
+    label = label.strip().strip("\"'")
     try:
-        return codecs.lookup(label.strip().strip("\"'")).name
+        codecs.lookup(label)
+    except LookupError:
+        return None
+    try:
+        return codecs.lookup(map_encoding_to_html5(label)).name
     except LookupError:
         return None
 
