@@ -534,7 +534,11 @@ def spark_session(master: str | None = None, app_name: str = "lait"):
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    builder = SparkSession.builder.appName(app_name).config("spark.ui.enabled", "false")
+    builder = (
+        SparkSession.builder.appName(app_name)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+    )
     if master:
         builder = builder.master(master)
     elif "spark.master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
@@ -562,6 +566,9 @@ def run_spark(
     spark = spark or spark_session(engine["spark_master"])
     sc = spark.sparkContext
     partitions = int(engine["spark_partitions"] or len(files))
+    # The group-bys of step 3 shuffle into spark.sql.shuffle.partitions (200 by default): far too many tasks for
+    # a few files; match the input parallelism instead.
+    spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
 
     step1 = sc.parallelize(files, min(partitions, len(files))).mapPartitions(_spark_step1(config)).cache()
     counts = DropCounter()
