@@ -26,6 +26,9 @@ _EXPORTS = {
     "stage1_pages": "pages",
     "apply_site_repetition": "pages",
     "stage3_text": "text",
+    "load_config": "config",
+    "run_local": "engines",
+    "run_spark": "engines",
 }
 
 

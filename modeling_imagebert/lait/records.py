@@ -47,6 +47,7 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
         "page_too_large",  # body over `pages.max_page_bytes`
         "empty_body",
         "undecodable",  # no declared or detected charset decodes the body without loss
+        "unreadable_file",  # the engines: a WARC file that cannot be opened at all
     ),
     "pages": (
         "not_english",
@@ -73,7 +74,7 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
 
 # Counted events that are not drops (the record goes on), e.g. a charset that was declared wrongly.
 EVENTS: dict[str, tuple[str, ...]] = {
-    "warc": ("charset_misdeclared", "charset_undeclared", "charset_detected", "skipped_non_response"),
+    "warc": ("charset_misdeclared", "charset_detected"),
 }
 
 _REASON_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
