@@ -140,6 +140,20 @@ def test_second_photo_close_in_score_is_kept_and_a_weaker_one_is_not():
     assert candidates[0].dominance_score == candidates[1].dominance_score
 
 
+def test_unparsable_image_and_page_urls_are_counted_not_fatal():
+    html = _page(
+        f"<p>{ENGLISH}</p><figure><img src='http://[::1/a.jpg' width='800' height='600'></figure>"
+        "<figure><img src='/b.jpg' width='800' height='600'></figure>"
+    )
+    drops = DropCounter()
+    assert [c.image_url for c in stage1_pages(_record(html), None, drops)] == [
+        "https://www.example.com/b.jpg"
+    ]
+    assert drops.events["pages"] == {"invalid_image_url": 1}
+    assert stage1_pages(_record(html, "http://[broken/page"), None, drops) == []
+    assert drops.dropped["pages"] == {"invalid_page_url": 1}
+
+
 def test_weights_in_config_change_the_choice():
     config = json.loads(json.dumps(_pages_config()))
     config["weights"]["negative_word_hits"] = 0.0

@@ -538,18 +538,26 @@ def stage1_pages(
     base_node = tree.css_first("base[href]")
     if base_node is not None:
         base = urljoin(base, (base_node.attributes.get("href") or "").strip())
-    page_site = site_of(page.page_url)
-    parts = urlsplit(base)
+    try:
+        page_site = site_of(page.page_url)
+        parts = urlsplit(base)
+    except ValueError:  # urllib refuses e.g. a broken IPv6 host
+        drops.drop(STAGE, "invalid_page_url")
+        return []
     origin = f"{parts.scheme}://{parts.netloc}"
     images: list[_Image] = []
     for node in nodes[: settings.max_images_per_page]:
         raw, lazy, srcset_width = _image_source(node.attributes)
         if not raw or raw.startswith(("data:", "javascript:", "about:", "#")):
             continue
-        url = _absolute(base, origin, raw)
-        if not url.startswith(("http://", "https://")):
+        try:
+            url = _absolute(base, origin, raw)
+            if not url.startswith(("http://", "https://")):
+                continue
+            features, figure, link = _image_features(node, url, lazy, srcset_width, page_site, settings)
+        except ValueError:  # an unparsable image URL is not a candidate
+            drops.event(STAGE, "invalid_image_url")
             continue
-        features, figure, link = _image_features(node, url, lazy, srcset_width, page_site, settings)
         images.append(_Image(node=node, url=url, features=features, figure=figure, link=link))
     if not images:
         drops.drop(STAGE, "no_images")
@@ -581,7 +589,8 @@ def stage1_pages(
         for image in ranked
         if image.score >= settings.min_score and image.score >= top - settings.keep_margin
     ][: settings.max_dominant]
-    drops.drop(STAGE, "not_dominant", len(ranked) - len(kept))
+    if len(ranked) > len(kept):
+        drops.drop(STAGE, "not_dominant", len(ranked) - len(kept))
     drops.keep(STAGE, len(kept))
     return [
         ImageCandidate(

@@ -56,6 +56,7 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
         "no_dominant_image",  # images exist, none scores above `pages.min_score`
         "not_dominant",  # one image that lost to the page's dominant image(s) (counted per image)
         "site_repeated_image",  # a candidate whose URL repeats on too many pages of its site
+        "invalid_page_url",  # urllib cannot parse the page's WARC-Target-URI
     ),
     "images": (),  # 13b fills in its reasons' documentation here
     "text": (
@@ -75,6 +76,7 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
 # Counted events that are not drops (the record goes on), e.g. a charset that was declared wrongly.
 EVENTS: dict[str, tuple[str, ...]] = {
     "warc": ("charset_misdeclared", "charset_detected"),
+    "pages": ("invalid_image_url",),  # an <img> whose URL urllib cannot parse: skipped, the page goes on
 }
 
 _REASON_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
