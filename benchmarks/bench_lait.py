@@ -87,7 +87,7 @@ def synthetic_page(rng: random.Random, index: int, english: bool = True) -> tupl
         f"By {rng.choice(words).title()} {rng.choice(words).title()}</div>",
     ]
     n_figures = rng.choice((1, 1, 2))
-    for paragraph in range(36):
+    for paragraph in range(40):
         parts.append(f"<p>{_paragraph(rng, words, rng.randint(3, 6))}</p>")
         if paragraph in (1, 9)[:n_figures]:
             noun, adjective = rng.choice(_PHOTO_NOUNS), rng.choice(_PHOTO_ADJECTIVES)

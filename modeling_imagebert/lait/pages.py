@@ -536,9 +536,9 @@ def stage1_pages(
         return []
     base = page.page_url
     base_node = tree.css_first("base[href]")
-    if base_node is not None:
-        base = urljoin(base, (base_node.attributes.get("href") or "").strip())
     try:
+        if base_node is not None:
+            base = urljoin(base, (base_node.attributes.get("href") or "").strip())
         page_site = site_of(page.page_url)
         parts = urlsplit(base)
     except ValueError:  # urllib refuses e.g. a broken IPv6 host
