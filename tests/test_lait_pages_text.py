@@ -429,6 +429,10 @@ def test_malformed_records_are_counted_by_reason_and_the_stream_continues(tmp_pa
     }
     assert drops.events["warc"]["charset_misdeclared"] == 3
     assert drops.kept["warc"] == 7
+    # The pages go on to stage 1 without error; none of them has an image.
+    stage1_drops = DropCounter()
+    assert [c for page in pages.values() for c in stage1_pages(page, None, stage1_drops)] == []
+    assert stage1_drops.dropped["pages"] == {"no_images": 7}
     # Offsets are record boundaries: reading again from one starts at that page.
     again = list(iter_pages(path, DropCounter(), start_offset=pages["last"].warc_offset))
     assert [p.page_url for p in again] == ["https://example.com/last"]
