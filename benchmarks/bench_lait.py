@@ -8,21 +8,28 @@ and a footer), about 25 `<img>` per page, 10% non-English pages and 5% non-HTML 
 record as Common Crawl writes them.
 
     PYTHONPATH=$PWD python benchmarks/bench_lait.py                  # 2000 pages, stages 1+3, then Spark
-    PYTHONPATH=$PWD python benchmarks/bench_lait.py --pages 500 --no-spark
+    PYTHONPATH=$PWD python benchmarks/bench_lait.py --pages 500 --no-spark --no-record   # quick, no Spark
 
-Prints a markdown table: pages/s for WARC reading alone, for stages 1+3 in one process (per core), and for the
-Spark speed-up (when `modeling_imagebert.lait` has its engines and pyspark is installed).
+Prints a markdown table: pages/s for WARC reading alone, for stages 1+3 in one process (wall clock, and per core
+from the process's CPU time, which stays meaningful when other programs share the cores), and the Spark
+`local[2]` speed-up over one local process on the same files (wall clock: it needs two idle cores); appends the
+rows to `benchmarks/RESULTS.md` unless `--no-record`.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import io
 import os
+import platform
 import random
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
 
 _WORDS = (
     "the a of and to in is was for on that with as by at from his her their it this which an are were be has had "
@@ -212,6 +219,7 @@ def main() -> None:
     )
     parser.add_argument("--no-spark", action="store_true", help="skip the Spark local[2] comparison")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of stages 1 + 3")
+    parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
     from modeling_imagebert.lait.config import load_config
@@ -226,9 +234,8 @@ def main() -> None:
             paths.append(path)
             total_bytes += counts["html_bytes"]
         n_html = per_file * args.files
-        print(
-            f"input: {n_html} HTML pages in {args.files} WARC.gz files, mean page {total_bytes / n_html / 1024:.1f} KB"
-        )
+        mean_kb = total_bytes / n_html / 1024
+        print(f"input: {n_html} HTML pages in {args.files} WARC.gz files, mean page {mean_kb:.1f} KB")
         run_stages_1_and_3(paths[:1], config)  # warm-up: vocab, word lists, language profiles
         n_read, read_s, read_cpu = _timed(read_only, paths)
         rows.append(("WARC read + decode only (1 process)", n_read, read_s, read_cpu))
@@ -247,12 +254,58 @@ def main() -> None:
         if not args.no_spark:
             rows.extend(_spark_rows(paths, config, n_pages))
     print()
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    load = os.getloadavg()[0]
+    print(f"load average at the end: {load:.1f} on {os.cpu_count()} cores")
     print("| measurement | pages | wall s | CPU s | pages/s (wall) | pages/s per core (CPU) |")
     print("|---|---|---|---|---|---|")
     for name, pages, seconds, cpu in rows:
         per_core = f"{pages / cpu:.0f}" if cpu else "n/a"
         print(f"| {name} | {pages} | {seconds:.2f} | {cpu:.2f} | {pages / seconds:.0f} | {per_core} |")
+    if not args.no_record:
+        append_results(rows, mean_kb, load)
+        print(f"appended {len(rows)} rows to {RESULTS}")
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def append_results(rows: list[tuple], mean_kb: float, load: float) -> None:
+    """Appends one row per measurement under this script's section of benchmarks/RESULTS.md."""
+    marker = "## LAIT stages 1+3 (`bench_lait.py`)"
+    header = (
+        "| date | commit | machine | load avg | page KB | measurement | pages | wall s | pages/s (wall) | "
+        "pages/s per core (CPU) |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    with RESULTS.open("a") as f:
+        if marker not in text:
+            f.write(f"\n{marker}\n\n{header}")
+        for name, pages, seconds, cpu in rows:
+            per_core = f"{pages / cpu:.0f}" if cpu else "n/a"
+            f.write(
+                f"| {date} | {_git_commit()} | {_machine()} | {load:.1f} | {mean_kb:.1f} | {name} | {pages} | "
+                f"{seconds:.2f} | {pages / seconds:.0f} | {per_core} |\n"
+            )
 
 
 def _stages_1_and_3_task(config: dict):
