@@ -212,10 +212,10 @@ def _timed(function, *args):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--pages", type=int, default=2000, help="synthetic pages in the WARC.gz (default 2000)"
+        "--pages", type=int, default=4000, help="synthetic pages in the WARC.gz files (default 4000)"
     )
     parser.add_argument(
-        "--files", type=int, default=4, help="WARC files the pages are split into (default 4)"
+        "--files", type=int, default=8, help="WARC files the pages are split into (default 8)"
     )
     parser.add_argument("--no-spark", action="store_true", help="skip the Spark local[2] comparison")
     parser.add_argument("--repeats", type=int, default=3, help="Spark comparison: best of N runs per side")
