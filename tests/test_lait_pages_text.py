@@ -205,6 +205,13 @@ def test_stage_outputs_are_json_records():
     assert ImageCandidate.from_dict(data) == cleaned
 
 
+def test_settings_pickle_for_spark_executors_and_pool_workers():
+    import pickle
+
+    for settings in (pages_settings(None), text_settings(None)):
+        assert pickle.loads(pickle.dumps(settings)) == settings
+
+
 def _pages_config() -> dict:
     from modeling_imagebert.lait.config import default_config
 

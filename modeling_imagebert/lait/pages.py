@@ -32,7 +32,6 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from types import MappingProxyType
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -117,7 +116,7 @@ class PagesSettings:
     negative_words: frozenset[str]
     positive_words: frozenset[str]
     boilerplate_words: frozenset[str]
-    weights: Mapping[str, float]
+    weights: tuple[tuple[str, float], ...]  # (feature, weight) pairs: hashable and picklable
     bias: float
     min_score: float
     keep_margin: float
@@ -188,8 +187,8 @@ def _settings_from_json(text: str) -> PagesSettings:
             raise ValueError(f"config pages.{key}: expected a positive number, got {values[key]!r}")
     for key in ("languages", "negative_words", "positive_words", "boilerplate_words"):
         values[key] = frozenset(str(word).lower() for word in values[key])
-    # Read-only: one cached settings object is shared by every call with the same section.
-    values["weights"] = MappingProxyType({k: float(v) for k, v in values["weights"].items()})
+    # Immutable: one cached settings object is shared by every call with the same section.
+    values["weights"] = tuple(sorted((k, float(v)) for k, v in values["weights"].items()))
     return PagesSettings(**values)
 
 
@@ -411,7 +410,7 @@ def _image_features(
 def score_features(features: Mapping[str, float], settings: PagesSettings) -> float:
     """The rule score: `bias + sum(weights[f] * features[f])` over the weighted features."""
     score = settings.bias
-    for name, weight in settings.weights.items():
+    for name, weight in settings.weights:
         value = features.get(name)
         if value:
             score += weight * value
@@ -625,7 +624,7 @@ def apply_site_repetition(
     for candidate in candidates:
         pages_per_url.setdefault(candidate.image_url, set()).add(candidate.page_url)
     kept = []
-    weight = settings.weights.get("site_repeat_log2", 0.0)
+    weight = dict(settings.weights).get("site_repeat_log2", 0.0)
     for candidate in candidates:
         repeat = len(pages_per_url[candidate.image_url])
         log_repeat = math.log2(repeat)
