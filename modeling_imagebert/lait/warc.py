@@ -187,6 +187,8 @@ def iter_responses(
                 # A corrupt gzip member mid-file: the record being read is lost, the next member may be fine.
                 if pending is not None:
                     yield pending
+                elif pending_broken:
+                    drops.drop(STAGE, "broken_http_headers")
                 pending, pending_broken = None, False
                 if not (resynced and records_read <= 1):
                     # After a resync the first member is the corrupt one found before: counted once already.
