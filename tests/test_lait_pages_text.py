@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -471,8 +470,18 @@ def test_counters_merge_across_partitions():
 
 
 def test_synthetic_benchmark_pages_keep_the_article_photo(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_lait import run_stages_1_and_3, synthetic_page, write_synthetic_warc
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_lait", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lait.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run_stages_1_and_3, synthetic_page, write_synthetic_warc = (
+        bench.run_stages_1_and_3,
+        bench.synthetic_page,
+        bench.write_synthetic_warc,
+    )
 
     url, html = synthetic_page(random.Random(3), 7, english=True)
     candidates = stage1_pages(_record(html, url), None, DropCounter())
