@@ -121,8 +121,14 @@ class Scorer:
             return []
         if self.model is None:
             return [RULE_SOURCE_PRIOR.get(p.text_source, 0.5) for p in pairs]
+        from threadpoolctl import threadpool_limits
+
         rows = [pair_features(p, self.region_classes.get(p.image_sha256)) for p in pairs]
-        return [float(x) for x in self.model.predict_proba(feature_matrix(rows, self.feature_names))[:, 1]]
+        # A few rows per call: OpenMP threads cost more than they give (and fight the engine's processes).
+        with threadpool_limits(1):
+            return [
+                float(x) for x in self.model.predict_proba(feature_matrix(rows, self.feature_names))[:, 1]
+            ]
 
 
 def scorer_for(params: Mapping[str, Any]) -> Scorer:
@@ -217,8 +223,12 @@ def train_scorer(
         raise ValueError(f"{labels}: relevant: need at least 2 rows of each label, got {counts.tolist()}")
     names = sorted({name for row in feature_rows for name in row})
     X = feature_matrix(feature_rows, names)
+    from threadpoolctl import threadpool_limits
+
     model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=seed)
     cv = StratifiedKFold(n_splits=min(folds, int(counts.min())), shuffle=True, random_state=seed)
+    # The labelled set is small by design: one thread fits it ~20x faster than OpenMP threads on a busy machine.
+    threads = threadpool_limits(1 if len(y_arr) < 20000 else None)
     out_of_fold = cross_val_predict(model, X, y_arr, cv=cv, method="predict_proba")[:, 1]
     best = (-1.0, 0.5)
     for threshold in np.unique(out_of_fold):
@@ -239,6 +249,7 @@ def train_scorer(
         "folds": int(cv.get_n_splits()),
     }
     model.fit(X, y_arr)
+    threads.restore_original_limits()
     sidecar = {
         "kind": "lait-scorer",
         "feature_names": names,
