@@ -406,6 +406,9 @@ def run_local(
     candidates_dir, pairs_dir = work / "candidates", work / "pairs"
     candidates_dir.mkdir(parents=True, exist_ok=True)
     pairs_dir.mkdir(parents=True, exist_ok=True)
+    # Temporary siblings a killed run left behind (ours: they live under our marked folder).
+    for leftover in [*work.rglob(".*.tmp"), *output.glob(".*.tmp")]:
+        leftover.unlink(missing_ok=True)
 
     # Step 1, resumable by input file.
     done_files = _read_done(work / "done-files.txt")
