@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -409,6 +410,8 @@ def run_local(
     # Temporary siblings a killed run left behind (ours: they live under our marked folder).
     for leftover in [*work.rglob(".*.tmp"), *output.glob(".*.tmp")]:
         leftover.unlink(missing_ok=True)
+    for leftover in output.glob(".shards.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
     # Step 1, resumable by input file.
     done_files = _read_done(work / "done-files.txt")
