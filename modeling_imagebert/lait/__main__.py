@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError, load_config
+from modeling_imagebert.lait.config import ConfigError, load_config
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.config, args.set)
             if args.spark_master:
                 config["engine"]["spark_master"] = args.spark_master
-            from .engines import run_local, run_spark
+            from modeling_imagebert.lait.engines import run_local, run_spark
 
             if args.engine == "local":
                 stats = run_local(args.input, args.output, config, processes=args.processes)
@@ -118,21 +118,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.output}: {stats['pairs_kept']} pairs kept of {stats['pairs_scored']} scored")
         elif args.command == "train-scorer":
             config = load_config(args.config, args.set)
-            from .scoring import train_scorer
+            from modeling_imagebert.lait.scoring import train_scorer
 
             _refuse_existing(args.output)
             sidecar = train_scorer(args.labels, args.output, text_config=config["text"], seed=args.seed)
             print(json.dumps(sidecar["metrics"], indent=2))
         elif args.command == "train-filter":
-            from .images import train_image_filter
+            from modeling_imagebert.lait.images import train_image_filter
 
             _refuse_existing(args.output)
             sidecar = train_image_filter(args.labels, args.output, seed=args.seed)
             print(json.dumps(sidecar["metrics"], indent=2))
         elif args.command == "urls":
             config = load_config(args.config, args.set)
-            from .engines import extract_candidates, list_inputs
-            from .images import write_img2dataset_input
+            from modeling_imagebert.lait.engines import extract_candidates, list_inputs
+            from modeling_imagebert.lait.images import write_img2dataset_input
 
             _refuse_existing(args.output)
             candidates = []
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Exception as error:
-        from .outputs import OutputFolderError
+        from modeling_imagebert.lait.outputs import OutputFolderError
 
         if isinstance(error, OutputFolderError):
             print(f"error: {error}", file=sys.stderr)
