@@ -22,13 +22,17 @@ from modeling_imagebert.lait.config import load_config  # noqa: E402
 from modeling_imagebert.lait.engines import run_local  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# The fixture's /slow/ route sleeps 1.5 s; the fetcher gives up after 0.4 s per read.
-TEST_OVERRIDES = {"images": {"timeout_s": 0.4}, "engine": {"processes": 2, "site_buckets": 8}}
+# The fixture's /slow/ route sleeps 4 s; the fetcher gives up after 1 s per read. (Shorter timeouts turn real
+# responses into timeouts when the test machine is busy.)
+TEST_OVERRIDES = {
+    "images": {"timeout_s": 1.0},
+    "engine": {"processes": 2, "site_buckets": 8, "fetch_threads": 4},
+}
 
 
 @pytest.fixture(scope="module")
 def server():
-    with MiniWebServer(slow_seconds=1.5) as running:
+    with MiniWebServer(slow_seconds=4.0) as running:
         yield running
 
 
@@ -153,7 +157,14 @@ def _cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def _cli_overrides() -> list[str]:
-    return ["--set", "images.timeout_s=0.4", "--set", "engine.site_buckets=8"]
+    return [
+        "--set",
+        "images.timeout_s=1.0",
+        "--set",
+        "engine.site_buckets=8",
+        "--set",
+        "engine.fetch_threads=4",
+    ]
 
 
 def test_run_refuses_a_folder_it_did_not_create(inputs, tmp_path, capsys):

@@ -162,8 +162,11 @@ def _check_sections(config: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(
             f"aggregation.max_images_per_text: expected an integer >= 1, got {aggregation['max_images_per_text']!r}"
         )
-    if engine["processes"] < 0 or engine["shard_size"] < 1:
-        raise ConfigError("engine.processes must be >= 0 (0 = all cores) and engine.shard_size >= 1")
+    if engine["processes"] < 0:
+        raise ConfigError(f"engine.processes: expected >= 0 (0 = one per core), got {engine['processes']!r}")
+    for key in ("shard_size", "site_buckets", "fetch_threads"):
+        if engine[key] < 1:
+            raise ConfigError(f"engine.{key}: expected an integer >= 1, got {engine[key]!r}")
 
 
 def config_fingerprint(config: Mapping[str, Any]) -> str:

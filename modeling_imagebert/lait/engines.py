@@ -165,17 +165,42 @@ class _SiteProcessor:
             index_img2dataset_output(images["img2dataset_output"]) if images["img2dataset_output"] else {}
         )
 
+    def _sources(self, warc_file: str) -> ImageSources:
+        if warc_file not in self.sources:
+            self.sources[warc_file] = ImageSources.for_warc_file(
+                warc_file, self.config["images"], self.img2dataset_index
+            )
+        return self.sources[warc_file]
+
+    def _fetch(self, candidate: ImageCandidate) -> ImageResult | str:
+        """Stage 2 for one candidate: its `ImageResult`, or its drop reason (counted later, in `_image`)."""
+        local = DropCounter()
+        result = stage2_image(candidate, self.config["images"], local, self._sources(candidate.warc_file))
+        return result if result is not None else next(iter(local.dropped["images"]))
+
+    def _prefetch(self, candidates: Sequence[ImageCandidate]) -> None:
+        """Fetches the not yet seen image URLs of `candidates` with `engine.fetch_threads` threads (downloads
+        wait on the network, not the CPU); results land in the cache that `_image` reads in order, so the
+        outcome does not depend on which download finishes first."""
+        first: dict[str, ImageCandidate] = {}
+        for candidate in candidates:
+            if candidate.image_url not in self.images:
+                first.setdefault(candidate.image_url, candidate)
+        threads = int(self.config["engine"]["fetch_threads"])
+        if threads <= 1 or len(first) <= 1:
+            return
+        for candidate in first.values():
+            self._sources(candidate.warc_file)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(first))) as pool:
+            for url, result in zip(first, pool.map(self._fetch, first.values()), strict=True):
+                self.images[url] = result
+
     def _image(self, candidate: ImageCandidate) -> ImageResult | None:
         cached = self.images.get(candidate.image_url)
         if cached is None:
-            if candidate.warc_file not in self.sources:
-                self.sources[candidate.warc_file] = ImageSources.for_warc_file(
-                    candidate.warc_file, self.config["images"], self.img2dataset_index
-                )
-            local = DropCounter()
-            result = stage2_image(candidate, self.config["images"], local, self.sources[candidate.warc_file])
-            cached = result if result is not None else next(iter(local.dropped["images"]))
-            self.images[candidate.image_url] = cached
+            cached = self.images[candidate.image_url] = self._fetch(candidate)
         if isinstance(cached, str):
             self.drops.drop("images", cached)
             if len(self.examples[cached]) < self.examples_per_reason:
@@ -197,16 +222,20 @@ class _SiteProcessor:
         from .text import stage3_text
 
         ordered = sorted(candidates, key=lambda c: (c.warc_file, c.warc_offset, c.image_url))
+        with_text = []
         for candidate in apply_site_repetition(ordered, self.config["pages"], self.drops):
-            with_text = stage3_text(candidate, self.config["text"], self.drops)
-            if with_text is None:
-                continue
-            image = self._image(with_text)
+            # Text first: an image without any usable description is never downloaded.
+            cleaned = stage3_text(candidate, self.config["text"], self.drops)
+            if cleaned is not None:
+                with_text.append(cleaned)
+        self._prefetch(with_text)
+        for candidate in with_text:
+            image = self._image(candidate)
             if image is None:
                 continue
             pairs = [
-                PairRecord.from_candidate(with_text, t, **image.pair_fields())
-                for t in with_text.text_candidates
+                PairRecord.from_candidate(candidate, t, **image.pair_fields())
+                for t in candidate.text_candidates
             ]
             for pair, passed in stage4_score(pairs, self.scorer, self.drops):
                 yield pair_row(pair, passed, image.jpeg)
@@ -534,7 +563,9 @@ def _spark_step2(config: dict):
 
 
 def spark_session(master: str | None = None, app_name: str = "lait"):
-    """The active SparkSession, or a new one on `master` (None = what spark-submit set, else `local[*]`)."""
+    """The active SparkSession, or a new one on `master`; None = the master spark-submit set (`--master`), or
+    `local[*]` when run outside spark-submit."""
+    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -547,8 +578,9 @@ def spark_session(master: str | None = None, app_name: str = "lait"):
     )
     if master:
         builder = builder.master(master)
-    elif "spark.master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
-        builder = builder.config("spark.master", os.environ.get("SPARK_MASTER", "local[*]"))
+    elif not SparkConf().contains("spark.master"):
+        # Under spark-submit the JVM already carries --master in its system properties: never override it.
+        builder = builder.master("local[*]")
     return builder.getOrCreate()
 
 

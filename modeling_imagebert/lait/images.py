@@ -27,6 +27,7 @@ import io
 import json
 import socket
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -439,11 +440,18 @@ def check_classifier_specs(specs: Sequence[Mapping[str, Any]]) -> None:
 
 
 _LOADED: dict[str, Any] = {}
+_LOADING = threading.Lock()
 
 
 def _classifier(spec: Mapping[str, Any]):
-    """The loaded model of one classifier spec, once per process (pool workers and Spark executors reuse it)."""
+    """The loaded model of one classifier spec, once per process (pool workers and Spark executors reuse it;
+    the engines' download threads share it)."""
     key = json.dumps(dict(spec), sort_keys=True)
+    with _LOADING:
+        return _load_classifier(key, spec)
+
+
+def _load_classifier(key: str, spec: Mapping[str, Any]):
     if key not in _LOADED:
         if spec["type"] == "transformers":
             from transformers import pipeline
