@@ -348,3 +348,14 @@ def test_train_scorer_round_trips_and_refuses_untrusted_types(server, mini_web, 
         bad_file = tmp_path / "bad.csv"
         bad_file.write_text("image,text\nimages/x.jpg,hello\n")
         train_scorer(bad_file, tmp_path / "never.skops")
+
+
+def test_urls_command_writes_an_img2dataset_url_list_once(mini_web, inputs, tmp_path, capsys):
+    target = tmp_path / "urls.parquet"
+    status, out, err = _cli(capsys, "urls", "--input", *inputs, "--output", str(target))
+    assert status == 0, err
+    urls = pq.read_table(target).column("url").to_pylist()
+    dominant = {p.dominant_url for p in mini_web.pages if p.kind == "article"}
+    assert dominant <= set(urls) and len(urls) == len(set(urls))
+    status, _, err = _cli(capsys, "urls", "--input", *inputs, "--output", str(target))
+    assert status == 2 and "refusing to overwrite" in err

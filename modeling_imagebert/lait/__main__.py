@@ -19,6 +19,35 @@ from collections.abc import Sequence
 from modeling_imagebert.lait.config import ConfigError, load_config
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows `(default: ...)` only where there is a default to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, [], argparse.SUPPRESS) or "default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _DefaultsWithEpilog(_Defaults, argparse.RawDescriptionHelpFormatter):
+    """Also keeps the epilog's line breaks (the list of config defaults)."""
+
+
+def _config_epilog(sections: tuple[str, ...]) -> str:
+    """The scalar defaults of `sections` of configuration/lait/default.yaml, one `section.key = value` a line."""
+    try:
+        from modeling_imagebert.lait.config import default_config
+
+        config = default_config()
+    except Exception as error:  # --help must work even when the defaults file is broken
+        return f"(config defaults unavailable: {error})"
+    lines = ["config defaults (configuration/lait/default.yaml; change with --config or --set):"]
+    for section in sections:
+        for key, value in config[section].items():
+            if not isinstance(value, (dict, list)):
+                lines.append(f"  {section}.{key} = {'null' if value is None else value}")
+    return "\n".join(lines)
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
@@ -40,14 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_imagebert.lait",
         description="LAIT: weak-supervised image-text pairs from web pages (ImageBERT §3).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser(
         "run",
         help="WARC files -> pairs.parquet, webdataset shards, stats",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsWithEpilog,
+        epilog=_config_epilog(("images", "scoring", "aggregation", "engine")),
     )
     run.add_argument("--input", required=True, nargs="+", help="WARC / WARC.gz paths or quoted glob patterns")
     run.add_argument(
@@ -63,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     scorer = commands.add_parser(
         "train-scorer",
         help="train the stage-4 relevance scorer on labelled (image, text, relevant) rows",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     scorer.add_argument(
         "--labels", required=True, help="CSV or JSONL: image, text, relevant[, source, image_url]"
@@ -75,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     filt = commands.add_parser(
         "train-filter",
         help="train the stage-2 unnatural-image filter on labelled (image, drop) rows",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     filt.add_argument("--labels", required=True, help="CSV or JSONL: image, drop (1 = drop)")
     filt.add_argument("--output", required=True, help="the .skops file to write (plus <output>.json)")
@@ -84,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     urls = commands.add_parser(
         "urls",
         help="stage 1 only: write the dominant-image URLs as an img2dataset URL list (parquet)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     urls.add_argument(
         "--input", required=True, nargs="+", help="WARC / WARC.gz paths or quoted glob patterns"

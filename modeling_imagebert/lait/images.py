@@ -23,6 +23,7 @@ labels that mean drop, and a scikit-learn model on cheap image statistics (`imag
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import socket
@@ -159,7 +160,8 @@ def fetch_url(url: str, params: Mapping[str, Any]) -> FetchResult:
             return FetchResult(reason="redirect_loop", final_url=url, status=error.code)
         reason = "not_found" if error.code in (404, 410) else "http_error"
         return FetchResult(reason=reason, final_url=url, status=error.code)
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+        # HTTPException: a malformed status line, a body cut short (IncompleteRead), oversized headers.
         return FetchResult(reason="timeout" if _is_timeout(error) else "connection_error", final_url=url)
 
 
