@@ -144,7 +144,7 @@ class MiniWeb:
 
 class MiniWebServer:
     """An HTTP server on 127.0.0.1 serving registered images and the failure routes (`/missing/`, `/slow/`,
-    `/loop/`, `/html/`). Use as a context manager; `slow_seconds` is how long `/slow/` sleeps."""
+    `/loop/`, `/html/`, `/garbage/` (no HTTP status line), `/truncated/` (a body cut short)). Use as a context manager; `slow_seconds` is how long `/slow/` sleeps."""
 
     def __init__(self, slow_seconds: float = 1.5):
         self.images: dict[str, tuple[bytes, str]] = {}
@@ -171,6 +171,18 @@ class MiniWebServer:
                     self.send_header("Location", target)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                elif path.startswith("/garbage/"):
+                    # Not an HTTP response at all.
+                    self.wfile.write(b"SURPRISE\r\n\r\n")
+                    self.close_connection = True
+                elif path.startswith("/truncated/"):
+                    # Announces 100000 bytes, sends 10, hangs up.
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    self.wfile.write(b"\xff\xd8\xff" + b"\x00" * 7)
+                    self.close_connection = True
                 elif path.startswith("/html/"):
                     self._send(200, b"<!doctype html><html><body>Not found, sorry</body></html>", "text/html")
                 else:

@@ -55,6 +55,8 @@ def test_fetcher_bounds_size_scheme_and_redirects(server):
     assert fetch_url(f"{server.base_url}/html/x.jpg", _params()).reason == "not_an_image"
     assert fetch_url(f"{server.base_url}/missing.jpg", _params()).reason == "not_found"
     assert fetch_url(f"{server.base_url}/slow/x.jpg", _params(timeout_s=0.2)).reason == "timeout"
+    assert fetch_url(f"{server.base_url}/garbage/x.jpg", _params()).reason == "connection_error"
+    assert fetch_url(f"{server.base_url}/truncated/x.jpg", _params()).reason == "truncated"
 
 
 def test_stage2_keeps_only_images_wider_and_taller_than_the_minimum(server):

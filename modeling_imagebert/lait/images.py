@@ -10,8 +10,8 @@ must be an image. At scale, write the URL list with `write_img2dataset_input` an
 downgrade pandas and webdataset), we only read the shards it writes.
 
 Drop reasons (stage "images"): `not_found` (HTTP 404/410), `http_error` (any other non-200), `timeout`,
-`redirect_loop`, `connection_error`, `unsupported_scheme`, `not_an_image` (Content-Type not image/*, e.g. an
-HTML error page), `too_large` (bytes or pixels over the bounds), `undecodable` (PIL cannot decode it),
+`redirect_loop`, `connection_error` (refused, reset, not HTTP), `truncated` (fewer bytes than the Content-Length),
+`unsupported_scheme`, `not_an_image` (Content-Type not image/*, e.g. an HTML error page), `too_large` (bytes or pixels over the bounds), `undecodable` (PIL cannot decode it),
 `too_small` (not wider AND taller than the minimum), `no_source` (HTTP off and no local copy),
 `classifier_<name>` (a content classifier said drop).
 
@@ -151,6 +151,10 @@ def fetch_url(url: str, params: Mapping[str, Any]) -> FetchResult:
                 if size > max_bytes:
                     result.reason = "too_large"
                     return result
+            if declared is not None and declared.isdigit() and size < int(declared):
+                # The connection closed early: `read(n)` returns what came, without an error.
+                result.reason = "truncated"
+                return result
             result.data = b"".join(chunks)
             return result
     except _RedirectLoop:
