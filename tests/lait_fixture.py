@@ -5,6 +5,7 @@ the ground truth of which image is each page's dominant one and which texts desc
 link their images by absolute URL; then `build_mini_web(folder, server)` writes the WARCs and registers the
 images on the server. Page kinds (`GroundTruthPage.kind`):
 
+- `plain`: an English page whose photo has no declared size and no `<main>`/`<article>`/`<figure>` around it;
 - `article`: English, a site logo, navigation icons, a large ad banner (class "ad"), a linked sidebar teaser and
   one dominant photo in `<article><figure>`; its texts are of known quality (`good_texts`: a real caption in alt
   and/or figcaption; bad: file names, "click here", a URL, a spam title);
@@ -272,6 +273,7 @@ def _page_html(
     alt: str | None,
     img_title: str | None,
     figcaption: str | None,
+    plain: bool = False,
 ) -> str:
     icons_html = "".join(
         f'<a href="/s{i}"><img src="{u}" class="icon social-icon" width="24" height="24"></a>'
@@ -279,7 +281,8 @@ def _page_html(
     )
     figure = ""
     if photo_url is not None:
-        attrs = f'src="{photo_url}" width="640" height="480"'
+        # A plain page declares no size and uses no <main>/<article>/<figure>: the harder case for stage 1.
+        attrs = f'src="{photo_url}"' if plain else f'src="{photo_url}" width="640" height="480"'
         if alt is not None:
             attrs += f' alt="{alt}"'
         if img_title is not None:
@@ -293,10 +296,12 @@ def _page_html(
         f'width="728" height="90" alt="advertisement"></a></div>'
     )
     aside = f'<aside class="sidebar"><a href="/related"><img src="{teaser}" class="thumb" width="120" height="90"></a></aside>'
+    content = f"<h1>{title}</h1><p>{body}</p>{figure}<p>{body}</p>"
+    content = f"<div class='wrap'>{content}</div>" if plain else f"<main><article>{content}</article></main>"
     return (
         f"<!doctype html><html lang='{lang}'><head><meta charset='utf-8'><title>{title}</title>"
         "<style>body{font-family:sans-serif}</style><script>var x = 1;</script></head><body>"
-        f"{images_part}<main><article><h1>{title}</h1><p>{body}</p>{figure}<p>{body}</p></article></main>"
+        f"{images_part}{content}"
         f"{aside}<footer><p>Copyright 2026 Example Media. All rights reserved.</p></footer></body></html>"
     )
 
@@ -361,13 +366,14 @@ def build_mini_web(
         lang="en",
         body=ENGLISH_BODY,
         title=None,
+        plain=False,
     ):
         page_url = f"http://{site}/article/{n}.html"
         html = _page_html(
             title=title or f"News from {site} number {n}",
             body=body,
             lang=lang,
-            site_logo=logos[hash(site) % len(logos)],
+            site_logo=logos[int(hashlib.sha1(site.encode()).hexdigest(), 16) % len(logos)],
             icons=icons,
             banner=banners[n % len(banners)],
             teaser=teasers[n % len(teasers)],
@@ -375,6 +381,7 @@ def build_mini_web(
             alt=alt,
             img_title=img_title,
             figcaption=figcaption,
+            plain=plain,
         )
         documents.append((page_url, html.encode("utf-8"), "text/html; charset=utf-8"))
         pages.append(
@@ -452,6 +459,22 @@ def build_mini_web(
             )
 
     extra = 1000
+    # Plain pages: the photo has no declared size and no article/figure around it (good alt text only).
+    for i in range(10):
+        caption = next(caption_iter)
+        photo = new_photo(f"plain{i}")
+        add_page(
+            "plain",
+            sites[i % len(sites)],
+            900 + i,
+            photo=photo,
+            alt=caption,
+            img_title=None,
+            figcaption=None,
+            good=[caption],
+            expect=True,
+            plain=True,
+        )
     # The same photo bytes again on other pages (another URL on another site, and the same URL): kept once.
     for i in range(12):
         url, data = photo_bytes[i]
