@@ -214,6 +214,11 @@ def test_killed_local_run_resumes_without_duplicating_pairs(inputs, local_run, t
     assert not (output / "pairs.parquet").exists()
     assert len(done.read_text().splitlines()) >= 2
 
+    # Resuming with other inputs would mix two runs: refused.
+    from modeling_imagebert.lait.outputs import OutputFolderError
+
+    with pytest.raises(OutputFolderError, match="other --input files"):
+        run_local(inputs[:2], output, load_config(overrides=TEST_OVERRIDES))
     resume = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resume.returncode == 0, resume.stderr
     resumed, straight = _rows(output), _rows(local_run[0])

@@ -44,6 +44,7 @@ from .aggregate import PAIR_ORDER, aggregate_pairs, text_key
 from .config import config_fingerprint
 from .images import ImageResult, ImageSources, index_img2dataset_output, stage2_image
 from .outputs import (
+    OutputFolderError,
     atomic_path,
     format_summary,
     prepare_output_folder,
@@ -436,6 +437,17 @@ def run_local(
     candidates_dir, pairs_dir = work / "candidates", work / "pairs"
     candidates_dir.mkdir(parents=True, exist_ok=True)
     pairs_dir.mkdir(parents=True, exist_ok=True)
+    # The done-lists only mean something for the same inputs: a resume with other files would mix two runs.
+    inputs_record = work / "inputs.json"
+    if inputs_record.exists():
+        previous = json.loads(inputs_record.read_text())
+        if previous != {"files": files, "site_buckets": buckets}:
+            raise OutputFolderError(
+                f"{output}: started with other --input files or engine.site_buckets; give a new --output path "
+                "or the same inputs to resume"
+            )
+    else:
+        write_json(inputs_record, {"files": files, "site_buckets": buckets})
     # Temporary siblings a killed run left behind (ours: they live under our marked folder).
     for leftover in [*work.rglob(".*.tmp"), *output.glob(".*.tmp")]:
         leftover.unlink(missing_ok=True)
