@@ -62,7 +62,7 @@ def _kept(output: Path) -> list[dict]:
 
 
 def test_kept_pairs_match_the_ground_truth(mini_web, local_run):
-    output, _ = local_run
+    output, stats = local_run
     kept = _kept(output)
     expected = mini_web.expected_images()
     dominant_hashes = {p.dominant_sha256 for p in mini_web.pages if p.dominant_sha256}
@@ -79,7 +79,7 @@ def test_kept_pairs_match_the_ground_truth(mini_web, local_run):
     print(
         f"\nLAIT mini-web ({len(mini_web.pages)} pages, {len(expected)} expected pairs, {len(kept)} kept): "
         f"dominant image P={dominant_precision:.3f} R={dominant_recall:.3f}; "
-        f"text P={text_precision:.3f} R={text_recall:.3f}"
+        f"text P={text_precision:.3f} R={text_recall:.3f}; local engine {stats['seconds']:.1f} s"
     )
     # Every expected photo has unambiguous cues (article/figure, large declared size, a real caption) and every
     # decoy is marked (logo/ad classes, furniture, links, small sizes): on this fixture the rules should be
