@@ -139,6 +139,9 @@ def test_outputs_are_complete_and_nothing_is_left_half_written(local_run):
         assert members[f"{row['image_key']}.jpg"][:3] == b"\xff\xd8\xff"
     sheet = (output / "contact_sheet.html").read_text()
     assert "kept" in sheet and "data:image/jpeg;base64," in sheet and "shared_description" in sheet
+    # Images dropped at stage 2 after decoding (too small) are shown too, with their thumbnails.
+    too_small = sheet.split("dropped at stage 2: too_small")[1].split("<h2>")[0]
+    assert "data:image/jpeg;base64," in too_small
     leftovers = [
         p.name for p in output.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".shards.")
     ]

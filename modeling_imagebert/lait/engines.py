@@ -161,6 +161,8 @@ class _SiteProcessor:
         self.sources: dict[str, ImageSources] = {}
         self.examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.examples_per_reason = examples_per_reason
+        # Thumbnails of images that decoded but were dropped (too small, a classifier), for the contact sheet.
+        self.thumbnails: dict[str, bytes] = {}
         images = config["images"]
         self.img2dataset_index = (
             index_img2dataset_output(images["img2dataset_output"]) if images["img2dataset_output"] else {}
@@ -176,7 +178,9 @@ class _SiteProcessor:
     def _fetch(self, candidate: ImageCandidate) -> ImageResult | str:
         """Stage 2 for one candidate: its `ImageResult`, or its drop reason (counted later, in `_image`)."""
         local = DropCounter()
-        result = stage2_image(candidate, self.config["images"], local, self._sources(candidate.warc_file))
+        result = stage2_image(
+            candidate, self.config["images"], local, self._sources(candidate.warc_file), self.thumbnails
+        )
         return result if result is not None else next(iter(local.dropped["images"]))
 
     def _prefetch(self, candidates: Sequence[ImageCandidate]) -> None:
@@ -204,12 +208,15 @@ class _SiteProcessor:
             cached = self.images[candidate.image_url] = self._fetch(candidate)
         if isinstance(cached, str):
             self.drops.drop("images", cached)
+            # Thumbnails are popped as they are used, so the store never outgrows one site group.
+            thumb = self.thumbnails.pop(candidate.image_url, None)
             if len(self.examples[cached]) < self.examples_per_reason:
                 self.examples[cached].append(
                     {
+                        "thumb": base64.b64encode(thumb).decode() if thumb else "",
                         "image_url": candidate.image_url,
                         "page_url": candidate.page_url,
-                        "text": "",
+                        "text": candidate.text_candidates[0].text if candidate.text_candidates else "",
                         "reason": cached,
                     }
                 )

@@ -522,14 +522,27 @@ class ImageResult:
         }
 
 
+def _thumbnail_into(store: dict[str, bytes] | None, url: str, image: Image.Image) -> None:
+    if store is None:
+        return
+    thumb = image.copy()
+    thumb.thumbnail((160, 160))
+    out = io.BytesIO()
+    thumb.save(out, format="JPEG", quality=75)
+    store[url] = out.getvalue()
+
+
 def stage2_image(
     candidate: ImageCandidate,
     params: Mapping[str, Any],
     drops: DropCounter,
     sources: ImageSources | None = None,
+    dropped_thumbnails: dict[str, bytes] | None = None,
 ) -> ImageResult | None:
     """Stage 2 for one candidate under config section `images`: fetch (local copy first), decode, size rule,
-    classifiers. Output: an `ImageResult`, or None with the reason counted in `drops`."""
+    classifiers. Output: an `ImageResult`, or None with the reason counted in `drops`. When
+    `dropped_thumbnails` is given, an image that decoded but was dropped (too small, a classifier) leaves a
+    160 px JPEG thumbnail there under its URL, for the contact sheet."""
     fetched = (sources or ImageSources()).get(candidate.image_url, params)
     if fetched.data is None:
         drops.drop(STAGE, fetched.reason or "connection_error")
@@ -545,6 +558,7 @@ def stage2_image(
         return None
     if not (image.width > params["min_width"] and image.height > params["min_height"]):
         drops.drop(STAGE, "too_small")
+        _thumbnail_into(dropped_thumbnails, candidate.image_url, image)
         return None
     stats = image_statistics(image)
     scores: dict[str, float] = {}
@@ -553,6 +567,7 @@ def stage2_image(
         scores[spec["name"]] = probability
         if probability >= spec.get("threshold", 0.5):
             drops.drop(STAGE, f"classifier_{spec['name']}")
+            _thumbnail_into(dropped_thumbnails, candidate.image_url, image)
             return None
     drops.keep(STAGE)
     features = {**stats, "image_width": float(image.width), "image_height": float(image.height)}
