@@ -58,7 +58,21 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
         "site_repeated_image",  # a candidate whose URL repeats on too many pages of its site
         "invalid_page_url",  # urllib cannot parse the page's WARC-Target-URI
     ),
-    "images": (),  # 13b fills in its reasons' documentation here
+    "images": (
+        "not_found",  # HTTP 404 / 410
+        "http_error",  # any other non-200 status
+        "timeout",  # a socket read over images.timeout_s, or the whole download over 3x that
+        "redirect_loop",  # a URL seen twice in one redirect chain, or more than images.max_redirects
+        "connection_error",  # refused, reset, not an HTTP reply
+        "truncated",  # fewer body bytes than the Content-Length announced
+        "unsupported_scheme",  # not http(s)
+        "not_an_image",  # Content-Type not image/* (e.g. an HTML error page), or HTML bytes
+        "too_large",  # over images.max_bytes, or over images.max_pixels (decompression bombs)
+        "undecodable",  # PIL cannot decode the bytes
+        "too_small",  # not wider AND taller than images.min_width / min_height (300 px)
+        "no_source",  # images.fetch_http is false and no WARC / img2dataset copy exists
+        # plus "classifier_<name>" per configured content classifier (images.classifiers)
+    ),
     "text": (
         "no_text_candidates",  # an image without any text candidate left after cleaning
         "empty_after_cleaning",  # per text candidate
@@ -69,8 +83,11 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
         "high_oov_ratio",
         "duplicate_text",  # the same cleaned text from a second source of the same image
     ),
-    "scoring": (),
-    "aggregation": (),
+    "scoring": ("below_threshold",),  # relevance under the scorer's threshold
+    "aggregation": (
+        "shared_description",  # a description on more than aggregation.max_images_per_text distinct images
+        "not_best_for_image",  # the same image (content hash) has a better-scored pair
+    ),
 }
 
 # Counted events that are not drops (the record goes on), e.g. a charset that was declared wrongly.
