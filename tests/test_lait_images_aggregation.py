@@ -243,3 +243,11 @@ def test_small_images_never_reach_the_classifiers(server, tmp_path):
     assert drops.dropped["images"] == {"too_small": 1}
     # Decoded bytes are never a partial image: PIL either decodes the whole file or the stage says undecodable.
     assert Image.open(io.BytesIO(server.images["/photo.jpg"][0])).size == (400, 320)
+
+
+def test_itm_score_feature_is_refused_until_it_is_wired_in():
+    from modeling_imagebert.lait.scoring import Scorer
+
+    params = load_config(overrides={"scoring": {"itm_checkpoint": "checkpoints/imagebert"}})["scoring"]
+    with pytest.raises(NotImplementedError, match="scoring.itm_checkpoint"):
+        Scorer(params)
