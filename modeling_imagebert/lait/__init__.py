@@ -1,0 +1,42 @@
+"""LAIT: the paper's weak-supervised web collection pipeline, from Common Crawl WARCs to image-text pairs.
+
+One module per stage (ImageBERT §3, Figure 2), each a pure function of one record or one group, with its
+parameters in one YAML config (`configuration/lait/default.yaml`), so the local engine and PySpark run the same
+code:
+
+- `records`: the records passed between stages and the drop counter (`DropCounter`);
+- `warc`: streaming WARC / WARC.gz response records, decoded to `PageRecord`s;
+- `pages` (stage 1): English pages, DOM features of each `<img>`, the page's dominant image(s);
+- `images` (stage 2), `text` (stage 3: text candidates and cleaning), `scoring` (stage 4), `aggregation`
+  (stage 5), `config`, the engines and the CLI (`python -m modeling_imagebert.lait`).
+
+Names are loaded lazily so that `import modeling_imagebert.lait` stays cheap and each module can be used alone.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "DropCounter": "records",
+    "ImageCandidate": "records",
+    "PageRecord": "records",
+    "PairRecord": "records",
+    "TextCandidate": "records",
+    "merge_counters": "records",
+    "iter_pages": "warc",
+    "stage1_pages": "pages",
+    "apply_site_repetition": "pages",
+    "stage3_text": "text",
+    "load_config": "config",
+    "run_local": "engines",
+    "run_spark": "engines",
+}
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'modeling_imagebert.lait' has no attribute {name!r}")
+    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    return getattr(module, name)
+
+
+__all__ = sorted(_EXPORTS)

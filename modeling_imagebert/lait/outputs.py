@@ -1,0 +1,232 @@
+"""Writing a LAIT run's output folder: atomically, and only into a folder the pipeline created.
+
+Layout of `--output DIR`:
+
+- `.lait-output` (marker: this folder is ours; holds the config fingerprint), `_work/` (per-input-file parts and
+  the done-list of the local engine; kept so a run can resume),
+- `pairs.parquet`: every scored pair with all its scores and provenance, `kept` and the drop stage/reason,
+- `shards/{00000..}.tar`: webdataset shards of the kept images in img2dataset's layout (`{key}.jpg`,
+  `{key}.txt` caption, `{key}.json` metadata), readable by `python -m modeling_imagebert.features`,
+- `stats.json` (kept / dropped by stage and reason), `summary.txt`, `contact_sheet.html`.
+
+Every file is written to a temporary sibling and renamed into place, so a killed run leaves each complete or
+absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+MARKER = ".lait-output"
+
+
+class OutputFolderError(RuntimeError):
+    """The output folder exists and was not created by this pipeline, or by another config."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary sibling path to write; renames it to `path` on success, removes it on error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    temp_path = Path(temp)
+    try:
+        yield temp_path
+        os.replace(temp_path, path)
+    finally:
+        if temp_path.exists():
+            temp_path.unlink()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes `data` as indented JSON, atomically."""
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str), encoding="utf-8")
+
+
+def prepare_output_folder(folder: Path, fingerprint: str) -> bool:
+    """Creates `folder` with our marker, or accepts it when it already carries our marker with the same config
+    fingerprint (a resume). Output: True when resuming. Raises `OutputFolderError` for a folder we did not
+    create (non-empty without our marker) or one made with another config."""
+    folder = Path(folder)
+    marker = folder / MARKER
+    if folder.exists():
+        if not folder.is_dir():
+            raise OutputFolderError(f"{folder}: exists and is not a folder; give a new --output path")
+        if marker.exists():
+            try:
+                stored = json.loads(marker.read_text())["config_fingerprint"]
+            except (OSError, ValueError, KeyError):
+                raise OutputFolderError(
+                    f"{folder}/{MARKER}: unreadable marker; give a new --output path"
+                ) from None
+            if stored != fingerprint:
+                raise OutputFolderError(
+                    f"{folder}: made with another LAIT config (fingerprint {stored[:12]} != {fingerprint[:12]}); "
+                    "give a new --output path or the same config to resume"
+                )
+            return True
+        if any(folder.iterdir()):
+            raise OutputFolderError(
+                f"{folder}: exists, is not empty and was not created by the LAIT pipeline (no {MARKER}); "
+                "refusing to write into it"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"created_by": "modeling_imagebert.lait", "config_fingerprint": fingerprint})
+    return False
+
+
+def _replace_folder(temp: Path, final: Path) -> None:
+    """Puts the finished folder `temp` at `final` (which, if present, is ours from an earlier run)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(temp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, final)
+
+
+def write_shards(
+    folder: Path, samples: Iterable[tuple[Mapping[str, Any], bytes]], shard_size: int
+) -> list[str]:
+    """Writes `(pair, jpeg bytes)` samples as webdataset shards `folder/shards/{n:05d}.tar` in img2dataset's
+    layout: `{key}.jpg`, `{key}.txt` (the caption) and `{key}.json` (url, caption, key, status, width, height,
+    provenance and scores), with `key = pair["image_key"]`. The shards folder is built beside and renamed into place. Output: shard names."""
+    final = Path(folder) / "shards"
+    temp = Path(tempfile.mkdtemp(prefix=".shards.", dir=folder))
+    names: list[str] = []
+    tar: tarfile.TarFile | None = None
+    try:
+        for i, (pair, jpeg) in enumerate(samples):
+            if i % shard_size == 0:
+                if tar is not None:
+                    tar.close()
+                names.append(f"{len(names):05d}.tar")
+                tar = tarfile.open(temp / names[-1], "w")
+            # The key is the image's content hash prefix: stable across engines and runs, unique after
+            # aggregation (one pair per image).
+            key = pair["image_key"]
+            meta = {
+                "key": key,
+                "url": pair["image_url"],
+                "caption": pair["text"],
+                "status": "success",
+                "width": pair["image_width"],
+                "height": pair["image_height"],
+                "sha256": pair["image_sha256"],
+                "page_url": pair["page_url"],
+                "warc_file": pair["warc_file"],
+                "warc_offset": pair["warc_offset"],
+                "text_source": pair["text_source"],
+                "relevance_score": pair["relevance_score"],
+                "dominance_score": pair["dominance_score"],
+            }
+            for suffix, data in (
+                ("jpg", jpeg),
+                ("txt", pair["text"].encode()),
+                ("json", json.dumps(meta).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                info.mtime = 0
+                tar.addfile(info, io.BytesIO(data))
+        if tar is not None:
+            tar.close()
+        _replace_folder(temp, final)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+    return names
+
+
+def format_summary(stats: Mapping[str, Any]) -> str:
+    """`stats.json` as a human-readable table: per stage kept, dropped by reason, events."""
+    lines = ["LAIT run summary", "================", ""]
+    for key in ("input_files", "pairs_kept", "images_kept", "engine", "seconds"):
+        if key in stats:
+            lines.append(f"{key:>14}: {stats[key]}")
+    counts = stats["counts"]
+    lines.append("")
+    for stage in ("warc", "pages", "images", "text", "scoring", "aggregation"):
+        kept = counts["kept"].get(stage)
+        dropped = counts["dropped"].get(stage, {})
+        events = counts["events"].get(stage, {})
+        if kept is None and not dropped and not events:
+            continue
+        lines.append(f"[{stage}] kept {kept or 0}, dropped {sum(dropped.values())}")
+        for reason, n in sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"    drop  {reason:<28} {n}")
+        for name, n in sorted(events.items()):
+            lines.append(f"    event {name:<28} {n}")
+    return "\n".join(lines) + "\n"
+
+
+def _thumbnail_uri(jpeg: bytes | None) -> str:
+    if not jpeg:
+        return ""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            image = image.convert("RGB")
+            image.thumbnail((160, 160))
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=80)
+    except Exception:
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def write_contact_sheet(
+    path: Path, groups: Mapping[str, list[tuple[Mapping[str, Any], bytes | None]]]
+) -> None:
+    """A self-contained HTML page of example thumbnails per group ("kept", then one group per drop reason),
+    each with its text, source, scores and page; written atomically."""
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>LAIT contact sheet</title>",
+        "<style>body{font:13px sans-serif}.g{display:flex;flex-wrap:wrap}.c{width:180px;margin:4px;"
+        "border:1px solid #ccc;padding:4px}.c img{max-width:170px}.n{color:#777}</style>",
+        "<h1>LAIT contact sheet</h1>",
+    ]
+    for group, examples in groups.items():
+        parts.append(f"<h2>{html.escape(group)} ({len(examples)} shown)</h2><div class='g'>")
+        for pair, jpeg in examples:
+            uri = _thumbnail_uri(jpeg)
+            image = f"<img src='{uri}' alt=''>" if uri else "<div class='n'>(no image bytes)</div>"
+            score = pair.get("relevance_score")
+            score_text = f"{score:.3f}" if isinstance(score, float) else "-"
+            parts.append(
+                f"<div class='c'>{image}<div>{html.escape(str(pair.get('text', '')))}</div>"
+                f"<div class='n'>{html.escape(str(pair.get('text_source', '')))} · relevance {score_text}</div>"
+                f"<div class='n'>{html.escape(str(pair.get('image_url', '')))}</div></div>"
+            )
+        parts.append("</div>")
+    with atomic_path(path) as temp:
+        temp.write_text("\n".join(parts), encoding="utf-8")
+
+
+__all__ = [
+    "MARKER",
+    "OutputFolderError",
+    "atomic_path",
+    "format_summary",
+    "prepare_output_folder",
+    "write_contact_sheet",
+    "write_json",
+    "write_shards",
+]
