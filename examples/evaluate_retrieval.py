@@ -40,7 +40,7 @@ import torch
 from accelerate import Accelerator
 
 from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval
-from modeling_imagebert.atomic import atomic_write_bytes, atomic_write_text
+from modeling_imagebert.atomic import atomic_write_bytes
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
 from modeling_imagebert.retrieval.evaluation import PROTOCOLS, evaluate_retrieval
 from modeling_imagebert.retrieval.two_stage import FINAL_SCORES, evaluate_two_stage
@@ -211,6 +211,26 @@ def main(argv: list[str] | None = None) -> dict:
         shard_size=args.shard_size,
         strict=not args.no_strict,
     )
+    summary = _summary(result, args, model, accelerator)
+    if accelerator.is_main_process:
+        print(result.table)
+        print(json.dumps(result.metrics, indent=2))
+        _write_outputs(
+            args,
+            summary,
+            result.table,
+            {
+                "scores": result.scores,
+                "caption_image_index": result.caption_image_index,
+                "image_ids": result.image_ids,
+            },
+        )
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _summary(result, args: argparse.Namespace, model, accelerator) -> dict:
+    """The result's JSON form with what was evaluated and how."""
     summary = result.to_json_dict()
     summary.update(
         model=str(args.model),
@@ -220,28 +240,22 @@ def main(argv: list[str] | None = None) -> dict:
         num_processes=accelerator.num_processes,
         bf16=bool(args.bf16),
     )
-    if accelerator.is_main_process:
-        print(result.table)
-        print(json.dumps(result.metrics, indent=2))
-        if args.output_json:
-            Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.output_json, json.dumps(summary, indent=2) + "\n")
-        if args.output_markdown:
-            Path(args.output_markdown).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.output_markdown, result.table)
-        if args.save_scores:
-            buffer = io.BytesIO()
-            torch.save(
-                {
-                    "scores": result.scores,
-                    "caption_image_index": result.caption_image_index,
-                    "image_ids": result.image_ids,
-                },
-                buffer,
-            )
-            atomic_write_bytes(args.save_scores, buffer.getvalue())
-    accelerator.wait_for_everyone()
     return summary
+
+
+def _write_outputs(args: argparse.Namespace, summary: dict, table: str, scores: dict) -> None:
+    """--output_json, --output_markdown and --save_scores, each written atomically (main process only)."""
+    for path, data in (
+        (args.output_json, (json.dumps(summary, indent=2) + "\n").encode()),
+        (args.output_markdown, table.encode()),
+    ):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+    if args.save_scores:
+        buffer = io.BytesIO()
+        torch.save(scores, buffer)
+        atomic_write_bytes(args.save_scores, buffer.getvalue())
 
 
 def run_two_stage(args: argparse.Namespace, model, processor, dataset, accelerator) -> dict:
@@ -262,15 +276,7 @@ def run_two_stage(args: argparse.Namespace, model, processor, dataset, accelerat
         shard_size=args.shard_size,
         strict=not args.no_strict,
     )
-    summary = result.to_json_dict()
-    summary.update(
-        model=str(args.model),
-        head=type(model).__name__,
-        dataset="toy world (synthetic)" if args.toy else str(args.dataset),
-        split=args.split,
-        num_processes=accelerator.num_processes,
-        bf16=bool(args.bf16),
-    )
+    summary = _summary(result, args, model, accelerator)
     if accelerator.is_main_process:
         print(result.table)
         passes, seconds = result.passes, result.seconds
@@ -280,25 +286,20 @@ def run_two_stage(args: argparse.Namespace, model, processor, dataset, accelerat
             f"embedding passes; stage 1 {seconds['stage1']:.1f} s, stage 2 {seconds['stage2']:.1f} s"
             + (f", full ranking {seconds['full']:.1f} s" if seconds["full"] is not None else "")
         )
-        if args.output_json:
-            Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.output_json, json.dumps(summary, indent=2) + "\n")
-        if args.output_markdown:
-            Path(args.output_markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output_markdown).write_text(result.table)
+        _write_outputs(
+            args,
+            summary,
+            result.table,
+            {
+                "image_retrieval_scores": result.image_matrix,
+                "text_retrieval_scores": result.text_matrix,
+                "similarity": result.similarity,
+                "caption_image_index": result.caption_image_index,
+                "image_ids": result.image_ids,
+            },
+        )
         if args.recall_plot:
             result.plot_recall_vs_k(args.recall_plot)
-        if args.save_scores:
-            torch.save(
-                {
-                    "image_retrieval_scores": result.image_matrix,
-                    "text_retrieval_scores": result.text_matrix,
-                    "similarity": result.similarity,
-                    "caption_image_index": result.caption_image_index,
-                    "image_ids": result.image_ids,
-                },
-                args.save_scores,
-            )
     accelerator.wait_for_everyone()
     return summary
 

@@ -182,8 +182,10 @@ def eager_attention_forward(
 #
 # Each computes what the PyTorch op computes (same function, same dropout rate), only cheaper on CPU; the plain path
 # stays available through `ImageBertPreTrainedModel.set_fast_paths(fast_dropout=False)`, tests/test_fast_paths.py
-# checks that the two agree, and benchmarks/bench_cpu_kernels.py measures each against the op it replaces (figures
-# in benchmarks/RESULTS.md).
+# checks that the two agree, and benchmarks/bench_cpu_kernels.py measures each against the op it replaces (base size,
+# batch 8 x 144 positions, forward + backward, 2 idle cores, torch 2.14.1; figures in benchmarks/RESULTS.md):
+# - `_fast_dropout` / `_fast_dropout_add` (mask from 32-bit random words): 1.42x F.dropout fp32, 1.40x bf16;
+# - `_cpu_training_attention` (attention with dropout, without SDPA's CPU math fallback): 1.45x SDPA fp32, 1.27x bf16.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
