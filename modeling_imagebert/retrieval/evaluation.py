@@ -552,6 +552,26 @@ def _process_state(accelerator) -> tuple[int, int, bool, torch.device | None]:
     )
 
 
+def _prepare_split(model, dataset, processor, protocol, strict: bool, accelerator):
+    """What full-ranking and two-stage evaluation share before scoring: the protocol name checked, the model on this
+    process's device, the split encoded once and checked against the model (and the protocol's sizes with
+    `strict`, before hours of scoring, not after). Returns (rank, world, is_main, device, inputs)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {[p for p in PROTOCOLS if p]} or None, got {protocol!r}")
+    config = getattr(model, "config", None)
+    rank, world, is_main, device = _process_state(accelerator)
+    if device is None:
+        device = next(model.parameters()).device
+    model.to(device)
+    inputs = encode_retrieval_split(
+        dataset, processor, use_global_image_feature=bool(getattr(config, "use_global_image_feature", False))
+    )
+    _check_against_model(inputs, config)
+    if strict and protocol is not None:
+        _check_protocol_sizes(protocol, inputs)
+    return rank, world, is_main, device, inputs
+
+
 def evaluate_retrieval(
     model: torch.nn.Module,
     dataset,
@@ -595,25 +615,14 @@ def evaluate_retrieval(
     Returns:
         `RetrievalEvaluation` (metrics, scores [C, I], caption_image_index [C], image_ids, markdown table).
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {[p for p in PROTOCOLS if p]} or None, got {protocol!r}")
     model = getattr(model, "module", model)  # DDP / accelerate wrappers
     if not callable(getattr(model, "score", None)):
         raise TypeError(
             f"model must have a score(**inputs) method (ImageBERT heads); got {type(model).__name__}"
         )
-    config = getattr(model, "config", None)
-    rank, world, is_main, device = _process_state(accelerator)
-    if device is None:
-        device = next(model.parameters()).device
-    model.to(device)
-
-    inputs = encode_retrieval_split(
-        dataset, processor, use_global_image_feature=bool(getattr(config, "use_global_image_feature", False))
+    rank, world, is_main, device, inputs = _prepare_split(
+        model, dataset, processor, protocol, strict, accelerator
     )
-    _check_against_model(inputs, config)
-    if strict and protocol is not None:
-        _check_protocol_sizes(protocol, inputs)  # before hours of scoring, not after
     num_captions, num_images = inputs.num_captions, inputs.num_images
     if shard_size is None:
         shard_size = max(1, math.ceil(_PAIRS_PER_SHARD / num_images))

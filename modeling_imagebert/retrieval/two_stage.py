@@ -37,14 +37,11 @@ from . import metrics as retrieval_metrics
 from .evaluation import (
     PROTOCOLS,
     RetrievalInputs,
-    _check_against_model,
-    _check_protocol_sizes,
     _pair_batch,
-    _process_state,
+    _prepare_split,
     _ShardCache,
     _to_device,
     compute_metrics,
-    encode_retrieval_split,
     evaluate_retrieval,
     model_fingerprint,
 )
@@ -497,26 +494,15 @@ def evaluate_two_stage(
     Returns:
         `TwoStageEvaluation`.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {[p for p in PROTOCOLS if p]} or None, got {protocol!r}")
     if final_score not in FINAL_SCORES:
         raise ValueError(f"final_score must be one of {FINAL_SCORES}, got {final_score!r}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ValueError(f"candidates (K) must be an int >= 1, got {candidates!r}")
     model = getattr(model, "module", model)
     _check_embedding_model(model)
-    config = getattr(model, "config", None)
-    rank, world, is_main, device = _process_state(accelerator)
-    if device is None:
-        device = next(model.parameters()).device
-    model.to(device)
-
-    inputs = encode_retrieval_split(
-        dataset, processor, use_global_image_feature=bool(getattr(config, "use_global_image_feature", False))
+    rank, world, is_main, device, inputs = _prepare_split(
+        model, dataset, processor, protocol, strict, accelerator
     )
-    _check_against_model(inputs, config)
-    if strict and protocol is not None:
-        _check_protocol_sizes(protocol, inputs)
     num_captions, num_images = inputs.num_captions, inputs.num_images
     ks = sorted({min(int(k), candidates) for k in (ks or default_ks(candidates))} | {candidates})
     if ks[0] < 1:
