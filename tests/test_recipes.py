@@ -386,3 +386,28 @@ def test_a_misspelt_model_override_is_refused_naming_the_closest_field():
     data["model"]["overrides"] = {**data["model"].get("overrides", {}), "num_hiden_layers": 2}
     with pytest.raises(RecipeError, match="num_hiden_layers.*num_hidden_layers"):
         recipe_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("stages.0.learning_rate=.inf", "learning_rate"),
+        ("stages.0.learning_rate=.nan", "learning_rate"),
+        ("stages.0.learning_rate=-1e-4", "learning_rate"),
+        ("stages.0.max_grad_norm=-1", "max_grad_norm"),
+        ("stages.0.max_grad_norm=.inf", "max_grad_norm"),
+        ("stages.0.adam_beta1=1.0", "adam_beta1"),
+        ("stages.0.adam_beta2=-0.1", "adam_beta2"),
+        ("stages.0.adam_epsilon=0", "adam_epsilon"),
+        ("stages.0.weight_decay=.nan", "weight_decay"),
+    ],
+)
+def test_recipe_refuses_optimiser_settings_that_would_train_wrongly(override, field):
+    # A non-finite learning rate trained every weight into NaN; a negative clip norm flipped every gradient.
+    with pytest.raises(RecipeError, match=rf"stages\[0\]\.{field}"):
+        load_recipe(RECIPES / "demo.yaml", [override])
+
+
+def test_clipping_may_be_turned_off():
+    recipe = load_recipe(RECIPES / "demo.yaml", ["stages.0.max_grad_norm=0", "stages.1.max_grad_norm=null"])
+    assert recipe.stages[0].max_grad_norm == 0 and recipe.stages[1].max_grad_norm is None

@@ -14,6 +14,7 @@ exists (also before training).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -269,7 +270,7 @@ def _build(cls: type, data: dict[str, Any], where: str):
 def _positive(value, where: str, allow_none: bool = False, allow_zero: bool = False) -> None:
     if value is None and allow_none:
         return
-    if value is None or value < 0 or (value == 0 and not allow_zero):
+    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise RecipeError(
             f"{where}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}"
         )
@@ -324,6 +325,13 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         _positive(stage.learning_rate, f"{where}.learning_rate")
         _positive(stage.weight_decay, f"{where}.weight_decay", allow_zero=True)
         _positive(stage.warmup_steps, f"{where}.warmup_steps", allow_zero=True)
+        # A negative clip norm flips every gradient (the run climbs its loss); 0 or null turns clipping off.
+        _positive(stage.max_grad_norm, f"{where}.max_grad_norm", allow_none=True, allow_zero=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(stage, name)
+            if not (math.isfinite(value) and 0 <= value < 1):
+                raise RecipeError(f"{where}.{name}: expected a number in [0, 1), got {value!r}")
+        _positive(stage.adam_epsilon, f"{where}.adam_epsilon")
         if not 0 <= stage.warmup_ratio <= 1:
             raise RecipeError(f"{where}.warmup_ratio: expected a number in [0, 1], got {stage.warmup_ratio}")
         if stage.itm_mode not in ("separate", "joint"):
