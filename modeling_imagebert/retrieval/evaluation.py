@@ -306,18 +306,10 @@ def score_caption_rows(
     Returns:
         float32 tensor [caption_end - caption_start, num_images] on the CPU.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of pairs, got {batch_size}")
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    if _device_tensors is None:
-        _device_tensors = _to_device(inputs, device)
-    text, images = _device_tensors
+    device, text, images, compute_dtype = _scoring_setup(model, inputs, batch_size, device, _device_tensors)
     num_images = inputs.num_images
     rows = caption_end - caption_start
     total = rows * num_images
-    compute_dtype = next(model.parameters()).dtype
     # Visit images in order of region count, so a batch (consecutive images of one caption) holds images of similar
     # sizes and is trimmed to few padded regions; scores are written back to each image's own column.
     image_order = torch.sort(images["region_attention_mask"].sum(1), stable=True).indices  # (I,)
@@ -335,6 +327,18 @@ def score_caption_rows(
             if on_batch is not None:
                 on_batch(int(pair.shape[0]))
     return out.cpu()
+
+
+def _scoring_setup(
+    model: torch.nn.Module, inputs: RetrievalInputs, batch_size: int, device, device_tensors
+) -> tuple[torch.device, dict, dict, torch.dtype]:
+    """What every pair scorer needs first: the batch size checked, the device (default: the model's), the split's
+    text and image tensors on it (moved once, unless given), and the model's dtype for the region features."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of pairs, got {batch_size}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    text, images = device_tensors if device_tensors is not None else _to_device(inputs, device)
+    return device, text, images, next(model.parameters()).dtype
 
 
 def _to_device(inputs: RetrievalInputs, device: torch.device) -> tuple[dict, dict]:

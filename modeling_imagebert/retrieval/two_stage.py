@@ -39,6 +39,7 @@ from .evaluation import (
     RetrievalInputs,
     _pair_batch,
     _prepare_split,
+    _scoring_setup,
     _ShardCache,
     _to_device,
     compute_metrics,
@@ -248,13 +249,7 @@ def score_pairs(
     Returns:
         float32 [N] on the CPU.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of pairs, got {batch_size}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    if _device_tensors is None:
-        _device_tensors = _to_device(inputs, device)
-    text, images = _device_tensors
-    compute_dtype = next(model.parameters()).dtype
+    device, text, images, compute_dtype = _scoring_setup(model, inputs, batch_size, device, _device_tensors)
     caption_index, image_index = caption_index.to(device), image_index.to(device)
     width = text["attention_mask"].shape[1] + 1
     key = (
