@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Full-ranking image-text retrieval evaluation of an ImageBERT checkpoint (zero-shot or fine-tuned).
 
 Every caption of the test split is scored against every image (image retrieval: each caption ranks all images;
@@ -6,7 +7,7 @@ reported in both directions, laid out like Table 2 of the ImageBERT paper.
 
 One process:
 
-    python examples/evaluate_retrieval.py --model runs/pretrain --toy
+    python examples/evaluate_retrieval.py --model outputs/imagebert-demo/final --toy   # the demo's zero-shot table
     python examples/evaluate_retrieval.py --model runs/retrieval --dataset data/coco_karpathy --split test \
         --protocol coco_1k --bf16 --cache_dir cache/coco --output_json coco.json --output_markdown coco.md
 
@@ -41,6 +42,8 @@ from accelerate import Accelerator
 
 from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval
 from modeling_imagebert.atomic import atomic_write_bytes
+from modeling_imagebert.cli_arguments import DefaultsHelpFormatter, check_local_model_path
+from modeling_imagebert.data.toy_world import DEMO_TOY_TEST_SPLIT, DEMO_TOY_WORLD
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
 from modeling_imagebert.retrieval.evaluation import PROTOCOLS, evaluate_retrieval
 from modeling_imagebert.retrieval.two_stage import FINAL_SCORES, evaluate_two_stage
@@ -49,9 +52,7 @@ HEADS = {"itm": ImageBertForPreTraining, "retrieval": ImageBertForRetrieval}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument(
         "--model_name_or_path",
         "--model",
@@ -69,17 +70,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--processor", default=None, help="processor folder (default: the model folder)")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--dataset", help="dataset folder written by save_dataset (a split, or a DatasetDict)")
-    data.add_argument("--toy", action="store_true", help="the toy world's retrieval test split (synthetic)")
+    data.add_argument(
+        "--toy",
+        action="store_true",
+        help="the toy world's retrieval test split (synthetic); the --toy_* defaults are the demo's test split",
+    )
     parser.add_argument("--split", default="test", help="split to use when --dataset holds a DatasetDict")
-    parser.add_argument("--toy_test_images", type=int, default=100, help="--toy: images in the test split")
-    parser.add_argument("--toy_seed", type=int, default=0, help="--toy: seed of the scenes")
+    # The demo's world and test split (DEMO_TOY_WORLD, DEMO_TOY_TEST_SPLIT), so `--toy` alone scores what the
+    # demo's zero-shot check scored; feature size and classes follow the checkpoint's config.
     parser.add_argument(
-        "--toy_noise", type=float, default=1.5, help="--toy: region-feature noise (as pre-training)"
+        "--toy_test_images",
+        type=int,
+        default=DEMO_TOY_TEST_SPLIT["num_test_images"],
+        help="--toy: images in the test split",
     )
     parser.add_argument(
-        "--toy_world_seed", type=int, default=0, help="--toy: seed of the world (as pre-training)"
+        "--toy_seed", type=int, default=DEMO_TOY_TEST_SPLIT["seed"], help="--toy: seed of the scenes"
     )
-    parser.add_argument("--toy_num_attributes", type=int, default=8, help="--toy: attributes of the world")
+    parser.add_argument(
+        "--toy_noise",
+        type=float,
+        default=DEMO_TOY_WORLD["noise"],
+        help="--toy: region-feature noise (as pre-training)",
+    )
+    parser.add_argument(
+        "--toy_world_seed",
+        type=int,
+        default=DEMO_TOY_WORLD["world_seed"],
+        help="--toy: seed of the world (as pre-training)",
+    )
+    parser.add_argument(
+        "--toy_num_attributes",
+        type=int,
+        default=DEMO_TOY_WORLD["num_attributes"],
+        help="--toy: attributes of the world (as pre-training)",
+    )
     parser.add_argument(
         "--protocol",
         choices=[p for p in PROTOCOLS if p],
@@ -134,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_model(path: str, head: str | None) -> torch.nn.Module:
     """The scoring model of a checkpoint folder: `--head` when given, otherwise its config's architectures
     (ImageBertForRetrieval -> fine-tuned head; anything else -> the pre-training ITM head, zero-shot)."""
+    # A local folder that does not exist is one line here, not a Hub error after the client's retries.
+    check_local_model_path(path, "--model_name_or_path")
     if head is None:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
@@ -144,6 +171,7 @@ def load_model(path: str, head: str | None) -> torch.nn.Module:
 
 
 def load_processor(path: str) -> ImageBertProcessor:
+    check_local_model_path(path, "--processor", needs=None)
     try:
         return ImageBertProcessor.from_pretrained(path)
     except (OSError, ValueError) as error:

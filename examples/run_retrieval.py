@@ -1,8 +1,9 @@
+#!/usr/bin/env python
 """Fine-tune ImageBERT for image-text retrieval with `transformers.Trainer` (paper §4.4).
 
     # the toy world, from the pre-training demo checkpoint (CPU, a few minutes); with no --do_* flag it trains and
-    # then evaluates (pass the toy world's settings the demo printed, e.g. --toy_noise 1.0)
-    python examples/run_retrieval.py --toy --toy_noise 1.0 --model_name_or_path outputs/imagebert-demo/final \
+    # then evaluates. --toy defaults to the demo's world (DEMO_TOY_WORLD: world seed 0, noise 1.0, 8 attributes)
+    python examples/run_retrieval.py --toy --model_name_or_path outputs/imagebert-demo/final \
         --do_train --do_eval --output_dir outputs/retrieval-toy
 
     # Flickr30k / COCO converted with `python -m modeling_imagebert.data.convert` (one folder per split)
@@ -25,6 +26,9 @@ split with the full-ranking evaluator (`modeling_imagebert.retrieval.evaluation`
 Bad input (a missing or malformed dataset, a bad flag value) ends the script with one line on stderr,
 `error: <file/field>: <what> ; <how to fix>`, and exit status 2; a bare `--debug` (or IMAGEBERT_DEBUG=1) shows the
 traceback instead (`--debug underflow_overflow` stays TrainingArguments' own option).
+
+`--resume_from_checkpoint latest` resumes the newest complete `checkpoint-<step>` in `--output_dir`, or starts from
+scratch (saying so) when there is none, as `examples/run_pretrain.py` does; another value must be a checkpoint folder.
 """
 
 from __future__ import annotations
@@ -42,11 +46,16 @@ import transformers
 from transformers import BertTokenizerFast, HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_imagebert import ImageBertForRetrieval, ImageBertProcessor
+from modeling_imagebert.cli_arguments import (
+    DefaultsHelpFormatter,
+    check_local_model_path,
+    resolve_trainer_resume,
+)
 from modeling_imagebert.configuration_imagebert import parse_retrieval_loss
 from modeling_imagebert.data import DataCollatorForImageTextRetrieval
 from modeling_imagebert.data.collators import DataCollatorForCandidateGroups
 from modeling_imagebert.data.storage import load_dataset_from_disk
-from modeling_imagebert.data.toy_world import make_toy_world
+from modeling_imagebert.data.toy_world import DEMO_TOY_TEST_SPLIT, DEMO_TOY_WORLD, make_toy_world
 from modeling_imagebert.retrieval.trainer import (
     CollatorEpochCallback,
     RetrievalTrainer,
@@ -95,11 +104,23 @@ class RetrievalArguments:
         default=False, metadata={"help": "use the toy world's retrieval splits (train / validation)"}
     )
     toy_num_images: int = field(default=200, metadata={"help": "toy train images (5 captions each)"})
-    toy_num_eval_images: int = field(default=50, metadata={"help": "toy validation images"})
-    toy_seed: int = field(default=0, metadata={"help": "toy scenes seed"})
-    toy_world_seed: int = field(default=0, metadata={"help": "toy world seed (keep the pre-training one)"})
+    toy_num_eval_images: int = field(
+        default=DEMO_TOY_TEST_SPLIT["num_test_images"], metadata={"help": "toy validation (and test) images"}
+    )
+    toy_seed: int = field(
+        default=DEMO_TOY_TEST_SPLIT["seed"],
+        metadata={"help": "toy scenes seed (the demo's: its test split is --toy_eval_split test)"},
+    )
+    toy_world_seed: int = field(
+        default=DEMO_TOY_WORLD["world_seed"], metadata={"help": "toy world seed (keep the pre-training one)"}
+    )
     toy_noise: float = field(
-        default=1.5, metadata={"help": "toy region-feature noise (keep the pre-training one)"}
+        default=DEMO_TOY_WORLD["noise"],
+        metadata={"help": "toy region-feature noise (keep the pre-training one)"},
+    )
+    toy_num_attributes: int = field(
+        default=DEMO_TOY_WORLD["num_attributes"],
+        metadata={"help": "toy attributes (keep the pre-training one)"},
     )
     toy_eval_split: str = field(
         default="validation", metadata={"help": "toy split evaluated: validation or test"}
@@ -127,7 +148,17 @@ class RetrievalArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RetrievalArguments, TrainingArguments]:
-    parser = HfArgumentParser((RetrievalArguments, TrainingArguments))
+    # DefaultsHelpFormatter: --help keeps the usage examples above laid out and shows every set default.
+    parser = HfArgumentParser(
+        (RetrievalArguments, TrainingArguments), description=__doc__, formatter_class=DefaultsHelpFormatter
+    )
+    # TrainingArguments' own help says the flag is for scripts to interpret: say how this one does.
+    for action in parser._actions:
+        if action.dest == "resume_from_checkpoint":
+            action.help = (
+                "'latest': the newest complete checkpoint-<step> in --output_dir (from scratch, saying so, when "
+                "there is none); or a checkpoint folder"
+            )
     # The paper's fine-tuning settings (§4.4) as defaults; the command line still overrides them.
     parser.set_defaults(learning_rate=5e-5, per_device_train_batch_size=24, report_to="none")
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -156,6 +187,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrievalArguments, Train
 
 def load_model_and_processor(args: RetrievalArguments, toy_dims: dict | None):
     """The retrieval model (score head from the ITM head of a pre-training checkpoint) and its processor."""
+    # A local folder that does not exist is one line here, not a Hub error after the client's retries.
+    check_local_model_path(args.model_name_or_path, "--model_name_or_path")
+    check_local_model_path(args.from_bert, "--from_bert")
+    check_local_model_path(args.processor, "--processor", needs=None)
     if args.model_name_or_path is not None:
         model = ImageBertForRetrieval.from_pretrained(args.model_name_or_path)
         processor = ImageBertProcessor.from_pretrained(args.processor or args.model_name_or_path)
@@ -191,6 +226,7 @@ def load_splits(args: RetrievalArguments, feature_dim: int | None, num_classes: 
             world_seed=args.toy_world_seed,
             feature_dim=feature_dim,
             num_classes=num_classes,
+            num_attributes=args.toy_num_attributes,
             noise=args.toy_noise,
         )
         if args.toy_eval_split not in splits:
@@ -214,14 +250,18 @@ def main(argv: list[str] | None = None) -> dict:
     )
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    # `latest` with no checkpoint starts from scratch (as run_pretrain); a missing folder fails here, before any work.
+    resume, message = resolve_trainer_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if message and training_args.do_train:
+        logger.info(message)
 
-    # --from_bert on the toy world: the region sizes come from the toy world's defaults.
+    # --from_bert on the toy world: the region sizes come from the demo's toy world (K classes + background).
     toy_dims = None
     if args.from_bert is not None and args.toy:
         toy_dims = {
-            "visual_feature_dim": 64,
-            "num_object_classes": 25,
-            "max_regions": 30,
+            "visual_feature_dim": DEMO_TOY_WORLD["feature_dim"],
+            "num_object_classes": DEMO_TOY_WORLD["num_classes"] + 1,
+            "max_regions": 30,  # every toy detection (10-30 per image)
             "max_text_length": 24,
         }
     model, processor = load_model_and_processor(args, toy_dims)
@@ -276,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"world_size": training_args.world_size}
     if training_args.do_train:
         start = time.perf_counter()
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model()  # model + processor in output_dir
         metrics = dict(train_result.metrics, train_wall_seconds=time.perf_counter() - start)
         trainer.log_metrics("train", metrics)

@@ -32,6 +32,7 @@ Region class ids lie in ``[0, num_classes]``: the object classes are ``0 .. num_
 import json
 import re
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 from datasets import Dataset, DatasetDict, DatasetInfo
@@ -64,6 +65,15 @@ SPAM_PHRASES = (
 SPAM_WORDS = tuple(sorted({word for phrase in SPAM_PHRASES for word in phrase.split()} - set(TEMPLATE_WORDS)))
 
 VARIANTS = ("curated", "web", "retrieval")
+
+# The toy world of the built-in demo (configuration/pretraining/demo.yaml), as `make_toy_world` arguments. The
+# scripts' `--toy` defaults come from here, so `run_retrieval.py --toy` and `evaluate_retrieval.py --toy` score the
+# world the demo pre-trained on; the recipe repeats the values and tests/test_script_agreement.py fails if they drift.
+DEMO_TOY_WORLD = MappingProxyType(
+    {"world_seed": 0, "feature_dim": 64, "num_classes": 12, "num_attributes": 8, "noise": 1.0}
+)
+# The demo's zero-shot test split: `make_toy_world("retrieval", seed=3, num_test_images=25, **DEMO_TOY_WORLD)["test"]`.
+DEMO_TOY_TEST_SPLIT = MappingProxyType({"seed": 3, "num_test_images": 25})
 RETRIEVAL_SPLITS = ("train", "validation", "test")
 
 _NUM_BACKGROUND_KINDS = 4
@@ -655,4 +665,13 @@ def toy_world_for(dataset: Dataset) -> ToyWorld:
     )
 
 
-__all__ = ["ToyWorld", "make_toy_world", "toy_world_for", "CLASS_NAMES", "ATTRIBUTE_NAMES", "VARIANTS"]
+__all__ = [
+    "ATTRIBUTE_NAMES",
+    "CLASS_NAMES",
+    "DEMO_TOY_TEST_SPLIT",
+    "DEMO_TOY_WORLD",
+    "VARIANTS",
+    "ToyWorld",
+    "make_toy_world",
+    "toy_world_for",
+]

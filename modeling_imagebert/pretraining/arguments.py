@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli_arguments import DefaultsHelpFormatter
 from .recipes import Recipe, check_recipe_paths, load_recipe, validate_recipe
 
 # Flags copied as-is into the recipe's `training` section.
@@ -26,7 +27,10 @@ def build_argument_parser(description: str | None, default_recipe: str | Path) -
     """The pre-training command line. `description`: the script's docstring; `default_recipe`: the recipe run
     when `--recipe` is not given. Every flag but `--recipe` and `--set` defaults to None (keep the recipe's value)."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description,
+        formatter_class=DefaultsHelpFormatter,
+        epilog=f"A flag that overrides the recipe keeps the recipe's value when not given (default recipe: "
+        f"{default_recipe}); the other flags' defaults are shown beside them.",
     )
     add = parser.add_argument
     add("--recipe", default=str(default_recipe), help="recipe YAML (default: %(default)s)")

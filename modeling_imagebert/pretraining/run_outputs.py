@@ -4,8 +4,10 @@ optional Hub upload and the next commands to run."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_text
+from ..data.toy_world import DEMO_TOY_TEST_SPLIT, DEMO_TOY_WORLD, make_toy_world
 from .checkpoints import ResumePoint, load_checkpoint_state, save_pretrained_atomic
 from .loss_curves import LOSS_CURVES_NAME, write_loss_curves
 from .loss_log import history_until
@@ -118,8 +121,8 @@ def save_run_results(
 ) -> Path:
     """Writes, on the main process: `loss_curves.png` (when matplotlib is installed) and `pretrain_results.json`
     in `output_dir`, and the final model folder `output_dir/final` (model, processor, the model card built from
-    `base_card` with the stages, final losses, recalls and the embedded loss curves, and the PNG). Returns the
-    final folder."""
+    `base_card` with the saved model's architecture and parameter count, the stages, final losses, recalls and the
+    embedded loss curves, and the PNG). Returns the final folder."""
     history = results.get("loss_history", [])
     png = write_loss_curves(
         history,
@@ -133,6 +136,7 @@ def save_run_results(
         results.get("final_losses"),
         results.get("zero_shot_retrieval"),
         loss_curves=LOSS_CURVES_NAME if png is not None else None,
+        model=model,
     )
     final_dir = output_dir / "final"
     save_pretrained_atomic(model, processor, final_dir, card=card, files=[png] if png is not None else [])
@@ -152,28 +156,65 @@ def push_final_model(final_dir: Path, repo_id: str, recipe_name: str) -> str:
     return f"https://huggingface.co/{repo_id}"
 
 
+# The scripts' `--toy` flags for the world and test split of a recipe's evaluation, with the default each script
+# takes (DEMO_TOY_WORLD / DEMO_TOY_TEST_SPLIT): only values that differ from it are printed.
+_EVALUATE_TOY_FLAGS = (
+    ("num_test_images", "--toy_test_images", DEMO_TOY_TEST_SPLIT["num_test_images"]),
+    ("seed", "--toy_seed", DEMO_TOY_TEST_SPLIT["seed"]),
+    ("world_seed", "--toy_world_seed", DEMO_TOY_WORLD["world_seed"]),
+    ("noise", "--toy_noise", DEMO_TOY_WORLD["noise"]),
+    ("num_attributes", "--toy_num_attributes", DEMO_TOY_WORLD["num_attributes"]),
+)
+_RETRIEVAL_TOY_FLAGS = (
+    ("num_test_images", "--toy_num_eval_images", DEMO_TOY_TEST_SPLIT["num_test_images"]),
+    ("seed", "--toy_seed", DEMO_TOY_TEST_SPLIT["seed"]),
+    ("world_seed", "--toy_world_seed", DEMO_TOY_WORLD["world_seed"]),
+    ("noise", "--toy_noise", DEMO_TOY_WORLD["noise"]),
+    ("num_attributes", "--toy_num_attributes", DEMO_TOY_WORLD["num_attributes"]),
+)
+
+
+def _toy_flags(toy: Mapping[str, Any], flags: tuple[tuple[str, str, Any], ...]) -> str:
+    """` --toy` and the flags whose value in the recipe's `toy_world` (or make_toy_world's default where the recipe
+    leaves it out) differs from the script's default."""
+    defaults = {
+        name: parameter.default for name, parameter in inspect.signature(make_toy_world).parameters.items()
+    }
+    text = " --toy"
+    for key, flag, script_default in flags:
+        value = toy.get(key, defaults[key])
+        if value != script_default:
+            text += f" {flag} {value}"
+    return text
+
+
 def next_steps_message(recipe: Recipe, final_dir: Path, wall_seconds: float) -> str:
-    """The closing lines of a run: where the model is, how to load it, and the fine-tuning and evaluation
-    commands (with the toy-world flags that reproduce the zero-shot check's test split when the recipe used it)."""
+    """The closing lines of a run: where the model is, how to load it, and the commands to run next, each a
+    complete `python examples/...` line: evaluate the model again, fine-tune it for retrieval, evaluate the
+    fine-tuned model. When the recipe's zero-shot check used the toy world, they pass the `--toy` flags that score
+    the same world and test split (fine-tuning trains on that seed's train split and validates on its validation
+    split, disjoint images)."""
     dataset = recipe.evaluation.dataset if recipe.evaluation is not None else None
     toy: Mapping[str, Any] | None = dataset.toy_world if dataset is not None and dataset.toy_world else None
     if toy:
-        world = f" --toy --toy_world_seed {toy.get('world_seed', 0)} --toy_noise {toy.get('noise', 1.5)}"
-        retrieval_flags = world
-        eval_flags = (
-            f" --toy --toy_test_images {toy.get('num_test_images', 100)} --toy_seed {toy.get('seed', 0)}"
-            f" --toy_world_seed {toy.get('world_seed', 0)} --toy_noise {toy.get('noise', 1.5)}"
-        )
+        eval_flags = _toy_flags(toy, _EVALUATE_TOY_FLAGS)
+        retrieval_flags = _toy_flags(toy, _RETRIEVAL_TOY_FLAGS)
+        fine_tuned = "outputs/retrieval-toy"
     else:
-        retrieval_flags = " --train_dataset DATASET --eval_dataset DATASET"
         eval_flags = " --dataset DATASET"
+        retrieval_flags = " --train_dataset DATASET --eval_dataset DATASET"
+        fine_tuned = "outputs/retrieval"
+    final = shlex.quote(str(final_dir))
     return (
         f"\nDone in {wall_seconds:.0f} s. Pre-trained model and processor: {final_dir}\n"
         f"  load it:   AutoModelForPreTraining.from_pretrained('{final_dir}')  (import modeling_imagebert first, or "
         f"pass trust_remote_code=True)\n"
-        f"  next:      fine-tune for retrieval with examples/run_retrieval.py --model_name_or_path {final_dir}"
-        f"{retrieval_flags} --do_train --do_eval --output_dir outputs/retrieval\n"
-        f"             evaluate with examples/evaluate_retrieval.py --model_name_or_path {final_dir}{eval_flags}"
+        f"  next:      python examples/evaluate_retrieval.py --model_name_or_path {final}{eval_flags}"
+        "   # the zero-shot table again\n"
+        f"             python examples/run_retrieval.py --model_name_or_path {final}{retrieval_flags}"
+        f" --output_dir {fine_tuned}   # fine-tune for retrieval\n"
+        f"             python examples/evaluate_retrieval.py --model_name_or_path {fine_tuned}{eval_flags}"
+        "   # the fine-tuned model"
     )
 
 
