@@ -13,7 +13,7 @@ import torch
 
 from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval, ImageBertProcessor
 from modeling_imagebert.data.collators import DataCollatorForCandidateGroups
-from modeling_imagebert.data.toy_world import make_toy_world
+from modeling_imagebert.data.toy_world import DEMO_TOY_WORLD, make_toy_world
 from modeling_imagebert.retrieval.trainer import (
     CollatorEpochCallback,
     candidate_group_recall,
@@ -61,6 +61,7 @@ def toy_eval_split():
         seed=5,
         feature_dim=FEATURE_DIM,
         num_classes=NUM_CLASSES,
+        noise=DEMO_TOY_WORLD["noise"],  # the script's --toy_noise default
     )["validation"]
 
 
