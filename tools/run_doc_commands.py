@@ -178,7 +178,9 @@ def skip_reason(
     missing = [need for need in command.needs if need not in have]
     if missing:
         details = [
-            f"{need} (made by {provided_by[need]}, which did not pass)" if need in provided_by else need
+            f"{need} (made by {provided_by[need]}, which did not pass in this run)"
+            if need in provided_by
+            else need
             for need in missing
         ]
         return "needs " + ", ".join(details)
@@ -252,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
     root = args.workdir.resolve() if args.workdir is not None else REPO
     commands = all_commands(root, args.only)
+    # What provides a need is looked up in every file, so a skipped --only file is still named as its source.
+    provided_by = {need: command.where for command in all_commands(root) for need in command.provides}
     if args.list:
         for index, command in enumerate(commands, 1):
             markers = [f"needs: {', '.join(command.needs)}"] if command.needs else []
@@ -265,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     workdir = root if args.workdir is not None else fresh_clone(REPO)
     print(f"work folder: {workdir}")
     have = {name.lower() for name in args.have} | ({"gpu"} if gpu_present() else set())
-    provided_by = {need: command.where for command in commands for need in command.provides}
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
     for index, command in enumerate(commands, 1):
         head = f"{index:3d}. {command.where}: {_one_line(command.text)[:100]}"

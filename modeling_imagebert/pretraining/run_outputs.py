@@ -210,7 +210,7 @@ def next_steps_message(recipe: Recipe, final_dir: Path, wall_seconds: float) -> 
         f"  load it:   AutoModelForPreTraining.from_pretrained('{final_dir}')  (import modeling_imagebert first, or "
         f"pass trust_remote_code=True)\n"
         f"  next:      python examples/evaluate_retrieval.py --model_name_or_path {final}{eval_flags}"
-        "   # the zero-shot table again\n"
+        "   # zero-shot retrieval\n"
         f"             python examples/run_retrieval.py --model_name_or_path {final}{retrieval_flags}"
         f" --output_dir {fine_tuned}   # fine-tune for retrieval\n"
         f"             python examples/evaluate_retrieval.py --model_name_or_path {fine_tuned}{eval_flags}"
