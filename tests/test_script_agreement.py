@@ -442,6 +442,21 @@ def test_doc_runner_lists_marks_and_runs_commands_in_order(tmp_path, capsys):
     )
 
 
+def test_doc_runner_runs_a_command_after_the_later_one_that_provides_its_need(tmp_path, capsys):
+    runner = load_script("run_doc_commands.py")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(
+        "```bash\n# needs: model\ngrep -q trained model.txt\necho first\n```\n"
+    )
+    (tmp_path / "docs" / "finetuning.md").write_text(
+        "```bash\necho trained > model.txt   # provides: model\n```\n"
+    )
+    assert runner.main(["--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    verdicts = re.findall(r"^(PASS|FAIL|SKIP) +\d+\. (\S+):", out, flags=re.MULTILINE)
+    assert verdicts == [("PASS", "README.md:4"), ("PASS", "docs/finetuning.md:2"), ("PASS", "README.md:3")]
+
+
 # -------------------------------------------------------------------------------- evaluation cache under SIGKILL
 
 

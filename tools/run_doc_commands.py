@@ -6,9 +6,9 @@
     python tools/run_doc_commands.py --only docs/evaluation.md --workdir ../my-checkout --have demo
 
 Commands are the ```bash blocks of README.md, then docs/pretraining.md, docs/finetuning.md, docs/evaluation.md and
-the other docs/*.md alphabetically (the order a reader follows: the demo before what uses its output). A line
-ending in `\\` continues on the next one. Comment lines mark the command that follows them (a trailing comment
-marks its own line's command):
+the other docs/*.md alphabetically (the order a reader follows; a command that needs what a later one provides
+waits for it). A line ending in `\\` continues on the next one. Comment lines mark the command that follows them (a
+trailing comment marks its own line's command):
 
     # needs: flickr30k, gpu       skipped unless each need is present: `gpu` when torch sees a GPU, `demo` (or
                                   any other name) once a command that `provides:` it passed, or given by --have
@@ -270,7 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder: {workdir}")
     have = {name.lower() for name in args.have} | ({"gpu"} if gpu_present() else set())
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
-    for index, command in enumerate(commands, 1):
+    # A command whose need a later command provides (the README's use of a model the docs' commands train) waits
+    # until that command has run: the queue keeps reading order otherwise.
+    positions = {id(command): index for index, command in enumerate(commands, 1)}
+    queue, waited = list(commands), set()
+    while queue:
+        command = queue.pop(0)
+        index = positions[id(command)]
+        pending = [provider for provider in queue if set(provider.provides) & (set(command.needs) - have)]
+        if pending and id(command) not in waited:
+            waited.add(id(command))
+            queue.insert(queue.index(pending[-1]) + 1, command)
+            continue
         head = f"{index:3d}. {command.where}: {_one_line(command.text)[:100]}"
         reason = skip_reason(
             command, have, skip_slow=args.skip_slow, allow_install=args.allow_install, provided_by=provided_by
