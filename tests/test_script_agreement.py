@@ -455,6 +455,13 @@ def test_doc_runner_runs_a_command_after_the_later_one_that_provides_its_need(tm
     out = capsys.readouterr().out
     verdicts = re.findall(r"^(PASS|FAIL|SKIP) +\d+\. (\S+):", out, flags=re.MULTILINE)
     assert verdicts == [("PASS", "README.md:4"), ("PASS", "docs/finetuning.md:2"), ("PASS", "README.md:3")]
+    (tmp_path / "model.txt").write_text("trained elsewhere")
+    assert runner.main(["--workdir", str(tmp_path), "--have", "model"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "provides model, given by --have" in out
+        and (tmp_path / "model.txt").read_text() == "trained elsewhere"
+    )
 
 
 # -------------------------------------------------------------------------------- evaluation cache under SIGKILL

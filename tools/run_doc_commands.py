@@ -12,7 +12,8 @@ trailing comment marks its own line's command):
 
     # needs: flickr30k, gpu       skipped unless each need is present: `gpu` when torch sees a GPU, `demo` (or
                                   any other name) once a command that `provides:` it passed, or given by --have
-    # provides: demo              this command makes `demo` (the demo's outputs/imagebert-demo) for later ones
+    # provides: demo              this command makes `demo` (the demo's outputs/imagebert-demo) for later ones;
+                                  not run when --have names all it provides (an existing output is reused)
     # slow                        skipped with --skip-slow (minutes)
 
 Commands that install packages (`make demo`, `make test`, `make install`, `pip install`) would repoint this
@@ -169,12 +170,21 @@ def gpu_present() -> bool:
 
 
 def skip_reason(
-    command: DocCommand, have: set[str], *, skip_slow: bool, allow_install: bool, provided_by: dict[str, str]
+    command: DocCommand,
+    have: set[str],
+    *,
+    skip_slow: bool,
+    allow_install: bool,
+    provided_by: dict[str, str],
+    given: frozenset[str] = frozenset(),
 ) -> str | None:
     """Why `command` is not run (None: run it). `have`: the needs present now; `provided_by`: need -> where a
-    command that provides it is (to say which earlier command did not run)."""
+    command that provides it is (to say which earlier command did not run); `given`: the needs --have declared
+    present (a command that only provides those is not run again)."""
     if command.installs and not allow_install:
         return "installs packages into this environment (pass --allow-install)"
+    if command.provides and set(command.provides) <= given:
+        return f"provides {', '.join(command.provides)}, given by --have"
     missing = [need for need in command.needs if need not in have]
     if missing:
         details = [
@@ -248,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, default=None, help="run in this checkout instead of a fresh clone of HEAD"
     )
     parser.add_argument(
+        "--show-output",
+        action="store_true",
+        help="print every command's output, not only the tail of failures",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=1800, help="seconds per command (default: %(default)s)"
     )
     args = parser.parse_args(argv)
@@ -268,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = root if args.workdir is not None else fresh_clone(REPO)
     print(f"work folder: {workdir}")
-    have = {name.lower() for name in args.have} | ({"gpu"} if gpu_present() else set())
+    given = frozenset(name.lower() for name in args.have)
+    have = set(given) | ({"gpu"} if gpu_present() else set())
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
     # A command whose need a later command provides (the README's use of a model the docs' commands train) waits
     # until that command has run: the queue keeps reading order otherwise.
@@ -284,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         head = f"{index:3d}. {command.where}: {_one_line(command.text)[:100]}"
         reason = skip_reason(
-            command, have, skip_slow=args.skip_slow, allow_install=args.allow_install, provided_by=provided_by
+            command,
+            have,
+            skip_slow=args.skip_slow,
+            allow_install=args.allow_install,
+            provided_by=provided_by,
+            given=given,
         )
         if reason is not None:
             counts["SKIP"] += 1
@@ -295,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'PASS' if passed else 'FAIL'} {head}  ({seconds:.0f} s)", flush=True)
         if passed:
             have.update(command.provides)
-        else:
-            tail = "\n".join(output.rstrip().splitlines()[-15:])
+        if args.show_output or not passed:
+            tail = "\n".join(output.rstrip().splitlines()[None if args.show_output else -15 :])
             print("       | " + tail.replace("\n", "\n       | "), flush=True)
     print(
         f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped (work folder: {workdir})"
