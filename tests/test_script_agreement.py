@@ -467,10 +467,6 @@ def test_doc_runner_runs_a_command_after_the_later_one_that_provides_its_need(tm
 # -------------------------------------------------------------------------------- evaluation cache under SIGKILL
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("IMAGEBERT_SLOW") != "1", reason="slow (a second Python process): set IMAGEBERT_SLOW=1"
-)
 def test_sigkill_mid_scoring_then_rerun_equals_a_straight_run(scripts, tiny_checkpoint, tmp_path):
     from modeling_imagebert.data.storage import save_dataset
 
