@@ -325,3 +325,16 @@ def test_rotation_keeps_other_runs_and_later_checkpoints_of_an_earlier_attempt(t
     with pytest.raises(CheckpointError, match="trainer_state.json fails its sha256 checksum"):
         _flip_byte(mine[2] / "trainer_state.json")
         find_resume_point(tmp_path, str(mine[2]))
+
+
+def test_a_model_folder_as_output_dir_or_another_runs_checkpoint_is_refused(runs, tmp_path, minilm_path):
+    straight = runs / "straight"
+    before = _snapshot(straight)
+    assert "written by run_pretrain model" in _refusal(_demo_argv(minilm_path, straight / "final"))
+    out = _copy(runs, "stopped", tmp_path)
+    theirs = straight / "checkpoint-1-1"
+    message = _refusal(_demo_argv(minilm_path, out, "--resume_from_checkpoint", str(theirs)))
+    assert (
+        f"{theirs}: belongs to run {run_id_of(theirs)}" in message and read_marker(out)["run_id"] in message
+    )
+    assert _snapshot(straight) == before

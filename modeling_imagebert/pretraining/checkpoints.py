@@ -53,7 +53,10 @@ SCHEDULER_NAME = "lr_scheduler.pt"
 MANIFEST_NAME = "manifest.json"
 # SHA-256 measured faster than blake2b here (CPU SHA extensions): ~0.5 s for a 280 MB demo checkpoint.
 HASH_NAME = "sha256"
+# The `written_by` of the markers: distinct from the output folder's ("run_pretrain"), so a checkpoint or model
+# folder given as --output_dir is never taken for a run's output folder.
 CHECKPOINT_WRITER = "run_pretrain checkpoint"
+MODEL_WRITER = "run_pretrain model"
 
 T = TypeVar("T")
 
@@ -364,7 +367,7 @@ def save_pretrained_atomic(
     """`model.save_pretrained` + `processor.save_pretrained` (+ README.md `card`, + copies of `files`, e.g. the
     loss-curve PNG the card embeds) into a temporary folder with a manifest and a marker naming `run_id`, renamed
     onto `target` when complete. Call on the main process only."""
-    with atomic_folder(target, overwrite=True, written_by="run_pretrain", run_id=run_id) as temp:
+    with atomic_folder(target, overwrite=True, written_by=MODEL_WRITER, run_id=run_id) as temp:
         model.save_pretrained(temp)
         if processor is not None:
             processor.save_pretrained(temp)
