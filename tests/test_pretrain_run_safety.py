@@ -164,6 +164,15 @@ def test_overwrite_output_dir_refuses_what_run_pretrain_did_not_write_and_delete
     assert "not written by run_pretrain" in _refusal(_demo_argv(minilm_path, theirs))
     assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
 
+    # A converted dataset carries the package's marker, but it is no run_pretrain output folder.
+    from modeling_imagebert.data.storage import save_dataset
+    from modeling_imagebert.data.toy_world import make_toy_world
+
+    dataset = save_dataset(make_toy_world(variant="web", num_images=4, seed=1), tmp_path / "dataset")
+    before = _snapshot(dataset)
+    assert "not by run_pretrain" in _refusal(_demo_argv(minilm_path, dataset, "--overwrite_output_dir"))
+    assert _snapshot(dataset) == before
+
     cwd = tmp_path / "work"
     cwd.mkdir()
     (cwd / "recipe-notes.md").write_text("mine")

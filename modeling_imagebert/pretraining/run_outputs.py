@@ -17,6 +17,7 @@ from ..atomic import (
     TEMP_PREFIX,
     UnsafeRemovalError,
     atomic_write_text,
+    check_removable,
     read_marker,
     remove_ours,
     remove_stale_temporaries_in,
@@ -165,8 +166,15 @@ def _check_not_foreign(output_dir: Path) -> None:
 
 def _new_run(output_dir: Path, overwrite: bool, inputs: list[Path]) -> RunStart:
     if overwrite and output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        # Only a folder run_pretrain (or another command of the package) wrote, never the current folder or one
-        # that is or holds an input of the recipe.
+        # Never the current folder or one above it, nor one that is or holds an input of the recipe; and only an
+        # output folder of run_pretrain (not, say, a converted dataset, though it carries the package's marker).
+        check_removable(output_dir, inputs=inputs)
+        marker = read_marker(output_dir)
+        if marker.get("written_by") != RUN_WRITER:
+            raise UnsafeRemovalError(
+                f"{output_dir}: was written by {marker.get('written_by')}, not by run_pretrain, and is not "
+                "replaced ; remove it yourself or choose another --output_dir"
+            )
         remove_ours(output_dir, inputs=inputs)
         print(f"--overwrite_output_dir: removed {output_dir} (written by an earlier run)")
         return RunStart(run_id=new_run_id(), resume_point=None)
@@ -274,6 +282,10 @@ def prepare_output_dir(
         RecipeMismatchError: a resume with another recipe, without `ignore_recipe_mismatch`.
     """
     output_dir = Path(output_dir).absolute()
+    if overwrite and resume_from_checkpoint:
+        raise ValueError(
+            "--overwrite_output_dir starts the run again, --resume_from_checkpoint continues it: not both"
+        )
 
     def decide_and_write() -> RunStart:
         start = _resumed_run(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
