@@ -12,7 +12,8 @@ fields: `--set stages.0.max_steps=3`, or the dedicated flags (`--help`).
 
 Writes to the output folder: `stage-<k>-final/` per stage, `final/` (model, processor, model card),
 `checkpoint-<stage>-<step>/` (resume with `--resume_from_checkpoint latest`), `pretrain_results.json` and
-`loss_curves.png` (the per-task loss curves of every stage).
+`loss_curves.png` (the per-task loss curves of every stage). A folder holding another run is refused: continue it
+with `--resume_from_checkpoint latest` or replace it with `--overwrite_output_dir` (only a folder this script wrote).
 """
 
 import sys
@@ -153,15 +154,18 @@ def training_function(recipe, args) -> dict:
         project_dir=str(output_dir),
     )
     outputs_of_run.set_cpu_threads(accelerator, training.num_threads)
-    outputs_of_run.prepare_output_dir(accelerator, output_dir, recipe, args.overwrite_output_dir)
+    # Before anything is written: refuse a folder holding another run (or files not ours), resolve the resume
+    # point (newest intact checkpoint of this folder's run) and check the recipe against it; then mark the folder
+    # with the run id and write recipe.json.
+    start = outputs_of_run.prepare_output_dir(
+        accelerator, output_dir, recipe, args.overwrite_output_dir,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+        ignore_recipe_mismatch=args.ignore_recipe_mismatch, inputs=[args.recipe],
+    )  # fmt: skip
+    resume_point = start.resume_point
     if accelerator.log_with:
         accelerator.init_trackers(recipe.name.replace("/", "-"))
 
-    resume_point = None
-    if args.resume_from_checkpoint:
-        resume_point = ckpt.find_resume_point(output_dir, args.resume_from_checkpoint)
-        if resume_point is None:
-            accelerator.print(f"no checkpoint in {output_dir}; starting from scratch")
     history = outputs_of_run.resumed_loss_history(output_dir, resume_point)
 
     # The seed before building the model, so new weights (region embedding, heads) are reproducible.
@@ -194,7 +198,9 @@ def training_function(recipe, args) -> dict:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     final = output_dir / ckpt.stage_final_name(stage_index + 1)
-                    ckpt.save_pretrained_atomic(accelerator.unwrap_model(model), processor, final)
+                    ckpt.save_pretrained_atomic(
+                        accelerator.unwrap_model(model), processor, final, run_id=start.run_id
+                    )
                     outputs_of_run.save_loss_history(output_dir, history)
                     accelerator.print(f"stage {stage_index + 1} final weights: {final}")
                 accelerator.wait_for_everyone()
@@ -231,7 +237,9 @@ def training_function(recipe, args) -> dict:
     # Final model + card (with the loss curves), pretrain_results.json and loss_curves.png; then the Hub.
     if accelerator.is_main_process:
         card = read_base_card(REPO_ROOT / "MODEL_CARD.md")  # the project's card; the run appends its section
-        outputs_of_run.save_run_results(model, processor, recipe, results, output_dir, card)
+        outputs_of_run.save_run_results(
+            model, processor, recipe, results, output_dir, card, run_id=start.run_id
+        )
         if args.push_to_hub:
             repo_id = args.hub_model_id or output_dir.name
             url = outputs_of_run.push_final_model(final_dir, repo_id, recipe.name)
@@ -250,7 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
         recipe = recipe_from_arguments(args)
     except (RecipeError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    return training_function(recipe, args)
+    try:
+        return training_function(recipe, args)
+    except outputs_of_run.RUN_FOLDER_ERRORS as error:  # a refused output folder, checkpoint or recipe change
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
