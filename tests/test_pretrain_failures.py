@@ -5,6 +5,7 @@ script's errors are one line with exit status 2. Runs are driven in-process, as 
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -155,6 +156,11 @@ def test_a_nan_task_loss_stops_the_run_naming_stage_step_and_task_and_keeps_the_
     assert f"resume from the last good checkpoint {out / 'checkpoint-1-2'}" in errors[0]
     # The checkpoint due at step 4 (after the bad step) is never written, nor any final folder.
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-1-2"]
+    _assert_nothing_non_finite(out)
+    # The last good checkpoint is intact: the run resumes from it and finishes.
+    monkeypatch.setattr(ImageBertForPreTraining, "forward", original)
+    code, errors = _cli(_argv(tmp_path, recipe, "--resume_from_checkpoint", "latest"), capsys)
+    assert code == 0 and errors == [] and (out / "final" / "model.safetensors").is_file()
     _assert_nothing_non_finite(out)
 
 
@@ -396,6 +402,13 @@ def test_a_recipe_error_and_a_missing_dataset_print_one_line_and_exit_2(tmp_path
     assert code == 2 and len(errors) == 1
     assert "stages[1].datasets[0].path: no dataset folder at" in errors[0] and "data/cc" in errors[0]
     assert not (tmp_path / "missing").exists()
+    code, errors = _cli(
+        _argv(tmp_path, _recipe(minilm_path), "--set", "stages.1.gradient_accumulation_steps=2"), capsys
+    )
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith(
+        "error: stages[1].gradient_accumulation_steps: 2 differs from stages[0]'s 1 ;"
+    )
     with pytest.raises(RecipeError, match="no dataset folder"):  # main itself raises; --debug shows it
         run_pretrain.main(_argv(tmp_path, recipe, name="missing"))
     with pytest.raises(RecipeError):
@@ -433,3 +446,26 @@ def test_the_script_run_as_a_command_prints_one_line_for_a_missing_dataset(
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exited.value.code == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and "stages[0].datasets[0].path" in lines[0]
+
+
+@pytest.mark.skipif(os.environ.get("IMAGEBERT_SLOW") != "1", reason="slow: set IMAGEBERT_SLOW=1")
+def test_two_processes_stop_together_on_a_non_finite_loss_and_print_one_line(tmp_path, minilm_path):
+    import subprocess
+    import sys
+
+    recipe = _recipe(minilm_path, stages=1, steps=6)
+    recipe["training"].update(save_steps=1, logging_steps=10)
+    argv = _argv(tmp_path, recipe, "--set", "stages.0.learning_rate=1e30")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
+        str(ROOT / "examples" / "run_pretrain.py"), *argv,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    assert errors[0].startswith("error: stage 1 (s1) step ") and "non-finite" in errors[0]
+    out = tmp_path / "run"
+    assert not (out / "final").exists() and not (out / "stage-1-final").exists()
+    _assert_nothing_non_finite(out)
