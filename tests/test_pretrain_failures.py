@@ -327,6 +327,19 @@ def test_a_dataset_edited_in_place_is_validated_again(tmp_path, monkeypatch):
     assert stage_checks.dataset_cache_key(_toy_dataset()) is None  # in memory: validated each time
 
 
+def test_a_bad_evaluation_split_is_refused_before_training_not_after_it(
+    tmp_path, minilm_path, count_forwards, capsys
+):
+    data = _saved(tmp_path, "test_split", lambda rows: rows[2].update(image_width=0))
+    recipe = _recipe(minilm_path)
+    recipe["evaluation"] = {"dataset": {"path": str(data)}, "batch_size": 8}
+    argv = [a for a in _argv(tmp_path, recipe) if a != "--no_eval"]
+    code, errors = _cli(argv, capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert f"evaluation.dataset ({data}): record 2" in errors[0] and "field 'image_width'" in errors[0]
+    assert count_forwards["n"] == 0
+
+
 def test_an_itm_stage_whose_rows_share_one_image_id_is_refused_before_training(
     tmp_path, minilm_path, count_forwards, capsys
 ):

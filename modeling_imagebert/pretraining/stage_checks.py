@@ -8,7 +8,8 @@ traceback naming no row. `check_stage_data` loads every source of every remainin
 - checks it against the model: region feature dimension vs `visual_feature_dim`, class ids vs `num_object_classes`
   (the first row beyond it named), and, in a stage that trains ITM, that the source has at least two image_ids
   (negatives are partners with another image_id: with one, ITM would see positives only);
-- checks the tokenizer against the model's `vocab_size` (token ids beyond it would index past the embedding).
+- checks the tokenizer against the model's `vocab_size` (token ids beyond it would index past the embedding);
+- checks the evaluation split the same way (it is read only after the last stage).
 
 Each error names `stages[i].datasets[j]`, the source, the row and the field. The row validation of a saved dataset
 is cached by the dataset's identity (its `_fingerprint`, row count and the names, sizes and modification times of
@@ -231,8 +232,8 @@ def check_stage_data(
     show_progress: bool = True,
     log: Callable[[str], Any] = print,
 ) -> dict[str, SourceSummary | None]:
-    """Checks the data of stages `first_stage`.. (0-based) of `recipe` against the schema and the model, before any
-    stage trains (see the module docstring).
+    """Checks the data of stages `first_stage`.. (0-based) of `recipe`, and its evaluation split, against the
+    schema and the model, before any stage trains (see the module docstring).
 
     Args:
         recipe: the run's `Recipe`; processor: its `ImageBertProcessor`; config: the model's `ImageBertConfig`.
@@ -241,7 +242,7 @@ def check_stage_data(
         show_progress: progress bars of the row validation; log: where one status line per source goes.
 
     Returns:
-        `{"stages[i].datasets[j]": SourceSummary or None (text-only)}`.
+        `{"stages[i].datasets[j]" or "evaluation.dataset": SourceSummary or None (text-only)}`.
 
     Raises:
         RecipeError, DataValidationError: naming the stage, dataset, row and field (see `check_source`).
@@ -253,19 +254,23 @@ def check_stage_data(
             f"ids would fall outside the word embeddings ; use the tokenizer of the model's checkpoint "
             f"(model.tokenizer) or set model.overrides.vocab_size"
         )
+    sources = [
+        (f"stages[{i}].datasets[{j}]", spec, float(recipe.stages[i].tasks.get("itm", 0.0)))
+        for i in range(first_stage, len(recipe.stages))
+        for j, spec in enumerate(recipe.stages[i].datasets)
+    ]
+    if recipe.evaluation is not None and recipe.evaluation.dataset is not None:
+        # Read only after training, so checked now too: a bad test split must not cost a finished run its results.
+        sources.append(("evaluation.dataset", recipe.evaluation.dataset, 0.0))
     summaries: dict[str, SourceSummary | None] = {}
-    for i in range(first_stage, len(recipe.stages)):
-        stage = recipe.stages[i]
-        for j, spec in enumerate(stage.datasets):
-            where = f"stages[{i}].datasets[{j}]"
-            try:
-                dataset = load_source(spec, base)
-            except (RecipeError, DataValidationError) as error:
-                raise type(error)(f"{where}: {error}") from None
-            summaries[where] = check_source(
-                dataset, spec, where, config, itm_weight=float(stage.tasks.get("itm", 0.0)),
-                show_progress=show_progress, log=log,
-            )  # fmt: skip
+    for where, spec, itm_weight in sources:
+        try:
+            dataset = load_source(spec, base)
+        except (RecipeError, DataValidationError, FileNotFoundError) as error:
+            raise type(error)(f"{where}: {error}") from None
+        summaries[where] = check_source(
+            dataset, spec, where, config, itm_weight=itm_weight, show_progress=show_progress, log=log
+        )
     return summaries
 
 
