@@ -141,6 +141,20 @@ def first_class_beyond(dataset: Any, num_classes: int) -> tuple[int, str, int, i
     return row, str(table.column("image_id")[row].as_py()), region, int(ids[region])
 
 
+def check_feature_dim(features: Any, config: Any, where: str) -> None:
+    """Raises RecipeError naming `where` when the `region_features` column of `features` (a `datasets.Features`)
+    is not `config.visual_feature_dim` wide. A dataset without that column passes."""
+    region_type = features.get("region_features")
+    shape = getattr(region_type, "shape", None)
+    dim = shape[1] if shape is not None and len(shape) == 2 else None
+    if dim is not None and dim != config.visual_feature_dim:
+        raise RecipeError(
+            f"{where}: region features have dimension {dim}, the model expects "
+            f"visual_feature_dim={config.visual_feature_dim} ; set model.overrides.visual_feature_dim or use "
+            f"features of that dimension"
+        )
+
+
 def _one_line(message: str) -> str:
     """`validate_dataset`'s "N of M records are invalid (...):" header and its listed record, as one line that
     starts with the record: `record 5 (image_id=...), field ...: found ...; expected ... (N of M records are
@@ -184,14 +198,7 @@ def check_source(
         if "caption" not in columns and "text" not in columns:
             raise RecipeError(f"{source}: a text-only source needs a caption or text column, got {columns}")
         return None
-    region_type = dataset.features.get("region_features")
-    dim = getattr(region_type, "shape", (None, None))[1] if region_type is not None else None
-    if dim is not None and dim != config.visual_feature_dim:
-        raise RecipeError(
-            f"{source}: region features have dimension {dim}, the model expects "
-            f"visual_feature_dim={config.visual_feature_dim} ; set model.overrides.visual_feature_dim or use "
-            f"features of that dimension"
-        )
+    check_feature_dim(dataset.features, config, source)
     key = dataset_cache_key(dataset)
     summary = _read_cached(key)
     if summary is None:
@@ -277,6 +284,7 @@ def check_stage_data(
 __all__ = [
     "CACHE_ENV",
     "SourceSummary",
+    "check_feature_dim",
     "check_source",
     "check_stage_data",
     "dataset_cache_key",
