@@ -242,7 +242,7 @@ def test_the_non_finite_error_is_a_floating_point_error_run_cli_prints():
         stage=2, stage_name="cc", learning_rate=1e-4, max_grad_norm=None, resume_hint="rerun"
     )
     assert isinstance(error, NonFiniteTrainingError) and isinstance(error, FloatingPointError)
-    assert str(error).startswith("stage 2 (cc) another process saw a non-finite")
+    assert str(error).startswith("stage 2 (cc): another process saw a non-finite")
     assert "set stages[1].max_grad_norm (clipping is off)" in str(error)
 
 
@@ -482,3 +482,17 @@ def test_two_processes_stop_together_on_a_non_finite_loss_and_print_one_line(tmp
     out = tmp_path / "run"
     assert not (out / "final").exists() and not (out / "stage-1-final").exists()
     _assert_nothing_non_finite(out)
+
+
+def test_the_resume_hint_names_the_newest_complete_checkpoint_or_stage_start(tmp_path):
+    from modeling_imagebert.pretraining.nonfinite import resume_hint
+
+    assert resume_hint(tmp_path).startswith("no checkpoint was saved before it")
+    (tmp_path / "stage-1-final").mkdir()
+    (tmp_path / "stage-1-final" / "config.json").write_text("{}")
+    assert f"the start of stage 2 ({tmp_path / 'stage-1-final'})" in resume_hint(tmp_path)
+    for step in (1, 3):
+        (tmp_path / f"checkpoint-2-{step}").mkdir()
+        (tmp_path / f"checkpoint-2-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-2-5").mkdir()  # incomplete: no state file
+    assert f"the last good checkpoint {tmp_path / 'checkpoint-2-3'} with" in resume_hint(tmp_path)

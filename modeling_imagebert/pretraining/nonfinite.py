@@ -115,10 +115,10 @@ class NonFiniteWatch:
         """
         found = self.read()
         if found is None:
-            what = "another process saw a non-finite loss or gradient norm"
+            what = ": another process saw a non-finite loss or gradient norm"
         else:
             step, name, value = found
-            what = f"step {step}: non-finite {name} ({_number(value)})"
+            what = f" step {step}: non-finite {name} ({_number(value)})"
         field = f"stages[{stage - 1}]"
         clipping = (
             f"set {field}.max_grad_norm (clipping is off)"
@@ -126,7 +126,7 @@ class NonFiniteWatch:
             else f"lower {field}.max_grad_norm (now {max_grad_norm:g})"
         )
         return NonFiniteTrainingError(
-            f"stage {stage} ({stage_name}) {what} ; lower {field}.learning_rate (now {learning_rate:g}) or "
+            f"stage {stage} ({stage_name}){what} ; lower {field}.learning_rate (now {learning_rate:g}) or "
             f"{clipping}, and check the stage's data; no weights of the bad steps were saved; {resume_hint}"
         )
 
@@ -137,11 +137,11 @@ def resume_hint(output_dir: str | Path) -> str:
     point = find_resume_point(output_dir, "latest")
     if point is None:
         return f"no checkpoint was saved before it: rerun from the start (output folder {output_dir})"
-    where = point.checkpoint if point.checkpoint is not None else f"the start of stage {point.stage}"
-    return (
-        f"resume from the last good checkpoint {where} with --resume_from_checkpoint latest "
-        f"--output_dir {output_dir}"
-    )
+    if point.checkpoint is not None:
+        where = f"the last good checkpoint {point.checkpoint}"
+    else:  # no checkpoint in this stage yet: it restarts from the previous stage's final weights
+        where = f"the start of stage {point.stage} ({Path(output_dir) / f'stage-{point.stage - 1}-final'})"
+    return f"resume from {where} with --resume_from_checkpoint latest --output_dir {output_dir}"
 
 
 def _number(value: float) -> str:
