@@ -194,13 +194,21 @@ def test_folding_the_non_finite_flag_into_a_step_never_synchronises():
         mlm_loss = torch.tensor(1.0)
         itm_loss = None  # a batch without ITM
 
+    class OneProcess:
+        num_processes = 1
+
+    stops = StopRequests(OneProcess())
     with SyncCounter() as counter:
         norm = gradient_norm(model.parameters())
         clipped = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         watch.add(1, Outputs(), norm)
         watch.add(2, Outputs(), clipped)
         flag = watch.flag
+        assert stops.check(sync_point=False, nonfinite=flag) is None  # between sync points: not read
     assert counter.total == 0, dict(counter.counts)
+    with SyncCounter() as counter:
+        assert stops.check(sync_point=True, nonfinite=flag) is None
+    assert counter.total == 1  # read once, at the sync point
     assert not bool(flag) and watch.read() is None
     Outputs.itm_loss = torch.tensor(float("inf"))
     watch.add(3, Outputs(), torch.tensor(float("nan")))
