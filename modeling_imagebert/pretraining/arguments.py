@@ -79,6 +79,11 @@ def build_argument_parser(description: str | None, default_recipe: str | Path) -
     add("--push_to_hub", action="store_true", help="upload the final model, processor and card")
     add("--hub_model_id", help="repository for --push_to_hub (default: the output_dir name)")
     add("--no_progress", action="store_true", help="no progress bars")
+    add(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error instead of its one-line message",
+    )
     return parser
 
 

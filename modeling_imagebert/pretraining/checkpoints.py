@@ -473,18 +473,21 @@ class Stopped(Exception):
     """Raised to leave the run once its stop checkpoint is written; `code` is the process exit status (0 for
     --max_steps_this_run, 128 + the signal number for a signal)."""
 
-    def __init__(self, reason: str, code: int):
+    def __init__(self, reason: str, code: int, nonfinite: bool = False):
         super().__init__(reason)
         self.code = code
+        self.nonfinite = nonfinite  # a loss or gradient norm was NaN/inf: raise, never save a checkpoint
 
 
 class StopRequests(GracefulStop):
-    """Whether the run should stop after an optimiser step: a SIGTERM/SIGINT (caught as `GracefulStop` does) or
-    `max_steps_this_run` optimiser steps done in this run. A context manager, like `GracefulStop`.
+    """Whether the run should stop after an optimiser step: a SIGTERM/SIGINT (caught as `GracefulStop` does),
+    `max_steps_this_run` optimiser steps done in this run, or a non-finite loss or gradient norm. A context manager,
+    like `GracefulStop`.
 
     With several processes they must all stop at the same step (a signal may reach only one, and `save_state`
-    would hang): the step budget is the same everywhere, and a signal is agreed on by an all-reduce at sync points
-    only (the logging steps, where the loop reads its losses anyway), so no step waits for the device for it.
+    would hang): the step budget is the same everywhere, and a signal and the non-finite flag are agreed on by one
+    all-reduce at sync points only (the logging steps, where the loop reads its losses anyway, and the steps before
+    a checkpoint), so no step waits for the device for them.
     """
 
     def __init__(self, accelerator, max_steps_this_run: int | None = None):
@@ -493,9 +496,11 @@ class StopRequests(GracefulStop):
         self.max_steps_this_run = max_steps_this_run
         self.steps_this_run = 0
 
-    def check(self, sync_point: bool) -> Stopped | None:
+    def check(self, sync_point: bool, nonfinite: torch.Tensor | None = None) -> Stopped | None:
         """Counts one optimiser step; returns a `Stopped` (reason, exit code) when the run must stop now, else
-        None. `sync_point`: whether processes may exchange the signal flag at this step."""
+        None. `sync_point`: whether processes may exchange flags at this step. `nonfinite`: this process's
+        non-finite flag (a 0-d device tensor, e.g. `NonFiniteWatch.flag`), read at sync points and before any stop;
+        when it is set on any process, every process gets a `Stopped` with `nonfinite=True` (never save then)."""
         self.steps_this_run += 1
         signal_stop = None
         if self.received is not None:
@@ -503,11 +508,23 @@ class StopRequests(GracefulStop):
         budget_stop = None
         if self.max_steps_this_run is not None and self.steps_this_run >= self.max_steps_this_run:
             budget_stop = Stopped(f"--max_steps_this_run {self.max_steps_this_run} reached", 0)
+        bad = Stopped("a loss or the gradient norm is not finite", 2, nonfinite=True)
         if self.accelerator.num_processes == 1:
-            return signal_stop or budget_stop
-        if sync_point:
-            flag = torch.tensor([0 if signal_stop is None else 1], device=self.accelerator.device)
-            if int(self.accelerator.reduce(flag, reduction="sum").item()) > 0:
+            stop = signal_stop or budget_stop
+            if nonfinite is not None and (sync_point or stop is not None) and bool(nonfinite):
+                return bad
+            return stop
+        # Every process reaches the budget at the same step, so it is a sync point for the flag too.
+        if sync_point or budget_stop is not None:
+            device = self.accelerator.device
+            flags = torch.zeros(2, dtype=torch.int64, device=device)
+            flags[0] = int(signal_stop is not None)
+            if nonfinite is not None:
+                flags[1] = nonfinite.to(device=device, dtype=torch.int64)
+            signals, nonfinite_count = self.accelerator.reduce(flags, reduction="sum").tolist()
+            if nonfinite_count > 0:
+                return bad
+            if sync_point and signals > 0:
                 return signal_stop or Stopped("another process was asked to stop", 128 + signal.SIGTERM)
         return budget_stop
 

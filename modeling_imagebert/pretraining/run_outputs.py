@@ -39,7 +39,7 @@ from .loss_curves import LOSS_CURVES_NAME, write_loss_curves
 from .loss_log import history_until
 from .model_card import build_model_card
 from .recipe_diff import IGNORE_MISMATCH_FLAG, RecipeMismatchError, check_resume_recipe
-from .recipes import Recipe
+from .recipes import Recipe, RecipeError
 
 RESULTS_NAME = "pretrain_results.json"
 LOSS_HISTORY_NAME = "loss_history.json"
@@ -73,13 +73,15 @@ def tracker_from_flag(report_to: str | None) -> str | None:
 
 def run_gradient_accumulation(recipe: Recipe) -> int:
     """The one gradient accumulation of a run: Accelerate fixes it per `Accelerator`, so every stage must agree
-    (else SystemExit saying so)."""
-    values = {stage.gradient_accumulation_steps for stage in recipe.stages}
-    if len(values) > 1:
-        raise SystemExit(
-            "gradient_accumulation_steps must be the same in every stage (Accelerate fixes it per run)"
-        )
-    return values.pop()
+    (else RecipeError naming the first stage that differs)."""
+    first = recipe.stages[0].gradient_accumulation_steps
+    for s, stage in enumerate(recipe.stages):
+        if stage.gradient_accumulation_steps != first:
+            raise RecipeError(
+                f"stages[{s}].gradient_accumulation_steps: {stage.gradient_accumulation_steps} differs from "
+                f"stages[0]'s {first} ; use one value in every stage (Accelerate fixes it per run)"
+            )
+    return first
 
 
 def set_cpu_threads(accelerator, num_threads: int | None) -> None:
