@@ -5,7 +5,8 @@ Both run the pipeline in the same three steps, so they produce the same pairs on
 1. per input WARC file: `warc.iter_pages` -> `pages.stage1_pages` -> dominant-image candidates;
 2. per site (a group: the candidates of one site from all files): `pages.apply_site_repetition`, then per
    candidate `text.stage3_text` (before fetching, so images without any usable text are never downloaded),
-   `images.stage2_image`, and `scoring.stage4_score` on the pairs of (image, each cleaned text);
+   `images.stage2_image`, and `scoring.stage4_score` on the pairs of (image, each cleaned text), in chunks of
+   whole ITM batches across the sites of a bucket or partition (`_SiteProcessor.process_sites`);
 3. over everything: `aggregate` (shared descriptions, best pair per image), then the outputs (`outputs.py`).
 
 Local engine (`run_local`): step 1 in a process pool over files, each file's candidates written atomically to
