@@ -261,13 +261,10 @@ class ItmPairScorer:
         attention_mask = F.pad(text["attention_mask"], (0, width - text["attention_mask"].shape[1]))
         extra = regions - images["region_attention_mask"].shape[1]
         dtype = next(self.model.parameters()).dtype
-        region_features = F.pad(images["region_features"], (0, 0, 0, extra)).to(
-            self.device
-        )  # (I, regions, F)
-        region_locations = F.pad(images["region_locations"], (0, 0, 0, extra)).to(
-            self.device
-        )  # (I, regions, 5)
-        region_mask = F.pad(images["region_attention_mask"], (0, extra)).to(self.device)  # (I, regions)
+        # (I, regions, F), (I, regions, 5), (I, regions)
+        region_features = F.pad(images["region_features"], (0, 0, 0, extra)).to(self.device)
+        region_locations = F.pad(images["region_locations"], (0, 0, 0, extra)).to(self.device)
+        region_mask = F.pad(images["region_attention_mask"], (0, extra)).to(self.device)
         global_features = images.get("global_image_features")
         total = input_ids.shape[0]
         scores = []
