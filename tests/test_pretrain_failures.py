@@ -493,14 +493,20 @@ def test_two_processes_stop_together_on_a_non_finite_loss_and_print_one_line(tmp
 
 
 def test_the_resume_hint_names_the_newest_complete_checkpoint_or_stage_start(tmp_path):
+    from modeling_imagebert.atomic import write_marker
+    from modeling_imagebert.pretraining.checkpoints import write_manifest
     from modeling_imagebert.pretraining.nonfinite import resume_hint
 
     assert resume_hint(tmp_path).startswith("no checkpoint was saved before it")
     (tmp_path / "stage-1-final").mkdir()
     (tmp_path / "stage-1-final" / "config.json").write_text("{}")
+    write_manifest(tmp_path / "stage-1-final")
     assert f"the start of stage 2 ({tmp_path / 'stage-1-final'})" in resume_hint(tmp_path)
-    for step in (1, 3):
-        (tmp_path / f"checkpoint-2-{step}").mkdir()
-        (tmp_path / f"checkpoint-2-{step}" / "trainer_state.json").write_text("{}")
+    for step in (1, 3):  # complete checkpoints, as save_checkpoint leaves them (state, marker, manifest)
+        folder = tmp_path / f"checkpoint-2-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"stage": 2, "step": step, "run_id": "run"}))
+        write_marker(folder, "test", run_id="run")
+        write_manifest(folder)
     (tmp_path / "checkpoint-2-5").mkdir()  # incomplete: no state file
     assert f"the last good checkpoint {tmp_path / 'checkpoint-2-3'} with" in resume_hint(tmp_path)

@@ -305,7 +305,9 @@ class _FakeAccelerator:
 
     def reduce(self, tensor, reduction):
         self.reduced += 1
-        return tensor + int(self.others_stop)
+        others = torch.zeros_like(tensor)
+        others[0] = int(self.others_stop)  # [signal, non-finite]: another process got a signal, all finite
+        return tensor + others
 
 
 def test_loss_log_reads_losses_only_at_logging_steps_and_averages_each_task_over_its_batches():
