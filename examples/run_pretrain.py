@@ -12,9 +12,11 @@ fields: `--set stages.0.max_steps=3`, or the dedicated flags (`--help`).
 
 Writes to the output folder: `stage-<k>-final/` per stage, `final/` (model, processor, model card),
 `checkpoint-<stage>-<step>/` (resume with `--resume_from_checkpoint latest`), `pretrain_results.json` and
-`loss_curves.png` (the per-task loss curves of every stage).
+`loss_curves.png` (the per-task loss curves of every stage). A folder holding another run is refused: continue it
+with `--resume_from_checkpoint latest` or replace it with `--overwrite_output_dir` (only a folder this script wrote).
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from modeling_imagebert import ImageBertForPreTraining
+from modeling_imagebert.cli import DEBUG_FLAG, EXIT_BAD_INPUT, USER_ERRORS, run_cli
 from modeling_imagebert.data.loading import load_source
 from modeling_imagebert.pretraining import checkpoints as ckpt
 from modeling_imagebert.pretraining import run_outputs as outputs_of_run
@@ -38,8 +41,9 @@ from modeling_imagebert.pretraining.model_setup import (
     make_optimizer,
     set_stage_loss_weights,
 )
-from modeling_imagebert.pretraining.recipes import RecipeError
+from modeling_imagebert.pretraining.nonfinite import NonFiniteWatch, gradient_norm, resume_hint
 from modeling_imagebert.pretraining.schedule import StagePlan, plan_stage
+from modeling_imagebert.pretraining.stage_checks import check_stage_data
 from modeling_imagebert.retrieval.evaluation import evaluate_retrieval
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +102,9 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
         num_steps=plan.num_steps, first_step=step, tasks=plan.tasks, logging_steps=training.logging_steps,
         history=history, progress=not args.no_progress,
     )  # fmt: skip
+    # A NaN/inf loss or gradient norm is recorded on the device (no host read per step) and read below, before
+    # anything is logged or saved: a stage with bad weights stops instead of writing them.
+    watch = NonFiniteWatch(plan.tasks, accelerator.device)
     model.train()
     first_micro_batch = step * stage.gradient_accumulation_steps
     for loader in get_dataloaders(accelerator, plan, first_micro_batch, training.num_workers, training.seed):
@@ -107,8 +114,14 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 accelerator.backward(outputs.loss)
+                # clip_grad_norm_ returns the gradient norm; without clipping it is measured for the check alone.
+                grad_norm = None
                 if accelerator.sync_gradients and stage.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
+                elif accelerator.sync_gradients:
+                    grad_norm = gradient_norm(model.parameters())
+                # With fp16 an inf gradient norm is the loss scaler's business: it skips that step.
+                watch.add(step + 1, outputs, grad_norm if accelerator.scaler is None else None)
                 optimizer.step()
                 optimizer.zero_grad()
             log.add(outputs)  # keeps the detached per-task losses on the device: no host sync here
@@ -117,9 +130,18 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
                 scheduler.step()
             step += 1
+            save_now = bool(training.save_steps) and step % training.save_steps == 0 and step < plan.num_steps
+            # Flags are read (and agreed on by every process) where the loop acts: logging, saving, the stage's end.
+            sync_point = log.is_logging_step(step) or save_now or step == plan.num_steps
+            stop = stops.check(sync_point=sync_point, nonfinite=watch.flag)
+            if stop is not None and stop.nonfinite:
+                log.close(discard=True)
+                raise watch.error(
+                    stage=number, stage_name=stage.name, learning_rate=stage.learning_rate,
+                    max_grad_norm=stage.max_grad_norm, resume_hint=resume_hint(output_dir),
+                )  # fmt: skip
             # At logging steps only: read the losses to the host, log them and record the loss history.
-            logged = log.step(step, scheduler.get_last_lr()[0])
-            stop = stops.check(sync_point=logged)
+            log.step(step, scheduler.get_last_lr()[0])
             if stop is not None and step < plan.num_steps:
                 # A signal or --max_steps_this_run: save where we are, then leave the run.
                 log.close()
@@ -128,7 +150,7 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
                     f"{stop}: saved {path}; continue with --resume_from_checkpoint latest --output_dir {output_dir}"
                 )
                 raise stop
-            if training.save_steps and step % training.save_steps == 0 and step < plan.num_steps:
+            if save_now:
                 checkpoint(step)
     losses = log.close()
     accelerator.print(
@@ -153,15 +175,18 @@ def training_function(recipe, args) -> dict:
         project_dir=str(output_dir),
     )
     outputs_of_run.set_cpu_threads(accelerator, training.num_threads)
-    outputs_of_run.prepare_output_dir(accelerator, output_dir, recipe, args.overwrite_output_dir)
+    # Before anything is written: refuse a folder holding another run (or files not ours), resolve the resume
+    # point (newest intact checkpoint of this folder's run) and check the recipe against it; then mark the folder
+    # with the run id and write recipe.json.
+    start = outputs_of_run.prepare_output_dir(
+        accelerator, output_dir, recipe, args.overwrite_output_dir,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+        ignore_recipe_mismatch=args.ignore_recipe_mismatch, inputs=[args.recipe],
+    )  # fmt: skip
+    resume_point = start.resume_point
     if accelerator.log_with:
         accelerator.init_trackers(recipe.name.replace("/", "-"))
 
-    resume_point = None
-    if args.resume_from_checkpoint:
-        resume_point = ckpt.find_resume_point(output_dir, args.resume_from_checkpoint)
-        if resume_point is None:
-            accelerator.print(f"no checkpoint in {output_dir}; starting from scratch")
     history = outputs_of_run.resumed_loss_history(output_dir, resume_point)
 
     # The seed before building the model, so new weights (region embedding, heads) are reproducible.
@@ -174,6 +199,13 @@ def training_function(recipe, args) -> dict:
         return build_model_and_processor(recipe)[0]
 
     first_stage = 0 if resume_point is None else resume_point.stage - 1
+    # Every remaining stage's data is checked now (the validation cached by dataset fingerprint), so a bad row or a
+    # data/model mismatch in stage 2 fails before stage 1 trains. The main process checks first and caches.
+    with accelerator.main_process_first():
+        check_stage_data(
+            recipe, processor, model.config, first_stage=first_stage, log=accelerator.print,
+            show_progress=not args.no_progress and accelerator.is_main_process,
+        )  # fmt: skip
     results: dict = {"recipe": recipe.name, "output_dir": str(output_dir), "stages": []}
     with ckpt.StopRequests(accelerator, args.max_steps_this_run) as stops:
         try:
@@ -194,7 +226,9 @@ def training_function(recipe, args) -> dict:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     final = output_dir / ckpt.stage_final_name(stage_index + 1)
-                    ckpt.save_pretrained_atomic(accelerator.unwrap_model(model), processor, final)
+                    ckpt.save_pretrained_atomic(
+                        accelerator.unwrap_model(model), processor, final, run_id=start.run_id
+                    )
                     outputs_of_run.save_loss_history(output_dir, history)
                     accelerator.print(f"stage {stage_index + 1} final weights: {final}")
                 accelerator.wait_for_everyone()
@@ -231,7 +265,9 @@ def training_function(recipe, args) -> dict:
     # Final model + card (with the loss curves), pretrain_results.json and loss_curves.png; then the Hub.
     if accelerator.is_main_process:
         card = read_base_card(REPO_ROOT / "MODEL_CARD.md")  # the project's card; the run appends its section
-        outputs_of_run.save_run_results(model, processor, recipe, results, output_dir, card)
+        outputs_of_run.save_run_results(
+            model, processor, recipe, results, output_dir, card, run_id=start.run_id
+        )
         if args.push_to_hub:
             repo_id = args.hub_model_id or output_dir.name
             url = outputs_of_run.push_final_model(final_dir, repo_id, recipe.name)
@@ -244,14 +280,29 @@ def training_function(recipe, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs the recipe; returns a results dict (per-stage final losses, zero-shot metrics, loss history, wall time;
-    `exit_code` when the run stopped early on a signal or --max_steps_this_run)."""
+    `exit_code` when the run stopped early on a signal or --max_steps_this_run).
+
+    Raises the project's errors for `run_cli` to print as one line: RecipeError (a recipe field),
+    FileNotFoundError (a path), DataValidationError (a stage's data: stage, dataset, row and field),
+    NonFiniteTrainingError (stage, step and task of a NaN/inf loss)."""
     args = build_argument_parser(__doc__, DEFAULT_RECIPE).parse_args(argv)
-    try:
-        recipe = recipe_from_arguments(args)
-    except (RecipeError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    recipe = recipe_from_arguments(args)
     return training_function(recipe, args)
 
 
+def cli_main(argv: list[str]) -> None:
+    """`main` for `run_cli`: exits with a stop's status (128 + n after signal n, 0 after --max_steps_this_run).
+    Under `accelerate launch` every process fails alike; only the main process prints the one error line."""
+    try:
+        results = main(argv)
+    except USER_ERRORS:
+        debug = DEBUG_FLAG in sys.argv[1:] or os.environ.get("IMAGEBERT_DEBUG") == "1"
+        if int(os.environ.get("RANK", "0")) > 0 and not debug:
+            raise SystemExit(EXIT_BAD_INPUT) from None
+        raise
+    if results.get("exit_code"):
+        raise SystemExit(results["exit_code"])
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]).get("exit_code", 0))
+    sys.exit(run_cli(cli_main, sys.argv[1:]))

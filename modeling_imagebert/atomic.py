@@ -138,12 +138,15 @@ def remove_stale_temporaries_in(folder: str | os.PathLike) -> list[Path]:
     return handled
 
 
-def write_marker(folder: str | os.PathLike, written_by: str) -> Path:
-    """Writes the ownership marker into `folder`: {"written_by", "created" (UTC ISO time), "run_id"}."""
+def write_marker(folder: str | os.PathLike, written_by: str, run_id: str | None = None) -> Path:
+    """Writes the ownership marker into `folder`: {"written_by", "created" (UTC ISO time), "run_id"}.
+
+    `run_id`: the run the folder belongs to when it outlives this process (a resumed pre-training run keeps the
+    id of the run it continues); default `RUN_ID`, this process's id."""
     marker = {
         "written_by": written_by,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "run_id": RUN_ID,
+        "run_id": RUN_ID if run_id is None else run_id,
     }
     return atomic_write_text(Path(folder) / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
 
@@ -225,6 +228,7 @@ def atomic_folder(
     overwrite: bool = False,
     written_by: str = "modeling_imagebert",
     inputs: Iterable[str | os.PathLike] = (),
+    run_id: str | None = None,
 ) -> Iterator[Path]:
     """Yields a temporary folder to fill; on success it gets our marker and replaces `target`, on an exception it is
     removed. Stale temporaries of `target` from killed runs are removed first.
@@ -234,6 +238,7 @@ def atomic_folder(
         overwrite: replace an existing `target`, only if `check_removable(target, inputs=inputs)` allows it.
         written_by: what wrote the folder (a command or function name), recorded in the marker.
         inputs: the paths the work reads; `target` may not be or hold any of them.
+        run_id: the run id recorded in the marker (default: this process's `RUN_ID`).
 
     Raises:
         FileExistsError: `target` exists and `overwrite` is False (checked before and after the work).
@@ -253,7 +258,7 @@ def atomic_folder(
             if not overwrite:
                 raise FileExistsError(f"{target} appeared while writing; pass overwrite=True to replace it")
             check_removable(target, inputs=inputs)
-        write_marker(temp, written_by)
+        write_marker(temp, written_by, run_id=run_id)
         replace_folder(temp, target)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

@@ -245,9 +245,12 @@ def test_small_images_never_reach_the_classifiers(server, tmp_path):
     assert Image.open(io.BytesIO(server.images["/photo.jpg"][0])).size == (400, 320)
 
 
-def test_itm_score_feature_is_refused_until_it_is_wired_in():
+def test_itm_checkpoint_needs_region_features_and_a_real_checkpoint(tmp_path):
+    # The ITM score feature itself is specified in tests/test_lait_itm_score.py.
     from modeling_imagebert.lait.scoring import Scorer
 
     params = load_config(overrides={"scoring": {"itm_checkpoint": "checkpoints/imagebert"}})["scoring"]
-    with pytest.raises(NotImplementedError, match="scoring.itm_checkpoint"):
+    with pytest.raises(ValueError, match=r"^scoring\.region_features: required with scoring\.itm_checkpoint"):
         Scorer(params)
+    with pytest.raises(ValueError, match=r"^scoring\.itm_checkpoint: .*no config\.json"):
+        Scorer({**params, "region_features": str(tmp_path)})

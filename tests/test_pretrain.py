@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from modeling_imagebert.pretraining.recipes import RecipeError
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "run_pretrain.py"
 SLOW = pytest.mark.skipif(os.environ.get("IMAGEBERT_SLOW") != "1", reason="slow: set IMAGEBERT_SLOW=1")
@@ -199,7 +201,7 @@ def test_sigterm_saves_a_checkpoint_then_exits_and_resume_finishes_identically(
 def test_unknown_field_fails_before_training_with_a_clear_message(tmp_path, minilm_path):
     recipe = _tiny_recipe(minilm_path)
     recipe["stages"][1]["learning_rte"] = 1e-4
-    with pytest.raises(SystemExit, match=r"stages\[1\]\.learning_rte: unknown field of StageSpec"):
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.learning_rte: unknown field of StageSpec"):
         _run(tmp_path, recipe)
     assert not (tmp_path / "run").exists()
 
@@ -207,7 +209,9 @@ def test_unknown_field_fails_before_training_with_a_clear_message(tmp_path, mini
 def test_missing_dataset_fails_before_training_with_a_clear_message(tmp_path, minilm_path):
     recipe = _tiny_recipe(minilm_path)
     recipe["stages"][1]["datasets"] = [{"path": str(tmp_path / "data" / "cc")}]
-    with pytest.raises(SystemExit, match=r"stages\[1\]\.datasets\[0\]\.path: no dataset folder at .*data/cc"):
+    with pytest.raises(
+        RecipeError, match=r"stages\[1\]\.datasets\[0\]\.path: no dataset folder at .*data/cc"
+    ):
         _run(tmp_path, recipe)
     assert not (tmp_path / "run").exists()
 

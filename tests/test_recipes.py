@@ -15,6 +15,7 @@ from modeling_imagebert.pretraining.checkpoints import (
     find_resume_point,
     list_checkpoints,
     rotate_checkpoints,
+    write_manifest,
 )
 from modeling_imagebert.pretraining.loss_curves import write_loss_curves
 from modeling_imagebert.pretraining.loss_log import StageLossLog
@@ -212,10 +213,15 @@ def test_schedule_mixes_sources_by_weight():
     assert 0.65 < picks.count(0) / len(picks) < 0.85
 
 
-def _fake_checkpoint(folder: Path, stage: int, step: int) -> Path:
+def _fake_checkpoint(folder: Path, stage: int, step: int, run_id: str = "run") -> Path:
+    """A checkpoint as save_checkpoint leaves it: trainer state with the run id, marker, manifest."""
+    from modeling_imagebert.atomic import write_marker
+
     path = folder / f"checkpoint-{stage}-{step}"
     path.mkdir(parents=True)
-    (path / "trainer_state.json").write_text(json.dumps({"stage": stage, "step": step}))
+    (path / "trainer_state.json").write_text(json.dumps({"stage": stage, "step": step, "run_id": run_id}))
+    write_marker(path, "test", run_id=run_id)
+    write_manifest(path)
     return path
 
 
@@ -232,6 +238,7 @@ def test_resume_latest_starts_the_next_stage_after_a_newer_stage_final(tmp_path)
     _fake_checkpoint(tmp_path, 1, 10)
     (tmp_path / "stage-1-final").mkdir()
     (tmp_path / "stage-1-final" / "config.json").write_text("{}")
+    write_manifest(tmp_path / "stage-1-final")
     point = find_resume_point(tmp_path, "latest")
     assert point.stage == 2 and point.checkpoint is None
     assert find_resume_point(tmp_path / "empty", "latest") is None
@@ -242,7 +249,7 @@ def test_resume_latest_starts_the_next_stage_after_a_newer_stage_final(tmp_path)
 def test_rotation_keeps_the_newest_checkpoints(tmp_path):
     for stage, step in ((1, 5), (1, 10), (2, 5)):
         _fake_checkpoint(tmp_path, stage, step)
-    deleted = rotate_checkpoints(tmp_path, 2)
+    deleted = rotate_checkpoints(tmp_path, 2, "run")
     assert [p.name for p in deleted] == ["checkpoint-1-5"]
     assert [(s, t) for s, t, _ in list_checkpoints(tmp_path)] == [(1, 10), (2, 5)]
 
@@ -298,7 +305,9 @@ class _FakeAccelerator:
 
     def reduce(self, tensor, reduction):
         self.reduced += 1
-        return tensor + int(self.others_stop)
+        others = torch.zeros_like(tensor)
+        others[0] = int(self.others_stop)  # [signal, non-finite]: another process got a signal, all finite
+        return tensor + others
 
 
 def test_loss_log_reads_losses_only_at_logging_steps_and_averages_each_task_over_its_batches():

@@ -18,7 +18,8 @@ def load_source(spec, base: str | Path | None = None):
     """The raw `datasets.Dataset` of a recipe source (a saved folder or a toy-world corpus), cut to
     `max_examples`.
 
-    Raises `RecipeError` naming the path when the folder is missing or is a DatasetDict without `split`.
+    Raises `RecipeError` naming the path when the folder is missing or is a DatasetDict without `split`, and
+    `DataValidationError` when a saved image-text folder is not a dataset, is damaged or has other column types.
     """
     import datasets
 
@@ -30,14 +31,12 @@ def load_source(spec, base: str | Path | None = None):
         folder = (Path(base) if base is not None else Path.cwd()) / spec.path
         if not folder.is_dir():
             raise _recipe_error(f"dataset path {folder} does not exist")
-        if spec.modality == "image_text":
-            try:
-                from .storage import load_dataset_from_disk
+        if spec.modality == "image_text" and not (folder / "dataset_dict.json").is_file():
+            from .storage import load_dataset_from_disk
 
-                dataset = load_dataset_from_disk(folder)
-            except Exception:  # a DatasetDict folder: read the split below
-                dataset = datasets.load_from_disk(str(folder))
-        else:
+            # Checks the folder and the column types; a damaged shard is named instead of read blindly.
+            dataset = load_dataset_from_disk(folder)
+        else:  # a DatasetDict folder (its split is read below) or a text-only source
             dataset = datasets.load_from_disk(str(folder))
     if isinstance(dataset, datasets.DatasetDict):
         if spec.split is None:

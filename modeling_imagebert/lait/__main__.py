@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Defaults,
     )
     scorer.add_argument(
-        "--labels", required=True, help="CSV or JSONL: image, text, relevant[, source, image_url]"
+        "--labels",
+        required=True,
+        help="CSV or JSONL: image, text, relevant[, source, image_url, image_key]; with --set "
+        "scoring.itm_checkpoint=... --set scoring.region_features=... the scorer also learns the ITM score",
     )
     scorer.add_argument("--output", required=True, help="the .skops file to write (plus <output>.json)")
     scorer.add_argument("--seed", type=int, default=0)
@@ -151,7 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from modeling_imagebert.lait.scoring import train_scorer
 
             _refuse_existing(args.output)
-            sidecar = train_scorer(args.labels, args.output, text_config=config["text"], seed=args.seed)
+            sidecar = train_scorer(
+                args.labels,
+                args.output,
+                text_config=config["text"],
+                scoring_config=config["scoring"],
+                seed=args.seed,
+            )
             print(json.dumps(sidecar["metrics"], indent=2))
         elif args.command == "train-filter":
             from modeling_imagebert.lait.images import train_image_filter

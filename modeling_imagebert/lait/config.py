@@ -162,6 +162,20 @@ def _check_sections(config: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(
             f"aggregation.max_images_per_text: expected an integer >= 1, got {aggregation['max_images_per_text']!r}"
         )
+    scoring = config["scoring"]
+    if scoring["itm_batch_size"] < 1:
+        raise ConfigError(
+            f"scoring.itm_batch_size: expected an integer >= 1, got {scoring['itm_batch_size']!r}"
+        )
+    if scoring["itm_threads"] < 0:
+        raise ConfigError(
+            f"scoring.itm_threads: expected an integer >= 0 (0 = torch's default), got {scoring['itm_threads']!r}"
+        )
+    if scoring["region_features"] and not scoring["itm_checkpoint"]:
+        raise ConfigError(
+            "scoring.region_features: set without scoring.itm_checkpoint; the region features are only read for "
+            "the ITM score (give the ImageBERT checkpoint too, or leave region_features null)"
+        )
     if engine["processes"] < 0:
         raise ConfigError(f"engine.processes: expected >= 0 (0 = one per core), got {engine['processes']!r}")
     for key in ("shard_size", "site_buckets", "fetch_threads"):

@@ -5,7 +5,8 @@ Both run the pipeline in the same three steps, so they produce the same pairs on
 1. per input WARC file: `warc.iter_pages` -> `pages.stage1_pages` -> dominant-image candidates;
 2. per site (a group: the candidates of one site from all files): `pages.apply_site_repetition`, then per
    candidate `text.stage3_text` (before fetching, so images without any usable text are never downloaded),
-   `images.stage2_image`, and `scoring.stage4_score` on the pairs of (image, each cleaned text);
+   `images.stage2_image`, and `scoring.stage4_score` on the pairs of (image, each cleaned text), in chunks of
+   whole ITM batches across the sites of a bucket or partition (`_SiteProcessor.process_sites`);
 3. over everything: `aggregate` (shared descriptions, best pair per image), then the outputs (`outputs.py`).
 
 Local engine (`run_local`): step 1 in a process pool over files, each file's candidates written atomically to
@@ -53,7 +54,7 @@ from .outputs import (
     write_shards,
 )
 from .records import DropCounter, ImageCandidate, PairRecord
-from .scoring import scorer_for, stage4_score
+from .scoring import check_scoring_settings, scorer_for, stage4_score
 
 # Columns of a step-2 part (and of the Spark pairs DataFrame): the pair as JSON, its image bytes, and the
 # columns aggregation groups and orders by.
@@ -73,6 +74,10 @@ PART_SCHEMA = pa.schema(
         ("text", pa.string()),
     ]
 )
+# Pairs buffered per stage-4 call (rounded to whole ITM batches): large enough that the ITM forward passes and the
+# gradient-boosting predictions run on full batches, small enough that their image bytes (~100 KB each) stay a few
+# tens of MB per worker.
+SCORING_CHUNK_PAIRS = 256
 CANDIDATE_SCHEMA = pa.schema([("bucket", pa.int32()), ("site", pa.string()), ("candidate_json", pa.string())])
 
 # Columns of pairs.parquet, in order; the feature dicts are JSON strings so the schema does not depend on which
@@ -91,6 +96,7 @@ OUTPUT_COLUMNS = (
     ("text_source", pa.string()),
     ("dominance_score", pa.float64()),
     ("relevance_score", pa.float64()),
+    ("itm_score", pa.float64()),
     ("kept", pa.bool_()),
     ("drop_stage", pa.string()),
     ("drop_reason", pa.string()),
@@ -157,6 +163,9 @@ class _SiteProcessor:
         self.config = config
         self.drops = drops
         self.scorer = scorer_for(config["scoring"])
+        # Pairs per scorer call: a whole number of ITM batches, about SCORING_CHUNK_PAIRS pairs.
+        batch = int(config["scoring"]["itm_batch_size"])
+        self.scorer_chunk = batch * max(1, SCORING_CHUNK_PAIRS // batch)
         self.images: dict[str, ImageResult | str] = {}
         self.sources: dict[str, ImageSources] = {}
         self.examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -224,8 +233,9 @@ class _SiteProcessor:
         self.drops.keep("images")
         return cached
 
-    def process_site(self, candidates: Sequence[ImageCandidate]) -> Iterator[dict[str, Any]]:
-        """The scored pairs of one site's candidates, as `PART_SCHEMA` rows."""
+    def site_pairs(self, candidates: Sequence[ImageCandidate]) -> list[tuple[PairRecord, bytes]]:
+        """Stages 3 and 2 on one site's candidates: its unscored pairs, each with its image bytes, in a fixed
+        order (candidates sorted by file, offset, URL; texts in candidate order)."""
         from .pages import apply_site_repetition
         from .text import stage3_text
 
@@ -237,16 +247,36 @@ class _SiteProcessor:
             if cleaned is not None:
                 with_text.append(cleaned)
         self._prefetch(with_text)
+        pairs = []
         for candidate in with_text:
             image = self._image(candidate)
             if image is None:
                 continue
-            pairs = [
-                PairRecord.from_candidate(candidate, t, **image.pair_fields())
+            pairs.extend(
+                (PairRecord.from_candidate(candidate, t, **image.pair_fields()), image.jpeg)
                 for t in candidate.text_candidates
-            ]
-            for pair, passed in stage4_score(pairs, self.scorer, self.drops):
-                yield pair_row(pair, passed, image.jpeg)
+            )
+        return pairs
+
+    def process_sites(self, sites: Iterable[Sequence[ImageCandidate]]) -> Iterator[dict[str, Any]]:
+        """The scored pairs of the sites of one bucket or partition, as `PART_SCHEMA` rows in site order. Pairs
+        are scored in chunks of a whole number of ITM batches across sites (one pair-list call to the scorer per
+        chunk, not one per image), so memory holds at most one chunk of pairs and their image bytes."""
+        chunk = self.scorer_chunk
+        pending: list[tuple[PairRecord, bytes]] = []
+        for candidates in sites:
+            pending.extend(self.site_pairs(candidates))
+            while len(pending) >= chunk:
+                yield from self._score(pending[:chunk])
+                pending = pending[chunk:]
+        yield from self._score(pending)
+
+    def _score(self, pairs: Sequence[tuple[PairRecord, bytes]]) -> Iterator[dict[str, Any]]:
+        if not pairs:
+            return
+        scored = stage4_score([pair for pair, _ in pairs], self.scorer, self.drops)
+        for (pair, passed), (_, jpeg) in zip(scored, pairs, strict=True):
+            yield pair_row(pair, passed, jpeg)
 
 
 def pair_row(pair: PairRecord, passed: bool, jpeg: bytes) -> dict[str, Any]:
@@ -400,9 +430,7 @@ def _step2_task(args: tuple[int, list[str], str, dict]) -> int:
         ):
             by_site[site].append(ImageCandidate.from_dict(json.loads(text)))
     processor = _SiteProcessor(config, drops, int(config["engine"]["contact_sheet_examples"]))
-    rows: list[dict[str, Any]] = []
-    for site in sorted(by_site):
-        rows.extend(processor.process_site(by_site[site]))
+    rows = list(processor.process_sites(by_site[site] for site in sorted(by_site)))
     part_path = Path(part)
     write_json(
         part_path.with_suffix(".stats.json"), {"counts": drops.to_dict(), "examples": processor.examples}
@@ -435,6 +463,8 @@ def run_local(
     files = list_inputs(inputs)
     output = Path(output)
     config = json.loads(json.dumps(config))
+    # Before anything is written: a bad scorer or ITM path stops the run now, not in every worker after step 1.
+    check_scoring_settings(config["scoring"])
     prepare_output_folder(output, config_fingerprint(config))
     engine = config["engine"]
     processes = engine["processes"] if processes is None else processes
@@ -572,10 +602,9 @@ def _spark_step2(config: dict):
     def run(groups: Iterable[tuple[str, Iterable[str]]]) -> Iterator[tuple]:
         drops = DropCounter()
         processor = _SiteProcessor(config, drops, int(config["engine"]["contact_sheet_examples"]))
-        for _site, texts in groups:
-            candidates = [ImageCandidate.from_dict(json.loads(t)) for t in texts]
-            for row in processor.process_site(candidates):
-                yield ("pair", row)
+        sites = ([ImageCandidate.from_dict(json.loads(t)) for t in texts] for _site, texts in groups)
+        for row in processor.process_sites(sites):
+            yield ("pair", row)
         yield ("drops", {"counts": drops.to_dict(), "examples": dict(processor.examples)})
 
     return run
@@ -618,6 +647,7 @@ def run_spark(
     files = list_inputs(inputs)
     output = Path(output)
     config = json.loads(json.dumps(config))
+    check_scoring_settings(config["scoring"])
     prepare_output_folder(output, config_fingerprint(config))
     engine = config["engine"]
     spark = spark or spark_session(engine["spark_master"])

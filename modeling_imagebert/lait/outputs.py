@@ -134,6 +134,7 @@ def write_shards(
                 "warc_offset": pair["warc_offset"],
                 "text_source": pair["text_source"],
                 "relevance_score": pair["relevance_score"],
+                "itm_score": pair.get("itm_score"),
                 "dominance_score": pair["dominance_score"],
             }
             for suffix, data in (

@@ -94,6 +94,9 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
 EVENTS: dict[str, tuple[str, ...]] = {
     "warc": ("charset_misdeclared", "charset_detected"),
     "pages": ("invalid_image_url",),  # an <img> whose URL urllib cannot parse: skipped, the page goes on
+    # with scoring.itm_checkpoint: pairs given an ITM score, and pairs whose image has no region features (their
+    # pair.itm_score feature is missing, NaN to the scorer)
+    "scoring": ("itm_scored", "itm_no_region_features"),
 }
 
 _REASON_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -272,7 +275,9 @@ class PairRecord(_Record):
     Image side (stage 2, 13b): `image_sha256` (content hash, the aggregation key), `image_width`/`image_height`
     in pixels, `image_scores` (classifier name -> score), `image_features` (image-only features for the scorer),
     `image_key` (the webdataset key of the stored image bytes). Text side (stage 3): `text`, `text_source`,
-    `text_features`. `relevance_score` is stage 4's probability of relevance (None before scoring).
+    `text_features`. `relevance_score` is stage 4's probability of relevance (None before scoring); `itm_score`
+    the ImageBERT ITM probability of the pair (stage 4 with `scoring.itm_checkpoint`; None when not computed or
+    when the image has no region features).
     """
 
     warc_file: str
@@ -292,6 +297,7 @@ class PairRecord(_Record):
     image_features: dict[str, float] = field(default_factory=dict)
     image_scores: dict[str, float] = field(default_factory=dict)
     relevance_score: float | None = None
+    itm_score: float | None = None
 
     @classmethod
     def from_candidate(cls, candidate: ImageCandidate, text: TextCandidate, **image_side: Any) -> PairRecord:

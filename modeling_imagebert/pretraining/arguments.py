@@ -54,7 +54,25 @@ def build_argument_parser(description: str | None, default_recipe: str | Path) -
     add("--num_workers", type=int, help="DataLoader workers")
     add("--num_threads", type=int, help="torch threads per process (default: cores / processes)")
     add("--mixed_precision", choices=["no", "fp16", "bf16", "fp8"], help="overrides accelerate's setting")
-    add("--resume_from_checkpoint", help="'latest' (newest checkpoint in output_dir) or a checkpoint folder")
+    # Continue the folder's run, or replace the folder: not both.
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
+        "--resume_from_checkpoint",
+        help="'latest' (the newest intact checkpoint of output_dir's run; from scratch when there is none) or a "
+        "checkpoint folder",
+    )
+    start.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="delete output_dir first: only a folder run_pretrain wrote (never the current folder or one holding "
+        "an input); without it a folder holding another run is refused",
+    )
+    add(
+        "--ignore_recipe_mismatch",
+        action="store_true",
+        help="resume even when the recipe differs from the checkpoint's in fields that change the result "
+        "(a warning lists them)",
+    )
     add(
         "--max_steps_this_run",
         type=int,
@@ -64,8 +82,12 @@ def build_argument_parser(description: str | None, default_recipe: str | Path) -
     add("--report_to", default="none", help="tracker: tensorboard, wandb, ..., all or none")
     add("--push_to_hub", action="store_true", help="upload the final model, processor and card")
     add("--hub_model_id", help="repository for --push_to_hub (default: the output_dir name)")
-    add("--overwrite_output_dir", action="store_true", help="delete output_dir first")
     add("--no_progress", action="store_true", help="no progress bars")
+    add(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error instead of its one-line message",
+    )
     return parser
 
 

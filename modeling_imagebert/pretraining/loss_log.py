@@ -97,10 +97,15 @@ class StageLossLog:
             start += count
         self._window = {}
 
+    def is_logging_step(self, step: int) -> bool:
+        """Whether optimiser step `step` (1-based in the stage) logs: every `logging_steps`, and the last."""
+        return step % self.logging_steps == 0 or step == self.num_steps
+
     def step(self, step: int, learning_rate: float | None = None) -> bool:
         """Called after optimiser step `step` (1-based in the stage). At a logging step (every `logging_steps`,
-        and the last) reads the window, logs it, and records it in the history. Returns whether it logged."""
-        logged = step % self.logging_steps == 0 or step == self.num_steps
+        and the last) reads the window, logs it, and records it in the history. Returns whether it logged.
+        Check the non-finite flag first (`NonFiniteWatch`): the history must never record a NaN."""
+        logged = self.is_logging_step(step)
         if logged:
             self._read_window()
             logs: dict[str, float] = {f"stage{self.stage}/{t}_loss": v for t, v in self.last_losses.items()}
@@ -131,12 +136,15 @@ class StageLossLog:
             self._bar.update(1)
         return logged
 
-    def close(self) -> dict[str, float]:
+    def close(self, discard: bool = False) -> dict[str, float]:
         """Closes the progress bar; returns each task's mean loss over its last logged window (or the unlogged
-        rest, when the stage stopped between logging steps)."""
+        rest, when the stage stopped between logging steps). `discard`: drop the unlogged rest unread (a stage
+        stopped by a non-finite loss)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if discard:
+            self._window = {}
         self._read_window()
         return dict(self.last_losses)
 

@@ -27,7 +27,8 @@ from ..data.collators import (
 )
 from ..data.loading import encode_source, load_source
 from ..processing_imagebert import ImageBertProcessor
-from .recipes import TASKS, DatasetSpec, RecipeError, StageSpec
+from .recipes import TASKS, DatasetSpec, StageSpec
+from .stage_checks import check_feature_dim
 
 _STREAM_ITM_BATCH = 24
 
@@ -258,17 +259,9 @@ def stage_num_steps(stage: StageSpec, schedule: BatchSchedule) -> int:
 
 def check_sources_fit_model(sources: Sequence[StageSource], config: Any, stage_index: int) -> None:
     """Fails before training (RecipeError naming `stages[i].datasets[j]`) when a source's region features do not
-    have the model's `visual_feature_dim`."""
+    have the model's `visual_feature_dim` (`stage_checks.check_source` checks the rest of each source up front)."""
     for d, source in enumerate(sources):
-        features = source.encoded.features
-        if "region_features" not in features:
-            continue
-        dim = features["region_features"].shape[1]
-        if dim != config.visual_feature_dim:
-            raise RecipeError(
-                f"stages[{stage_index}].datasets[{d}]: region features have dimension {dim}, the model expects "
-                f"visual_feature_dim={config.visual_feature_dim} (set model.overrides.visual_feature_dim)"
-            )
+        check_feature_dim(source.encoded.features, config, f"stages[{stage_index}].datasets[{d}]")
 
 
 @dataclass
