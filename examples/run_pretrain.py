@@ -29,6 +29,7 @@ from transformers import get_scheduler
 
 from modeling_imagebert import ImageBertForPreTraining
 from modeling_imagebert.cli import DEBUG_FLAG, EXIT_BAD_INPUT, USER_ERRORS, run_cli
+from modeling_imagebert.cli_arguments import pretrain_resume_command
 from modeling_imagebert.data.loading import load_source
 from modeling_imagebert.pretraining import checkpoints as ckpt
 from modeling_imagebert.pretraining import run_outputs as outputs_of_run
@@ -138,7 +139,7 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
                 log.close(discard=True)
                 raise watch.error(
                     stage=number, stage_name=stage.name, learning_rate=stage.learning_rate,
-                    max_grad_norm=stage.max_grad_norm, resume_hint=resume_hint(output_dir),
+                    max_grad_norm=stage.max_grad_norm, resume_hint=resume_hint(output_dir, args.command_line),
                 )  # fmt: skip
             # At logging steps only: read the losses to the host, log them and record the loss history.
             log.step(step, scheduler.get_last_lr()[0])
@@ -147,7 +148,7 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
                 log.close()
                 path = checkpoint(step)
                 accelerator.print(
-                    f"{stop}: saved {path}; continue with --resume_from_checkpoint latest --output_dir {output_dir}"
+                    f"{stop}: saved {path}; continue with: {pretrain_resume_command(output_dir, args.command_line)}"
                 )
                 raise stop
             if save_now:
@@ -286,6 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
     FileNotFoundError (a path), DataValidationError (a stage's data: stage, dataset, row and field),
     NonFiniteTrainingError (stage, step and task of a NaN/inf loss)."""
     args = build_argument_parser(__doc__, DEFAULT_RECIPE).parse_args(argv)
+    # The run's own flags, for the resume command printed when it stops.
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
     recipe = recipe_from_arguments(args)
     return training_function(recipe, args)
 

@@ -10,9 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 LATEST = "latest"
+# How the docs and every printed hint run pre-training (from the repository root).
+PRETRAIN_COMMAND = "accelerate launch examples/run_pretrain.py"
+# Flags a resumed run must not repeat (they are replaced or would delete the run).
+_NOT_REPEATED_ON_RESUME = {"--overwrite_output_dir": 0, "--resume_from_checkpoint": 1, "--output_dir": 1}
 # `checkpoint-<step>` folders of `transformers.Trainer`; `trainer_state.json` is written after the weights, optimiser
 # and scheduler, so a folder without it is a checkpoint whose save was cut short.
 _TRAINER_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -124,11 +131,31 @@ def resolve_trainer_resume(value: str | None, output_dir: str | Path) -> tuple[s
     return value, f"resuming from {value}"
 
 
+def pretrain_resume_command(output_dir: str | Path, argv: Sequence[str] | None = None) -> str:
+    """The command line that continues a stopped pre-training run: `accelerate launch examples/run_pretrain.py`
+    with the run's own flags (`argv`, default `sys.argv[1:]`: the same recipe, overrides and time slice), without
+    `--overwrite_output_dir`, and with `--resume_from_checkpoint latest --output_dir OUTPUT_DIR`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, position = [], 0
+    while position < len(args):
+        token = args[position]
+        name = token.split("=", 1)[0]
+        if name in _NOT_REPEATED_ON_RESUME:
+            position += 1 + (_NOT_REPEATED_ON_RESUME[name] if "=" not in token else 0)
+            continue
+        kept.append(token)
+        position += 1
+    kept += ["--resume_from_checkpoint", LATEST, "--output_dir", str(output_dir)]
+    return " ".join([PRETRAIN_COMMAND, *(shlex.quote(token) for token in kept)])
+
+
 __all__ = [
     "LATEST",
+    "PRETRAIN_COMMAND",
     "DefaultsHelpFormatter",
     "check_local_model_path",
     "latest_trainer_checkpoint",
     "looks_like_local_path",
+    "pretrain_resume_command",
     "resolve_trainer_resume",
 ]

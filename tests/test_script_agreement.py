@@ -190,6 +190,21 @@ def test_printed_hints_run_the_scripts_with_python():
         assert before.endswith(("python ", "accelerate launch ")), message[max(0, mention.start() - 40) :]
 
 
+def test_the_resume_hint_is_the_runs_own_command_with_latest():
+    from modeling_imagebert.cli_arguments import pretrain_resume_command
+    from modeling_imagebert.pretraining.nonfinite import resume_hint
+
+    argv = ["--recipe", "my recipe.yaml", "--set", "stages.0.max_steps=3", "--overwrite_output_dir",
+            "--output_dir=old", "--resume_from_checkpoint", "checkpoint-1-2", "--max_steps_this_run", "5"]  # fmt: skip
+    command = pretrain_resume_command("outputs/run", argv)
+    assert command == (
+        "accelerate launch examples/run_pretrain.py --recipe 'my recipe.yaml' --set stages.0.max_steps=3 "
+        "--max_steps_this_run 5 --resume_from_checkpoint latest --output_dir outputs/run"
+    )
+    assert shlex.split(command)[3:5] == ["--recipe", "my recipe.yaml"]
+    assert resume_hint("nowhere", []).startswith("no checkpoint was saved")
+
+
 def test_example_scripts_are_executable_with_a_python_shebang():
     paths = [ROOT / "examples" / name for name in EXAMPLES] + [ROOT / "tools" / "run_doc_commands.py"]
     for path in paths:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..cli_arguments import pretrain_resume_command
 from .checkpoints import find_resume_point
 
 
@@ -131,9 +132,10 @@ class NonFiniteWatch:
         )
 
 
-def resume_hint(output_dir: str | Path) -> str:
+def resume_hint(output_dir: str | Path, argv: Sequence[str] | None = None) -> str:
     """Where a stopped run goes on from: the newest complete checkpoint (or stage-final folder) of `output_dir`,
-    which the non-finite check guarantees was saved before the first bad step."""
+    which the non-finite check guarantees was saved before the first bad step, and the command that does it (the
+    run's flags `argv`, default `sys.argv[1:]`, with `--resume_from_checkpoint latest`)."""
     point = find_resume_point(output_dir, "latest")
     if point is None:
         return f"no checkpoint was saved before it: rerun from the start (output folder {output_dir})"
@@ -141,7 +143,7 @@ def resume_hint(output_dir: str | Path) -> str:
         where = f"the last good checkpoint {point.checkpoint}"
     else:  # no checkpoint in this stage yet: it restarts from the previous stage's final weights
         where = f"the start of stage {point.stage} ({Path(output_dir) / f'stage-{point.stage - 1}-final'})"
-    return f"resume from {where} with --resume_from_checkpoint latest --output_dir {output_dir}"
+    return f"resume from {where} with: {pretrain_resume_command(output_dir, argv)}"
 
 
 def _number(value: float) -> str:
