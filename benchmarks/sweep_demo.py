@@ -155,8 +155,17 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
 
+    def save() -> str:
+        summary = summarise(rows, args.target)
+        report = {"environment": environment(), "overrides": args.overrides, "rows": rows, "summary": summary}
+        (work / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+        text = markdown(rows, summary)
+        (work / "sweep.md").write_text(text)
+        return text
+
     def record(row: dict) -> None:
         rows.append(row)
+        save()  # after every run, so a sweep cut short still has its table
         print(
             f"seed {row['seed']} threads {row['threads']}: image R@1 {row['image_r1']:.1f}, sentence R@1 "
             f"{row['text_r1']:.1f}, take-off {row['takeoff_step']}, {row['seconds']:.0f} s",
@@ -171,12 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed, threads in multi:
         record(run_one(seed, threads, work, args.overrides, args.recipe))
 
-    summary = summarise(rows, args.target)
-    report = {"environment": environment(), "overrides": args.overrides, "rows": rows, "summary": summary}
-    (work / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(rows, summary)
-    (work / "sweep.md").write_text(text)
-    print(json.dumps(report["environment"]))
+    text = save()
+    print(json.dumps(environment()))
     print(text)
     return 0
 

@@ -46,6 +46,7 @@ from modeling_imagebert.pretraining.nonfinite import NonFiniteWatch, gradient_no
 from modeling_imagebert.pretraining.schedule import StagePlan, plan_stage
 from modeling_imagebert.pretraining.stage_checks import check_stage_data
 from modeling_imagebert.retrieval.evaluation import evaluate_retrieval
+from modeling_imagebert.retrieval.two_stage import evaluate_two_stage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO_ROOT / "configuration" / "pretraining" / "demo.yaml"
@@ -258,6 +259,21 @@ def training_function(recipe, args) -> dict:
         results["zero_shot_retrieval"] = evaluation.metrics
         results["num_test_images"] = len(evaluation.image_ids)
         accelerator.print(evaluation.table)
+        if recipe.evaluation.candidates is not None:
+            # The same split, the ITC embeddings picking K candidates per query and the ITM head re-ranking them.
+            two_stage = evaluate_two_stage(
+                model, test, processor, candidates=recipe.evaluation.candidates,
+                batch_size=recipe.evaluation.batch_size, accelerator=accelerator, progress=not args.no_progress,
+                bf16=training.mixed_precision == "bf16",
+            )  # fmt: skip
+            two_stage.full_metrics = evaluation.metrics  # full ranking was just run on the same split
+            results["zero_shot_two_stage"] = {
+                k: v for k, v in two_stage.to_json_dict().items() if k not in ("table", "recall_vs_k")
+            }
+            accelerator.print(
+                f"two-stage: ITC top-{two_stage.k} per query, {two_stage.passes['cross_encoder']} of "
+                f"{two_stage.passes['full']} pairs re-ranked by ITM\n{two_stage.table}"
+            )
 
     results["final_losses"] = results["stages"][-1]["final_losses"] if results["stages"] else None
     results["loss_history"] = history

@@ -113,14 +113,19 @@ def test_demo_recipe_end_to_end_at_its_smallest(tmp_path, minilm_path):
         ]
     )  # fmt: skip
     assert [s["stage"] for s in results["stages"]] == [1, 2]
-    # ITM and the masked tasks share a stage's micro-batches (itm_mode: separate, drawn per step from the seed):
-    # with seed 42 the sixth step of stage 1 is the first ITM batch, so across the run all four tasks train.
+    # Stage 1 aligns the modalities without ITM (masked tasks + ITC); stage 2 adds ITM, whose batches are drawn per
+    # step from the seed (itm_mode: separate): with seed 42 the second step of stage 2 is an ITM batch.
+    assert set(results["stages"][0]["final_losses"]) == {"mlm", "moc", "mrfr", "itc"}
     trained = {task for stage in results["stages"] for task in stage["final_losses"]}
-    assert trained == {"mlm", "moc", "mrfr", "itm"}
+    assert trained == {"mlm", "moc", "mrfr", "itm", "itc"}
     assert all(torch.isfinite(torch.tensor(v)) for v in results["final_losses"].values())
     assert {"image_retrieval/R@1", "text_retrieval/R@1", "image_retrieval/R@10"} <= set(
         results["zero_shot_retrieval"]
     )
+    # The two-stage table: the ITC top-K per query re-ranked by ITM, with full ranking's metrics beside it.
+    two_stage = results["zero_shot_two_stage"]
+    assert two_stage["k"] == 4 and two_stage["metrics"]["full"] == results["zero_shot_retrieval"]
+    assert 0 < two_stage["passes"]["cross_encoder"] < two_stage["passes"]["full"] == 3 * 15
     model = AutoModelForPreTraining.from_pretrained(out / "final")
     processor = AutoProcessor.from_pretrained(out / "final")
     assert type(model).__name__ == "ImageBertForPreTraining" and model.config.num_hidden_layers == 1

@@ -134,6 +134,9 @@ class EvaluationSpec:
 
     dataset: DatasetSpec | None = None
     batch_size: int = 256
+    # Two-stage retrieval as well (`retrieval.two_stage`): the ITC embeddings pick `candidates` (K) per query, the
+    # ITM head re-ranks them; the run prints and saves both tables. None: full ranking only (the paper's protocol).
+    candidates: int | None = None
 
 
 @dataclass
@@ -357,6 +360,12 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         if recipe.evaluation.dataset.modality != "image_text":
             raise RecipeError("evaluation.dataset.modality: retrieval needs image_text data")
         _positive(recipe.evaluation.batch_size, "evaluation.batch_size")
+        _positive(recipe.evaluation.candidates, "evaluation.candidates", allow_none=True)
+        if recipe.evaluation.candidates is not None and not any(s.tasks.get("itc", 0) > 0 for s in recipe.stages):
+            raise RecipeError(
+                "evaluation.candidates: two-stage retrieval picks candidates with the ITC embeddings, but no stage "
+                "trains the itc task (add itc to a stage's tasks, or set evaluation.candidates: null)"
+            )
     return recipe
 
 
