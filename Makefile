@@ -17,5 +17,5 @@ test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_SDIST_DIR="$$sdist" $(PYTHON) -m pytest -q
 
 style:
-	ruff check --fix modeling_imagebert examples tests benchmarks metrics
-	ruff format modeling_imagebert examples tests benchmarks metrics
+	ruff check --fix modeling_imagebert examples tests benchmarks metrics tools
+	ruff format modeling_imagebert examples tests benchmarks metrics tools
