@@ -1073,23 +1073,40 @@ def probe_run_pretrain(p: Probes, work: Path) -> None:
         lambda: script("--resume_from_checkpoint", str(base / "not_a_dataset")),
         "not_a_dataset",
     )
+    # The control first: a straight run of the tiny recipe, whose weights a correct fallback must reproduce.
+    finished = out()
+    good = recipe()
+    p.cli(
+        "a valid tiny recipe trains (control)",
+        lambda: script(recipe_path=good, output=finished),
+        ok=lambda: (finished / "final" / "model.safetensors").is_file(),
+    )
     # A run stopped after 1 step, then resumed from its checkpoint with the weights file cut in half.
     stopped = out()
-    good = recipe()
     script("--max_steps_this_run", "1", recipe_path=good, output=stopped)
-    weights = next(stopped.glob("checkpoint-1-1/model*.safetensors"), None)
+    checkpoint = stopped / "checkpoint-1-1"
+    weights = next(checkpoint.glob("model*.safetensors"), None)
     if weights is not None:
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     p.cli(
-        "resume from a checkpoint with a truncated weights file",
-        lambda: script("--resume_from_checkpoint", "latest", recipe_path=good, output=stopped),
+        "resume from a named checkpoint whose weights file is truncated",
+        lambda: script("--resume_from_checkpoint", str(checkpoint), recipe_path=good, output=stopped),
         "checkpoint-1-1",
     )
-    finished = out()
+
+    def same_as_control() -> bool:
+        import torch
+        from safetensors.torch import load_file
+
+        a = load_file(str(finished / "final" / "model.safetensors"))
+        b = load_file(str(stopped / "final" / "model.safetensors"))
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # `latest` skips the damaged checkpoint (a warning names it) and falls back to the start: the straight weights.
     p.cli(
-        "a valid tiny recipe trains (control)",
-        lambda: script(output=finished),
-        ok=lambda: (finished / "final" / "model.safetensors").is_file(),
+        "resume latest when the only checkpoint's weights file is truncated",
+        lambda: script("--resume_from_checkpoint", "latest", recipe_path=good, output=stopped),
+        ok=same_as_control,
     )
 
 
