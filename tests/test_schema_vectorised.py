@@ -223,3 +223,17 @@ def test_validate_dataset_does_not_read_valid_rows_one_by_one(monkeypatch):
     with pytest.raises(DataValidationError, match="record 7"):
         validate_dataset(make(rows), batch_size=4, show_progress=False)
     assert calls == [7]
+
+
+def test_float16_bit_check_finds_every_nan_and_inf_and_no_finite_value():
+    from modeling_imagebert.data.schema import _any_half_not_finite
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)]
+    assert not _any_half_not_finite(finite, block=7)
+    for bad in (np.nan, np.inf, -np.inf):
+        for size in (1, 4, 11):
+            for position in range(size):
+                values = np.ones(size, dtype=np.float16)
+                values[position] = bad
+                assert _any_half_not_finite(values, block=2), (bad, size, position)

@@ -371,9 +371,8 @@ def validate_features(features: Features, *, feature_dim: int | None = None) -> 
 # `validate_record`, so the messages are exactly the row-by-row ones.
 
 
-def _single_array(column: pa.ChunkedArray) -> pa.Array:
-    """One contiguous array for a column of a batch (no copy when the batch holds one chunk)."""
-    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+def _storage(array: pa.Array) -> pa.Array:
+    """The plain Arrow array under a `datasets` extension column (Array2D is stored as a list of lists)."""
     return array.storage if isinstance(array, pa.ExtensionArray) else array
 
 
@@ -400,6 +399,33 @@ def _numbers(values: pa.Array) -> np.ndarray | None:
     return values.to_numpy(zero_copy_only=False)
 
 
+_HALF_EXPONENT = np.uint64(0x7C00_7C00_7C00_7C00)  # the exponent bits of four float16 lanes in a uint64
+_HALF_CARRY = np.uint64(0x0400_0400_0400_0400)  # turns an all-ones exponent (0x7C00) into the lane's top bit
+_HALF_TOP = np.uint64(0x8000_8000_8000_8000)
+
+
+def _any_half_not_finite(values: np.ndarray, block: int = 1 << 16) -> bool:
+    """Whether a flat float16 array holds NaN or Inf, reading four values per uint64 in cache-sized blocks.
+
+    A float16 is NaN/Inf when its exponent bits are all ones: masking them and adding 0x0400 per lane sets a
+    lane's top bit exactly then (no carry crosses lanes, since a masked lane is at most 0x7C00).
+    """
+    whole = values.size - values.size % 4
+    if whole < values.size and _not_finite(values[whole:]).any():
+        return True
+    words = values[:whole].view(np.uint64)  # [size / 4]
+    buffer = np.empty(min(block, words.size), dtype=np.uint64)
+    for start in range(0, words.size, block):
+        part = words[start : start + block]
+        lanes = buffer[: part.size]
+        np.bitwise_and(part, _HALF_EXPONENT, out=lanes)
+        lanes += _HALF_CARRY
+        lanes &= _HALF_TOP
+        if lanes.any():
+            return True
+    return False
+
+
 def _not_finite(values: np.ndarray) -> np.ndarray:
     """Mask of NaN/Inf entries; float16 is checked on its bits (all-ones exponent) to avoid upcasting."""
     if values.dtype == np.float16:
@@ -409,9 +435,9 @@ def _not_finite(values: np.ndarray) -> np.ndarray:
     return np.zeros(values.shape, dtype=bool)
 
 
-def _blank_text_rows(column: pa.ChunkedArray) -> np.ndarray:
+def _blank_text_rows(column: pa.Array) -> np.ndarray:
     """Rows whose text is null, not a string or empty after `str.strip` (Python's whitespace rules)."""
-    array = _single_array(column)
+    array = _storage(column)
     if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
         return np.ones(len(array), dtype=bool)
     try:
@@ -421,11 +447,11 @@ def _blank_text_rows(column: pa.ChunkedArray) -> np.ndarray:
     return np.fromiter((text is None or not text.strip() for text in texts), dtype=bool, count=len(array))
 
 
-def _nested_rows(column: pa.ChunkedArray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _nested_rows(column: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Splits an [N, width] per-row column (Array2D storage: a list of lists) into per-row N [rows], the flat
     values [sum N, width] and the row of each of them [sum N]. None when the column holds nulls, non-numbers or
     an inner list of another length (every row of the batch is then suspect)."""
-    outer = _list_parts(_single_array(column))
+    outer = _list_parts(_storage(column))
     if outer is None:
         return None
     outer_offsets, inner_array = outer
@@ -442,12 +468,13 @@ def _nested_rows(column: pa.ChunkedArray, width: int) -> tuple[np.ndarray, np.nd
 
 
 def _suspect_rows(
-    table: pa.Table, *, feature_dim: int, num_classes: int | None, require_global_feature: bool
+    table: pa.RecordBatch, *, feature_dim: int, num_classes: int | None, require_global_feature: bool
 ) -> np.ndarray:
     """Marks the rows of a batch that may break a rule of `validate_record`, checking each column at once.
 
     Args:
-        table: one batch of an image-text dataset, as Arrow (columns already checked by `validate_features`).
+        table: one record batch of an image-text dataset, as Arrow (columns already checked by
+            `validate_features`).
         feature_dim: the expected F.
         num_classes: when given, class ids must lie in [0, num_classes).
         require_global_feature: whether rows need a `global_feature`.
@@ -464,7 +491,7 @@ def _suspect_rows(
 
     size = {}
     for field in ("image_width", "image_height"):
-        values = _numbers(_single_array(table.column(field)))
+        values = _numbers(_storage(table.column(field)))
         if values is None or not np.issubdtype(values.dtype, np.integer):
             return everything
         suspect |= values <= 0
@@ -474,9 +501,11 @@ def _suspect_rows(
     if features is None:
         return everything
     num_regions, feature_values, feature_rows = features  # [rows], [sum N, F], [sum N]
-    # One bad region marks its row: reduce the [sum N, F] mask to regions first, then map regions to rows.
-    bad_regions = _not_finite(feature_values).any(axis=1)
-    suspect[feature_rows[bad_regions]] = True
+    flat = feature_values.reshape(-1)  # [sum N * F]
+    if flat.dtype != np.float16 or _any_half_not_finite(flat):
+        # One bad region marks its row: reduce the [sum N, F] mask to regions, then map regions to rows.
+        bad_regions = _not_finite(feature_values).any(axis=1)
+        suspect[feature_rows[bad_regions]] = True
 
     boxes = _nested_rows(table.column("region_boxes"), 4)
     if boxes is None:
@@ -499,7 +528,7 @@ def _suspect_rows(
         suspect[box_rows[bad_boxes]] = True
 
     for field in ("region_classes", "region_scores"):
-        parts = _list_parts(_single_array(table.column(field)))
+        parts = _list_parts(_storage(table.column(field)))
         values = None if parts is None else _numbers(parts[1])
         if values is None:
             return everything
@@ -515,8 +544,8 @@ def _suspect_rows(
             bad = ~np.isfinite(values) | (values < 0) | (values > 1)
         suspect[_rows_of(np.flatnonzero(bad), offsets)] = True
 
-    if "global_feature" in table.column_names:
-        parts = _list_parts(_single_array(table.column("global_feature")))
+    if "global_feature" in table.schema.names:
+        parts = _list_parts(_storage(table.column("global_feature")))
         values = None if parts is None else _numbers(parts[1])
         if values is None:
             return everything
@@ -587,9 +616,17 @@ def validate_dataset(
     ) as progress:
         for table in arrow_view.iter(batch_size=batch_size):
             rows = table.num_rows
-            suspect = _suspect_rows(
-                table, feature_dim=feature_dim, num_classes=num_classes, require_global_feature=require_global
-            )
+            # Record batches are zero-copy slices of the table's chunks (combining the chunks would copy them).
+            masks = [
+                _suspect_rows(
+                    part,
+                    feature_dim=feature_dim,
+                    num_classes=num_classes,
+                    require_global_feature=require_global,
+                )
+                for part in table.to_batches()
+            ]
+            suspect = np.concatenate(masks) if masks else np.zeros(rows, dtype=bool)
             if suspect.any():
                 try:
                     # The same numpy rows the row-by-row validator reads, so its messages are reproduced exactly.
