@@ -237,3 +237,22 @@ def test_float16_bit_check_finds_every_nan_and_inf_and_no_finite_value():
                 values = np.ones(size, dtype=np.float16)
                 values[position] = bad
                 assert _any_half_not_finite(values, block=2), (bad, size, position)
+
+
+@pytest.mark.parametrize("caption", ["\x00", "a caption\x00", " \x00 "])
+def test_captions_ending_in_nul_get_the_row_by_row_verdict(caption):
+    rows = good_rows()
+    rows[2]["caption"] = caption
+    assert_same_outcome(make(rows), batch_size=4)
+
+
+@pytest.mark.parametrize("name", ["missing_width", "missing_class_entry", "missing_caption"])
+def test_a_null_in_one_chunk_of_a_batch_gets_the_row_by_row_verdict_for_the_whole_batch(name):
+    # Two Arrow chunks inside one validation batch: a null in the second changes how `datasets` formats the
+    # first one's rows too, and the row-by-row reference reports what that gives.
+    rows = good_rows(12)
+    CORRUPTIONS[name](rows[8])
+    dataset = datasets.concatenate_datasets([make(rows[:6]), make(rows[6:])])
+    assert dataset.data.column("region_features").num_chunks == 2
+    result = assert_same_outcome(dataset, num_classes=NUM_CLASSES, batch_size=12)
+    assert "record 8" in result

@@ -436,7 +436,8 @@ def _not_finite(values: np.ndarray) -> np.ndarray:
 
 
 def _blank_text_rows(column: pa.Array) -> np.ndarray:
-    """Rows whose text is null, not a string or empty after `str.strip` (Python's whitespace rules)."""
+    """Rows whose text is null, not a string, empty after `str.strip` (Python's whitespace rules) or ending in
+    NUL (numpy's fixed-width strings, which the row-level check reads, drop trailing NULs)."""
     array = _storage(column)
     if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
         return np.ones(len(array), dtype=bool)
@@ -444,7 +445,11 @@ def _blank_text_rows(column: pa.Array) -> np.ndarray:
         texts = array.to_pylist()
     except UnicodeDecodeError:  # bytes that are not UTF-8: `validate_record` names them
         return np.ones(len(array), dtype=bool)
-    return np.fromiter((text is None or not text.strip() for text in texts), dtype=bool, count=len(array))
+    return np.fromiter(
+        (text is None or not text.strip() or text.endswith("\x00") for text in texts),
+        dtype=bool,
+        count=len(array),
+    )
 
 
 def _nested_rows(column: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -469,7 +474,7 @@ def _nested_rows(column: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray, 
 
 def _suspect_rows(
     table: pa.RecordBatch, *, feature_dim: int, num_classes: int | None, require_global_feature: bool
-) -> np.ndarray:
+) -> np.ndarray | None:
     """Marks the rows of a batch that may break a rule of `validate_record`, checking each column at once.
 
     Args:
@@ -480,12 +485,12 @@ def _suspect_rows(
         require_global_feature: whether rows need a `global_feature`.
 
     Returns:
-        A boolean mask [rows]: True for every row `validate_record` would refuse (and possibly a few more, such as
-        rows with nulls, which it then judges itself).
+        A boolean mask [rows]: True for every row `validate_record` would refuse (and possibly a few more), or
+        None when the batch holds nulls or values of another type: `datasets` then formats the whole numpy batch
+        differently (a null width makes every width a float), so every row of the batch must be checked.
     """
     num_rows = table.num_rows
     suspect = np.zeros(num_rows, dtype=bool)
-    everything = np.ones(num_rows, dtype=bool)
     for field in ("image_id", "caption"):
         suspect |= _blank_text_rows(table.column(field))
 
@@ -493,13 +498,13 @@ def _suspect_rows(
     for field in ("image_width", "image_height"):
         values = _numbers(_storage(table.column(field)))
         if values is None or not np.issubdtype(values.dtype, np.integer):
-            return everything
+            return None
         suspect |= values <= 0
         size[field] = values.astype(np.float64)
 
     features = _nested_rows(table.column("region_features"), feature_dim)
     if features is None:
-        return everything
+        return None
     num_regions, feature_values, feature_rows = features  # [rows], [sum N, F], [sum N]
     flat = feature_values.reshape(-1)  # [sum N * F]
     if flat.dtype != np.float16 or _any_half_not_finite(flat):
@@ -509,7 +514,7 @@ def _suspect_rows(
 
     boxes = _nested_rows(table.column("region_boxes"), 4)
     if boxes is None:
-        return everything
+        return None
     box_counts, box_values, box_rows = boxes  # [rows], [sum N, 4], [sum N]
     suspect |= box_counts != num_regions
     if len(box_rows):
@@ -531,7 +536,7 @@ def _suspect_rows(
         parts = _list_parts(_storage(table.column(field)))
         values = None if parts is None else _numbers(parts[1])
         if values is None:
-            return everything
+            return None
         offsets = parts[0]
         suspect |= np.diff(offsets) != num_regions
         if field == "region_classes":
@@ -548,12 +553,12 @@ def _suspect_rows(
         parts = _list_parts(_storage(table.column("global_feature")))
         values = None if parts is None else _numbers(parts[1])
         if values is None:
-            return everything
+            return None
         offsets = parts[0]
         suspect |= np.diff(offsets) == 0
         suspect[_rows_of(np.flatnonzero(_not_finite(values)), offsets)] = True
     elif require_global_feature:  # cannot happen after `validate_features`; let `validate_record` say so
-        return everything
+        return None
     return suspect
 
 
@@ -626,7 +631,10 @@ def validate_dataset(
                 )
                 for part in table.to_batches()
             ]
-            suspect = np.concatenate(masks) if masks else np.zeros(rows, dtype=bool)
+            if any(mask is None for mask in masks):
+                suspect = np.ones(rows, dtype=bool)
+            else:
+                suspect = np.concatenate(masks) if masks else np.zeros(rows, dtype=bool)
             if suspect.any():
                 try:
                     # The same numpy rows the row-by-row validator reads, so its messages are reproduced exactly.
