@@ -3,8 +3,9 @@
 A bad row or a data/model mismatch in stage 2 used to surface when stage 2 started (or a few steps into it), as a
 traceback naming no row. `check_stage_data` loads every source of every remaining stage up front and:
 
-- validates each image-text source row by row with the schema's validator (`schema.validate_dataset`: finite
-  features, boxes inside their image, class ids >= 0, scores in [0, 1], non-empty text, ...), with a progress bar;
+- validates each image-text source with the schema's vectorised validator (`schema.validate_dataset`, a batch's
+  columns at once: finite features, boxes inside their image, class ids >= 0, scores in [0, 1], non-empty text,
+  ...), with a progress bar;
 - checks it against the model: region feature dimension vs `visual_feature_dim`, class ids vs `num_object_classes`
   (the first row beyond it named), and, in a stage that trains ITM, that the source has at least two image_ids
   (negatives are partners with another image_id: with one, ITM would see positives only);
