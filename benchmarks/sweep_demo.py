@@ -91,7 +91,7 @@ def summarise(rows: list[dict], target: float) -> dict:
         "text_r1_range": [min(r["text_r1"] for r in rows), max(r["text_r1"] for r in rows)],
         "runs_at_target": sum(r["image_r1"] >= target and r["text_r1"] >= target for r in rows),
         "target": target,
-        "max_thread_gap": max(gaps) if gaps else None,
+        "max_thread_gap": round(max(gaps), 1) if gaps else None,
         "max_seconds": max(r["seconds"] for r in rows),
     }
 
