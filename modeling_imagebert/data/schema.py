@@ -581,6 +581,40 @@ def _read_record(numpy_view: Dataset, batch: dict | None, table: pa.Table, start
         ) from error
 
 
+class _RecordErrors:
+    """Runs `validate_record` on rows and collects what it refuses (the first `max_errors` messages and the count);
+    `raise_if_any` raises the one DataValidationError both validators report."""
+
+    def __init__(self, feature_dim, num_classes, require_global: bool, max_errors: int):
+        self.options = {
+            "feature_dim": feature_dim,
+            "num_classes": num_classes,
+            "require_global_feature": require_global,
+        }
+        self.max_errors = max_errors
+        self.messages: list[str] = []
+        self.num_bad = 0
+
+    def add(self, error: DataValidationError) -> None:
+        self.num_bad += 1
+        if len(self.messages) < self.max_errors:
+            self.messages.append(str(error))
+
+    def check(self, record: dict, index: int) -> None:
+        try:
+            validate_record(record, index, **self.options)
+        except DataValidationError as error:
+            self.add(error)
+
+    def raise_if_any(self, checked: int) -> None:
+        if self.num_bad:
+            shown = f"the first {len(self.messages)}" if self.num_bad > len(self.messages) else "all"
+            raise DataValidationError(
+                f"{self.num_bad} of {checked} records are invalid ({shown} listed):\n"
+                + "\n".join(self.messages)
+            )
+
+
 def validate_dataset(
     dataset: Dataset,
     *,
@@ -611,8 +645,7 @@ def validate_dataset(
     """
     feature_dim = validate_features(dataset.features, feature_dim=feature_dim)
     require_global = "global_feature" in dataset.features
-    messages: list[str] = []
-    num_bad = 0
+    errors = _RecordErrors(feature_dim, num_classes, require_global, max_errors)
     checked = 0
     arrow_view = dataset.with_format("arrow")
     numpy_view = dataset.with_format("numpy", dtype=None)
@@ -646,24 +679,13 @@ def validate_dataset(
                 for offset in np.flatnonzero(suspect).tolist():
                     try:
                         record = _read_record(numpy_view, batch, table, checked, offset)
-                        validate_record(
-                            record,
-                            checked + offset,
-                            feature_dim=feature_dim,
-                            num_classes=num_classes,
-                            require_global_feature=require_global,
-                        )
                     except DataValidationError as error:
-                        num_bad += 1
-                        if len(messages) < max_errors:
-                            messages.append(str(error))
+                        errors.add(error)
+                        continue
+                    errors.check(record, checked + offset)
             checked += rows
             progress.update(rows)
-    if num_bad:
-        shown = f"the first {len(messages)}" if num_bad > len(messages) else "all"
-        raise DataValidationError(
-            f"{num_bad} of {checked} records are invalid ({shown} listed):\n" + "\n".join(messages)
-        )
+    errors.raise_if_any(checked)
     return checked
 
 
@@ -679,9 +701,7 @@ def _validate_dataset_rowwise(
     """The reference row-by-row validator: `validate_record` on every row. `validate_dataset` gives the same
     result and the same messages, checking whole batches at once; the tests compare the two."""
     feature_dim = validate_features(dataset.features, feature_dim=feature_dim)
-    require_global = "global_feature" in dataset.features
-    messages: list[str] = []
-    num_bad = 0
+    errors = _RecordErrors(feature_dim, num_classes, "global_feature" in dataset.features, max_errors)
     checked = 0
     view = dataset.with_format("numpy", dtype=None)
     with tqdm(
@@ -691,24 +711,8 @@ def _validate_dataset_rowwise(
             columns = list(batch)
             rows = len(batch[columns[0]]) if columns else 0
             for offset in range(rows):
-                record = {column: batch[column][offset] for column in columns}
-                try:
-                    validate_record(
-                        record,
-                        checked + offset,
-                        feature_dim=feature_dim,
-                        num_classes=num_classes,
-                        require_global_feature=require_global,
-                    )
-                except DataValidationError as error:
-                    num_bad += 1
-                    if len(messages) < max_errors:
-                        messages.append(str(error))
+                errors.check({column: batch[column][offset] for column in columns}, checked + offset)
             checked += rows
             progress.update(rows)
-    if num_bad:
-        shown = f"the first {len(messages)}" if num_bad > len(messages) else "all"
-        raise DataValidationError(
-            f"{num_bad} of {checked} records are invalid ({shown} listed):\n" + "\n".join(messages)
-        )
+    errors.raise_if_any(checked)
     return checked
