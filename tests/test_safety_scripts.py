@@ -15,21 +15,9 @@ TINY = ROOT / "configuration" / "models" / "imagebert-tiny.json"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, minilm_path):
-    import torch
-    from transformers import BertTokenizerFast
+    from tiny_checkpoint import save_tiny_checkpoint
 
-    from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining, ImageBertProcessor
-
-    folder = tmp_path_factory.mktemp("ckpt")
-    config = ImageBertConfig.from_json_file(str(TINY))
-    torch.manual_seed(0)
-    ImageBertForPreTraining(config).save_pretrained(folder)
-    ImageBertProcessor(
-        BertTokenizerFast.from_pretrained(minilm_path),
-        max_regions=config.max_regions,
-        max_text_length=config.max_text_length,
-    ).save_pretrained(folder)
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), minilm_path)
 
 
 def run_script(name: str, argv: list[str], monkeypatch) -> int:

@@ -59,29 +59,15 @@ def scripts():
     return {name: load_script(name) for name in ("run_retrieval.py", "evaluate_retrieval.py")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, minilm_path) -> Path:
     """A tiny pre-training checkpoint (2 layers, hidden 32) with its processor, as run_pretrain writes one."""
-    from transformers import BertTokenizerFast
+    from tiny_checkpoint import save_tiny_checkpoint
 
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    config = ImageBertConfig.from_json_file(str(TINY))
-    torch.manual_seed(0)
-    ImageBertForPreTraining(config).save_pretrained(folder)
-    ImageBertProcessor(
-        BertTokenizerFast.from_pretrained(minilm_path),
-        max_regions=config.max_regions,
-        max_text_length=config.max_text_length,
-    ).save_pretrained(folder)
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), minilm_path)
 
 
 def effective_world(toy: dict) -> dict:
