@@ -28,6 +28,7 @@ from feature_fixtures import (
     write_files,
     write_photos,
 )
+from kill import kill_at_random_moment
 from PIL import Image
 
 from modeling_imagebert.data.schema import validate_record
@@ -514,18 +515,14 @@ def _kill_and_resume(photos, detector_dir, tmp_path, rng, seconds):
         "cpu",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "imagebert_features.json").exists() and process.poll() is None:
-            assert time.monotonic() < deadline, "the extraction never started"
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, seconds))
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-        stderr = process.stderr.read().decode()
-        process.stderr.close()
+    code, stderr = kill_at_random_moment(
+        command,
+        started=lambda: (out / "imagebert_features.json").exists(),
+        seconds=seconds,
+        rng=rng,
+        env=env,
+        cwd=REPO,
+    )
     import datasets
 
     for data in (out / "shards").glob("shard-?????.arrow"):
@@ -533,7 +530,7 @@ def _kill_and_resume(photos, detector_dir, tmp_path, rng, seconds):
         done = data.with_name(data.name.replace(".arrow", ".done.json"))
         if done.exists():  # a finished shard holds every image its record counts
             assert rows == json.loads(done.read_text())["extracted"] == 1, data
-    return process.returncode, stderr
+    return code, stderr
 
 
 def test_sigkill_at_a_random_moment_then_resume_equals_a_straight_run(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from kill import kill_at_random_moment
 
 from modeling_imagebert.pretraining.recipes import RecipeError
 
@@ -355,15 +356,11 @@ def test_sigkill_at_a_random_moment_then_resume_equals_a_straight_run(tmp_path, 
     out = tmp_path / "killed"
     argv = [sys.executable, str(SCRIPT), "--recipe", str(path), "--output_dir", str(out), "--no_progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while not (out / "recipe.json").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)  # training starts right after recipe.json is written
-    time.sleep(rng.uniform(0.0, 3.0))  # the tiny run trains and saves for about 1-3 s after that
-    process.kill()
-    process.wait(timeout=60)
-    assert process.returncode in (-signal.SIGKILL, 0), (seed, process.stderr.read().decode()[-2000:])
-    process.stderr.close()
+    # Training starts right after recipe.json is written; the tiny run trains and saves for about 1-3 s after that.
+    code, stderr = kill_at_random_moment(
+        argv, started=(out / "recipe.json").exists, seconds=3.0, rng=rng, env=env, cwd=ROOT, timeout=120
+    )
+    assert code in (-signal.SIGKILL, 0), (seed, stderr[-2000:])
 
     run_pretrain.main(
         [

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from kill import kill_at_random_moment
 
 from modeling_imagebert import (
     ImageBertConfig,
@@ -496,19 +497,10 @@ def test_sigkill_mid_scoring_then_rerun_equals_a_straight_run(scripts, tiny_chec
         "--cache_dir",
         str(cache),
     ]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(cache.glob("scores-*")) and process.poll() is None:
-            assert time.monotonic() < deadline, "the evaluation never started"
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, seconds))
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-        stderr = process.stderr.read().decode()
-        process.stderr.close()
-    assert process.returncode in (-signal.SIGKILL, 0), stderr
+    code, stderr = kill_at_random_moment(
+        command, started=lambda: bool(list(cache.glob("scores-*"))), seconds=seconds, rng=rng, env=env
+    )
+    assert code in (-signal.SIGKILL, 0), stderr
     scores = tmp_path / "scores.pt"
     resumed = scripts["evaluate_retrieval.py"].main(
         [*common, "--cache_dir", str(cache), "--save_scores", str(scores)]
