@@ -149,11 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work_dir", default=str(REPO / "outputs" / "demo-sweep"), help="run folders (default: %(default)s)"
     )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="SWEEP_JSON",
+        help="run nothing: merge the rows of these sweep.json files (sweeps run in parts) into one table",
+    )
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict] = []
+    if args.combine:
+        for path in args.combine:
+            rows.extend(json.loads(Path(path).read_text())["rows"])
 
     def save() -> str:
         summary = summarise(rows, args.target)
@@ -172,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    single = [(s, t) for s in args.seeds for t in args.threads if t == 1]
-    multi = [(s, t) for s in args.seeds for t in args.threads if t != 1]
+    single = [] if args.combine else [(s, t) for s in args.seeds for t in args.threads if t == 1]
+    multi = [] if args.combine else [(s, t) for s in args.seeds for t in args.threads if t != 1]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for row in pool.map(lambda st: run_one(*st, work, args.overrides, args.recipe), single):
             record(row)
