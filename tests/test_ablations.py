@@ -2,6 +2,7 @@
 every full-size recipe validates with its dataset folders stubbed, and the toy twins run end to end in miniature."""
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -129,3 +130,45 @@ def test_toy_variant_runs_two_steps_per_stage_end_to_end(path, tmp_path, minilm_
 @pytest.mark.parametrize("path", [p for p in TOY if p.stem not in FAST_TOY], ids=lambda p: p.stem)
 def test_other_toy_variants_run_two_steps_per_stage_end_to_end(path, tmp_path, minilm_path):
     _check_run(path, _run_toy(path, tmp_path, minilm_path))
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("run_ablations", ROOT / "benchmarks" / "run_ablations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fine_tuning_loss_rows_of_the_docs_are_losses_run_retrieval_accepts():
+    from modeling_imagebert.configuration_imagebert import parse_retrieval_loss
+
+    docs = (ROOT / "docs" / "ablations.md").read_text()
+    losses = re.findall(r"`--loss ([a-z+]+)`", docs)
+    assert losses == ["binary+ce+triplet", "ce", "triplet", "binary"]
+    assert [sorted(parse_retrieval_loss(loss)) for loss in losses] == [
+        ["binary", "ce", "triplet"], ["ce"], ["triplet"], ["binary"]
+    ]  # fmt: skip
+
+
+def test_benchmark_reuses_finished_runs_and_tabulates_mean_and_spread_over_seeds(tmp_path, monkeypatch):
+    bench = _load_benchmark()
+    assert set(bench.ROWS) == {p.stem for p in TOY}
+    recalls = {1: [10, 20, 30, 40, 50, 60], 2: [20, 30, 40, 50, 60, 70]}
+    for seed, values in recalls.items():  # what run_pretrain leaves behind: the runner must read, not rerun
+        out = tmp_path / "table3-cc" / f"seed-{seed}" / "pretrain"
+        out.mkdir(parents=True)
+        metrics = {
+            f"{d}/R@{k}": v
+            for (d, k), v in zip([(d, k) for d in bench.DIRECTIONS for k in bench.KS], values, strict=True)
+        }
+        (out / "pretrain_results.json").write_text(
+            json.dumps({"zero_shot_retrieval": metrics, "wall_seconds": 60.0})
+        )
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail(f"reran a finished run: {a}"))
+    status = bench.main(["--only", "table3-cc", "--seeds", "1", "2", "--work_dir", str(tmp_path)])
+    assert status == 0
+    table = (tmp_path / "ablations.md").read_text()
+    assert "| CC | 15.0 ± 7.1 | 25.0 ± 7.1 |" in table and "| 60 | 33.0 | 43.8 |" in table
+    summary = json.loads((tmp_path / "ablations.json").read_text())["summary"]["table3-cc"]
+    assert summary["zero_shot_mean"] == [15, 25, 35, 45, 55, 65] and summary["seeds"] == [1, 2]
+    assert (tmp_path / "ablations.png").stat().st_size > 0
