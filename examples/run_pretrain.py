@@ -82,7 +82,7 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
 
     # A new optimiser and LR schedule per stage. The scheduler is stepped by hand, once per optimiser step
     # whatever the number of processes, and saved beside accelerate's state in checkpoints.
-    optimizer = make_optimizer(accelerator.unwrap_model(model), stage)
+    optimizer = make_optimizer(accelerator.unwrap_model(model), stage, training.adamw_implementation)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = get_scheduler(
         stage.lr_scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.num_steps

@@ -420,3 +420,46 @@ def test_recipe_refuses_optimiser_settings_that_would_train_wrongly(override, fi
 def test_clipping_may_be_turned_off():
     recipe = load_recipe(RECIPES / "demo.yaml", ["stages.0.max_grad_norm=0", "stages.1.max_grad_norm=null"])
     assert recipe.stages[0].max_grad_norm == 0 and recipe.stages[1].max_grad_norm is None
+
+
+def test_adamw_kernel_is_fused_by_default_and_a_recipe_field():
+    from modeling_imagebert.pretraining.model_setup import make_optimizer
+
+    recipe = load_recipe(RECIPES / "demo.yaml")
+    assert recipe.training.adamw_implementation == "fused"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    kinds = {}
+    for implementation in ("fused", "foreach", "for-loop"):
+        group = make_optimizer(model, recipe.stages[0], implementation).param_groups[0]
+        kinds[implementation] = (bool(group["fused"]), bool(group["foreach"]))
+    assert kinds == {"fused": (True, False), "foreach": (False, True), "for-loop": (False, False)}
+    with pytest.raises(RecipeError, match=r"training\.adamw_implementation.*'fused', 'foreach', 'for-loop'"):
+        load_recipe(RECIPES / "demo.yaml", ["training.adamw_implementation=fast"])
+    with pytest.raises(ValueError, match="implementation"):
+        make_optimizer(model, recipe.stages[0], "fast")
+
+
+def test_the_adamw_kernels_take_the_same_steps_up_to_rounding():
+    from modeling_imagebert.pretraining.model_setup import make_optimizer
+
+    stage = load_recipe(RECIPES / "demo.yaml").stages[0]
+    weights = {}
+    for implementation in ("fused", "for-loop"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+        optimizer = make_optimizer(model, stage, implementation)
+        data = torch.randn(16, 8)
+        for _ in range(5):
+            optimizer.zero_grad()
+            model(data).pow(2).mean().backward()
+            optimizer.step()
+        weights[implementation] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    moved = (weights["fused"] - torch.cat([p.flatten() for p in _initial_weights()])).abs().max()
+    assert moved > 1e-4  # the steps did change the weights
+    torch.testing.assert_close(weights["fused"], weights["for-loop"], rtol=1e-5, atol=1e-6)
+
+
+def _initial_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    return [p.detach() for p in model.parameters()]

