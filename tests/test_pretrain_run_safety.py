@@ -255,7 +255,7 @@ def test_resume_with_a_changed_learning_rate_is_refused_unless_forced(runs, tmp_
         _demo_argv(minilm_path, out, "--resume_from_checkpoint", "latest", "--learning_rate", "0.001")
     )
     assert "stages.0.learning_rate: checkpoint 0.0002, now 0.001" in message
-    assert "stages.1.learning_rate: checkpoint 0.0002, now 0.001" in message
+    assert "stages.1.learning_rate: checkpoint 0.0004, now 0.001" in message
     assert "--ignore_recipe_mismatch" in message and "save_steps" not in message
     assert _snapshot(out)["recipe.json"] == recipe_before  # rewritten only after the checks pass
     capsys.readouterr()

@@ -219,10 +219,9 @@ def test_help_of_every_script_shows_its_defaults(scripts, capsys):
     from modeling_imagebert.pretraining.arguments import build_argument_parser
 
     pretrain = help_text(capsys, build_argument_parser("demo", DEMO).parse_args, ["--help"])
-    assert (
-        f"(default: {DEMO})" in pretrain
-        and "tracker: tensorboard, wandb, ..., all or none (default: none)" in pretrain
-    )
+    # argparse may break a long path after a hyphen ("/work/ci- clone/..."): compare it without whitespace
+    assert f"(default:{DEMO})" in "".join(pretrain.split())
+    assert "tracker: tensorboard, wandb, ..., all or none (default: none)" in pretrain
     assert "keeps the recipe's value when not given" in pretrain and "(default: None)" not in pretrain
     evaluate = help_text(capsys, scripts["evaluate_retrieval.py"].parse_args, ["--help"])
     assert f"--toy: region-feature noise (as pre-training) (default: {DEMO_TOY_WORLD['noise']})" in evaluate
@@ -402,7 +401,12 @@ def test_documented_toy_commands_select_the_demo_world(name, scripts):
             rest += ["--output_dir", "unused"]
         launcher = [token for token in argv[:position] if not re.match(r"^[A-Z_]+=", token)]
         assert launcher[:1] == ["python"] or launcher[:2] == ["accelerate", "launch"], command.where
-        assert toy_settings_of(script, rest, scripts) == expected, command.where
+        # A command that names its own test-split size (docs/evaluation.md's 1,000-image run) still scores the
+        # demo's world and scenes, on a larger split.
+        wanted = dict(expected)
+        if "--toy_test_images" in rest:
+            wanted["num_test_images"] = int(rest[rest.index("--toy_test_images") + 1])
+        assert toy_settings_of(script, rest, scripts) == wanted, command.where
         checked += 1
     assert checked >= 2
 
