@@ -34,6 +34,7 @@ from modeling_imagebert.data.loading import load_source
 from modeling_imagebert.pretraining import checkpoints as ckpt
 from modeling_imagebert.pretraining import run_outputs as outputs_of_run
 from modeling_imagebert.pretraining.arguments import build_argument_parser, recipe_from_arguments
+from modeling_imagebert.pretraining.hard_negatives import mine_itm_negatives
 from modeling_imagebert.pretraining.loss_log import StageLossLog
 from modeling_imagebert.pretraining.model_card import read_base_card
 from modeling_imagebert.pretraining.model_setup import (
@@ -109,9 +110,19 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
     watch = NonFiniteWatch(plan.tasks, accelerator.device)
     model.train()
     first_micro_batch = step * stage.gradient_accumulation_steps
+    micro_batch = first_micro_batch
     for loader in get_dataloaders(accelerator, plan, first_micro_batch, training.num_workers, training.seed):
         for batch in loader:
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            if (
+                stage.itm_negatives == "itc"
+            ):  # ALBEF hard negatives; the draws depend only on (seed, stage, batch)
+                generator = torch.Generator(device=accelerator.device)
+                generator.manual_seed(
+                    (training.seed * 1_000_003 + stage_index * 1009) * 1_000_003 + micro_batch
+                )
+                batch = mine_itm_negatives(accelerator.unwrap_model(model), batch, generator)
+            micro_batch += 1
             # `accumulate` skips the gradient all-reduce and the optimiser step until the last micro-batch of a step.
             with accelerator.accumulate(model):
                 outputs = model(**batch)

@@ -79,13 +79,17 @@ def set_stage_loss_weights(config: ImageBertConfig, tasks: Mapping[str, float]) 
     return {task: float(tasks[task]) for task in TASKS if tasks.get(task, 0.0) > 0}
 
 
-def make_optimizer(model: torch.nn.Module, stage: StageSpec, implementation: str = "fused") -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, stage: StageSpec, implementation: str = "fused"
+) -> torch.optim.AdamW:
     """A new AdamW for a stage: weight decay on the matrices, none on biases, LayerNorm and other 1-D tensors.
 
     `implementation`: torch's kernel, one of `ADAMW_IMPLEMENTATIONS` ("fused" falls back to "foreach" when a
     parameter lives on a device without torch's fused kernels)."""
     if implementation not in ADAMW_IMPLEMENTATIONS:
-        raise ValueError(f"implementation: expected one of {list(ADAMW_IMPLEMENTATIONS)}, got {implementation!r}")
+        raise ValueError(
+            f"implementation: expected one of {list(ADAMW_IMPLEMENTATIONS)}, got {implementation!r}"
+        )
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -106,7 +110,8 @@ _FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 def _kernel(implementation: str, parameters: list[torch.nn.Parameter]) -> dict[str, bool]:
     if implementation == "fused" and all(
-        p.device.type in _FUSED_DEVICES and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        p.device.type in _FUSED_DEVICES
+        and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
         for p in parameters
     ):
         return {"fused": True}

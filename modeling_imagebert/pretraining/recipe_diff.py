@@ -28,6 +28,9 @@ RESUME_FREE_FIELDS = (
 IGNORE_MISMATCH_FLAG = "--ignore_recipe_mismatch"
 
 _ABSENT = object()
+# Stage fields added after recipes were first saved, with the value a recipe without them meant: a checkpoint whose
+# recipe lacks one resumes under that value without a mismatch.
+_LATER_STAGE_FIELDS = {"itm_negatives": "random"}
 
 
 class RecipeMismatchError(RecipeError):
@@ -40,6 +43,12 @@ def _show(value: Any) -> str:
 
 def _walk(saved: Any, current: Any, path: str, free: Sequence[str], out: list[str]) -> None:
     if path in free:
+        return
+    if (
+        saved is _ABSENT
+        and path.startswith("stages.")
+        and _LATER_STAGE_FIELDS.get(path.rsplit(".", 1)[-1], _ABSENT) == current
+    ):
         return
     if isinstance(saved, Mapping) and isinstance(current, Mapping):
         for key in sorted(set(saved) | set(current), key=str):

@@ -91,6 +91,11 @@ class StageSpec:
             only matched pairs carry [MASK] tokens and zeroed regions, so "masked => matched" fits the training
             labels while zero-shot retrieval (unmasked pairs) stays at chance; separate batches avoid it.
         itm_batch_fraction: share of ITM batches in "separate" mode.
+        itm_negatives: "random" (default, the paper: the collator pairs an image with another example's caption or
+            the reverse) or "itc" (not in the paper; ALBEF's hard negatives: in each ITM batch the mismatched rows
+            are re-drawn, a caption for the row's image or an image for its caption, with probability softmax of
+            the ITC similarity over the batch, never one of the same image). Needs "separate" ITM batches and the
+            itc task in the stage (its embeddings do the picking).
     """
 
     name: str = "stage"
@@ -115,6 +120,7 @@ class StageSpec:
     itm_negative_rate: float = 0.5
     itm_mode: str = "separate"
     itm_batch_fraction: float = 0.5
+    itm_negatives: str = "random"
 
 
 @dataclass
@@ -349,6 +355,21 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             raise RecipeError(f"{where}.warmup_ratio: expected a number in [0, 1], got {stage.warmup_ratio}")
         if stage.itm_mode not in ("separate", "joint"):
             raise RecipeError(f"{where}.itm_mode: expected 'separate' or 'joint', got {stage.itm_mode!r}")
+        if stage.itm_negatives not in ("random", "itc"):
+            raise RecipeError(
+                f"{where}.itm_negatives: expected 'random' or 'itc', got {stage.itm_negatives!r}"
+            )
+        if stage.itm_negatives == "itc" and not (
+            stage.tasks.get("itm", 0) > 0 and stage.tasks.get("itc", 0) > 0
+        ):
+            raise RecipeError(
+                f"{where}.itm_negatives: 'itc' mines ITM negatives with the ITC embeddings, so the stage needs both "
+                f"the itm and the itc task, got tasks {sorted(stage.tasks)}"
+            )
+        if stage.itm_negatives == "itc" and stage.itm_mode != "separate":
+            raise RecipeError(
+                f"{where}.itm_negatives: 'itc' needs itm_mode 'separate' (unmasked ITM batches)"
+            )
         for name in ("mlm_probability", "region_mask_probability", "itm_negative_rate", "itm_batch_fraction"):
             value = getattr(stage, name)
             if not 0 <= value <= 1:
@@ -371,7 +392,9 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             raise RecipeError("evaluation.dataset.modality: retrieval needs image_text data")
         _positive(recipe.evaluation.batch_size, "evaluation.batch_size")
         _positive(recipe.evaluation.candidates, "evaluation.candidates", allow_none=True)
-        if recipe.evaluation.candidates is not None and not any(s.tasks.get("itc", 0) > 0 for s in recipe.stages):
+        if recipe.evaluation.candidates is not None and not any(
+            s.tasks.get("itc", 0) > 0 for s in recipe.stages
+        ):
             raise RecipeError(
                 "evaluation.candidates: two-stage retrieval picks candidates with the ITC embeddings, but no stage "
                 "trains the itc task (add itc to a stage's tasks, or set evaluation.candidates: null)"

@@ -1,0 +1,90 @@
+"""ITM hard negatives mined from the ITC similarities of the batch (ALBEF, Li et al. 2021; not in ImageBERT).
+
+With random negatives the ITM head mostly compares a caption with an image that shares none of its objects, and
+never learns to order near matches: the ones retrieval has to rank. `mine_itm_negatives` re-draws the mismatched
+rows of an ITM batch: even rows keep their image and take a caption of another image, odd rows keep their caption
+and take another image, each drawn with probability softmax(ITC logit) over the batch, so similar but wrong
+partners come up most. Rows that describe or show the same image (the ITC groups) are never drawn, so a negative
+stays a negative. The embeddings are computed without gradients; the model's own ITC loss runs on the mined batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+_IMAGE_KEYS = ("region_features", "region_locations", "region_attention_mask", "global_image_features")
+# Keys of masked-task batches: mining runs only on ITM batches of unmasked pairs.
+_MASKED_KEYS = ("labels", "masked_regions", "region_class_labels", "region_feature_targets")
+
+
+def _draw(
+    logits: torch.Tensor, allowed: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column index per row, drawn with probability softmax(logits) over the allowed columns; returns the
+    indices and which rows had any allowed column."""
+    possible = allowed.any(dim=1)
+    weights = torch.softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=1)
+    weights = torch.where(
+        possible[:, None], weights, torch.ones_like(weights)
+    )  # rows with no choice: unused draw
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1), possible
+
+
+@torch.no_grad()
+def mine_itm_negatives(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """Returns `batch` with its mismatched ITM rows (`itm_labels` 0) re-drawn as hard negatives.
+
+    `model` is an (unwrapped) `ImageBertForPreTraining`: its `text_embeddings` / `image_embeddings` and
+    `itc_head.scale()` give the similarities. A batch without `itm_labels` or ITC groups, or with masked-task
+    labels, is returned unchanged. `generator` (on the batch's device) makes the draws reproducible.
+    """
+    labels = batch.get("itm_labels")
+    if labels is None or "itc_text_groups" not in batch or any(key in batch for key in _MASKED_KEYS):
+        return dict(batch)
+    was_training = model.training
+    model.eval()  # no dropout in the picking passes
+    try:
+        text = model.text_embeddings(
+            batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
+        )
+        image = model.image_embeddings(
+            batch["region_features"],
+            batch.get("region_locations"),
+            batch.get("region_attention_mask"),
+            batch.get("global_image_features"),
+        )
+        logits = model.itc_head.scale().float() * text.float() @ image.float().t()  # (B texts, B images)
+    finally:
+        model.train(was_training)
+    text_groups, image_groups = batch["itc_text_groups"], batch["itc_image_groups"]
+    size = labels.shape[0]
+    rows = torch.arange(size, device=labels.device)
+    negative = labels.reshape(-1) == 0
+    # Even negative rows: keep the image, draw a caption j that does not describe it (logits[j, i]).
+    caption_for, caption_possible = _draw(
+        logits.t(), text_groups[None, :] != image_groups[:, None], generator
+    )
+    # Odd negative rows: keep the caption, draw an image k it does not describe (logits[i, k]).
+    image_for, image_possible = _draw(logits, image_groups[None, :] != text_groups[:, None], generator)
+    swap_caption = negative & (rows % 2 == 0) & caption_possible
+    swap_image = negative & (rows % 2 == 1) & image_possible
+    text_rows = torch.where(swap_caption, caption_for, rows)
+    image_rows = torch.where(swap_image, image_for, rows)
+    mined = dict(batch)
+    for key in _TEXT_KEYS:
+        if batch.get(key) is not None:
+            mined[key] = batch[key].index_select(0, text_rows)
+    for key in _IMAGE_KEYS:
+        if batch.get(key) is not None:
+            mined[key] = batch[key].index_select(0, image_rows)
+    mined["itc_text_groups"] = text_groups.index_select(0, text_rows)
+    mined["itc_image_groups"] = image_groups.index_select(0, image_rows)
+    return mined
+
+
+__all__ = ["mine_itm_negatives"]
