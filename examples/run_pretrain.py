@@ -114,9 +114,8 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
     for loader in get_dataloaders(accelerator, plan, first_micro_batch, training.num_workers, training.seed):
         for batch in loader:
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-            if (
-                stage.itm_negatives == "itc"
-            ):  # ALBEF hard negatives; the draws depend only on (seed, stage, batch)
+            # ALBEF hard negatives for ITM batches; the draws depend only on (seed, stage, micro-batch).
+            if stage.itm_negatives == "itc":
                 generator = torch.Generator(device=accelerator.device)
                 generator.manual_seed(
                     (training.seed * 1_000_003 + stage_index * 1009) * 1_000_003 + micro_batch

@@ -27,9 +27,8 @@ def _draw(
     indices and which rows had any allowed column."""
     possible = allowed.any(dim=1)
     weights = torch.softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=1)
-    weights = torch.where(
-        possible[:, None], weights, torch.ones_like(weights)
-    )  # rows with no choice: unused draw
+    # A row with no allowed column gets a uniform (unused) draw: multinomial refuses all-zero weights.
+    weights = torch.where(possible[:, None], weights, torch.ones_like(weights))
     return torch.multinomial(weights, 1, generator=generator).squeeze(1), possible
 
 
