@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lait_fixture import BAD_TEXTS, MiniWebServer, build_mini_web  # noqa: E402
+from tiny_checkpoint import save_tiny_checkpoint  # noqa: E402
 
-from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining  # noqa: E402
+from modeling_imagebert import ImageBertForPreTraining  # noqa: E402
 from modeling_imagebert.features.runner import load_features, run_extraction  # noqa: E402
 from modeling_imagebert.features.sources import list_webdataset  # noqa: E402
 from modeling_imagebert.lait.config import load_config  # noqa: E402
@@ -33,7 +34,6 @@ from modeling_imagebert.lait.scoring import ITM_FEATURE, Scorer, feature_matrix,
 from modeling_imagebert.processing_imagebert import ImageBertProcessor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configuration" / "models" / "imagebert-tiny.json"
 BASE = {"images": {"timeout_s": 1.0}, "engine": {"processes": 2, "site_buckets": 4, "fetch_threads": 4}}
 
 
@@ -97,7 +97,6 @@ def server():
 @pytest.fixture(scope="module")
 def world(server, minilm_path, tmp_path_factory):
     """The whole workflow once: crawl, first run, features of all kept images but one, tiny checkpoint, ITM run."""
-    from transformers import BertTokenizerFast
 
     root = tmp_path_factory.mktemp("itm")
     web = build_mini_web(root / "crawl", server, seed=1, n_articles=20, n_files=2)
@@ -109,15 +108,7 @@ def world(server, minilm_path, tmp_path_factory):
     features = extract(refs[1:], root / "features")
     missing_key = refs[0].image_id
 
-    config = ImageBertConfig.from_json_file(str(TINY))
-    torch.manual_seed(0)
-    checkpoint = root / "imagebert-tiny"
-    ImageBertForPreTraining(config).save_pretrained(checkpoint)
-    ImageBertProcessor(
-        BertTokenizerFast.from_pretrained(minilm_path),
-        max_regions=config.max_regions,
-        max_text_length=config.max_text_length,
-    ).save_pretrained(checkpoint)
+    checkpoint = save_tiny_checkpoint(root / "imagebert-tiny", minilm_path, seed=0)
     itm_config = load_config(overrides=_itm_overrides(checkpoint, features))
     stats = run_local(warcs, root / "itm", itm_config)
     rows = pq.read_table(root / "itm" / "pairs.parquet").to_pylist()
