@@ -120,7 +120,9 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
                 generator.manual_seed(
                     (training.seed * 1_000_003 + stage_index * 1009) * 1_000_003 + micro_batch
                 )
-                batch = mine_itm_negatives(accelerator.unwrap_model(model), batch, generator)
+                batch = mine_itm_negatives(
+                    accelerator.unwrap_model(model), batch, generator, stage.itm_hard_negative_fraction
+                )
             micro_batch += 1
             # `accumulate` skips the gradient all-reduce and the optimiser step until the last micro-batch of a step.
             with accelerator.accumulate(model):

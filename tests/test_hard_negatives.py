@@ -80,6 +80,32 @@ def test_draws_follow_the_generator_and_a_row_without_a_wrong_partner_is_kept():
     assert all(torch.equal(kept[key], single[key]) for key in single)
 
 
+def test_a_fraction_of_the_negatives_is_mined_and_the_rest_keep_their_random_partner():
+    # Sixty-four images, caption c describes image c; every image looks most like caption (c + 1) mod 64.
+    size = 64
+    text = torch.eye(size)
+    image = torch.roll(torch.eye(size), shifts=1, dims=1)
+    model = _FixedEmbeddings(text, image)
+    groups = list(range(size))
+    # Every row is a collator negative: row r pairs caption (r + 7) mod 64 with image r.
+    batch = _batch([0] * size, text_groups=[(r + 7) % size for r in groups], image_groups=groups)
+    batch["input_ids"] = batch["itc_text_groups"][:, None].repeat(1, 3)
+    none = mine_itm_negatives(model, batch, torch.Generator().manual_seed(0), fraction=0.0)
+    assert all(torch.equal(none[key], batch[key]) for key in batch)
+    half = mine_itm_negatives(model, batch, torch.Generator().manual_seed(0), fraction=0.5)
+    changed = (half["input_ids"][:, 0] != batch["input_ids"][:, 0]) | (
+        half["region_features"][:, 0, 0] != batch["region_features"][:, 0, 0]
+    )
+    assert 16 <= int(changed.sum()) <= 48  # about half, not none and not all
+    negative = half["itm_labels"] == 0
+    assert (half["itc_text_groups"][negative] != half["itc_image_groups"][negative]).all()
+    every = mine_itm_negatives(model, batch, torch.Generator().manual_seed(0), fraction=1.0)
+    every_changed = (every["input_ids"][:, 0] != batch["input_ids"][:, 0]) | (
+        every["region_features"][:, 0, 0] != batch["region_features"][:, 0, 0]
+    )
+    assert int(every_changed.sum()) > int(changed.sum())
+
+
 def test_masked_task_batches_are_not_touched():
     model = _FixedEmbeddings(torch.eye(2), torch.eye(2))
     batch = {**_batch([0, 1], [1, 1], [0, 1]), "labels": torch.full((2, 3), -100)}
@@ -166,3 +192,20 @@ def test_a_checkpoint_saved_before_the_field_existed_resumes_with_random_negativ
     assert recipe_differences(saved, {"stages": [{"learning_rate": 1e-4, "itm_negatives": "itc"}]}) == [
         'stages.0.itm_negatives: checkpoint absent, now "itc"'
     ]
+    assert recipe_differences(saved, {"stages": [{"learning_rate": 1e-4, "itm_hard_negative_fraction": 1.0}]}) == []
+    assert recipe_differences(saved, {"stages": [{"learning_rate": 1e-4, "itm_hard_negative_fraction": 0.5}]}) == [
+        "stages.0.itm_hard_negative_fraction: checkpoint absent, now 0.5"
+    ]
+
+
+@pytest.mark.parametrize("fraction", [1.5, -0.1, float("nan")])
+def test_recipe_refuses_a_hard_negative_fraction_outside_zero_to_one(fraction):
+    from modeling_imagebert.pretraining.recipes import validate_recipe
+
+    data = {
+        "model": {"bert_checkpoint": "some/bert"},
+        "stages": [{"init": "bert", "datasets": [{"toy_world": {"variant": "web", "num_images": 8}}], "max_steps": 2,
+                    "tasks": {"itm": 1.0, "itc": 1.0}, "itm_negatives": "itc", "itm_hard_negative_fraction": fraction}],
+    }  # fmt: skip
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.itm_hard_negative_fraction: expected a probability"):
+        validate_recipe(recipe_from_dict(data))

@@ -34,9 +34,15 @@ def _draw(
 
 @torch.no_grad()
 def mine_itm_negatives(
-    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    generator: torch.Generator | None = None,
+    fraction: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Returns `batch` with its mismatched ITM rows (`itm_labels` 0) re-drawn as hard negatives.
+
+    `fraction` is the chance that a mismatched row is re-drawn (1.0, ALBEF: all of them); the others keep the
+    collator's random negative, so the head still sees easy negatives while it learns the hard ones.
 
     `model` is an (unwrapped) `ImageBertForPreTraining`: its `text_embeddings` / `image_embeddings` and
     `itc_head.scale()` give the similarities. A batch without `itm_labels` or ITC groups, or with masked-task
@@ -70,6 +76,9 @@ def mine_itm_negatives(
     )
     # Odd negative rows: keep the caption, draw an image k it does not describe (logits[i, k]).
     image_for, image_possible = _draw(logits, image_groups[None, :] != text_groups[:, None], generator)
+    if fraction < 1.0:
+        chosen = torch.rand(size, device=labels.device, generator=generator) < fraction
+        negative = negative & chosen
     swap_caption = negative & (rows % 2 == 0) & caption_possible
     swap_image = negative & (rows % 2 == 1) & image_possible
     text_rows = torch.where(swap_caption, caption_for, rows)

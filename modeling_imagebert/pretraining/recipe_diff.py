@@ -30,7 +30,7 @@ IGNORE_MISMATCH_FLAG = "--ignore_recipe_mismatch"
 _ABSENT = object()
 # Stage fields added after recipes were first saved, with the value a recipe without them meant: a checkpoint whose
 # recipe lacks one resumes under that value without a mismatch.
-_LATER_STAGE_FIELDS = {"itm_negatives": "random"}
+_LATER_STAGE_FIELDS = {"itm_negatives": "random", "itm_hard_negative_fraction": 1.0}
 
 
 class RecipeMismatchError(RecipeError):

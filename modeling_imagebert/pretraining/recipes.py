@@ -96,6 +96,8 @@ class StageSpec:
             are re-drawn, a caption for the row's image or an image for its caption, with probability softmax of
             the ITC similarity over the batch, never one of the same image). Needs "separate" ITM batches and the
             itc task in the stage (its embeddings do the picking).
+        itm_hard_negative_fraction: with itm_negatives "itc", the chance that a mismatched ITM row is re-drawn as a
+            hard negative (default 1.0, ALBEF: every one); the rest keep their random partner.
     """
 
     name: str = "stage"
@@ -121,6 +123,7 @@ class StageSpec:
     itm_mode: str = "separate"
     itm_batch_fraction: float = 0.5
     itm_negatives: str = "random"
+    itm_hard_negative_fraction: float = 1.0
 
 
 @dataclass
@@ -370,7 +373,13 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             raise RecipeError(
                 f"{where}.itm_negatives: 'itc' needs itm_mode 'separate' (unmasked ITM batches)"
             )
-        for name in ("mlm_probability", "region_mask_probability", "itm_negative_rate", "itm_batch_fraction"):
+        for name in (
+            "mlm_probability",
+            "region_mask_probability",
+            "itm_negative_rate",
+            "itm_batch_fraction",
+            "itm_hard_negative_fraction",
+        ):
             value = getattr(stage, name)
             if not 0 <= value <= 1:
                 raise RecipeError(f"{where}.{name}: expected a probability in [0, 1], got {value}")
