@@ -140,7 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="--candidates: rank by the cross-encoder's score (itm) or add the ITC similarity (itm+itc, as BLIP)",
     )
     two_stage.add_argument(
-        "--full_ranking", action="store_true", help="--candidates: also run full ranking and report it"
+        "--full_ranking",
+        action="store_true",
+        help="--candidates: also run full ranking and report it, ranked by the same --final_score",
     )
     two_stage.add_argument(
         "--recall_plot", default=None, help="--candidates: write the recall-vs-K plot (PNG) here"

@@ -26,6 +26,7 @@ from modeling_imagebert.pretraining.recipes import (
     load_recipe,
     parse_override,
     recipe_from_dict,
+    validate_recipe,
 )
 from modeling_imagebert.pretraining.schedule import BatchSchedule
 
@@ -285,6 +286,33 @@ def test_model_card_has_the_stages_losses_and_recalls():
     assert card.startswith("---\nlicense: apache-2.0\n---")
     assert "## Pre-training" in card and "| 1 web |" in card and "| 2 curated |" in card
     assert "itm 0.2500" in card and "image_retrieval/R@1 40.0" in card
+
+
+def test_model_card_names_the_score_each_recall_was_ranked_by():
+    recipe = load_recipe(RECIPES / "demo.yaml")
+    card = build_model_card(
+        "# ImageBERT\n", recipe, None, {"image_retrieval/R@1": 84.0}, final_score="itm+itc",
+        itm_metrics={"image_retrieval/R@1": 70.4},
+    )  # fmt: skip
+    assert "Zero-shot retrieval (ITM + ITC score, full ranking): image_retrieval/R@1 84.0" in card
+    assert "Zero-shot retrieval (ITM score alone, the paper's, full ranking): image_retrieval/R@1 70.4" in card
+    paper = build_model_card("# ImageBERT\n", recipe, None, {"image_retrieval/R@1": 40.0})
+    assert "Zero-shot retrieval (ITM score, full ranking): image_retrieval/R@1 40.0" in paper
+    assert "ITC" not in paper.split("## Pre-training")[1].split("Zero-shot")[1]
+
+
+@pytest.mark.parametrize(
+    "evaluation, message",
+    [
+        ({"final_score": "itc"}, "evaluation.final_score: expected 'itm' or 'itm\\+itc', got 'itc'"),
+        ({"final_score": "itm+itc", "candidates": None}, "evaluation.final_score: 'itm\\+itc' adds the ITC similarity"),
+    ],
+)
+def test_recipe_refuses_a_final_score_it_cannot_rank_by(evaluation, message):
+    data = load_recipe(RECIPES / "demo.yaml").to_dict()
+    data["evaluation"].update(evaluation)
+    with pytest.raises(RecipeError, match=message):
+        validate_recipe(recipe_from_dict(data))
 
 
 class _FakeAccelerator:

@@ -20,10 +20,11 @@ from modeling_imagebert.data.collators import (
 from modeling_imagebert.modeling_imagebert import image_text_contrastive_loss
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
 from modeling_imagebert.retrieval import metrics as retrieval_metrics
-from modeling_imagebert.retrieval.evaluation import evaluate_retrieval
+from modeling_imagebert.retrieval.evaluation import compute_metrics, evaluate_retrieval
 from modeling_imagebert.retrieval.retriever import ImageBertRetriever
 from modeling_imagebert.retrieval.two_stage import (
     evaluate_two_stage,
+    final_scores,
     select_candidates,
     two_stage_matrices,
     two_stage_metrics,
@@ -402,6 +403,36 @@ def test_itm_plus_itc_adds_the_scaled_similarity(model, split, processor):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_full_ranking_is_ranked_by_the_same_final_score(model, split, processor, full):
+    # With K >= every candidate, two-stage by ITM + ITC is full ranking by ITM + ITC: the full-ranking row must agree.
+    both = evaluate_two_stage(
+        model, split, processor, candidates=30, progress=False, final_score="itm+itc", full_ranking=True
+    )
+    scale = float(model.itc_head.scale())
+    expected, _ = compute_metrics(full.scores + scale * both.similarity, both.caption_image_index, None)
+    assert both.full_metrics == expected == both.metrics
+    torch.testing.assert_close(
+        final_scores(model, full.scores, both.similarity, "itm+itc"), full.scores + scale * both.similarity
+    )
+    assert final_scores(model, full.scores, both.similarity, "itm") is full.scores
+    with pytest.raises(ValueError, match="final_score must be one of"):
+        final_scores(model, full.scores, both.similarity, "itc")
+
+
+def test_full_ranking_scores_given_are_used_instead_of_scoring_every_pair_again(model, split, processor, full):
+    given = evaluate_two_stage(
+        model, split, processor, candidates=2, progress=False, final_score="itm+itc", full_scores=full.scores
+    )
+    scored = evaluate_two_stage(
+        model, split, processor, candidates=2, progress=False, final_score="itm+itc", full_ranking=True
+    )
+    assert given.full_metrics == scored.full_metrics and given.metrics == scored.metrics
+    assert given.seconds["full"] is None  # nothing was scored for it
+    # Scores of another split's shape are refused, not broadcast.
+    with pytest.raises(ValueError, match=r"full_scores: expected .* shape \(30, 6\), got \(30, 5\)"):
+        evaluate_two_stage(model, split, processor, candidates=2, progress=False, full_scores=full.scores[:, :5])
 
 
 def test_json_and_plot_report_each_stage(model, split, processor, tmp_path):

@@ -90,13 +90,15 @@ def build_model_card(
     metrics: Mapping[str, float] | None,
     loss_curves: str | None = None,
     model: torch.nn.Module | None = None,
+    final_score: str = "itm",
+    itm_metrics: Mapping[str, float] | None = None,
 ) -> str:
     """The README.md of a pre-trained checkpoint: the project's MODEL_CARD.md (`base_card`, YAML front matter
     kept), with a "This checkpoint" section before its first section stating the architecture of `model` as saved
     (when given: layers, hidden size, heads, regions, feature dim, classes, parameter count), followed by a
     "Pre-training" section with the recipe's stages, the final per-task losses, the per-task loss curves
     (`loss_curves`: the PNG's file name beside the card; not embedded when None) and the zero-shot retrieval
-    recalls."""
+    recalls (`metrics`, ranked by `final_score`; with "itm+itc", `itm_metrics` ranked by the ITM score alone)."""
     if model is not None:
         base_card = _insert_before_first_section(base_card, architecture_section(model))
     lines = [
@@ -127,12 +129,15 @@ def build_model_card(
         ]
     if loss_curves:
         lines += ["", f"![per-task loss curves]({loss_curves})"]
-    if metrics:
-        lines += [
-            "",
-            "Zero-shot retrieval (ITM score, full ranking): "
-            + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()),
-        ]
+    ranked = [(metrics, "ITM score" if final_score == "itm" else "ITM + ITC score")]
+    if final_score != "itm" and itm_metrics:
+        ranked.append((itm_metrics, "ITM score alone, the paper's"))
+    for values, name in ranked:
+        if values:
+            lines += [
+                "",
+                f"Zero-shot retrieval ({name}, full ranking): " + ", ".join(f"{k} {v:.1f}" for k, v in values.items()),
+            ]
     return base_card.rstrip() + "\n" + "\n".join(lines) + "\n"
 
 

@@ -150,6 +150,10 @@ class EvaluationSpec:
     # Two-stage retrieval as well (`retrieval.two_stage`): the ITC embeddings pick `candidates` (K) per query, the
     # ITM head re-ranks them; the run prints and saves both tables. None: full ranking only (the paper's protocol).
     candidates: int | None = None
+    # The score retrieval ranks by: "itm" (the paper's: the cross-encoder's ITM logit) or "itm+itc" (plus the ITC
+    # logit of the same encoder's embeddings, as BLIP ranks; needs `candidates`, whose first stage computes them).
+    # Full ranking by the ITM score alone is always reported too.
+    final_score: str = "itm"
 
 
 @dataclass
@@ -407,6 +411,15 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             raise RecipeError(
                 "evaluation.candidates: two-stage retrieval picks candidates with the ITC embeddings, but no stage "
                 "trains the itc task (add itc to a stage's tasks, or set evaluation.candidates: null)"
+            )
+        if recipe.evaluation.final_score not in ("itm", "itm+itc"):
+            raise RecipeError(
+                f"evaluation.final_score: expected 'itm' or 'itm+itc', got {recipe.evaluation.final_score!r}"
+            )
+        if recipe.evaluation.final_score == "itm+itc" and recipe.evaluation.candidates is None:
+            raise RecipeError(
+                "evaluation.final_score: 'itm+itc' adds the ITC similarity that the two-stage evaluation computes; "
+                "set evaluation.candidates (e.g. 4) as well"
             )
     return recipe
 

@@ -374,6 +374,8 @@ def save_run_results(
         results.get("zero_shot_retrieval"),
         loss_curves=LOSS_CURVES_NAME if png is not None else None,
         model=model,
+        final_score=results.get("zero_shot_final_score", "itm"),
+        itm_metrics=results.get("zero_shot_retrieval_itm"),
     )
     final_dir = output_dir / "final"
     run_id = run_id if run_id is not None else run_id_of(output_dir)

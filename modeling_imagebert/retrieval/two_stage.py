@@ -444,6 +444,20 @@ class TwoStageEvaluation:
         return True
 
 
+def final_scores(
+    model: torch.nn.Module, itm_scores: torch.Tensor, similarity: torch.Tensor, final_score: str = "itm"
+) -> torch.Tensor:
+    """The ranking score of caption-image pairs: the cross-encoder's ITM logits [C, I] ("itm", the paper's) or those
+    plus the ITC logits, cosine `similarity` [C, I] x the model's learnt ITC scale ("itm+itc", as BLIP ranks)."""
+    if final_score not in FINAL_SCORES:
+        raise ValueError(f"final_score must be one of {FINAL_SCORES}, got {final_score!r}")
+    if final_score == "itm":
+        return itm_scores
+    itc_head = getattr(getattr(model, "module", model), "itc_head", None)
+    scale = float(itc_head.scale().detach()) if itc_head is not None else 1.0
+    return itm_scores + scale * similarity.to(itm_scores.device, itm_scores.dtype)
+
+
 def evaluate_two_stage(
     model: torch.nn.Module,
     dataset,
@@ -463,6 +477,7 @@ def evaluate_two_stage(
     shard_size: int | None = None,
     strict: bool = True,
     shard_callback: Callable[[int], None] | None = None,
+    full_scores: torch.Tensor | None = None,
 ) -> TwoStageEvaluation:
     """Two-stage retrieval evaluation of a checkpoint on a test split, both directions.
 
@@ -475,7 +490,8 @@ def evaluate_two_stage(
             every pair (full ranking).
         final_score: "itm" (the cross-encoder's logit) or "itm+itc" (plus the ITC logit: cosine x exp(logit_scale),
             as BLIP adds the similarity).
-        full_ranking: also run full ranking (`evaluate_retrieval`, with the same cache_dir) and report it.
+        full_ranking: also run full ranking (`evaluate_retrieval`, with the same cache_dir) and report it, ranked
+            by the same `final_score`.
         ks: the K' <= K of the recall-vs-K curve (default 1, 2, 4, ..., K).
         embedding_batch_size: captions / images per unimodal pass (default: batch_size).
         cache_dir: where the pair-score shards live (under `two-stage/`), so an interrupted run resumes; keyed by
@@ -485,6 +501,9 @@ def evaluate_two_stage(
         progress: tqdm bar over the pairs on the main process.
         shard_size: pairs per cached shard (default 65,536).
         shard_callback: called with the shard index after each shard this process scores (and caches).
+        full_scores: the ITM scores of every pair [C, I] from a full ranking already run on this split
+            (`RetrievalEvaluation.scores`): full ranking is reported from them, ranked by `final_score`, without
+            scoring the pairs again.
 
     Returns:
         `TwoStageEvaluation`.
@@ -596,10 +615,7 @@ def evaluate_two_stage(
 
     pair_matrix = torch.zeros(num_captions, num_images, dtype=torch.float32)
     pair_matrix[chosen.caption_index, chosen.image_index] = scores
-    if final_score == "itm+itc":
-        itc_head = getattr(model, "itc_head", None)
-        scale = float(itc_head.scale().detach()) if itc_head is not None else 1.0
-        pair_matrix = pair_matrix + scale * similarity
+    pair_matrix = final_scores(model, pair_matrix, similarity, final_score)
     image_matrix, text_matrix = two_stage_matrices(pair_matrix, chosen, candidates)
     metrics = two_stage_metrics(image_matrix, text_matrix, inputs.caption_image_index, protocol, strict)
     stage1_metrics, _ = compute_metrics(similarity, inputs.caption_image_index, protocol, strict=strict)
@@ -615,7 +631,19 @@ def evaluate_two_stage(
         )
 
     full_metrics, full_seconds = None, None
-    if full_ranking:
+    if full_scores is not None:
+        if tuple(full_scores.shape) != (num_captions, num_images):
+            raise ValueError(
+                f"full_scores: expected the full-ranking ITM scores of this split, shape ({num_captions}, "
+                f"{num_images}), got {tuple(full_scores.shape)}"
+            )
+        full_metrics, _ = compute_metrics(
+            final_scores(model, full_scores.float().cpu(), similarity, final_score),
+            inputs.caption_image_index,
+            protocol,
+            strict=strict,
+        )
+    elif full_ranking:
         full = evaluate_retrieval(
             model,
             dataset,
@@ -628,7 +656,13 @@ def evaluate_two_stage(
             progress=progress,
             strict=strict,
         )
-        full_metrics, full_seconds = full.metrics, full.seconds
+        full_seconds = full.seconds
+        full_metrics, _ = compute_metrics(
+            final_scores(model, full.scores, similarity, final_score),
+            inputs.caption_image_index,
+            protocol,
+            strict=strict,
+        )
 
     result = TwoStageEvaluation(
         k=candidates,
@@ -678,6 +712,7 @@ __all__ = [
     "embed_images",
     "embed_texts",
     "evaluate_two_stage",
+    "final_scores",
     "score_pairs",
     "select_candidates",
     "two_stage_matrices",
