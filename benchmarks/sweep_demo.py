@@ -11,10 +11,10 @@ A different thread count sums the matmuls in another order, which stands in for 
 `--jobs N` runs N single-thread runs at once (2-thread runs always run alone).
 
 Prints, and writes to `<work>/sweep.json` and `<work>/sweep.md`: per seed and thread count, zero-shot image- and
-sentence-retrieval R@1 ranked by the recipe's final score and by the ITM score alone, the optimiser step (across both stages) where the ITM loss first fell below 0.5 (the
-"take-off") and the wall time; then the range over the runs, how many reach `--target` R@1 in both directions, and
-the largest difference between the thread counts of one seed (and how many seeds stay within `--max_gap`), for
-both scores. Exit status 1 when a run fails.
+sentence-retrieval R@1 ranked by the recipe's final score and by the ITM score alone, the optimiser step (across
+both stages) where the ITM loss first fell below 0.5 (the "take-off") and the wall time; then, for both scores, the
+range over the runs, how many reach `--target` R@1 in both directions, the largest difference between the thread
+counts of one seed and how many seeds stay within `--max_gap`. Exit status 1 when a run fails.
 """
 
 from __future__ import annotations
@@ -147,7 +147,9 @@ def markdown(rows: list[dict], summary: dict) -> str:
         )
     s = summary
     lines.append("")
-    lines.append(_summary_line(f"{s['runs']} runs, ranked by {final}", s, s["runs"], s["target"], s["max_gap"]))
+    lines.append(
+        _summary_line(f"{s['runs']} runs, ranked by {final}", s, s["runs"], s["target"], s["max_gap"])
+    )
     lines.append(_summary_line("Ranked by ITM alone", s["itm"], s["runs"], s["target"], s["max_gap"]))
     lines.append(f"Slowest run {s['max_seconds']:.0f} s.")
     return "\n".join(lines) + "\n"

@@ -192,10 +192,13 @@ def test_a_checkpoint_saved_before_the_field_existed_resumes_with_random_negativ
     assert recipe_differences(saved, {"stages": [{"learning_rate": 1e-4, "itm_negatives": "itc"}]}) == [
         'stages.0.itm_negatives: checkpoint absent, now "itc"'
     ]
-    assert recipe_differences(saved, {"stages": [{"learning_rate": 1e-4, "itm_hard_negative_fraction": 1.0}]}) == []
-    assert recipe_differences(saved, {"stages": [{"learning_rate": 1e-4, "itm_hard_negative_fraction": 0.5}]}) == [
-        "stages.0.itm_hard_negative_fraction: checkpoint absent, now 0.5"
-    ]
+    assert (
+        recipe_differences(saved, {"stages": [{"learning_rate": 1e-4, "itm_hard_negative_fraction": 1.0}]})
+        == []
+    )
+    assert recipe_differences(
+        saved, {"stages": [{"learning_rate": 1e-4, "itm_hard_negative_fraction": 0.5}]}
+    ) == ["stages.0.itm_hard_negative_fraction: checkpoint absent, now 0.5"]
 
 
 @pytest.mark.parametrize("fraction", [1.5, -0.1, float("nan")])

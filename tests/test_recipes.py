@@ -295,7 +295,9 @@ def test_model_card_names_the_score_each_recall_was_ranked_by():
         itm_metrics={"image_retrieval/R@1": 70.4},
     )  # fmt: skip
     assert "Zero-shot retrieval (ITM + ITC score, full ranking): image_retrieval/R@1 84.0" in card
-    assert "Zero-shot retrieval (ITM score alone, the paper's, full ranking): image_retrieval/R@1 70.4" in card
+    assert (
+        "Zero-shot retrieval (ITM score alone, the paper's, full ranking): image_retrieval/R@1 70.4" in card
+    )
     paper = build_model_card("# ImageBERT\n", recipe, None, {"image_retrieval/R@1": 40.0})
     assert "Zero-shot retrieval (ITM score, full ranking): image_retrieval/R@1 40.0" in paper
     assert "ITC" not in paper.split("## Pre-training")[1].split("Zero-shot")[1]
@@ -305,7 +307,10 @@ def test_model_card_names_the_score_each_recall_was_ranked_by():
     "evaluation, message",
     [
         ({"final_score": "itc"}, "evaluation.final_score: expected 'itm' or 'itm\\+itc', got 'itc'"),
-        ({"final_score": "itm+itc", "candidates": None}, "evaluation.final_score: 'itm\\+itc' adds the ITC similarity"),
+        (
+            {"final_score": "itm+itc", "candidates": None},
+            "evaluation.final_score: 'itm\\+itc' adds the ITC similarity",
+        ),
     ],
 )
 def test_recipe_refuses_a_final_score_it_cannot_rank_by(evaluation, message):

@@ -41,5 +41,7 @@ def test_rows_of_sweeps_before_the_itm_columns_count_as_ranked_by_itm():
     rows = [_row(3, 1, 74.4, 84.0), _row(3, 2, 80.8, 84.0)]
     summary = sweep_demo.summarise(rows, target=60.0)
     assert summary["final_score"] == ["itm"]
-    assert summary["max_thread_gap"] == pytest.approx(6.4) and summary["itm"]["max_thread_gap"] == pytest.approx(6.4)
+    assert summary["max_thread_gap"] == pytest.approx(6.4) and summary["itm"][
+        "max_thread_gap"
+    ] == pytest.approx(6.4)
     assert summary["seeds_within_gap"] == 0

@@ -421,7 +421,9 @@ def test_full_ranking_is_ranked_by_the_same_final_score(model, split, processor,
         final_scores(model, full.scores, both.similarity, "itc")
 
 
-def test_full_ranking_scores_given_are_used_instead_of_scoring_every_pair_again(model, split, processor, full):
+def test_full_ranking_scores_given_are_used_instead_of_scoring_every_pair_again(
+    model, split, processor, full
+):
     given = evaluate_two_stage(
         model, split, processor, candidates=2, progress=False, final_score="itm+itc", full_scores=full.scores
     )
@@ -432,7 +434,9 @@ def test_full_ranking_scores_given_are_used_instead_of_scoring_every_pair_again(
     assert given.seconds["full"] is None  # nothing was scored for it
     # Scores of another split's shape are refused, not broadcast.
     with pytest.raises(ValueError, match=r"full_scores: expected .* shape \(30, 6\), got \(30, 5\)"):
-        evaluate_two_stage(model, split, processor, candidates=2, progress=False, full_scores=full.scores[:, :5])
+        evaluate_two_stage(
+            model, split, processor, candidates=2, progress=False, full_scores=full.scores[:, :5]
+        )
 
 
 def test_json_and_plot_report_each_stage(model, split, processor, tmp_path):

@@ -136,7 +136,8 @@ def build_model_card(
         if values:
             lines += [
                 "",
-                f"Zero-shot retrieval ({name}, full ranking): " + ", ".join(f"{k} {v:.1f}" for k, v in values.items()),
+                f"Zero-shot retrieval ({name}, full ranking): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in values.items()),
             ]
     return base_card.rstrip() + "\n" + "\n".join(lines) + "\n"
 
