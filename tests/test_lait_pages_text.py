@@ -350,10 +350,25 @@ def test_unknown_text_source_is_refused_by_name():
 
 
 def _response(
-    writer, url, body, *, status="200 OK", content_type="text/html; charset=utf-8", protocol="HTTP/1.1"
+    writer,
+    url,
+    body,
+    *,
+    status="200 OK",
+    content_type="text/html; charset=utf-8",
+    protocol="HTTP/1.1",
+    record_id=None,
 ):
     headers = StatusAndHeaders(status, [("Content-Type", content_type)], protocol=protocol)
-    record = writer.create_warc_record(url, "response", payload=io.BytesIO(body), http_headers=headers)
+    # A fixed record id and date make the member's bytes, and so the bytes of a cut, the same on every run.
+    warc_headers = (
+        {"WARC-Record-ID": f"<urn:uuid:{record_id}>", "WARC-Date": "2026-01-01T00:00:00Z"}
+        if record_id is not None
+        else None
+    )
+    record = writer.create_warc_record(
+        url, "response", payload=io.BytesIO(body), http_headers=headers, warc_headers_dict=warc_headers
+    )
     writer.write_record(record)
 
 
@@ -377,14 +392,54 @@ def test_truncated_archive_keeps_the_complete_records_and_counts_the_cut_one(tmp
     assert drops.dropped["warc"] == {"truncated_archive": 1}
 
 
-def test_corrupt_gzip_member_mid_file_is_skipped_and_reading_goes_on(tmp_path):
-    members = [_member(True, f"https://example.com/{i}", GOOD) for i in range(4)]
+# Record ids of the four members: with the first set FastWARC raises at the member cut in half; with the second it
+# reads the cut member on into the next ones and ends the stream quietly, as if the file ended there (about one
+# cut in twenty with random ids did that, and lost the records after the hole).
+@pytest.mark.parametrize("id_seed", [0, 10], ids=["reader-raises", "reader-stops-quietly"])
+def test_corrupt_gzip_member_mid_file_is_skipped_and_reading_goes_on(tmp_path, id_seed):
+    members = [
+        _member(
+            True,
+            f"https://example.com/{i}",
+            GOOD,
+            record_id=f"00000000-0000-0000-0000-{id_seed * 10 + i:012d}",
+        )
+        for i in range(4)
+    ]
     path = tmp_path / "holed.warc.gz"
     path.write_bytes(members[0] + members[1][: len(members[1]) // 2] + members[2] + members[3])
     drops = DropCounter()
     urls = [p.page_url for p in iter_pages(path, drops)]
     assert urls == ["https://example.com/0", "https://example.com/2", "https://example.com/3"]
     assert drops.dropped["warc"] == {"truncated_archive": 1}
+
+
+def _other_record(url: str, kind: str) -> bytes:
+    buffer = io.BytesIO()
+    writer = WARCWriter(buffer, gzip=True)
+    payload = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n" if kind == "request" else b"fetchTimeMs: 12\r\n"
+    content_type = "application/http; msgtype=request" if kind == "request" else "application/warc-fields"
+    writer.write_record(
+        writer.create_warc_record(url, kind, payload=io.BytesIO(payload), warc_content_type=content_type)
+    )
+    return buffer.getvalue()
+
+
+def test_request_and_metadata_records_around_responses_are_read_past_without_drops(tmp_path):
+    # Common Crawl's layout: request, response, metadata per capture. The reader iterates every record type (to
+    # know where it got to), so records after the last response must not look like an unread rest of the file.
+    path = tmp_path / "cc-layout.warc.gz"
+    path.write_bytes(
+        b"".join(
+            _other_record(f"https://example.com/{i}", "request")
+            + _member(True, f"https://example.com/{i}", GOOD)
+            + _other_record(f"https://example.com/{i}", "metadata")
+            for i in range(3)
+        )
+    )
+    drops = DropCounter()
+    assert [p.page_url for p in iter_pages(path, drops)] == [f"https://example.com/{i}" for i in range(3)]
+    assert "warc" not in drops.dropped
 
 
 @pytest.mark.parametrize("gz", [True, False], ids=["warc.gz", "warc"])

@@ -4,7 +4,10 @@ Reading uses FastWARC (resiliparse's C++ WARC reader: several times faster than 
 that does not become a `PageRecord` is counted in a `DropCounter` under stage "warc" with one reason:
 
 - `truncated_archive`: the file ends inside a record (a cut gzip member or a short block). A corrupt gzip
-  member in the middle of a file is skipped: reading resumes at the next gzip member that starts a WARC record.
+  member in the middle of a file is skipped: reading resumes at the next whole gzip member that starts a WARC
+  record, whether FastWARC raised at the corrupt member or stopped there quietly (it may read a cut member into
+  the next ones and end the stream without an error: every .warc.gz read is checked for whole members after the
+  last record FastWARC returned). One corrupt stretch counts once.
 - `broken_http_headers`: FastWARC could not parse the HTTP status line / headers of a response.
 - `http_status` (not 200), `not_html` (Content-Type other than HTML), `page_too_large` (block over
   `max_page_bytes`, its body is never read into memory), `empty_body`, `undecodable`.
@@ -99,8 +102,10 @@ def _record_complete(path: str, offset: int, gz: bool) -> bool:
 
 
 def _next_member(path: str, after: int) -> int | None:
-    """Offset of the first gzip member after `after` that decompresses to the start of a WARC record."""
-    with open(path, "rb") as handle:
+    """Offset of the first gzip member after `after` that decompresses, whole, to a WARC record: a member cut short
+    (its deflate stream runs into the next member's bytes) is not one, so a resync never lands on the corrupt
+    member it is skipping."""
+    with open(path, "rb") as handle, open(path, "rb") as probe:
         handle.seek(after + 1)
         position = after + 1
         carry = b""
@@ -116,7 +121,7 @@ def _next_member(path: str, after: int) -> int | None:
                     head = zlib.decompressobj(31).decompress(data[hit : hit + 4096], 16)
                 except zlib.error:
                     head = b""
-                if head.startswith(b"WARC/"):
+                if head.startswith(b"WARC/") and _member_complete(probe, candidate):
                     return candidate
                 start = hit + 1
             carry = data[-2:]
@@ -159,16 +164,16 @@ def iter_responses(
     name = warc_name if warc_name is not None else path
     gz = _is_gzip(path)
     offset = start_offset
-    resynced = False
     while offset is not None:
         resume_at = None
         pending: WarcResponse | None = None
         pending_broken = False
         last_offset = offset
-        records_read = 0
         with open(path, "rb") as handle:
             handle.seek(offset)
-            records = ArchiveIterator(handle, record_types=WarcRecordType.response, parse_http=True)
+            # Every record type is iterated (only responses are read), so `last_offset` is where FastWARC really got
+            # to: a whole member after it means reading stopped early.
+            records = ArchiveIterator(handle, parse_http=True)
             try:
                 for record in records:
                     if pending is not None:
@@ -177,7 +182,8 @@ def iter_responses(
                         drops.drop(STAGE, "broken_http_headers")
                     pending, pending_broken = None, False
                     last_offset = record.stream_pos
-                    records_read += 1
+                    if record.record_type != WarcRecordType.response:
+                        continue
                     response, broken = _read_record(record, name, max_bytes, drops)
                     if broken:
                         pending_broken = True
@@ -190,10 +196,22 @@ def iter_responses(
                 elif pending_broken:
                     drops.drop(STAGE, "broken_http_headers")
                 pending, pending_broken = None, False
-                if not (resynced and records_read <= 1):
-                    # After a resync the first member is the corrupt one found before: counted once already.
-                    drops.drop(STAGE, "truncated_archive")
+                drops.drop(STAGE, "truncated_archive")
                 resume_at = _next_member(path, last_offset) if gz else _next_plain_record(path, last_offset)
+        if resume_at is None and gz:
+            # FastWARC can also stop quietly at a corrupt member (a cut member read on into the next ones ends the
+            # stream without an error). A whole member after the last record it returned means exactly that.
+            later = _next_member(path, last_offset)
+            if later is not None:
+                if pending is not None:
+                    yield pending
+                elif pending_broken and _record_complete(path, last_offset, gz):
+                    drops.drop(
+                        STAGE, "broken_http_headers"
+                    )  # a whole record, broken; the corrupt member follows
+                pending, pending_broken = None, False
+                drops.drop(STAGE, "truncated_archive")
+                resume_at = later
         if pending is not None or pending_broken:
             # The last record of a file: an incomplete one means the file was cut, not that the page was broken.
             if pending is not None:
@@ -202,7 +220,7 @@ def iter_responses(
                 drops.drop(STAGE, "broken_http_headers")
             else:
                 drops.drop(STAGE, "truncated_archive")
-        offset, resynced = resume_at, resume_at is not None
+        offset = resume_at
 
 
 def _read_record(record, name: str, max_bytes: int, drops: DropCounter) -> tuple[WarcResponse | None, bool]:
