@@ -18,7 +18,10 @@ continued with `--resume_from_checkpoint latest`. Not part of CI: the full suite
 Prints, and writes to `<work>/ablations.md`, `<work>/ablations.json` and `<work>/ablations.png` (matplotlib; skipped
 with a message when missing): one table per part of the paper (Table 3, Table 4 parts 1-3, the image-introduction
 schedules), laid out as the paper's (image retrieval R@1/5/10, sentence retrieval R@1/5/10), mean ± spread (sample
-standard deviation) over the seeds, the mean wall time per run, and the paper's R@1 beside ours.
+standard deviation) over the seeds, the mean wall time per run (pre-training, and fine-tuning when run), and the
+paper's R@1 beside ours. Fine-tunes left by an earlier `--finetune` call are read and tabulated without the flag (a
+row fine-tuned on fewer seeds than it was pre-trained on says so: "(n=1)"), so the zero-shot suite and
+`--only ... --finetune` for some rows make one table.
 Exit status 1 when a run fails (the others still run; the failure is listed).
 """
 
@@ -97,7 +100,8 @@ def run_one(
     finetune_args: list[str] | None = None,
 ) -> dict:
     """Pre-trains (and optionally fine-tunes) one toy ablation for one seed, or reads the results a previous call
-    left. Returns {"zero_shot": [6 recalls], "fine_tuned": [6] or None, "wall_seconds": float}."""
+    left. Returns {"zero_shot": [6 recalls], "fine_tuned": [6] or None, "wall_seconds": float (pre-training),
+    "finetune_seconds": float or None}."""
     run_dir = work / name / f"seed-{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     pretrain, results_file = run_dir / "pretrain", run_dir / "pretrain" / "pretrain_results.json"
@@ -120,12 +124,10 @@ def run_one(
             f"{results_file}: no zero_shot_retrieval (did the recipe lose its evaluation section?)"
         )
     row = {"zero_shot": _recalls(results["zero_shot_retrieval"]), "fine_tuned": None,
-           "wall_seconds": float(results["wall_seconds"])}  # fmt: skip
-    if finetune and name not in NO_FINETUNE:
-        finetuned_dir, finetuned_file = (
-            run_dir / "finetune",
-            run_dir / "finetune" / "run_retrieval_results.json",
-        )
+           "wall_seconds": float(results["wall_seconds"]), "finetune_seconds": None}  # fmt: skip
+    finetuned_dir, finetuned_file = run_dir / "finetune", run_dir / "finetune" / "run_retrieval_results.json"
+    # A fine-tune left by an earlier `--finetune` call is read without the flag, so one table holds every result.
+    if (finetune and name not in NO_FINETUNE) or finetuned_file.is_file():
         if not finetuned_file.is_file():
             started = time.perf_counter()
             _run([sys.executable, "examples/run_retrieval.py", "--toy", "--model_name_or_path", str(pretrain / "final"),
@@ -134,7 +136,8 @@ def run_one(
                   "--save_strategy", "no", "--report_to", "none", *(finetune_args or [])], log)  # fmt: skip
             _write_atomic(run_dir / "finetune_seconds.txt", f"{time.perf_counter() - started:.1f}\n")
         row["fine_tuned"] = _recalls(json.loads(finetuned_file.read_text())["full_ranking"])
-        row["wall_seconds"] += float((run_dir / "finetune_seconds.txt").read_text())
+        seconds_file = run_dir / "finetune_seconds.txt"
+        row["finetune_seconds"] = float(seconds_file.read_text()) if seconds_file.is_file() else None
     return row
 
 
@@ -158,15 +161,23 @@ def summarise(runs: dict[str, dict[int, dict]], finetune: bool) -> tuple[str, di
             "paper": ROWS[name][2],
             "per_seed": {str(seed): row for seed, row in per_seed.items()},
         }
-        tuned = [r["fine_tuned"] for r in rows if r["fine_tuned"] is not None]
+        tuned = [r for r in rows if r.get("fine_tuned") is not None]
         if tuned:
-            entry["fine_tuned"] = [_mean_spread([t[i] for t in tuned]) for i in range(6)]
+            # Fewer fine-tuned seeds than pre-trained ones is said in every cell, never averaged away.
+            few = f" (n={len(tuned)})" if len(tuned) < len(rows) else ""
+            entry["fine_tuned"] = [_mean_spread([r["fine_tuned"][i] for r in tuned]) + few for i in range(6)]
+            entry["fine_tuned_seeds"] = sorted(seed for seed, r in per_seed.items() if r.get("fine_tuned"))
+            times = [r["finetune_seconds"] for r in tuned if r.get("finetune_seconds") is not None]
+            entry["finetune_seconds_mean"] = statistics.mean(times) if times else None
         summary[name] = entry
         parts.setdefault(ROWS[name][0], []).append(name)
+    finetune = finetune or any("fine_tuned" in entry for entry in summary.values())
     header = ["Version", "IR R@1", "IR R@5", "IR R@10", "SR R@1", "SR R@5", "SR R@10"]
     if finetune:
         header += ["FT IR R@1", "FT IR R@5", "FT IR R@10", "FT SR R@1", "FT SR R@5", "FT SR R@10"]
-    header += ["wall s / run", "paper IR R@1", "paper SR R@1"]
+    header += (
+        ["pre-train s / run"] + (["fine-tune s / run"] if finetune else []) + ["paper IR R@1", "paper SR R@1"]
+    )
     lines = []
     for part, names in parts.items():
         lines += [f"### {part}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -174,11 +185,12 @@ def summarise(runs: dict[str, dict[int, dict]], finetune: bool) -> tuple[str, di
             entry, paper = summary[name], ROWS[name][2]
             cells = [ROWS[name][1], *entry["zero_shot"]]
             if finetune:
-                cells += entry.get("fine_tuned", [NO_FINETUNE.get(name, "—")] + [""] * 5)
-            cells += [
-                f"{entry['wall_seconds_mean']:.0f}",
-                *(["—", "—"] if paper is None else [paper[0], paper[3]]),
-            ]
+                cells += entry.get("fine_tuned", [NO_FINETUNE.get(name, "not run")] + [""] * 5)
+            cells.append(f"{entry['wall_seconds_mean']:.0f}")
+            if finetune:
+                seconds = entry.get("finetune_seconds_mean")
+                cells.append("—" if seconds is None else f"{seconds:.0f}")
+            cells += ["—", "—"] if paper is None else [paper[0], paper[3]]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines.append("")
     seeds = sorted({seed for per_seed in runs.values() for seed in per_seed})

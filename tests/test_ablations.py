@@ -172,3 +172,30 @@ def test_benchmark_reuses_finished_runs_and_tabulates_mean_and_spread_over_seeds
     summary = json.loads((tmp_path / "ablations.json").read_text())["summary"]["table3-cc"]
     assert summary["zero_shot_mean"] == [15, 25, 35, 45, 55, 65] and summary["seeds"] == [1, 2]
     assert (tmp_path / "ablations.png").stat().st_size > 0
+
+
+def test_fine_tunes_on_disk_are_tabulated_without_the_flag_and_say_how_many_seeds(tmp_path, monkeypatch):
+    bench = _load_benchmark()
+    keys = [f"{d}/R@{k}" for d in bench.DIRECTIONS for k in bench.KS]
+    for seed in (1, 2):
+        run = tmp_path / "table4-roi-36" / f"seed-{seed}"
+        (run / "pretrain").mkdir(parents=True)
+        zero_shot = dict(zip(keys, [10.0 * seed] * 6, strict=True))
+        (run / "pretrain" / "pretrain_results.json").write_text(
+            json.dumps({"zero_shot_retrieval": zero_shot, "wall_seconds": 100.0})
+        )
+    # Only seed 1 was fine-tuned (an earlier `--only table4-roi-36 --seeds 1 --finetune`).
+    tuned = tmp_path / "table4-roi-36" / "seed-1"
+    (tuned / "finetune").mkdir()
+    (tuned / "finetune" / "run_retrieval_results.json").write_text(
+        json.dumps({"full_ranking": dict(zip(keys, [70.0, 80, 90, 75, 85, 95], strict=True))})
+    )
+    (tuned / "finetune_seconds.txt").write_text("42.0\n")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail(f"reran a finished run: {a}"))
+    assert bench.main(["--only", "table4-roi-36", "--seeds", "1", "2", "--work_dir", str(tmp_path)]) == 0
+    table = (tmp_path / "ablations.md").read_text()
+    assert "FT IR R@1" in table and "fine-tune s / run" in table
+    assert "| RoI(36) [toy: 4] | 15.0 ± 7.1 |" in table
+    assert "| 70.0 ± 0.0 (n=1) |" in table and "| 100 | 42 | 68.7 | 84.3 |" in table
+    summary = json.loads((tmp_path / "ablations.json").read_text())["summary"]["table4-roi-36"]
+    assert summary["fine_tuned_seeds"] == [1] and summary["finetune_seconds_mean"] == 42.0
