@@ -191,11 +191,20 @@ def test_fine_tunes_on_disk_are_tabulated_without_the_flag_and_say_how_many_seed
         json.dumps({"full_ranking": dict(zip(keys, [70.0, 80, 90, 75, 85, 95], strict=True))})
     )
     (tuned / "finetune_seconds.txt").write_text("42.0\n")
+    for seed in (1, 2):  # the recipe's two-stage check: stage 1 is the ITC embeddings alone
+        results_file = tmp_path / "table4-roi-36" / f"seed-{seed}" / "pretrain" / "pretrain_results.json"
+        results = json.loads(results_file.read_text())
+        stage1 = dict(zip(keys, [50.0 + seed, 0, 0, 60.0 + seed, 0, 0], strict=True))
+        results["zero_shot_two_stage"] = {"metrics": {"stage1": stage1}}
+        results_file.write_text(json.dumps(results))
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail(f"reran a finished run: {a}"))
     assert bench.main(["--only", "table4-roi-36", "--seeds", "1", "2", "--work_dir", str(tmp_path)]) == 0
     table = (tmp_path / "ablations.md").read_text()
     assert "FT IR R@1" in table and "fine-tune s / run" in table
     assert "| RoI(36) [toy: 4] | 15.0 ± 7.1 |" in table
-    assert "| 70.0 ± 0.0 (n=1) |" in table and "| 100 | 42 | 68.7 | 84.3 |" in table
+    assert "| 70.0 ± 0.0 (n=1) |" in table
+    assert (
+        "| 51.5 ± 0.7 | 61.5 ± 0.7 | 100 | 42 | 68.7 | 84.3 |" in table
+    )  # ITC R@1 both ways, then the times
     summary = json.loads((tmp_path / "ablations.json").read_text())["summary"]["table4-roi-36"]
     assert summary["fine_tuned_seeds"] == [1] and summary["finetune_seconds_mean"] == 42.0
