@@ -17,6 +17,7 @@ paper's settings; `--push_to_hub`, `--report_to`, `--seed`, ...). Ours:
     --loss binary|ce|triplet|itc or a weighted sum such as binary+0.5*triplet or binary+itc   (config.retrieval_loss)
     --num_candidates P          rows per positive in a training group (the positive + P-1 negatives)
     --negative_direction        text (negative captions: image-to-text), image (negative images), both
+    --negatives                 random (the paper's) or itc: hard negatives drawn by ITC similarity over the batch
 
 During training, evaluation scores a FIXED candidate layout (`--eval_num_candidates`, default 20: each eval caption
 against its image and 19 others, each eval image against one of its captions and 19 others; negatives chosen once
@@ -94,6 +95,17 @@ class RetrievalArguments:
         default=4, metadata={"help": "P: rows per training positive (1 positive + P-1)"}
     )
     negative_direction: str = field(default="both", metadata={"help": "text, image or both"})
+    negatives: str = field(
+        default="random",
+        metadata={
+            "help": "random (the paper's: uniform over the batch's other images) or itc (hard negatives drawn by the "
+            "model's ITC similarity over the batch, ALBEF; train ITC too, e.g. --loss binary+itc)"
+        },
+    )
+    hard_negative_fraction: float = field(
+        default=1.0,
+        metadata={"help": "--negatives itc: the chance each negative is re-drawn (the rest stay random)"},
+    )
     train_dataset: str | None = field(
         default=None, metadata={"help": "training split saved with save_dataset"}
     )
@@ -168,6 +180,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrievalArguments, Train
         parser.error("give either --toy or --train_dataset/--eval_dataset")
     if args.negative_direction not in DataCollatorForImageTextRetrieval.DIRECTIONS:
         parser.error(f"--negative_direction must be one of {DataCollatorForImageTextRetrieval.DIRECTIONS}")
+    if args.negatives not in RetrievalTrainer.NEGATIVES:
+        parser.error(f"--negatives must be one of {RetrievalTrainer.NEGATIVES}, got {args.negatives!r}")
+    if not 0.0 <= args.hard_negative_fraction <= 1.0:
+        parser.error(f"--hard_negative_fraction must be in [0, 1], got {args.hard_negative_fraction}")
     try:
         parse_retrieval_loss(args.loss)
     except ValueError as error:
@@ -311,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=[CollatorEpochCallback(train_collator)],
         eval_collator=eval_collator,
         eval_num_candidates=layout.num_candidates if layout is not None else None,
+        negatives=args.negatives,
+        hard_negative_fraction=args.hard_negative_fraction,
     )
 
     results: dict = {"world_size": training_args.world_size}

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .hard_negatives import mine_retrieval_negatives
 from .metrics import DEFAULT_KS, image_retrieval_ranks
 
 GROUP_DIRECTIONS = ("both", "image", "text")
@@ -212,13 +213,44 @@ class RetrievalTrainer(Trainer):
         eval_collator: the collator of the evaluation dataset (`DataCollatorForCandidateGroups`); `data_collator`
             serves training only.
         eval_num_candidates: P of the evaluation layout; predictions and labels are reshaped to [groups, P].
+        negatives: "random" (the paper's: the collator's negatives, uniform over the batch's other images) or "itc"
+            (each training batch's negatives re-drawn by the model's ITC similarity, `mine_retrieval_negatives`).
+        hard_negative_fraction: with "itc", the chance each negative is re-drawn.
         Other arguments as `Trainer`.
     """
 
-    def __init__(self, *args, eval_collator=None, eval_num_candidates: int | None = None, **kwargs):
+    NEGATIVES = ("random", "itc")
+
+    def __init__(
+        self,
+        *args,
+        eval_collator=None,
+        eval_num_candidates: int | None = None,
+        negatives: str = "random",
+        hard_negative_fraction: float = 1.0,
+        **kwargs,
+    ):
+        if negatives not in self.NEGATIVES:
+            raise ValueError(f"negatives must be one of {self.NEGATIVES}, got {negatives!r}")
+        if not 0.0 <= hard_negative_fraction <= 1.0:
+            raise ValueError(f"hard_negative_fraction must be in [0, 1], got {hard_negative_fraction!r}")
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
         self.eval_num_candidates = eval_num_candidates
+        self.negatives = negatives
+        self.hard_negative_fraction = hard_negative_fraction
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.negatives == "itc" and model.training:
+            # Seeded by the step, so a resumed run draws the negatives an uninterrupted one would.
+            device = inputs["labels"].device
+            generator = torch.Generator(device=device).manual_seed(
+                int(self.args.seed) * 1_000_003 + int(self.state.global_step)
+            )
+            inputs = mine_retrieval_negatives(
+                self.accelerator.unwrap_model(model), inputs, generator, self.hard_negative_fraction
+            )
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def get_eval_dataloader(self, eval_dataset=None):
         if self.eval_collator is None:
