@@ -33,6 +33,46 @@ def _draw(
 
 
 @torch.no_grad()
+def batch_itc_logits(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ITC logits (texts x images, float32: scale x cosine) of the batch's rows (`rows`, default all), computed in
+    eval mode (no dropout in the picking passes; the mode is restored) and without gradients."""
+
+    def take(key):
+        value = batch.get(key)
+        return value if value is None or rows is None else value.index_select(0, rows)
+
+    was_training = model.training
+    model.eval()
+    try:
+        text = model.text_embeddings(take("input_ids"), take("attention_mask"), take("token_type_ids"))
+        image = model.image_embeddings(
+            take("region_features"),
+            take("region_locations"),
+            take("region_attention_mask"),
+            take("global_image_features"),
+        )
+        return model.itc_head.scale().float() * text.float() @ image.float().t()
+    finally:
+        model.train(was_training)
+
+
+def pair_rows(
+    batch: Mapping[str, torch.Tensor], text_rows: torch.Tensor, image_rows: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """`batch` with each row's text inputs taken from row `text_rows[i]` and image inputs from `image_rows[i]`."""
+    paired = dict(batch)
+    for key in _TEXT_KEYS:
+        if batch.get(key) is not None:
+            paired[key] = batch[key].index_select(0, text_rows)
+    for key in _IMAGE_KEYS:
+        if batch.get(key) is not None:
+            paired[key] = batch[key].index_select(0, image_rows)
+    return paired
+
+
+@torch.no_grad()
 def mine_itm_negatives(
     model: torch.nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -51,21 +91,7 @@ def mine_itm_negatives(
     labels = batch.get("itm_labels")
     if labels is None or "itc_text_groups" not in batch or any(key in batch for key in _MASKED_KEYS):
         return dict(batch)
-    was_training = model.training
-    model.eval()  # no dropout in the picking passes
-    try:
-        text = model.text_embeddings(
-            batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
-        )
-        image = model.image_embeddings(
-            batch["region_features"],
-            batch.get("region_locations"),
-            batch.get("region_attention_mask"),
-            batch.get("global_image_features"),
-        )
-        logits = model.itc_head.scale().float() * text.float() @ image.float().t()  # (B texts, B images)
-    finally:
-        model.train(was_training)
+    logits = batch_itc_logits(model, batch)  # (B texts, B images)
     text_groups, image_groups = batch["itc_text_groups"], batch["itc_image_groups"]
     size = labels.shape[0]
     rows = torch.arange(size, device=labels.device)
@@ -83,16 +109,10 @@ def mine_itm_negatives(
     swap_image = negative & (rows % 2 == 1) & image_possible
     text_rows = torch.where(swap_caption, caption_for, rows)
     image_rows = torch.where(swap_image, image_for, rows)
-    mined = dict(batch)
-    for key in _TEXT_KEYS:
-        if batch.get(key) is not None:
-            mined[key] = batch[key].index_select(0, text_rows)
-    for key in _IMAGE_KEYS:
-        if batch.get(key) is not None:
-            mined[key] = batch[key].index_select(0, image_rows)
+    mined = pair_rows(batch, text_rows, image_rows)
     mined["itc_text_groups"] = text_groups.index_select(0, text_rows)
     mined["itc_image_groups"] = image_groups.index_select(0, image_rows)
     return mined
 
 
-__all__ = ["mine_itm_negatives"]
+__all__ = ["batch_itc_logits", "mine_itm_negatives", "pair_rows"]

@@ -21,8 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-_IMAGE_KEYS = ("region_features", "region_locations", "region_attention_mask", "global_image_features")
+from ..pretraining.hard_negatives import batch_itc_logits, pair_rows
 
 
 def _draw_distinct(
@@ -75,23 +74,7 @@ def mine_retrieval_negatives(
             f"the {count - 1} negatives of a group; use a larger batch or a smaller num_candidates"
         )
 
-    def take(key):
-        value = batch.get(key)
-        return None if value is None else value.index_select(0, positives)
-
-    was_training = model.training
-    model.eval()  # no dropout in the picking passes
-    try:
-        text = model.text_embeddings(take("input_ids"), take("attention_mask"), take("token_type_ids"))
-        image = model.image_embeddings(
-            take("region_features"),
-            take("region_locations"),
-            take("region_attention_mask"),
-            take("global_image_features"),
-        )
-        logits = model.itc_head.scale().float() * text.float() @ image.float().t()  # (B captions, B images)
-    finally:
-        model.train(was_training)
+    logits = batch_itc_logits(model, batch, positives)  # (B captions, B images)
     images_for = _draw_distinct(logits, allowed, count - 1, generator)  # caption b -> P-1 other images
     captions_for = _draw_distinct(logits.t(), allowed, count - 1, generator)  # image b -> P-1 other captions
 
@@ -113,14 +96,7 @@ def mine_retrieval_negatives(
     flat = negatives[redraw]
     text_rows[flat] = new_text[redraw]
     image_rows[flat] = new_image[redraw]
-    mined = dict(batch)
-    for key in _TEXT_KEYS:
-        if batch.get(key) is not None:
-            mined[key] = batch[key].index_select(0, text_rows)
-    for key in _IMAGE_KEYS:
-        if batch.get(key) is not None:
-            mined[key] = batch[key].index_select(0, image_rows)
-    return mined
+    return pair_rows(batch, text_rows, image_rows)
 
 
 __all__ = ["mine_retrieval_negatives"]
