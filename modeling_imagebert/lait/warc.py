@@ -206,9 +206,8 @@ def iter_responses(
                 if pending is not None:
                     yield pending
                 elif pending_broken and _record_complete(path, last_offset, gz):
-                    drops.drop(
-                        STAGE, "broken_http_headers"
-                    )  # a whole record, broken; the corrupt member follows
+                    # A whole record with broken headers; the corrupt member comes after it.
+                    drops.drop(STAGE, "broken_http_headers")
                 pending, pending_broken = None, False
                 drops.drop(STAGE, "truncated_archive")
                 resume_at = later
