@@ -178,28 +178,31 @@ def summarise(runs: dict[str, dict[int, dict]], finetune: bool) -> tuple[str, di
             entry["itc"] = [_mean_spread([values[i] for values in itc]) for i in range(6)]
         summary[name] = entry
         parts.setdefault(ROWS[name][0], []).append(name)
-    finetune = finetune or any("fine_tuned" in entry for entry in summary.values())
     with_itc = any("itc" in entry for entry in summary.values())
-    header = ["Version", "IR R@1", "IR R@5", "IR R@10", "SR R@1", "SR R@5", "SR R@10"]
-    if finetune:
-        header += ["FT IR R@1", "FT IR R@5", "FT IR R@10", "FT SR R@1", "FT SR R@5", "FT SR R@10"]
-    if with_itc:
-        header += ["ITC IR R@1", "ITC SR R@1"]
-    header += (
-        ["pre-train s / run"] + (["fine-tune s / run"] if finetune else []) + ["paper IR R@1", "paper SR R@1"]
-    )
     lines = []
     for part, names in parts.items():
+        # Fine-tuned columns in a part where a row was fine-tuned (every part with --finetune).
+        tuned = finetune or any("fine_tuned" in summary[name] for name in names)
+        header = ["Version", "IR R@1", "IR R@5", "IR R@10", "SR R@1", "SR R@5", "SR R@10"]
+        if tuned:
+            header += ["FT IR R@1", "FT IR R@5", "FT IR R@10", "FT SR R@1", "FT SR R@5", "FT SR R@10"]
+        if with_itc:
+            header += ["ITC IR R@1", "ITC SR R@1"]
+        header += (
+            ["pre-train s / run"]
+            + (["fine-tune s / run"] if tuned else [])
+            + ["paper IR R@1", "paper SR R@1"]
+        )
         lines += [f"### {part}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name in names:
             entry, paper = summary[name], ROWS[name][2]
             cells = [ROWS[name][1], *entry["zero_shot"]]
-            if finetune:
+            if tuned:
                 cells += entry.get("fine_tuned", [NO_FINETUNE.get(name, "not run")] + [""] * 5)
             if with_itc:
                 cells += [entry["itc"][0], entry["itc"][3]] if "itc" in entry else ["—", "—"]
             cells.append(f"{entry['wall_seconds_mean']:.0f}")
-            if finetune:
+            if tuned:
                 seconds = entry.get("finetune_seconds_mean")
                 cells.append("—" if seconds is None else f"{seconds:.0f}")
             cells += ["—", "—"] if paper is None else [paper[0], paper[3]]
