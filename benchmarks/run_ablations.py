@@ -20,9 +20,9 @@ with a message when missing): one table per part of the paper (Table 3, Table 4 
 schedules), laid out as the paper's (image retrieval R@1/5/10, sentence retrieval R@1/5/10), mean ± spread (sample
 standard deviation) over the seeds, the mean wall time per run (pre-training, and fine-tuning when run), and the
 paper's R@1 beside ours; when the recipe's evaluation ran two-stage retrieval, also the zero-shot R@1 of its ITC
-embeddings alone (stage 1), a steadier reading than the ITM head's on 25 images. Fine-tunes left by an earlier `--finetune` call are read and tabulated without the flag (a
-row fine-tuned on fewer seeds than it was pre-trained on says so: "(n=1)"), so the zero-shot suite and
-`--only ... --finetune` for some rows make one table.
+embeddings alone (stage 1), a steadier reading than the ITM head's on 25 images. Fine-tunes left by an earlier
+`--finetune` call are read and tabulated without the flag (a row fine-tuned on fewer seeds than it was pre-trained
+on says so: "(n=1)"), so the zero-shot suite and `--only ... --finetune` for some rows make one table.
 Exit status 1 when a run fails (the others still run; the failure is listed).
 """
 
