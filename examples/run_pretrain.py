@@ -31,6 +31,7 @@ from modeling_imagebert import ImageBertForPreTraining
 from modeling_imagebert.cli import DEBUG_FLAG, EXIT_BAD_INPUT, USER_ERRORS, run_cli
 from modeling_imagebert.cli_arguments import pretrain_resume_command
 from modeling_imagebert.data.loading import load_source
+from modeling_imagebert.package_data import demo_recipe_path
 from modeling_imagebert.pretraining import checkpoints as ckpt
 from modeling_imagebert.pretraining import run_outputs as outputs_of_run
 from modeling_imagebert.pretraining.arguments import build_argument_parser, recipe_from_arguments
@@ -51,7 +52,7 @@ from modeling_imagebert.retrieval.metrics import format_paper_table
 from modeling_imagebert.retrieval.two_stage import evaluate_two_stage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RECIPE = REPO_ROOT / "configuration" / "pretraining" / "demo.yaml"
+DEFAULT_RECIPE = demo_recipe_path()  # package data: found from any folder, also from an installed wheel
 
 
 def get_dataloaders(accelerator, plan: StagePlan, first_micro_batch: int, num_workers: int, seed: int):

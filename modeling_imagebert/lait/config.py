@@ -22,9 +22,12 @@ from typing import Any
 
 import yaml
 
+from ..package_data import data_path
+
 SECTIONS = ("pages", "images", "text", "scoring", "aggregation", "engine")
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configuration" / "lait" / "default.yaml"
+# Inside the package (package data), so an install from a wheel finds it from any folder.
+DEFAULT_CONFIG_PATH = data_path("lait", "default.yaml", check=False)
 
 
 class ConfigError(ValueError):

@@ -33,11 +33,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..package_data import data_path
 from .records import DropCounter, ImageCandidate, TextCandidate
 
 STAGE = "text"
 SOURCES = ("alt", "title", "figcaption", "nearby")
-WORD_LIST_DIR = Path(__file__).resolve().parents[2] / "configuration" / "lait"
+WORD_LIST_DIR = data_path("lait", check=False)  # the default word lists, package data
 
 TEXT_FEATURE_NAMES = (
     "n_words",

