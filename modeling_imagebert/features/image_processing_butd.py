@@ -4,6 +4,8 @@ RGB uint8 image -> float -> resize (bilinear) so the shorter side is `min_size` 
 `max_size` -> RGB to BGR -> subtract the Caffe pixel means (BGR order, no division by a std).
 """
 
+from typing import TypedDict
+
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -25,6 +27,15 @@ def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float
     return scale
 
 
+class BUTDImageProcessorKwargs(TypedDict, total=False):
+    """The settings `from_pretrained(..., **kwargs)` may override. transformers >= 5.25 reads this TypedDict
+    (`valid_kwargs`) in `ImageProcessingMixin.from_dict` to pick the keyword arguments that are settings."""
+
+    min_size: int
+    max_size: int
+    image_mean: list[float]
+
+
 class BUTDImageProcessor(ImageProcessingMixin):
     r"""
     Turns RGB images into the detector's input: BGR, Caffe-mean-subtracted, float32 tensors resized as the original
@@ -39,6 +50,7 @@ class BUTDImageProcessor(ImageProcessingMixin):
     """
 
     model_input_names = ["pixel_values"]
+    valid_kwargs = BUTDImageProcessorKwargs
 
     def __init__(
         self,
@@ -117,4 +129,4 @@ def _as_rgb_array(image, name: str) -> np.ndarray:
     return image
 
 
-__all__ = ["BUTDImageProcessor", "CAFFE_BGR_MEANS", "resize_scale"]
+__all__ = ["BUTDImageProcessor", "BUTDImageProcessorKwargs", "CAFFE_BGR_MEANS", "resize_scale"]
