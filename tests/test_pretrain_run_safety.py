@@ -312,7 +312,10 @@ def test_recipe_differences_name_each_field_and_ignore_how_the_run_is_stored():
     ]
     assert recipe_differences(saved, json.loads(json.dumps(saved))) == []
     # The AdamW kernel and the thread count change the weights only by float rounding: a resume may change them.
-    kernel = {**saved, "training": {**saved["training"], "adamw_implementation": "for-loop", "num_threads": 1}}
+    kernel = {
+        **saved,
+        "training": {**saved["training"], "adamw_implementation": "for-loop", "num_threads": 1},
+    }
     assert recipe_differences(saved, kernel) == []
 
 
