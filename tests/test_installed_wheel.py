@@ -147,3 +147,18 @@ def test_a_two_step_pretraining_run_with_the_packaged_demo_recipe(installed, tmp
     results = json.loads((output / "pretrain_results.json").read_text())
     assert "demo" in json.dumps(results)
     assert (output / "final" / "model.safetensors").is_file()
+
+
+def test_no_library_module_reaches_above_the_package_for_files():
+    """`Path(__file__).parents[2]`-style paths find the checkout, not an install: packaged files go through
+    `modeling_imagebert.package_data` instead. A module that climbs above its own package is named here."""
+    import re
+
+    climbing = re.compile(r"__file__\)[^\n]*(\.parents\[\d+\]|(\.parent){2,})")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "modeling_imagebert").rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if climbing.search(line)
+    ]
+    assert offenders == []
