@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import sys
 import uuid
 import zipfile
@@ -48,6 +47,8 @@ from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from ..safe_loading import NUMPY_ARRAYS, PLAIN_VALUES, RestrictedUnpickler
 
 logger = logging.getLogger(__name__)
 
@@ -682,41 +683,11 @@ def _scalar_int(value: Any, key: str, where: dict) -> int:
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
-# What a numpy object array holding a dict of numbers and numeric arrays pickles to; nothing that can run code.
-_UNPICKLE_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("builtins", "dict"),
-    ("builtins", "list"),
-    ("builtins", "tuple"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "int"),
-    ("builtins", "float"),
-    ("builtins", "complex"),
-    ("builtins", "bool"),
-    ("builtins", "str"),
-    ("builtins", "bytes"),
-}
-
-
-class _InfoUnpickler(pickle.Unpickler):
-    """Admits plain containers, numbers, strings and numeric numpy arrays; refuses every other global."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _UNPICKLE_ALLOWED:
-            raise pickle.UnpicklingError(
-                f"refused to load {module}.{name}: only plain containers and numbers"
-            )
-        return super().find_class(module, name)
 
 
 def _read_info_entry(archive: zipfile.ZipFile, path: Path) -> Any:
-    """The `info` entry of an .npz, its pickle read with `_InfoUnpickler` (never `pickle.load`)."""
+    """The `info` entry of an .npz, its pickle read by a `RestrictedUnpickler` admitting what a dict of numbers
+    and numeric arrays pickles to, nothing that can run code (never `pickle.load`)."""
     with archive.open("info.npy") as handle:
         version = np.lib.format.read_magic(handle)
         if version == (1, 0):
@@ -728,7 +699,9 @@ def _read_info_entry(archive: zipfile.ZipFile, path: Path) -> Any:
         if not dtype.hasobject:
             return np.lib.format.read_array(handle, allow_pickle=False)
         try:
-            return _InfoUnpickler(handle).load()
+            return RestrictedUnpickler(
+                handle, allowed=NUMPY_ARRAYS | PLAIN_VALUES, admits="plain containers and numbers"
+            ).load()
         except Exception as error:
             raise ImportFormatError(
                 f"the pickled 'info' entry cannot be read safely: {error}",
