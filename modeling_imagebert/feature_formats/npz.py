@@ -67,7 +67,7 @@ def decode_npz_record(
         image_size: (width, height) in pixels, used when the file does not carry its size.
 
     Returns:
-        an image record (see module docstring).
+        an image record (see `modeling_imagebert.feature_formats`): float16 region features [N, F].
     """
     keys = list(arrays.keys())
     where = {"source": source, "line": None, "image_id": image_id}

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
-
 _ON_ERROR = ("raise", "skip")
 _MAX_REPORT_MESSAGES = 20
 
