@@ -30,11 +30,11 @@ from transformers import get_scheduler
 from modeling_imagebert import ImageBertForPreTraining
 from modeling_imagebert.cli import DEBUG_FLAG, EXIT_BAD_INPUT, USER_ERRORS, run_cli
 from modeling_imagebert.cli_arguments import pretrain_resume_command
-from modeling_imagebert.data.loading import load_source
 from modeling_imagebert.package_data import demo_recipe_path
 from modeling_imagebert.pretraining import checkpoints as ckpt
 from modeling_imagebert.pretraining import run_outputs as outputs_of_run
 from modeling_imagebert.pretraining.arguments import build_argument_parser, recipe_from_arguments
+from modeling_imagebert.pretraining.data_sources import load_source
 from modeling_imagebert.pretraining.hard_negatives import mine_itm_negatives
 from modeling_imagebert.pretraining.loss_log import StageLossLog
 from modeling_imagebert.pretraining.model_card import read_base_card

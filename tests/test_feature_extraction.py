@@ -32,14 +32,10 @@ from kill import kill_at_random_moment
 from PIL import Image
 
 from modeling_imagebert.data.schema import validate_record
+from modeling_imagebert.feature_formats import ExtractionError, iter_extracted_records, load_features
 from modeling_imagebert.features.__main__ import main as extract_main
 from modeling_imagebert.features.images import decode_image
-from modeling_imagebert.features.runner import (
-    ExtractionError,
-    iter_extracted_records,
-    load_features,
-    run_extraction,
-)
+from modeling_imagebert.features.runner import run_extraction
 from modeling_imagebert.features.sources import list_images
 
 REPO = Path(__file__).resolve().parents[1]

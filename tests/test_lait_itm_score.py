@@ -25,7 +25,8 @@ from lait_fixture import BAD_TEXTS, MiniWebServer, build_mini_web  # noqa: E402
 from tiny_checkpoint import save_tiny_checkpoint  # noqa: E402
 
 from modeling_imagebert import ImageBertForPreTraining  # noqa: E402
-from modeling_imagebert.features.runner import load_features, run_extraction  # noqa: E402
+from modeling_imagebert.feature_formats import load_features  # noqa: E402
+from modeling_imagebert.features.runner import run_extraction  # noqa: E402
 from modeling_imagebert.features.sources import list_webdataset  # noqa: E402
 from modeling_imagebert.lait.config import load_config  # noqa: E402
 from modeling_imagebert.lait.engines import run_local  # noqa: E402

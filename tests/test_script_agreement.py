@@ -152,7 +152,7 @@ def test_printed_next_commands_select_the_recipes_test_world(evaluation_world, s
 
 
 def test_evaluate_retrievals_toy_split_is_the_demos_zero_shot_split(scripts):
-    from modeling_imagebert.data.loading import load_source
+    from modeling_imagebert.pretraining.data_sources import load_source
 
     recipe = load_recipe(DEMO)
     config = ImageBertConfig.from_json_file(str(TINY))

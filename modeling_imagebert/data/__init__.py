@@ -1,4 +1,4 @@
-"""Data layer: schema and validation, importers and the convert CLI, storage, loading, collators, toy world.
+"""Data layer: schema and validation, importers and the convert CLI, storage, collators, toy world.
 
 Names are loaded lazily so that `import modeling_imagebert.data` stays cheap and each module can be used alone.
 """
@@ -18,8 +18,6 @@ _EXPORTS = {
     "DataCollatorForImageTextRetrieval": "collators",
     "DataCollatorForTextMLM": "collators",
     "DataCollatorForCandidateGroups": "collators",
-    "load_source": "loading",
-    "encode_source": "loading",
     "make_toy_world": "toy_world",
     "ToyWorld": "toy_world",
     "toy_world_for": "toy_world",

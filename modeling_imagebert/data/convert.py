@@ -41,6 +41,7 @@ from pathlib import Path
 
 from ..atomic import check_removable, remove_stale_temporaries, temporary_sibling
 from ..cli import USER_ERRORS, format_error
+from ..feature_formats import iter_extracted_records
 from .importers import (
     KARPATHY_IMAGE_ID_STYLES,
     ImportFormatError,
@@ -223,8 +224,6 @@ def _images(args: argparse.Namespace, report: ImportReport) -> Iterator[dict]:
                 show_progress=show,
             )
         elif args.feature_format == "features":
-            from ..features.runner import iter_extracted_records
-
             for record in iter_extracted_records(source):
                 report.images_read += 1
                 yield record

@@ -1,7 +1,8 @@
 """The one dataset schema for image-text pairs, shared by importers, the toy world, the processor and collators.
 
 One row is one (image, caption) pair. Region arrays are in detector order (the processor keeps the top
-`max_regions` by `region_scores`); boxes are in pixels of the original image.
+`max_regions` by `region_scores`); boxes are in pixels of the original image. Every column but `caption` is an
+image column, defined once in `feature_formats/columns.py` and shared with the feature shards of extraction runs.
 
 | column            | type                         | meaning                                              |
 |-------------------|------------------------------|------------------------------------------------------|
@@ -21,24 +22,24 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from datasets import Array2D, Dataset, Features, Sequence, Value
+from datasets import Array2D, Dataset, Features, Value
 from tqdm.auto import tqdm
+
+from ..feature_formats.columns import (
+    GLOBAL_FEATURE_COLUMN,
+    IMAGE_COLUMNS,
+    global_feature_column,
+    image_columns,
+)
 
 
 def image_text_features(feature_dim: int = 2048, with_global_feature: bool = False) -> Features:
-    """The `datasets.Features` of an image-text dataset with `feature_dim`-d region features."""
-    columns = {
-        "image_id": Value("string"),
-        "caption": Value("string"),
-        "region_features": Array2D(shape=(None, feature_dim), dtype="float16"),
-        "region_boxes": Array2D(shape=(None, 4), dtype="float32"),
-        "image_width": Value("int32"),
-        "image_height": Value("int32"),
-        "region_classes": Sequence(Value("int32")),
-        "region_scores": Sequence(Value("float32")),
-    }
+    """The `datasets.Features` of an image-text dataset with `feature_dim`-d region features: the image columns
+    (`feature_formats.columns`, shared with the feature shards) with `caption` after `image_id`."""
+    image = image_columns(feature_dim)
+    columns = {"image_id": image.pop("image_id"), "caption": Value("string"), **image}
     if with_global_feature:
-        columns["global_feature"] = Sequence(Value("float32"))
+        columns[GLOBAL_FEATURE_COLUMN] = global_feature_column()
     return Features(columns)
 
 
@@ -49,17 +50,8 @@ IMAGE_TEXT_FEATURES = image_text_features()
 # Validation
 # --------------------------------------------------------------------------------------------------------------
 
-REQUIRED_COLUMNS = (
-    "image_id",
-    "caption",
-    "region_features",
-    "region_boxes",
-    "image_width",
-    "image_height",
-    "region_classes",
-    "region_scores",
-)
-OPTIONAL_COLUMNS = ("global_feature",)
+REQUIRED_COLUMNS = ("image_id", "caption", *IMAGE_COLUMNS[1:])
+OPTIONAL_COLUMNS = (GLOBAL_FEATURE_COLUMN,)
 
 
 class DataValidationError(ValueError):

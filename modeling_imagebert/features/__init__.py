@@ -14,9 +14,11 @@ _EXPORTS = {
     # extraction (images -> features folder)
     "GlobalFeatureExtractor": "global_features",
     "decode_image": "images",
-    "iter_extracted_records": "runner",
+    # reading a finished features folder: its format lives in modeling_imagebert/feature_formats (".feature_formats"
+    # is relative to the package above this one)
+    "iter_extracted_records": ".feature_formats",
     "list_images": "sources",
-    "load_features": "runner",
+    "load_features": ".feature_formats",
     "run_extraction": "runner",
 }
 

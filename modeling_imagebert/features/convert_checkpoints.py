@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..safe_loading import CHECKPOINT_CONTAINERS, NUMPY_ARRAYS, RestrictedUnpickler
+
 FORMATS = ("lxmert", "detectron2", "milvlg")
 REPORT_NAME = "conversion_report.json"
 # Anchor sizes a checkpoint's RPN implies, by its number of anchors per cell (with ratios 0.5, 1, 2).
@@ -86,29 +88,6 @@ class ConversionReport:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Admits only what a pickle of numpy arrays in dicts / lists needs; any other global is refused."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("collections", "OrderedDict"),
-        # Protocol-2 pickles written by Python 3 store raw bytes as codecs.encode(text, "latin1").
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(
-                f"refusing to load global {module}.{name}: only numpy arrays are allowed"
-            )
-        return super().find_class(module, name)
-
-
 def load_numpy_pickle(path: str) -> dict:
     """Read a pickle holding only numpy arrays and plain containers (Detectron2 `.pkl` checkpoints).
 
@@ -118,7 +97,13 @@ def load_numpy_pickle(path: str) -> dict:
         data = handle.read()
     try:
         # latin1: the Caffe-converted pickles were written by Python 2.
-        return _ArraysOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+        unpickler = RestrictedUnpickler(
+            io.BytesIO(data),
+            allowed=NUMPY_ARRAYS | CHECKPOINT_CONTAINERS,
+            admits="numpy arrays and plain containers",
+            encoding="latin1",
+        )
+        return unpickler.load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as error:
         raise ConversionError(f"{path}: not a pickle of numpy arrays ({error})") from None
 

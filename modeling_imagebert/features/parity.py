@@ -134,7 +134,7 @@ def compare_image(
         detector: a `BUTDDetector`.
         processor: its `BUTDImageProcessor`.
         image: RGB uint8 (H, W, 3).
-        reference: an image record as `modeling_imagebert.data.importers` reads it ("image_id", "region_boxes"
+        reference: an image record as `modeling_imagebert.feature_formats` reads it ("image_id", "region_boxes"
             (N, 4) pixels, "region_features" (N, F), optionally "region_classes" (N,) 0-based object ids).
         ours: our detections of the image (`detector.detect` output); computed when None.
     """
@@ -209,7 +209,7 @@ def reference_records(
 ) -> Iterator[dict]:
     """Reference image records from a BUTD TSV or a folder of per-image `.npz` (our importers read both);
     `images` (id -> file) gives the image sizes `.npz` files without one need."""
-    from modeling_imagebert.data.importers import read_butd_tsv, read_npz_dir
+    from ..feature_formats import read_butd_tsv, read_npz_dir
 
     if tsv:
         yield from read_butd_tsv(tsv, show_progress=False)

@@ -1,21 +1,13 @@
 """The extraction runner: images -> region (and global) features, in resumable shards, on one or many processes.
 
 The listed images (`sources.list_images`) are cut into shards of `shard_size` images in source order. Shard k
-is finished when `shards/shard-0000k.done.json` exists; it is written after the shard's data file (see
-`shard_formats`) was renamed into place, and records the shard's counts and the images it skipped. A run
-therefore resumes at the first unfinished shard; the data file of a shard without its done file, and `.tmp-`
+is finished when `shards/shard-0000k.done.json` exists; it is written after the shard's data file was renamed
+into place, and records the shard's counts and the images it skipped. A run therefore resumes at the first unfinished shard; the data file of a shard without its done file, and `.tmp-`
 files, are leftovers of a killed run, removed (and reported) by the next run. Nothing is written twice: a
 finished shard is never recomputed.
 
-Output folder:
-
-    imagebert_features.json   marker: what wrote this folder and the settings that fix its content; a folder
-                              without it is never written into, and a resumed run must use the same settings
-    shards/shard-00000.arrow  the features (or .tsv / an npz folder, see shard_formats)
-    shards/shard-00000.done.json
-    manifest.json             the finished shards, merged by the main process (complete: true at the end)
-    skipped.tsv               image_id, origin, reason, message of every image that was skipped
-    summary.json              counts by reason, images/s
+The output folder (marker, shard records, manifest, skipped.tsv, summary.json) is described, written and read
+back by `feature_formats/features_folder.py`; the shard layouts by `feature_formats/shards.py`.
 
 Within a shard, images are ordered by size (orientation, then area, read from file headers) so batches hold
 images of similar size (the detector batches only images of one resized shape). With `exact=True` (the CLI's
@@ -31,10 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,33 +33,22 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodedImage, decode_image, read_image_size
-from .shard_formats import (
-    OUTPUT_FORMATS,
-    TEMP_PREFIX,
-    detection_to_record,
-    read_shard_records,
-    record_problem,
-    shard_name,
-    write_shard,
-    write_text_atomic,
+from ..atomic import atomic_write_text
+from ..feature_formats.features_folder import (
+    SHARDS_DIR,
+    SKIPPED_NAME,
+    SUMMARY_NAME,
+    ExtractionError,
+    prepare_output,
+    read_done,
+    write_done,
+    write_manifest,
 )
+from ..feature_formats.shards import OUTPUT_FORMATS, record_problem, shard_name, write_shard
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodedImage, decode_image, read_image_size
 from .sources import ImageRef
 
-MARKER_NAME = "imagebert_features.json"
-MARKER_KIND = "modeling_imagebert features extraction"
-MARKER_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SKIPPED_NAME = "skipped.tsv"
-SUMMARY_NAME = "summary.json"
-SHARDS_DIR = "shards"
-
 Detect = Callable[[list[np.ndarray]], list[dict]]
-
-
-class ExtractionError(ValueError):
-    """The output folder cannot be used: not ours, written with other settings, or the images changed. The
-    message names the folder and the differing setting."""
 
 
 @dataclass
@@ -114,6 +94,30 @@ class ExtractionSummary:
         return "\n".join(lines)
 
 
+def detection_to_record(image_id: str, detection: Mapping, global_feature: np.ndarray | None = None) -> dict:
+    """One image's detector output (`BUTDDetector.detect` dict) -> an image record with float32 features.
+
+    Returns:
+        {"image_id", "image_width", "image_height", "region_features" float32 (N, F), "region_boxes" float32
+        (N, 4), "region_classes" int32 (N,), "region_scores" float32 (N,), "region_attributes" int32 (N,),
+        "region_attribute_scores" float32 (N,)[, "global_feature" float32 (G,)]}.
+    """
+    record = {
+        "image_id": image_id,
+        "image_width": int(detection["image_width"]),
+        "image_height": int(detection["image_height"]),
+        "region_features": np.asarray(detection["features"], dtype=np.float32),
+        "region_boxes": np.asarray(detection["boxes"], dtype=np.float32).reshape(-1, 4),
+        "region_classes": np.asarray(detection["classes"]).astype(np.int32),
+        "region_scores": np.asarray(detection["scores"], dtype=np.float32),
+        "region_attributes": np.asarray(detection["attributes"]).astype(np.int32),
+        "region_attribute_scores": np.asarray(detection["attribute_scores"], dtype=np.float32),
+    }
+    if global_feature is not None:
+        record["global_feature"] = np.asarray(global_feature, dtype=np.float32)
+    return record
+
+
 def _ids_digest(refs: Sequence[ImageRef]) -> str:
     digest = hashlib.sha1()
     for ref in refs:
@@ -147,84 +151,6 @@ def run_settings(
         "min_side": min_side,
         "exact": exact,
     }
-
-
-def _done_path(shards: Path, index: int) -> Path:
-    return shards / f"shard-{index:05d}.done.json"
-
-
-def _read_done(shards: Path, index: int) -> dict | None:
-    path = _done_path(shards, index)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ExtractionError(
-            f"{path}: unreadable shard record ({error}); delete it to redo the shard"
-        ) from None
-
-
-def prepare_output(output: Path, settings: dict, num_shards: int, output_format: str) -> list[str]:
-    """Create `output` (or check that it is ours with the same settings) and remove leftovers of a killed run.
-
-    Returns:
-        the paths removed (temporary files, and data of shards that have no done file).
-
-    Raises:
-        ExtractionError: `output` exists, is not empty and has no marker (not written by us), or its marker
-            records other settings (the message names each differing setting).
-    """
-    marker = output / MARKER_NAME
-    if output.exists() and not output.is_dir():
-        raise ExtractionError(f"{output} is a file; expected a folder for the features")
-    if output.is_dir() and not marker.is_file():
-        # A run killed while writing its marker leaves only the marker's temporary file: that folder is ours.
-        if any(not path.name.startswith(f"{TEMP_PREFIX}{MARKER_NAME}") for path in output.iterdir()):
-            raise ExtractionError(
-                f"{output} exists and was not created by this extractor (no {MARKER_NAME}); refusing to write "
-                "into it: choose a new or empty folder"
-            )
-    if marker.is_file():
-        try:
-            recorded = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise ExtractionError(f"{marker}: unreadable marker ({error})") from None
-        if recorded.get("kind") != MARKER_KIND:
-            raise ExtractionError(f"{marker}: not a marker of this extractor (kind {recorded.get('kind')!r})")
-        previous = recorded.get("settings", {})
-        differing = [
-            key for key in sorted(set(previous) | set(settings)) if previous.get(key) != settings.get(key)
-        ]
-        if differing:
-            details = "; ".join(
-                f"{key}: {previous.get(key)!r} then, {settings.get(key)!r} now" for key in differing
-            )
-            raise ExtractionError(
-                f"{output} was started with other settings ({details}); resume with the same images and settings, "
-                "or write to a new folder"
-            )
-    else:
-        output.mkdir(parents=True, exist_ok=True)
-        marker_text = json.dumps(
-            {"kind": MARKER_KIND, "version": MARKER_VERSION, "settings": settings}, indent=1, sort_keys=True
-        )
-        write_text_atomic(marker, marker_text + "\n")
-    shards = output / SHARDS_DIR
-    shards.mkdir(exist_ok=True)
-
-    removed = []
-    for folder in (output, shards):
-        for path in sorted(folder.iterdir()):
-            if path.name.startswith(TEMP_PREFIX):
-                removed.append(str(path))
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for index in range(num_shards):
-        data = shards / shard_name(index, output_format)
-        if data.exists() and not _done_path(shards, index).is_file():
-            removed.append(str(data))  # renamed into place, but killed before its done record: redo it
-            shutil.rmtree(data) if data.is_dir() else data.unlink()
-    return removed
 
 
 def _size_key(ref_size: tuple[int, int] | None, index: int) -> tuple:
@@ -375,7 +301,7 @@ def run_extraction(
         feature_dim: F.
         detector_settings: a JSON-able description of the detector (weights, box selection, dtype): part of the
             settings a resumed run must match.
-        output_format: "dataset", "butd-tsv" or "npz" (see `shard_formats`).
+        output_format: "dataset", "butd-tsv" or "npz" (see `feature_formats/shards.py`).
         shard_size: images per shard.
         batch_size: images per detector call (and decoded ahead: twice this many).
         exact: call `detect` on one image at a time, so every feature is bit for bit what the detector gives
@@ -437,7 +363,7 @@ def run_extraction(
     shards = output / SHARDS_DIR
 
     mine = list(range(rank, num_shards, world_size))
-    todo = [index for index in mine if _read_done(shards, index) is None]
+    todo = [index for index in mine if read_done(shards, index) is None]
     summary.shards_done_before = len(mine) - len(todo)
     if summary.shards_done_before and rank == 0:
         log(f"resuming: {summary.shards_done_before} shard(s) already done, {len(todo)} to go")
@@ -474,7 +400,7 @@ def run_extraction(
                     "extracted": len(records),
                     "skipped": skips,
                 }
-                write_text_atomic(_done_path(shards, index), json.dumps(done, indent=1) + "\n")
+                write_done(shards, index, done)
                 summary.shards_written += 1
                 summary.images_extracted += len(records)
                 summary.skipped.update(skip["reason"] for skip in skips)
@@ -492,27 +418,8 @@ def run_extraction(
 
 def merge_manifest(output: Path, num_shards: int, output_format: str, summary: ExtractionSummary) -> None:
     """Write manifest.json (finished shards), and once all are finished skipped.tsv and summary.json."""
-    shards = output / SHARDS_DIR
-    finished = []
-    skipped_rows = []
-    for index in range(num_shards):
-        done = _read_done(shards, index)
-        if done is None:
-            continue
-        finished.append(
-            {
-                "shard": index,
-                "path": f"{SHARDS_DIR}/{shard_name(index, output_format)}",
-                "images": done["images"],
-                "extracted": done["extracted"],
-                "skipped": len(done["skipped"]),
-            }
-        )
-        skipped_rows.extend(done["skipped"])
+    finished, skipped_rows = write_manifest(output, num_shards, output_format)
     summary.complete = len(finished) == num_shards
-    manifest = {"output_format": output_format, "num_shards": num_shards, "complete": summary.complete}
-    manifest["shards"] = finished
-    write_text_atomic(output / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     if not summary.complete:
         return
     summary.total_extracted = sum(entry["extracted"] for entry in finished)
@@ -522,7 +429,7 @@ def merge_manifest(output: Path, num_shards: int, output_format: str, summary: E
         lines.append(
             "\t".join(" ".join(str(row[key]).split()) for key in ("image_id", "origin", "reason", "message"))
         )
-    write_text_atomic(output / SKIPPED_NAME, "\n".join(lines) + "\n")
+    atomic_write_text(output / SKIPPED_NAME, "\n".join(lines) + "\n")
     report = {
         "images": summary.total_extracted + sum(summary.total_skipped.values()),
         "extracted": summary.total_extracted,
@@ -533,72 +440,7 @@ def merge_manifest(output: Path, num_shards: int, output_format: str, summary: E
             "shards_written": summary.shards_written,
         },
     }
-    write_text_atomic(output / SUMMARY_NAME, json.dumps(report, indent=1) + "\n")
+    atomic_write_text(output / SUMMARY_NAME, json.dumps(report, indent=1) + "\n")
 
 
-def _finished_manifest(folder: Path) -> dict:
-    manifest_path = folder / MANIFEST_NAME
-    if not (folder / MARKER_NAME).is_file():
-        raise ExtractionError(
-            f"{folder}: no {MARKER_NAME}; expected a folder written by python -m modeling_imagebert.features"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        manifest = {"complete": False, "shards": [], "num_shards": "?"}
-    shards = folder / SHARDS_DIR
-    if manifest.get("complete"):
-        # the manifest is merged at the end of a run: trust it only while every shard it lists is still finished
-        for entry in manifest["shards"]:
-            if not (_done_path(shards, entry["shard"]).is_file() and (folder / entry["path"]).exists()):
-                manifest["complete"] = False
-                manifest["shards"] = [
-                    e for e in manifest["shards"] if _done_path(shards, e["shard"]).is_file()
-                ]
-                break
-    if not manifest.get("complete"):
-        raise ExtractionError(
-            f"{folder}: the extraction is unfinished ({len(manifest.get('shards', []))} of "
-            f"{manifest.get('num_shards')} shards done); run the same extraction command again to finish it"
-        )
-    return manifest
-
-
-def iter_extracted_records(folder: str | os.PathLike) -> Iterator[dict]:
-    """Image records of a finished extraction folder, in shard order, in the importers' layout (region_features
-    float16 (N, F), region_boxes float32 (N, 4), region_classes int32, region_scores float32, image_width /
-    image_height, and global_feature when computed): what `data.convert` joins with captions.
-
-    Raises:
-        ExtractionError: not an extraction folder, or an unfinished one.
-    """
-    folder = Path(folder)
-    manifest = _finished_manifest(folder)
-    for entry in manifest["shards"]:
-        yield from read_shard_records(folder / entry["path"], manifest["output_format"])
-
-
-def load_features(folder: str | os.PathLike):
-    """A finished `dataset`-format extraction folder as one memory-mapped `datasets.Dataset` (columns: see
-    `shard_formats`). Read region features with `.with_format("numpy", dtype=None)` to keep float16."""
-    import datasets
-
-    folder = Path(folder)
-    manifest = _finished_manifest(folder)
-    if manifest["output_format"] != "dataset":
-        raise ExtractionError(
-            f"{folder}: written as {manifest['output_format']!r}; load_features reads 'dataset'"
-        )
-    parts = [datasets.Dataset.from_file(str(folder / entry["path"])) for entry in manifest["shards"]]
-    return datasets.concatenate_datasets(parts)
-
-
-__all__ = [
-    "ExtractionError",
-    "ExtractionSummary",
-    "iter_extracted_records",
-    "load_features",
-    "prepare_output",
-    "run_extraction",
-    "run_settings",
-]
+__all__ = ["ExtractionSummary", "detection_to_record", "run_extraction", "run_settings"]

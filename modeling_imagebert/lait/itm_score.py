@@ -95,7 +95,7 @@ def load_region_features(folder: str | Path, config):
     """The features folder as a memory-mapped `datasets.Dataset`, checked against the model: feature dimension
     equal to `config.visual_feature_dim`, and a `global_feature` column when the model uses a global image token.
     Raises ValueError naming `scoring.region_features`."""
-    from ..features.runner import ExtractionError, load_features
+    from ..feature_formats import ExtractionError, load_features
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -25,8 +25,8 @@ from ..data.collators import (
     add_labelled_positions,
     hashed_uniform,
 )
-from ..data.loading import encode_source, load_source
 from ..processing_imagebert import ImageBertProcessor
+from .data_sources import encode_source, load_source
 from .recipes import TASKS, DatasetSpec, StageSpec
 from .stage_checks import check_feature_dim
 

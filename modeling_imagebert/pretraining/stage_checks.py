@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
-from ..data.loading import load_source
 from ..data.schema import DataValidationError, validate_dataset
+from .data_sources import load_source
 from .recipes import Recipe, RecipeError
 
 CACHE_ENV = "IMAGEBERT_VALIDATION_CACHE"

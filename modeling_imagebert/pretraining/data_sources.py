@@ -1,17 +1,14 @@
 """Loading the data sources of a recipe: a saved image-text dataset, a text-only dataset or a toy-world corpus,
-then encoded for training (`ImageBertProcessor.prepare_dataset` for image-text rows, tokenised captions for text)."""
+then encoded for training (`ImageBertProcessor.prepare_dataset` for image-text rows, tokenised captions for text).
+
+It reads recipe specs and raises `RecipeError`, so it lives in `pretraining/`, above the data layer it uses."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..processing_imagebert import ImageBertProcessor
-
-
-def _recipe_error(message: str) -> Exception:
-    from ..pretraining.recipes import RecipeError
-
-    return RecipeError(message)
+from .recipes import RecipeError
 
 
 def load_source(spec, base: str | Path | None = None):
@@ -24,15 +21,15 @@ def load_source(spec, base: str | Path | None = None):
     import datasets
 
     if spec.toy_world is not None:
-        from .toy_world import make_toy_world
+        from ..data.toy_world import make_toy_world
 
         dataset = make_toy_world(**spec.toy_world)
     else:
         folder = (Path(base) if base is not None else Path.cwd()) / spec.path
         if not folder.is_dir():
-            raise _recipe_error(f"dataset path {folder} does not exist")
+            raise RecipeError(f"dataset path {folder} does not exist")
         if spec.modality == "image_text" and not (folder / "dataset_dict.json").is_file():
-            from .storage import load_dataset_from_disk
+            from ..data.storage import load_dataset_from_disk
 
             # Checks the folder and the column types; a damaged shard is named instead of read blindly.
             dataset = load_dataset_from_disk(folder)
@@ -40,20 +37,20 @@ def load_source(spec, base: str | Path | None = None):
             dataset = datasets.load_from_disk(str(folder))
     if isinstance(dataset, datasets.DatasetDict):
         if spec.split is None:
-            raise _recipe_error(
+            raise RecipeError(
                 f"dataset {spec.path or spec.toy_world} has splits {list(dataset)}; set split: in the recipe"
             )
         if spec.split not in dataset:
-            raise _recipe_error(
+            raise RecipeError(
                 f"dataset {spec.path or spec.toy_world} has no split {spec.split!r} ({list(dataset)})"
             )
         dataset = dataset[spec.split]
     elif spec.split is not None and spec.toy_world is None:
-        raise _recipe_error(f"dataset {spec.path}: split {spec.split!r} given but the dataset has no splits")
+        raise RecipeError(f"dataset {spec.path}: split {spec.split!r} given but the dataset has no splits")
     if spec.max_examples is not None:
         dataset = dataset.select(range(min(spec.max_examples, len(dataset))))
     if len(dataset) == 0:
-        raise _recipe_error(f"dataset {spec.path or spec.toy_world} is empty")
+        raise RecipeError(f"dataset {spec.path or spec.toy_world} is empty")
     return dataset
 
 
@@ -64,7 +61,7 @@ def encode_source(dataset, processor: ImageBertProcessor, modality: str):
         return processor.prepare_dataset(dataset)
     column = "caption" if "caption" in dataset.column_names else "text"
     if column not in dataset.column_names:
-        raise _recipe_error(f"a text-only source needs a caption or text column, got {dataset.column_names}")
+        raise RecipeError(f"a text-only source needs a caption or text column, got {dataset.column_names}")
     tokenizer = processor.tokenizer
 
     def tokenize(batch):
