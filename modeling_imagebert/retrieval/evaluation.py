@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,55 @@ def _column(dataset, name: str) -> list:
     return values
 
 
+def encode_images(
+    records: Iterable[tuple[int, Mapping[str, Any]]],
+    processor,
+    *,
+    use_global_image_feature: bool = False,
+    feature_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Encode the regions of each image once into padded tensors (one row per record, in order; no captions).
+
+    Args:
+        records: (row index, record) pairs, one per image, in the schema of `modeling_imagebert.data.schema`; the
+            row index names the record in errors.
+        processor: an `ImageBertProcessor` (`encode_record` keeps the top `max_regions` regions and builds the 5-D
+            locations; `pad` pads).
+        use_global_image_feature: keep each record's `global_feature` (the model uses a global image token, so
+            every record needs one); otherwise it is dropped.
+        feature_dtype: dtype of region_features (and global_image_features); None: float16 when every record's
+            features are float16 (kept compact for a large split), else float32.
+
+    Returns:
+        region_features [I, R, F], region_locations [I, R, 5] float32, region_attention_mask [I, R] long (R = most
+        regions of any image), and global_image_features [I, G] with `use_global_image_feature`.
+    """
+    encoded = []
+    for row, record in records:
+        example = processor.encode_record(record, index=row, _input_ids=[])
+        example.pop("input_ids")  # regions only: captions are tokenised on their own
+        if use_global_image_feature and example.get("global_feature") is None:
+            raise ValueError(
+                f"global_feature of record {row} (image_id {example['image_id']!r}): missing, but the model uses "
+                "a global image token (config.use_global_image_feature)"
+            )
+        if not use_global_image_feature:
+            example.pop("global_feature", None)
+        encoded.append(example)
+    if feature_dtype is None:
+        feature_dtype = (
+            torch.float16
+            if all(np.asarray(e["region_features"]).dtype == np.float16 for e in encoded)
+            else torch.float32
+        )
+    padded = processor.pad(encoded, feature_dtype=feature_dtype)
+    return {
+        name: padded[name]
+        for name in ("region_features", "region_locations", "region_attention_mask", "global_image_features")
+        if name in padded
+    }
+
+
 def encode_retrieval_split(dataset, processor, *, use_global_image_feature: bool = False) -> RetrievalInputs:
     """Encode a test split once: the unique images (first occurrence order) and all captions.
 
@@ -181,29 +230,9 @@ def encode_retrieval_split(dataset, processor, *, use_global_image_feature: bool
         records = dataset.select(image_rows).with_format("numpy", dtype=None)
     else:
         records = [dataset[row] for row in image_rows]
-    encoded = []
-    for row, record in zip(image_rows, records, strict=True):
-        example = processor.encode_record(record, index=row)
-        example.pop("input_ids", None)  # captions are tokenised above; only the regions are kept here
-        if use_global_image_feature and example.get("global_feature") is None:
-            raise ValueError(
-                f"global_feature of record {row} (image_id {example['image_id']!r}): missing, but the model uses "
-                "a global image token (config.use_global_image_feature)"
-            )
-        if not use_global_image_feature:
-            example.pop("global_feature", None)
-        encoded.append(example)
-    feature_dtype = (
-        torch.float16
-        if all(np.asarray(e["region_features"]).dtype == np.float16 for e in encoded)
-        else torch.float32
+    images = encode_images(
+        zip(image_rows, records, strict=True), processor, use_global_image_feature=use_global_image_feature
     )
-    padded = processor.pad(encoded, feature_dtype=feature_dtype)
-    images = {
-        name: padded[name]
-        for name in ("region_features", "region_locations", "region_attention_mask", "global_image_features")
-        if name in padded
-    }
     return RetrievalInputs(
         image_ids=list(column),
         caption_image_index=torch.from_numpy(caption_image_index),
@@ -529,6 +558,7 @@ __all__ = [
     "RetrievalEvaluation",
     "RetrievalInputs",
     "compute_metrics",
+    "encode_images",
     "encode_retrieval_split",
     "evaluate_retrieval",
     "model_fingerprint",
