@@ -47,9 +47,7 @@ from modeling_imagebert.pretraining.model_setup import (
 from modeling_imagebert.pretraining.nonfinite import NonFiniteWatch, gradient_norm, resume_hint
 from modeling_imagebert.pretraining.schedule import StagePlan, plan_stage
 from modeling_imagebert.pretraining.stage_checks import check_stage_data
-from modeling_imagebert.retrieval.evaluation import evaluate_retrieval
-from modeling_imagebert.retrieval.metrics import format_paper_table
-from modeling_imagebert.retrieval.two_stage import evaluate_two_stage
+from modeling_imagebert.retrieval.zero_shot import evaluate_zero_shot
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = demo_recipe_path()  # package data: found from any folder, also from an installed wheel
@@ -260,45 +258,13 @@ def training_function(recipe, args) -> dict:
         )
     results["train_seconds"] = time.perf_counter() - started
 
-    # Zero-shot retrieval: every caption of the test split scored against every image with the ITM head.
+    # Zero-shot retrieval on the test split (full ranking; two-stage when the recipe asks): printed and saved.
     if recipe.evaluation is not None:
         test = load_source(recipe.evaluation.dataset)
-        final_score = recipe.evaluation.final_score
-        accelerator.print(
-            f"zero-shot retrieval: {len(test)} captions x {len(set(test['image_id']))} images, full ranking"
-        )
-        evaluation = evaluate_retrieval(
-            model, test, processor, batch_size=recipe.evaluation.batch_size, accelerator=accelerator,
-            progress=not args.no_progress, bf16=training.mixed_precision == "bf16",
-        )  # fmt: skip
-        # Full ranking by the ITM score alone (the paper's), whatever the recipe ranks by.
-        results["zero_shot_retrieval_itm"] = evaluation.metrics
-        results["zero_shot_retrieval"] = evaluation.metrics
-        results["zero_shot_final_score"] = final_score
-        results["num_test_images"] = len(evaluation.image_ids)
-        table = {"ITM score (the paper's)": evaluation.metrics}
-        two_stage = None
-        if recipe.evaluation.candidates is not None:
-            # The same split, the ITC embeddings picking K candidates per query and the cross-encoder re-ranking
-            # them; full ranking by the recipe's final score comes from the ITM scores just computed.
-            two_stage = evaluate_two_stage(
-                model, test, processor, candidates=recipe.evaluation.candidates, final_score=final_score,
-                batch_size=recipe.evaluation.batch_size, accelerator=accelerator, progress=not args.no_progress,
-                bf16=training.mixed_precision == "bf16", full_scores=evaluation.scores,
-            )  # fmt: skip
-            if final_score != "itm":
-                results["zero_shot_retrieval"] = two_stage.full_metrics
-                table["ITM + ITC score (this recipe's final score)"] = two_stage.full_metrics
-            results["zero_shot_two_stage"] = {
-                k: v for k, v in two_stage.to_json_dict().items() if k not in ("table", "recall_vs_k")
-            }
-        accelerator.print(format_paper_table(table, with_rsum=True))
-        if two_stage is not None:
-            ranked_by = "ITM" if final_score == "itm" else "ITM + ITC"
-            accelerator.print(
-                f"two-stage: ITC top-{two_stage.k} per query, {two_stage.passes['cross_encoder']} of "
-                f"{two_stage.passes['full']} pairs re-ranked by {ranked_by}\n{two_stage.table}"
-            )
+        results.update(evaluate_zero_shot(
+            model, test, processor, recipe.evaluation, accelerator=accelerator, progress=not args.no_progress,
+            bf16=training.mixed_precision == "bf16", log=accelerator.print,
+        ))  # fmt: skip
 
     results["final_losses"] = results["stages"][-1]["final_losses"] if results["stages"] else None
     results["loss_history"] = history
