@@ -47,9 +47,7 @@ from modeling_imagebert.pretraining.model_setup import (
 from modeling_imagebert.pretraining.nonfinite import NonFiniteWatch, gradient_norm, resume_hint
 from modeling_imagebert.pretraining.schedule import StagePlan, plan_stage
 from modeling_imagebert.pretraining.stage_checks import check_stage_data
-from modeling_imagebert.retrieval.evaluation import evaluate_retrieval
-from modeling_imagebert.retrieval.metrics import format_paper_table
-from modeling_imagebert.retrieval.two_stage import evaluate_two_stage
+from modeling_imagebert.retrieval.zero_shot import evaluate_zero_shot
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = demo_recipe_path()  # package data: found from any folder, also from an installed wheel
@@ -72,7 +70,8 @@ def get_dataloaders(accelerator, plan: StagePlan, first_micro_batch: int, num_wo
 
 
 def train_stage(accelerator, model, processor, recipe, stage_index, args, stops, history, resume):
-    """Trains stage `stage_index` (0-based); returns the prepared model and each task's last logged loss."""
+    """Trains stage `stage_index` (0-based), from the checkpoint of the run's resume point `resume` when it lies
+    in this stage; returns the prepared model and each task's last logged loss."""
     stage, training, number = recipe.stages[stage_index], recipe.training, stage_index + 1
     output_dir = Path(training.output_dir).absolute()
     config = accelerator.unwrap_model(model).config
@@ -91,13 +90,11 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
         stage.lr_scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.num_steps
     )
     step = 0
-    if resume is not None:
-        step, _ = ckpt.restore_stage_checkpoint(accelerator, resume, scheduler, stage.batch_size)
+    if resume is not None and resume.stage == number and resume.checkpoint is not None:
+        step, _ = ckpt.restore_stage_checkpoint(accelerator, resume.checkpoint, scheduler, stage.batch_size)
 
-    def checkpoint(
-        step_now: int,
-    ) -> Path:  # model, optimiser, RNG states, LR schedule, position, loss history
-        return ckpt.save_stage_checkpoint(
+    def checkpoint(step_now: int) -> Path:
+        return ckpt.save_stage_checkpoint(  # model, optimiser, RNG states, LR schedule, position, losses
             accelerator, recipe, stage_index, step_now, num_steps=plan.num_steps, scheduler=scheduler,
             loss_history=history,
         )  # fmt: skip
@@ -118,10 +115,8 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             # ALBEF hard negatives for ITM batches; the draws depend only on (seed, stage, micro-batch).
             if stage.itm_negatives == "itc":
-                generator = torch.Generator(device=accelerator.device)
-                generator.manual_seed(
-                    (training.seed * 1_000_003 + stage_index * 1009) * 1_000_003 + micro_batch
-                )
+                mining_seed = (training.seed * 1_000_003 + stage_index * 1009) * 1_000_003 + micro_batch
+                generator = torch.Generator(device=accelerator.device).manual_seed(mining_seed)
                 batch = mine_itm_negatives(
                     accelerator.unwrap_model(model), batch, generator, stage.itm_hard_negative_fraction
                 )
@@ -169,10 +164,8 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
             if save_now:
                 checkpoint(step)
     losses = log.close()
-    accelerator.print(
-        f"stage {number} ({stage.name}) done: {plan.num_steps} steps; final losses "
-        + ", ".join(f"{t} {v:.4f}" for t, v in losses.items())
-    )
+    summary = ", ".join(f"{task} {value:.4f}" for task, value in losses.items())
+    accelerator.print(f"stage {number} ({stage.name}) done: {plan.num_steps} steps; final losses {summary}")
     return model, losses
 
 
@@ -180,8 +173,7 @@ def training_function(recipe, args) -> dict:
     """Runs every stage of `recipe` (from the resume point), the zero-shot check, and saves the results."""
     training = recipe.training
     output_dir = Path(training.output_dir).absolute()
-    # find_unused_parameters: text-only batches skip the region heads and a disabled task skips its head, so DDP
-    # must not wait for their gradients.
+    # find_unused_parameters: text-only batches and disabled tasks skip heads; DDP must not wait for them.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=recipe.needs_unused_parameter_search())
     accelerator = Accelerator(
         gradient_accumulation_steps=outputs_of_run.run_gradient_accumulation(recipe),
@@ -191,9 +183,8 @@ def training_function(recipe, args) -> dict:
         project_dir=str(output_dir),
     )
     outputs_of_run.set_cpu_threads(accelerator, training.num_threads)
-    # Before anything is written: refuse a folder holding another run (or files not ours), resolve the resume
-    # point (newest intact checkpoint of this folder's run) and check the recipe against it; then mark the folder
-    # with the run id and write recipe.json.
+    # Before anything is written: refuse a folder of another run (or files not ours), find the resume point (this
+    # run's newest intact checkpoint), check the recipe against it; then mark the folder and write recipe.json.
     start = outputs_of_run.prepare_output_dir(
         accelerator, output_dir, recipe, args.overwrite_output_dir,
         resume_from_checkpoint=args.resume_from_checkpoint,
@@ -231,23 +222,14 @@ def training_function(recipe, args) -> dict:
                 set_seed(training.seed + stage_index)
                 if stage_index > 0 or recipe.stages[0].init not in ("bert", "config"):
                     init_stage_weights(model, recipe, stage_index, output_dir, fresh_model)
-                resume = None
-                if resume_point is not None and stage_index == resume_point.stage - 1:
-                    resume = resume_point.checkpoint
                 model, losses = train_stage(
-                    accelerator, model, processor, recipe, stage_index, args, stops, history, resume
+                    accelerator, model, processor, recipe, stage_index, args, stops, history, resume_point
                 )
                 results["stages"].append({"stage": stage_index + 1, "final_losses": losses})
                 # Each stage's final weights: the next stage starts from them, and a resume after this point too.
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    final = output_dir / ckpt.stage_final_name(stage_index + 1)
-                    ckpt.save_pretrained_atomic(
-                        accelerator.unwrap_model(model), processor, final, run_id=start.run_id
-                    )
-                    outputs_of_run.save_loss_history(output_dir, history)
-                    accelerator.print(f"stage {stage_index + 1} final weights: {final}")
-                accelerator.wait_for_everyone()
+                outputs_of_run.save_stage_final(
+                    accelerator, model, processor, output_dir, stage_index + 1, history, run_id=start.run_id
+                )
         except ckpt.Stopped as stop:
             accelerator.end_training()
             return {**results, "stopped": str(stop), "exit_code": stop.code}
@@ -255,50 +237,17 @@ def training_function(recipe, args) -> dict:
     model = accelerator.unwrap_model(model)
     if first_stage >= len(recipe.stages):
         accelerator.print(f"every stage of {output_dir} is already finished; evaluating the final model")
-        model = ImageBertForPreTraining.from_pretrained(
-            output_dir / ckpt.stage_final_name(len(recipe.stages))
-        )
+        last_stage_final = output_dir / ckpt.stage_final_name(len(recipe.stages))
+        model = ImageBertForPreTraining.from_pretrained(last_stage_final)
     results["train_seconds"] = time.perf_counter() - started
 
-    # Zero-shot retrieval: every caption of the test split scored against every image with the ITM head.
+    # Zero-shot retrieval on the test split (full ranking; two-stage when the recipe asks): printed and saved.
     if recipe.evaluation is not None:
         test = load_source(recipe.evaluation.dataset)
-        final_score = recipe.evaluation.final_score
-        accelerator.print(
-            f"zero-shot retrieval: {len(test)} captions x {len(set(test['image_id']))} images, full ranking"
-        )
-        evaluation = evaluate_retrieval(
-            model, test, processor, batch_size=recipe.evaluation.batch_size, accelerator=accelerator,
-            progress=not args.no_progress, bf16=training.mixed_precision == "bf16",
-        )  # fmt: skip
-        # Full ranking by the ITM score alone (the paper's), whatever the recipe ranks by.
-        results["zero_shot_retrieval_itm"] = evaluation.metrics
-        results["zero_shot_retrieval"] = evaluation.metrics
-        results["zero_shot_final_score"] = final_score
-        results["num_test_images"] = len(evaluation.image_ids)
-        table = {"ITM score (the paper's)": evaluation.metrics}
-        two_stage = None
-        if recipe.evaluation.candidates is not None:
-            # The same split, the ITC embeddings picking K candidates per query and the cross-encoder re-ranking
-            # them; full ranking by the recipe's final score comes from the ITM scores just computed.
-            two_stage = evaluate_two_stage(
-                model, test, processor, candidates=recipe.evaluation.candidates, final_score=final_score,
-                batch_size=recipe.evaluation.batch_size, accelerator=accelerator, progress=not args.no_progress,
-                bf16=training.mixed_precision == "bf16", full_scores=evaluation.scores,
-            )  # fmt: skip
-            if final_score != "itm":
-                results["zero_shot_retrieval"] = two_stage.full_metrics
-                table["ITM + ITC score (this recipe's final score)"] = two_stage.full_metrics
-            results["zero_shot_two_stage"] = {
-                k: v for k, v in two_stage.to_json_dict().items() if k not in ("table", "recall_vs_k")
-            }
-        accelerator.print(format_paper_table(table, with_rsum=True))
-        if two_stage is not None:
-            ranked_by = "ITM" if final_score == "itm" else "ITM + ITC"
-            accelerator.print(
-                f"two-stage: ITC top-{two_stage.k} per query, {two_stage.passes['cross_encoder']} of "
-                f"{two_stage.passes['full']} pairs re-ranked by {ranked_by}\n{two_stage.table}"
-            )
+        results.update(evaluate_zero_shot(
+            model, test, processor, recipe.evaluation, accelerator=accelerator, progress=not args.no_progress,
+            bf16=training.mixed_precision == "bf16", log=accelerator.print,
+        ))  # fmt: skip
 
     results["final_losses"] = results["stages"][-1]["final_losses"] if results["stages"] else None
     results["loss_history"] = history
@@ -330,8 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_argument_parser(__doc__, DEFAULT_RECIPE).parse_args(argv)
     # The run's own flags, for the resume command printed when it stops.
     args.command_line = list(sys.argv[1:] if argv is None else argv)
-    recipe = recipe_from_arguments(args)
-    return training_function(recipe, args)
+    return training_function(recipe_from_arguments(args), args)
 
 
 def cli_main(argv: list[str]) -> None:

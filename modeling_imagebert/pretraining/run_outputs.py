@@ -37,6 +37,7 @@ from .checkpoints import (
     on_main_process,
     run_id_of,
     save_pretrained_atomic,
+    stage_final_name,
 )
 from .loss_curves import LOSS_CURVES_NAME, write_loss_curves
 from .loss_log import history_until
@@ -340,6 +341,29 @@ def save_loss_history(output_dir: Path, history: list[dict[str, Any]]) -> Path:
     return atomic_write_text(output_dir / LOSS_HISTORY_NAME, json.dumps(history) + "\n")
 
 
+def save_stage_final(
+    accelerator,
+    model,
+    processor,
+    output_dir: Path,
+    stage: int,
+    history: list[dict[str, Any]],
+    *,
+    run_id: str | None = None,
+) -> Path:
+    """Writes stage `stage`'s (1-based) final weights to `stage-<stage>-final/` (the next stage starts from them,
+    and so does a resume after this point) and the loss history so far, on the main process while the others wait
+    (`run_id`: default the output folder's). Call on every process; returns the folder."""
+    accelerator.wait_for_everyone()
+    final = output_dir / stage_final_name(stage)
+    if accelerator.is_main_process:
+        save_pretrained_atomic(accelerator.unwrap_model(model), processor, final, run_id=run_id)
+        save_loss_history(output_dir, history)
+        accelerator.print(f"stage {stage} final weights: {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # After the last stage
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,6 +498,7 @@ __all__ = [
     "resumed_loss_history",
     "run_gradient_accumulation",
     "save_loss_history",
+    "save_stage_final",
     "save_run_results",
     "set_cpu_threads",
     "tracker_from_flag",

@@ -17,19 +17,17 @@ affordable and safe:
   and why);
 * a tqdm bar shows pairs/s and the ETA.
 
-Ranking and the tie rule live in `modeling_imagebert.retrieval.metrics`.
+The batched scoring loop, the shards and their cache are `modeling_imagebert.retrieval.scoring` (two-stage
+retrieval and search use them too); ranking and the tie rule live in `modeling_imagebert.retrieval.metrics`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
-import time
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_bytes, remove_stale_temporaries_in
 from . import metrics as retrieval_metrics
+from .scoring import PAIRS_PER_SHARD, ShardCache, score_in_shards, score_pair_batches, scoring_setup
 
 # Protocol name -> (function, label used in the paper-style table).
 PROTOCOLS: dict[str | None, tuple[Callable[..., dict[str, float]] | None, str]] = {
@@ -48,10 +46,7 @@ PROTOCOLS: dict[str | None, tuple[Callable[..., dict[str, float]] | None, str]] 
     "coco_5k": (retrieval_metrics.coco_5k, "MSCOCO 5k"),
 }
 
-# Aim for shards of about this many pairs when `shard_size` is not given (a few seconds of GPU work each).
-_PAIRS_PER_SHARD = 1 << 16
 _CACHE_FORMAT = 1
-_CACHE_PREFIX = "scores-"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -136,6 +131,55 @@ def _column(dataset, name: str) -> list:
     return values
 
 
+def encode_images(
+    records: Iterable[tuple[int, Mapping[str, Any]]],
+    processor,
+    *,
+    use_global_image_feature: bool = False,
+    feature_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Encode the regions of each image once into padded tensors (one row per record, in order; no captions).
+
+    Args:
+        records: (row index, record) pairs, one per image, in the schema of `modeling_imagebert.data.schema`; the
+            row index names the record in errors.
+        processor: an `ImageBertProcessor` (`encode_record` keeps the top `max_regions` regions and builds the 5-D
+            locations; `pad` pads).
+        use_global_image_feature: keep each record's `global_feature` (the model uses a global image token, so
+            every record needs one); otherwise it is dropped.
+        feature_dtype: dtype of region_features (and global_image_features); None: float16 when every record's
+            features are float16 (kept compact for a large split), else float32.
+
+    Returns:
+        region_features [I, R, F], region_locations [I, R, 5] float32, region_attention_mask [I, R] long (R = most
+        regions of any image), and global_image_features [I, G] with `use_global_image_feature`.
+    """
+    encoded = []
+    for row, record in records:
+        example = processor.encode_record(record, index=row, _input_ids=[])
+        example.pop("input_ids")  # regions only: captions are tokenised on their own
+        if use_global_image_feature and example.get("global_feature") is None:
+            raise ValueError(
+                f"global_feature of record {row} (image_id {example['image_id']!r}): missing, but the model uses "
+                "a global image token (config.use_global_image_feature)"
+            )
+        if not use_global_image_feature:
+            example.pop("global_feature", None)
+        encoded.append(example)
+    if feature_dtype is None:
+        feature_dtype = (
+            torch.float16
+            if all(np.asarray(e["region_features"]).dtype == np.float16 for e in encoded)
+            else torch.float32
+        )
+    padded = processor.pad(encoded, feature_dtype=feature_dtype)
+    return {
+        name: padded[name]
+        for name in ("region_features", "region_locations", "region_attention_mask", "global_image_features")
+        if name in padded
+    }
+
+
 def encode_retrieval_split(dataset, processor, *, use_global_image_feature: bool = False) -> RetrievalInputs:
     """Encode a test split once: the unique images (first occurrence order) and all captions.
 
@@ -186,29 +230,9 @@ def encode_retrieval_split(dataset, processor, *, use_global_image_feature: bool
         records = dataset.select(image_rows).with_format("numpy", dtype=None)
     else:
         records = [dataset[row] for row in image_rows]
-    encoded = []
-    for row, record in zip(image_rows, records, strict=True):
-        example = processor.encode_record(record, index=row)
-        example.pop("input_ids", None)  # captions are tokenised above; only the regions are kept here
-        if use_global_image_feature and example.get("global_feature") is None:
-            raise ValueError(
-                f"global_feature of record {row} (image_id {example['image_id']!r}): missing, but the model uses "
-                "a global image token (config.use_global_image_feature)"
-            )
-        if not use_global_image_feature:
-            example.pop("global_feature", None)
-        encoded.append(example)
-    feature_dtype = (
-        torch.float16
-        if all(np.asarray(e["region_features"]).dtype == np.float16 for e in encoded)
-        else torch.float32
+    images = encode_images(
+        zip(image_rows, records, strict=True), processor, use_global_image_feature=use_global_image_feature
     )
-    padded = processor.pad(encoded, feature_dtype=feature_dtype)
-    images = {
-        name: padded[name]
-        for name in ("region_features", "region_locations", "region_attention_mask", "global_image_features")
-        if name in padded
-    }
     return RetrievalInputs(
         image_ids=list(column),
         caption_image_index=torch.from_numpy(caption_image_index),
@@ -247,38 +271,6 @@ def _check_against_model(inputs: RetrievalInputs, config) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _pair_batch(
-    text: Mapping[str, torch.Tensor],
-    images: Mapping[str, torch.Tensor],
-    caption_index: torch.Tensor,
-    image_index: torch.Tensor,
-    compute_dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """Model inputs for the pairs (caption_index[k], image_index[k]), trimmed to the batch's longest caption and
-    most regions (text and regions are left-aligned, so trimming drops padding only)."""
-    attention_mask = text["attention_mask"].index_select(0, caption_index)  # (b, T)
-    region_mask = images["region_attention_mask"].index_select(0, image_index)  # (b, R)
-    width = int(attention_mask.sum(1).max())
-    regions = int(region_mask.sum(1).max()) if region_mask.shape[1] else 0
-    input_ids = text["input_ids"].index_select(0, caption_index)[:, :width]  # (b, T')
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask[:, :width],
-        "token_type_ids": torch.zeros_like(input_ids),
-        # (b, R', F): float16 storage cast to the compute dtype only for the rows this batch needs
-        "region_features": images["region_features"][:, :regions]
-        .index_select(0, image_index)
-        .to(compute_dtype),
-        "region_locations": images["region_locations"][:, :regions].index_select(0, image_index),
-        "region_attention_mask": region_mask[:, :regions],
-    }
-    if "global_image_features" in images:
-        batch["global_image_features"] = (
-            images["global_image_features"].index_select(0, image_index).to(compute_dtype)
-        )
-    return batch
-
-
 def score_caption_rows(
     model: torch.nn.Module,
     inputs: RetrievalInputs,
@@ -306,144 +298,26 @@ def score_caption_rows(
     Returns:
         float32 tensor [caption_end - caption_start, num_images] on the CPU.
     """
-    device, text, images, compute_dtype = _scoring_setup(model, inputs, batch_size, device, _device_tensors)
+    device, text, images, compute_dtype = scoring_setup(
+        model, inputs.text, inputs.images, batch_size, device, _device_tensors
+    )
     num_images = inputs.num_images
     rows = caption_end - caption_start
-    total = rows * num_images
     # Visit images in order of region count, so a batch (consecutive images of one caption) holds images of similar
     # sizes and is trimmed to few padded regions; scores are written back to each image's own column.
     image_order = torch.sort(images["region_attention_mask"].sum(1), stable=True).indices  # (I,)
-    out = torch.empty(rows, num_images, dtype=torch.float32, device=device)
-    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        for start in range(0, total, batch_size):
-            pair = torch.arange(
-                start, min(start + batch_size, total), device=device
-            )  # flat (caption, image) ids
-            row = pair // num_images
-            caption_index = caption_start + row
-            image_index = image_order[pair % num_images]
-            batch = _pair_batch(text, images, caption_index, image_index, compute_dtype)
-            out[row, image_index] = model.score(**batch).float().view(-1)
-            if on_batch is not None:
-                on_batch(int(pair.shape[0]))
-    return out.cpu()
 
+    def pairs_at(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pair = torch.arange(start, stop, device=device)  # flat (caption, image) ids
+        row = pair // num_images
+        image_index = image_order[pair % num_images]
+        return caption_start + row, image_index, row * num_images + image_index
 
-def _scoring_setup(
-    model: torch.nn.Module, inputs: RetrievalInputs, batch_size: int, device, device_tensors
-) -> tuple[torch.device, dict, dict, torch.dtype]:
-    """What every pair scorer needs first: the batch size checked, the device (default: the model's), the split's
-    text and image tensors on it (moved once, unless given), and the model's dtype for the region features."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of pairs, got {batch_size}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    text, images = device_tensors if device_tensors is not None else _to_device(inputs, device)
-    return device, text, images, next(model.parameters()).dtype
-
-
-def _to_device(inputs: RetrievalInputs, device: torch.device) -> tuple[dict, dict]:
-    return (
-        {name: tensor.to(device) for name, tensor in inputs.text.items()},
-        {name: tensor.to(device) for name, tensor in inputs.images.items()},
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Shard cache
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class _ShardCache:
-    """One folder per (model, data, settings) key under cache_dir; one `.pt` file per shard of caption rows."""
-
-    def __init__(self, cache_dir: str | os.PathLike, meta: dict[str, Any], is_main_process: bool):
-        self.root = Path(cache_dir)
-        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-        self.folder = self.root / f"{_CACHE_PREFIX}{key[:24]}"
-        self.meta = meta
-        if is_main_process:
-            self._warn_about_stale(meta)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        # A run killed while writing a shard leaves its temporary file; processes of this host that still run
-        # keep theirs (see modeling_imagebert.atomic).
-        for stale in remove_stale_temporaries_in(self.folder):
-            warnings.warn(f"removed {stale}, left by an interrupted evaluation", stacklevel=3)
-        atomic_write_bytes(self.folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
-
-    def _warn_about_stale(self, meta: dict[str, Any]) -> None:
-        if not self.root.is_dir():
-            return
-        for other in sorted(self.root.glob(f"{_CACHE_PREFIX}*")):
-            if other == self.folder or not (other / "meta.json").is_file():
-                continue
-            try:
-                old = json.loads((other / "meta.json").read_text())
-            except (OSError, ValueError):
-                continue
-            differs = [name for name in sorted(set(meta) | set(old)) if meta.get(name) != old.get(name)]
-            if not differs:
-                continue
-            reasons = {
-                "model": "different model weights, config or class",
-                "data": "a different test split or processor settings",
-            }
-            why = "; ".join(reasons.get(name, f"a different {name}") for name in differs)
-            warnings.warn(
-                f"ignoring cached scores in {other}: they were computed with {why} "
-                f"(differing fields: {differs}); scores are recomputed into {self.folder}",
-                stacklevel=4,
-            )
-
-    def path(self, shard: int) -> Path:
-        return self.folder / f"shard-{shard:06d}.pt"
-
-    def manifest_path(self, shard: int) -> Path:
-        """The shard's manifest entry: {"file", "size", "sha256", "rows"}, written after the shard itself. One
-        small file per shard (not one shared manifest) so processes saving their own shards never race."""
-        return self.folder / f"shard-{shard:06d}.json"
-
-    def load(self, shard: int, rows: tuple[int, int], num_images: int) -> torch.Tensor | None:
-        """The cached scores of `shard`, or None (after a warning naming the file) when it is absent, has no
-        manifest entry, differs from it in size or sha256, holds other rows, or holds non-finite scores."""
-        path = self.path(shard)
-        if not path.is_file():
-            return None
-        try:
-            data = path.read_bytes()
-            try:
-                entry = json.loads(self.manifest_path(shard).read_text())
-            except (OSError, ValueError):
-                raise ValueError(f"no readable manifest entry {self.manifest_path(shard).name}") from None
-            if entry.get("size") != len(data):
-                raise ValueError(f"size {len(data)} bytes differs from the manifest's {entry.get('size')}")
-            digest = hashlib.sha256(data).hexdigest()
-            if entry.get("sha256") != digest:
-                raise ValueError(
-                    f"sha256 {digest[:12]}... differs from the manifest's {str(entry.get('sha256'))[:12]}..."
-                )
-            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            scores = payload["scores"]
-            if tuple(payload["rows"]) != rows or tuple(scores.shape) != (rows[1] - rows[0], num_images):
-                raise ValueError(f"holds rows {tuple(payload['rows'])} of shape {tuple(scores.shape)}")
-            if not torch.isfinite(scores).all():
-                raise ValueError("holds non-finite scores")
-        except Exception as error:  # a damaged file is recomputed, never trusted
-            warnings.warn(f"ignoring cached shard {path} ({error}); recomputing it", stacklevel=3)
-            return None
-        return scores
-
-    def save(self, shard: int, rows: tuple[int, int], scores: torch.Tensor) -> None:
-        buffer = io.BytesIO()
-        torch.save({"rows": list(rows), "scores": scores.contiguous()}, buffer)
-        data = buffer.getvalue()
-        atomic_write_bytes(self.path(shard), data)
-        entry = {
-            "file": self.path(shard).name,
-            "size": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "rows": list(rows),
-        }
-        atomic_write_bytes(self.manifest_path(shard), json.dumps(entry, indent=2).encode())
+    scores = score_pair_batches(
+        model, text, images, rows * num_images, pairs_at, batch_size=batch_size, bf16=bf16, device=device,
+        compute_dtype=compute_dtype, on_batch=on_batch,
+    )  # fmt: skip
+    return scores.view(rows, num_images)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -629,12 +503,9 @@ def evaluate_retrieval(
     )
     num_captions, num_images = inputs.num_captions, inputs.num_images
     if shard_size is None:
-        shard_size = max(1, math.ceil(_PAIRS_PER_SHARD / num_images))
+        shard_size = max(1, math.ceil(PAIRS_PER_SHARD / num_images))
     if shard_size < 1:
         raise ValueError(f"shard_size must be a positive number of caption rows, got {shard_size}")
-    num_shards = math.ceil(num_captions / shard_size)
-    shard_rows = [(s * shard_size, min((s + 1) * shard_size, num_captions)) for s in range(num_shards)]
-    mine = list(range(rank, num_shards, world))  # shard s belongs to process s % world
 
     cache = None
     if cache_dir is not None:
@@ -645,77 +516,40 @@ def evaluate_retrieval(
             "bf16": bool(bf16),
             "shard_size": int(shard_size),
         }
-        cache = _ShardCache(cache_dir, meta, is_main)
+        cache = ShardCache(cache_dir, meta, is_main)
 
-    matrix = torch.zeros(num_captions, num_images, dtype=torch.float32)
-    todo = []
-    for shard in mine:
-        cached = cache.load(shard, shard_rows[shard], num_images) if cache is not None else None
-        if cached is None:
-            todo.append(shard)
-        else:
-            start, end = shard_rows[shard]
-            matrix[start:end] = cached
+    # Captions [start, end) against every image: (end - start, I).
+    def score_rows(start, end, device_tensors, on_batch):
+        return score_caption_rows(
+            model, inputs, start, end, batch_size=batch_size, bf16=bf16, device=device, on_batch=on_batch,
+            _device_tensors=device_tensors,
+        )  # fmt: skip
 
     was_training = model.training
     model.eval()
-    bar = None
-    pairs = sum((shard_rows[s][1] - shard_rows[s][0]) * num_images for s in todo)
-    if progress and is_main and pairs:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=pairs, unit="pair", unit_scale=True, desc="scoring pairs", dynamic_ncols=True)
-    began = time.perf_counter()
     try:
-        device_tensors = _to_device(inputs, device)
-        for shard in todo:
-            start, end = shard_rows[shard]
-            block = score_caption_rows(
-                model,
-                inputs,
-                start,
-                end,
-                batch_size=batch_size,
-                bf16=bf16,
-                device=device,
-                on_batch=bar.update if bar is not None else None,
-                _device_tensors=device_tensors,
-            )
-            if not torch.isfinite(block).all():
-                row, column = (int(v) for v in (~torch.isfinite(block)).nonzero()[0])
-                raise FloatingPointError(
-                    f"the model scored caption row {start + row} against image {inputs.image_ids[column]!r} as "
-                    f"{block[row, column].item()}; refusing to rank non-finite scores"
-                )
-            matrix[start:end] = block
-            if cache is not None:
-                cache.save(shard, (start, end), block)
-            if shard_callback is not None:
-                shard_callback(shard)
+        # Shards of caption rows, each row holding that caption's pairs with every image.
+        scored = score_in_shards(
+            score_rows, inputs.text, inputs.images, num_rows=num_captions, width=num_images, shard_size=shard_size,
+            rank=rank, world=world, is_main=is_main, device=device, cache=cache, progress=progress,
+            description="scoring pairs", shard_callback=shard_callback,
+            describe_pair=lambda row, column: f"caption row {row} against image {inputs.image_ids[column]!r}",
+        )  # fmt: skip
     finally:
-        if bar is not None:
-            bar.close()
         model.train(was_training)
-    seconds = time.perf_counter() - began
 
-    if world > 1:
-        # Each entry was filled by exactly one process (zeros elsewhere), so a sum gathers the matrix exactly.
-        from accelerate.utils import reduce
-
-        matrix = reduce(matrix.to(device), reduction="sum").cpu()
-
-    metrics, table = compute_metrics(matrix, inputs.caption_image_index, protocol, strict=strict)
+    metrics, table = compute_metrics(scored.scores, inputs.caption_image_index, protocol, strict=strict)
     return RetrievalEvaluation(
         metrics=metrics,
-        scores=matrix,
+        scores=scored.scores,
         caption_image_index=inputs.caption_image_index,
         image_ids=inputs.image_ids,
         table=table,
         protocol=protocol,
-        computed_shards=todo,
-        num_shards=num_shards,
-        seconds=seconds,
-        pairs_per_second=pairs / seconds if seconds > 0 and pairs else 0.0,
+        computed_shards=scored.computed_shards,
+        num_shards=scored.num_shards,
+        seconds=scored.seconds,
+        pairs_per_second=scored.pairs / scored.seconds if scored.seconds > 0 and scored.pairs else 0.0,
     )
 
 
@@ -724,6 +558,7 @@ __all__ = [
     "RetrievalEvaluation",
     "RetrievalInputs",
     "compute_metrics",
+    "encode_images",
     "encode_retrieval_split",
     "evaluate_retrieval",
     "model_fingerprint",

@@ -9,6 +9,7 @@ each query is embedded, its top candidates by cosine similarity are re-ranked by
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_bytes
-from .evaluation import RetrievalInputs, model_fingerprint
+from .evaluation import RetrievalInputs, encode_images, model_fingerprint
 from .two_stage import FINAL_SCORES, _check_embedding_model, embed_images, embed_texts, score_pairs
 
 
@@ -83,38 +84,27 @@ class ImageBertRetriever:
         Returns:
             self, with `image_ids` (I), `images` (padded region tensors) and `image_embeds` [I, projection_dim].
         """
-        use_global = bool(getattr(self.model.config, "use_global_image_feature", False))
-        seen: set[str] = set()
-        encoded = []
         rows = records.with_format("numpy", dtype=None) if hasattr(records, "with_format") else records
-        for row_index, record in enumerate(rows):
-            image_id = str(record.get("image_id"))
-            if image_id in seen:
-                continue
-            example = self.processor.encode_record(record, index=row_index, _input_ids=[])
-            if use_global and example.get("global_feature") is None:
-                raise ValueError(
-                    f"global_feature of record {row_index} (image_id {image_id!r}): missing, but the model uses a "
-                    "global image token (config.use_global_image_feature)"
-                )
-            if not use_global:
-                example.pop("global_feature", None)
-            seen.add(image_id)
-            encoded.append(example)
-        if not encoded:
+        seen: dict[str, None] = {}  # image ids in order of their first row (a dict: ordered, fast lookup)
+
+        def first_rows():  # each image's first (row index, record), read while encoding: nothing is copied first
+            for row_index, record in enumerate(rows):
+                image_id = str(record.get("image_id"))
+                if image_id not in seen:
+                    seen[image_id] = None
+                    yield row_index, record
+
+        unique = first_rows()
+        first = next(unique, None)
+        if first is None:
             raise ValueError("ImageBertRetriever.index: the collection has no images")
-        padded = self.processor.pad(encoded, feature_dtype=torch.float32)
-        self.images = {
-            name: padded[name]
-            for name in (
-                "region_features",
-                "region_locations",
-                "region_attention_mask",
-                "global_image_features",
-            )
-            if name in padded
-        }
-        self.image_ids = [str(example["image_id"]) for example in encoded]
+        self.images = encode_images(
+            itertools.chain([first], unique),
+            self.processor,
+            use_global_image_feature=bool(getattr(self.model.config, "use_global_image_feature", False)),
+            feature_dtype=torch.float32,
+        )
+        self.image_ids = list(seen)
         self.image_embeds = embed_images(
             self.model, self.images, batch_size=self.batch_size, bf16=self.bf16, device=self.device
         )

@@ -5,9 +5,9 @@ Full ranking scores every (caption, image) pair with the cross-encoder (C x I fo
 1. every caption and every image is embedded ONCE by a unimodal pass through the same encoder
    (`get_text_features` / `get_image_features`: C + I passes), and the cosine similarity matrix [C, I] is formed;
 2. each caption keeps its top-K images and each image its top-K captions (both directions, as ALBEF and BLIP do);
-3. the union of those pairs is scored by the cross-encoder, batched like full ranking (`_pair_batch` of
-   `retrieval.evaluation`) and cached in shards of pairs with the same resumable cache (`_ShardCache`), keyed by
-   the model, the encoded split, the candidate pairs and the settings;
+3. the union of those pairs is scored by the cross-encoder with full ranking's loop and shards
+   (`retrieval.scoring`: batched by indexing the split's tensors, cached in shards of pairs with the same
+   resumable cache, keyed by the model, the encoded split, the candidate pairs and the settings);
 4. each direction ranks its own K candidates by the final score (the ITM / retrieval logit, or BLIP's ITM + ITC:
    the logit plus the scaled cosine similarity); a query's non-candidates rank last, so a ground truth outside the
    top-K is a miss.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import time
 import warnings
@@ -37,18 +36,14 @@ from . import metrics as retrieval_metrics
 from .evaluation import (
     PROTOCOLS,
     RetrievalInputs,
-    _pair_batch,
     _prepare_split,
-    _scoring_setup,
-    _ShardCache,
-    _to_device,
     compute_metrics,
     evaluate_retrieval,
     model_fingerprint,
 )
+from .scoring import PAIRS_PER_SHARD, ShardCache, score_in_shards, score_pair_batches, scoring_setup
 
 FINAL_SCORES = ("itm", "itm+itc")
-_PAIRS_PER_SHARD = 1 << 16
 _CACHE_FORMAT = 1
 _CACHE_SUBFOLDER = "two-stage"
 
@@ -249,7 +244,9 @@ def score_pairs(
     Returns:
         float32 [N] on the CPU.
     """
-    device, text, images, compute_dtype = _scoring_setup(model, inputs, batch_size, device, _device_tensors)
+    device, text, images, compute_dtype = scoring_setup(
+        model, inputs.text, inputs.images, batch_size, device, _device_tensors
+    )
     caption_index, image_index = caption_index.to(device), image_index.to(device)
     width = text["attention_mask"].shape[1] + 1
     key = (
@@ -257,15 +254,15 @@ def score_pairs(
         + text["attention_mask"].sum(1)[caption_index]
     )
     order = torch.sort(key, stable=True).indices  # (N,)
-    out = torch.empty(order.shape[0], dtype=torch.float32, device=device)
-    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        for start in range(0, order.shape[0], batch_size):
-            pair = order[start : start + batch_size]
-            batch = _pair_batch(text, images, caption_index[pair], image_index[pair], compute_dtype)
-            out[pair] = model.score(**batch).float().view(-1)
-            if on_batch is not None:
-                on_batch(int(pair.shape[0]))
-    return out.cpu()
+
+    def pairs_at(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pair = order[start:stop]
+        return caption_index[pair], image_index[pair], pair
+
+    return score_pair_batches(
+        model, text, images, order.shape[0], pairs_at, batch_size=batch_size, bf16=bf16, device=device,
+        compute_dtype=compute_dtype, on_batch=on_batch,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -537,12 +534,9 @@ def evaluate_two_stage(
         # Stage 2, in cached shards of the candidate pairs.
         num_pairs = chosen.num_pairs
         if shard_size is None:
-            shard_size = _PAIRS_PER_SHARD
+            shard_size = PAIRS_PER_SHARD
         if shard_size < 1:
             raise ValueError(f"shard_size must be a positive number of pairs, got {shard_size}")
-        num_shards = math.ceil(num_pairs / shard_size)
-        shard_rows = [(s * shard_size, min((s + 1) * shard_size, num_pairs)) for s in range(num_shards)]
-        mine = list(range(rank, num_shards, world))
         cache = None
         if cache_dir is not None:
             meta = {
@@ -554,64 +548,27 @@ def evaluate_two_stage(
                 "bf16": bool(bf16),
                 "shard_size": int(shard_size),
             }
-            cache = _ShardCache(Path(cache_dir) / _CACHE_SUBFOLDER, meta, is_main)
-        scores = torch.zeros(num_pairs, dtype=torch.float32)
-        todo = []
-        for shard in mine:
-            start, end = shard_rows[shard]
-            cached = cache.load(shard, (start, end), 1) if cache is not None else None
-            if cached is None:
-                todo.append(shard)
-            else:
-                scores[start:end] = cached[:, 0]
-        bar = None
-        pending = sum(shard_rows[s][1] - shard_rows[s][0] for s in todo)
-        if progress and is_main and pending:
-            from tqdm.auto import tqdm
+            cache = ShardCache(Path(cache_dir) / _CACHE_SUBFOLDER, meta, is_main)
 
-            bar = tqdm(
-                total=pending, unit="pair", unit_scale=True, desc="re-ranking pairs", dynamic_ncols=True
-            )
-        began = time.perf_counter()
-        try:
-            device_tensors = _to_device(inputs, device)
-            for shard in todo:
-                start, end = shard_rows[shard]
-                block = score_pairs(
-                    model,
-                    inputs,
-                    chosen.caption_index[start:end],
-                    chosen.image_index[start:end],
-                    batch_size=batch_size,
-                    bf16=bf16,
-                    device=device,
-                    on_batch=bar.update if bar is not None else None,
-                    _device_tensors=device_tensors,
-                )
-                if not torch.isfinite(block).all():
-                    bad = int((~torch.isfinite(block)).nonzero()[0])
-                    raise FloatingPointError(
-                        f"the model scored caption row {int(chosen.caption_index[start + bad])} against image "
-                        f"{inputs.image_ids[int(chosen.image_index[start + bad])]!r} as {block[bad].item()}; "
-                        "refusing to rank non-finite scores"
-                    )
-                scores[start:end] = block
-                if cache is not None:
-                    cache.save(shard, (start, end), block[:, None])
-                if shard_callback is not None:
-                    shard_callback(shard)
-        finally:
-            if bar is not None:
-                bar.close()
-        stage2_seconds = time.perf_counter() - began
+        # Candidate pairs [start, end), one per row: (end - start, 1).
+        def score_rows(start, end, device_tensors, on_batch):
+            return score_pairs(
+                model, inputs, chosen.caption_index[start:end], chosen.image_index[start:end],
+                batch_size=batch_size, bf16=bf16, device=device, on_batch=on_batch, _device_tensors=device_tensors,
+            )[:, None]  # fmt: skip
+
+        def describe_pair(row: int, column: int) -> str:
+            caption, image = int(chosen.caption_index[row]), int(chosen.image_index[row])
+            return f"caption row {caption} against image {inputs.image_ids[image]!r}"
+
+        scored = score_in_shards(
+            score_rows, inputs.text, inputs.images, num_rows=num_pairs, width=1, shard_size=shard_size, rank=rank,
+            world=world, is_main=is_main, device=device, cache=cache, progress=progress,
+            description="re-ranking pairs", describe_pair=describe_pair, shard_callback=shard_callback,
+        )  # fmt: skip
+        scores = scored.scores[:, 0]  # (N,)
     finally:
         model.train(was_training)
-
-    if world > 1:
-        # Each pair was scored by exactly one process (zeros elsewhere), so a sum gathers them exactly.
-        from accelerate.utils import reduce
-
-        scores = reduce(scores.to(device), reduction="sum").cpu()
 
     pair_matrix = torch.zeros(num_captions, num_images, dtype=torch.float32)
     pair_matrix[chosen.caption_index, chosen.image_index] = scores
@@ -686,10 +643,10 @@ def evaluate_two_stage(
             "cross_encoder": num_pairs,
             "full": num_captions * num_images,
         },
-        seconds={"stage1": stage1_seconds, "stage2": stage2_seconds, "full": full_seconds},
+        seconds={"stage1": stage1_seconds, "stage2": scored.seconds, "full": full_seconds},
         recall_vs_k=recall_vs_k,
-        computed_shards=todo,
-        num_shards=num_shards,
+        computed_shards=scored.computed_shards,
+        num_shards=scored.num_shards,
     )
     label = PROTOCOLS[protocol][1]
     result.tables = {
