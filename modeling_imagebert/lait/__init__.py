@@ -13,7 +13,7 @@ code:
 Names are loaded lazily so that `import modeling_imagebert.lait` stays cheap and each module can be used alone.
 """
 
-import importlib
+from ..lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "DropCounter": "records",
@@ -31,12 +31,7 @@ _EXPORTS = {
     "run_spark": "engines",
 }
 
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'modeling_imagebert.lait' has no attribute {name!r}")
-    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-    return getattr(module, name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)
