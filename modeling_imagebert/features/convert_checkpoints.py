@@ -42,6 +42,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..cli import run_cli
+from ..cli_arguments import DefaultsHelpFormatter
+
 FORMATS = ("lxmert", "detectron2", "milvlg")
 REPORT_NAME = "conversion_report.json"
 # Anchor sizes a checkpoint's RPN implies, by its number of anchors per cell (with ratios 0.5, 1, 2).
@@ -384,8 +387,10 @@ def convert_checkpoint(
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--format", required=True, choices=FORMATS, help="layout of the source checkpoint")
     parser.add_argument("src", help="checkpoint file (.bin, .pth or .pkl)")
     parser.add_argument("out_dir", help="detector folder to create")
@@ -396,16 +401,17 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace a folder this converter wrote before"
     )
     args = parser.parse_args(argv)
-    try:
-        report = convert_checkpoint(
-            args.src, args.out_dir, args.format, allow_partial=args.allow_partial, overwrite=args.overwrite
-        )
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    report = convert_checkpoint(
+        args.src, args.out_dir, args.format, allow_partial=args.allow_partial, overwrite=args.overwrite
+    )
     print(report.summary())
     print(f"wrote {os.path.abspath(args.out_dir)}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status: 0 when written, 1 after a `ConversionError` (its message
+    keeps one unmapped or missing key a line)."""
+    return run_cli(_main, argv, errors=(ConversionError,), hint=False, one_line=False, exit_status=1)
 
 
 if __name__ == "__main__":
