@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lait_fixture import BAD_TEXTS, SPAM_TEXT, MiniWebServer, build_mini_web  # noqa: E402
 
 from modeling_imagebert.lait.config import load_config  # noqa: E402
-from modeling_imagebert.lait.engines import run_local  # noqa: E402
+from modeling_imagebert.lait.engine_local import run_local  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The fixture's /slow/ route sleeps 4 s; the fetcher gives up after 1 s per read. (Shorter timeouts turn real
@@ -237,7 +237,7 @@ def test_killed_local_run_resumes_without_duplicating_pairs(inputs, local_run, t
 )
 def test_local_and_spark_local2_produce_identical_pairs(mini_web, tmp_path):
     pytest.importorskip("pyspark")
-    from modeling_imagebert.lait.engines import run_spark, spark_session
+    from modeling_imagebert.lait.engine_spark import run_spark, spark_session
 
     # A small input (two crawl files and the damaged one) keeps Spark's share of the suite short.
     small = [str(mini_web.warc_files[0]), str(mini_web.warc_files[1]), str(mini_web.damaged_warc)]
@@ -290,7 +290,8 @@ def test_train_filter_round_trips_through_skops_and_filters_images(server, mini_
     sidecar = json.loads((tmp_path / "filter.skops.json").read_text())
     assert sidecar["kind"] == "lait-image-filter" and sidecar["metrics"]["held_out_accuracy"] >= 0.8
 
-    from modeling_imagebert.lait.images import ImageSources, stage2_image
+    from modeling_imagebert.lait.fetch import ImageSources
+    from modeling_imagebert.lait.images import stage2_image
     from modeling_imagebert.lait.records import DropCounter, ImageCandidate
 
     params = load_config(

@@ -129,11 +129,13 @@ def _main(argv: Sequence[str]) -> None:
         config = load_config(args.config, args.set)
         if args.spark_master:
             config["engine"]["spark_master"] = args.spark_master
-        from modeling_imagebert.lait.engines import run_local, run_spark
-
         if args.engine == "local":
+            from modeling_imagebert.lait.engine_local import run_local
+
             stats = run_local(args.input, args.output, config, processes=args.processes)
         else:
+            from modeling_imagebert.lait.engine_spark import run_spark
+
             stats = run_spark(args.input, args.output, config)
         print(f"{args.output}: {stats['pairs_kept']} pairs kept of {stats['pairs_scored']} scored")
     elif args.command == "train-scorer":
@@ -150,15 +152,15 @@ def _main(argv: Sequence[str]) -> None:
         )
         print(json.dumps(sidecar["metrics"], indent=2))
     elif args.command == "train-filter":
-        from modeling_imagebert.lait.images import train_image_filter
+        from modeling_imagebert.lait.filter_training import train_image_filter
 
         _refuse_existing(args.output)
         sidecar = train_image_filter(args.labels, args.output, seed=args.seed)
         print(json.dumps(sidecar["metrics"], indent=2))
     elif args.command == "urls":
         config = load_config(args.config, args.set)
-        from modeling_imagebert.lait.engines import extract_candidates, list_inputs
-        from modeling_imagebert.lait.images import write_img2dataset_input
+        from modeling_imagebert.lait.engine_steps import extract_candidates, list_inputs
+        from modeling_imagebert.lait.fetch import write_img2dataset_input
 
         _refuse_existing(args.output)
         candidates = []

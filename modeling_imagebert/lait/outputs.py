@@ -24,14 +24,47 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .records import DropCounter
+
 MARKER = ".lait-output"
 
+# Columns of pairs.parquet, in order; the feature dicts are JSON strings so the schema does not depend on which
+# features a run computed.
+OUTPUT_COLUMNS = (
+    ("warc_file", pa.string()),
+    ("warc_offset", pa.int64()),
+    ("page_url", pa.string()),
+    ("site", pa.string()),
+    ("image_url", pa.string()),
+    ("image_sha256", pa.string()),
+    ("image_key", pa.string()),
+    ("image_width", pa.int64()),
+    ("image_height", pa.int64()),
+    ("text", pa.string()),
+    ("text_source", pa.string()),
+    ("dominance_score", pa.float64()),
+    ("relevance_score", pa.float64()),
+    ("itm_score", pa.float64()),
+    ("kept", pa.bool_()),
+    ("drop_stage", pa.string()),
+    ("drop_reason", pa.string()),
+    ("dom_features", pa.string()),
+    ("text_features", pa.string()),
+    ("image_features", pa.string()),
+    ("image_scores", pa.string()),
+)
+OUTPUT_SCHEMA = pa.schema(list(OUTPUT_COLUMNS))
+OUTPUT_ORDER = ("image_sha256", "page_url", "warc_offset", "text_source", "text")
 
-class OutputFolderError(RuntimeError):
+
+class OutputFolderError(ValueError):
     """The output folder exists and was not created by this pipeline, or by another config."""
 
 
@@ -87,6 +120,41 @@ def prepare_output_folder(folder: Path, fingerprint: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"created_by": "modeling_imagebert.lait", "config_fingerprint": fingerprint})
     return False
+
+
+def output_row(
+    part_row: Mapping[str, Any], kept: bool, drop_stage: str | None, drop_reason: str | None
+) -> dict:
+    """A pairs.parquet row (`OUTPUT_SCHEMA`) from a part row and its final status."""
+    pair = json.loads(part_row["pair_json"])
+    row = {name: pair.get(name) for name, _ in OUTPUT_COLUMNS}
+    for name in ("dom_features", "text_features", "image_features", "image_scores"):
+        row[name] = json.dumps(pair[name], sort_keys=True)
+    row.update(kept=kept, drop_stage=drop_stage, drop_reason=drop_reason)
+    return row
+
+
+def output_order(row: Mapping[str, Any]) -> tuple:
+    """The sort key of a pairs.parquet row (`OUTPUT_ORDER`): the same order from both engines."""
+    return tuple(row[name] for name in OUTPUT_ORDER)
+
+
+def write_pairs_parquet(path: Path, rows: Iterable[Mapping[str, Any]], batch: int = 5000) -> int:
+    """Streams rows into one parquet file, atomically. Output: the row count."""
+    count = 0
+    with atomic_path(path) as temp:
+        with pq.ParquetWriter(temp, OUTPUT_SCHEMA) as writer:
+            buffer: list[Mapping[str, Any]] = []
+            for row in rows:
+                buffer.append(row)
+                if len(buffer) >= batch:
+                    writer.write_table(pa.Table.from_pylist(buffer, schema=OUTPUT_SCHEMA))
+                    count += len(buffer)
+                    buffer = []
+            if buffer:
+                writer.write_table(pa.Table.from_pylist(buffer, schema=OUTPUT_SCHEMA))
+                count += len(buffer)
+    return count
 
 
 def _replace_folder(temp: Path, final: Path) -> None:
@@ -221,13 +289,69 @@ def write_contact_sheet(
         temp.write_text("\n".join(parts), encoding="utf-8")
 
 
+def write_reports(
+    output: Path,
+    *,
+    engine: str,
+    inputs: Sequence[str],
+    counts: DropCounter,
+    pairs_written: int,
+    kept: int,
+    shard_names: list[str],
+    examples: Mapping[str, list[tuple[Mapping[str, Any], bytes | None]]],
+    seconds: float,
+) -> dict[str, Any]:
+    """Writes `stats.json`, `summary.txt` and `contact_sheet.html` (from `examples`, see `contact_sheet_groups`).
+    Output: the stats dict."""
+    stats = {
+        "engine": engine,
+        "input_files": len(inputs),
+        "pairs_scored": pairs_written,
+        "pairs_kept": kept,
+        "images_kept": kept,
+        "shards": shard_names,
+        "seconds": round(seconds, 2),
+        "counts": counts.to_dict(),
+    }
+    write_json(output / "stats.json", stats)
+    with atomic_path(output / "summary.txt") as temp:
+        temp.write_text(format_summary(stats), encoding="utf-8")
+    write_contact_sheet(output / "contact_sheet.html", examples)
+    return stats
+
+
+def contact_sheet_groups(
+    kept: Sequence[tuple[Mapping[str, Any], bytes | None]],
+    dropped_pairs: Mapping[str, Sequence[tuple[Mapping[str, Any], bytes | None]]],
+    stage2_examples: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> dict[str, list[tuple[Mapping[str, Any], bytes | None]]]:
+    """The contact sheet's groups: "kept", then "dropped: <reason>" per pair-level drop, then "dropped at stage 2:
+    <reason>" (stage-2 examples carry a base64 thumbnail, decoded here)."""
+    groups: dict[str, list[tuple[Mapping[str, Any], bytes | None]]] = {"kept": list(kept)}
+    for reason, items in sorted(dropped_pairs.items()):
+        groups[f"dropped: {reason}"] = list(items)
+    for reason, items in sorted(stage2_examples.items()):
+        groups[f"dropped at stage 2: {reason}"] = [
+            (item, base64.b64decode(item["thumb"]) if item.get("thumb") else None) for item in items
+        ]
+    return groups
+
+
 __all__ = [
     "MARKER",
+    "OUTPUT_COLUMNS",
+    "OUTPUT_ORDER",
+    "OUTPUT_SCHEMA",
     "OutputFolderError",
     "atomic_path",
+    "contact_sheet_groups",
     "format_summary",
+    "output_order",
+    "output_row",
     "prepare_output_folder",
     "write_contact_sheet",
     "write_json",
+    "write_pairs_parquet",
+    "write_reports",
     "write_shards",
 ]
