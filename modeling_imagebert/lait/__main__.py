@@ -174,11 +174,9 @@ def _main(argv: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Output: the process exit status (2 after a one-line error a user can fix)."""
-    # The output folder module is light (standard library only); its refusal is a RuntimeError, named here.
-    from modeling_imagebert.lait.outputs import OutputFolderError
-
-    # ConfigError is a ValueError; other OSErrors (a full disk, a permission) keep their traceback.
-    errors = (ValueError, FileExistsError, FileNotFoundError, NotImplementedError, OutputFolderError)
+    # ConfigError and OutputFolderError are ValueErrors; other OSErrors (a full disk, a permission) keep their
+    # traceback.
+    errors = (ValueError, FileExistsError, FileNotFoundError, NotImplementedError)
     return run_cli(_main, argv, errors=errors, hint=False)
 
 
