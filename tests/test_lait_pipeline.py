@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from lait_fixture import BAD_TEXTS, SPAM_TEXT, MiniWebServer, build_mini_web  # noqa: E402
 
+from modeling_imagebert.atomic import TEMP_PREFIX  # noqa: E402
 from modeling_imagebert.lait.config import load_config  # noqa: E402
 from modeling_imagebert.lait.engine_local import run_local  # noqa: E402
 
@@ -143,7 +144,9 @@ def test_outputs_are_complete_and_nothing_is_left_half_written(local_run):
     too_small = sheet.split("dropped at stage 2: too_small")[1].split("<h2>")[0]
     assert "data:image/jpeg;base64," in too_small
     leftovers = [
-        p.name for p in output.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".shards.")
+        p.name
+        for p in output.rglob("*")
+        if p.name.endswith(".tmp") or p.name.startswith((".shards.", TEMP_PREFIX))
     ]
     assert leftovers == []
 

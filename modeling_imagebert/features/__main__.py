@@ -209,9 +209,9 @@ def extract(args: argparse.Namespace):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    from ..atomic import atomic_write_text
     from .global_features import GlobalFeatureExtractor
     from .runner import run_extraction
-    from .shard_formats import write_text_atomic
     from .sources import list_images, webdataset_captions
 
     # Several CPU processes (ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...) join a gloo group only when
@@ -272,7 +272,7 @@ def extract(args: argparse.Namespace):
         lines = [
             f"{caption}\t{url}\t{key}\n" for key, caption, url in webdataset_captions(args.inputs) if caption
         ]
-        write_text_atomic(args.output / "captions.tsv", "".join(lines))
+        atomic_write_text(args.output / "captions.tsv", "".join(lines))
     return summary
 
 

@@ -36,12 +36,12 @@ import pickle
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
+from ..atomic import remove_stale_temporaries, replace_folder, temporary_sibling
 from ..cli import run_cli
 from ..cli_arguments import DefaultsHelpFormatter
 
@@ -368,9 +368,8 @@ def convert_checkpoint(
     if not report.ok and not allow_partial:
         raise ConversionError(f"{src}: incomplete conversion, nothing written\n{report.summary()}")
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    remove_stale_temporaries(out_dir)
+    staging = temporary_sibling(out_dir)
     try:
         save_file(state_dict, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
         config.architectures = ["BUTDDetector"]
@@ -378,12 +377,10 @@ def convert_checkpoint(
         BUTDImageProcessor().save_pretrained(staging)
         with open(os.path.join(staging, REPORT_NAME), "w") as handle:
             json.dump(asdict(report), handle, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
+        # An earlier folder of ours (checked above) is moved aside, replaced, then deleted.
+        replace_folder(staging, out_dir)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

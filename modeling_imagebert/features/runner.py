@@ -42,16 +42,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..atomic import TEMP_PREFIX, atomic_write_text, claim_folder
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodedImage, decode_image, read_image_size
 from .shard_formats import (
     OUTPUT_FORMATS,
-    TEMP_PREFIX,
     detection_to_record,
     read_shard_records,
     record_problem,
     shard_name,
     write_shard,
-    write_text_atomic,
 )
 from .sources import ImageRef
 
@@ -175,23 +174,19 @@ def prepare_output(output: Path, settings: dict, num_shards: int, output_format:
         ExtractionError: `output` exists, is not empty and has no marker (not written by us), or its marker
             records other settings (the message names each differing setting).
     """
-    marker = output / MARKER_NAME
-    if output.exists() and not output.is_dir():
-        raise ExtractionError(f"{output} is a file; expected a folder for the features")
-    if output.is_dir() and not marker.is_file():
-        # A run killed while writing its marker leaves only the marker's temporary file: that folder is ours.
-        if any(not path.name.startswith(f"{TEMP_PREFIX}{MARKER_NAME}") for path in output.iterdir()):
-            raise ExtractionError(
-                f"{output} exists and was not created by this extractor (no {MARKER_NAME}); refusing to write "
-                "into it: choose a new or empty folder"
-            )
-    if marker.is_file():
-        try:
-            recorded = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise ExtractionError(f"{marker}: unreadable marker ({error})") from None
+    # A folder holding only the temporary of its marker (a run killed while writing it) is ours: claimed again.
+    recorded = claim_folder(
+        output,
+        MARKER_NAME,
+        {"kind": MARKER_KIND, "version": MARKER_VERSION, "settings": settings},
+        owner="this extractor",
+        error=ExtractionError,
+    )
+    if recorded is not None:
         if recorded.get("kind") != MARKER_KIND:
-            raise ExtractionError(f"{marker}: not a marker of this extractor (kind {recorded.get('kind')!r})")
+            raise ExtractionError(
+                f"{output / MARKER_NAME}: not a marker of this extractor (kind {recorded.get('kind')!r})"
+            )
         previous = recorded.get("settings", {})
         differing = [
             key for key in sorted(set(previous) | set(settings)) if previous.get(key) != settings.get(key)
@@ -204,12 +199,6 @@ def prepare_output(output: Path, settings: dict, num_shards: int, output_format:
                 f"{output} was started with other settings ({details}); resume with the same images and settings, "
                 "or write to a new folder"
             )
-    else:
-        output.mkdir(parents=True, exist_ok=True)
-        marker_text = json.dumps(
-            {"kind": MARKER_KIND, "version": MARKER_VERSION, "settings": settings}, indent=1, sort_keys=True
-        )
-        write_text_atomic(marker, marker_text + "\n")
     shards = output / SHARDS_DIR
     shards.mkdir(exist_ok=True)
 
@@ -474,7 +463,7 @@ def run_extraction(
                     "extracted": len(records),
                     "skipped": skips,
                 }
-                write_text_atomic(_done_path(shards, index), json.dumps(done, indent=1) + "\n")
+                atomic_write_text(_done_path(shards, index), json.dumps(done, indent=1) + "\n")
                 summary.shards_written += 1
                 summary.images_extracted += len(records)
                 summary.skipped.update(skip["reason"] for skip in skips)
@@ -512,7 +501,7 @@ def merge_manifest(output: Path, num_shards: int, output_format: str, summary: E
     summary.complete = len(finished) == num_shards
     manifest = {"output_format": output_format, "num_shards": num_shards, "complete": summary.complete}
     manifest["shards"] = finished
-    write_text_atomic(output / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(output / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     if not summary.complete:
         return
     summary.total_extracted = sum(entry["extracted"] for entry in finished)
@@ -522,7 +511,7 @@ def merge_manifest(output: Path, num_shards: int, output_format: str, summary: E
         lines.append(
             "\t".join(" ".join(str(row[key]).split()) for key in ("image_id", "origin", "reason", "message"))
         )
-    write_text_atomic(output / SKIPPED_NAME, "\n".join(lines) + "\n")
+    atomic_write_text(output / SKIPPED_NAME, "\n".join(lines) + "\n")
     report = {
         "images": summary.total_extracted + sum(summary.total_skipped.values()),
         "extracted": summary.total_extracted,
@@ -533,7 +522,7 @@ def merge_manifest(output: Path, num_shards: int, output_format: str, summary: E
             "shards_written": summary.shards_written,
         },
     }
-    write_text_atomic(output / SUMMARY_NAME, json.dumps(report, indent=1) + "\n")
+    atomic_write_text(output / SUMMARY_NAME, json.dumps(report, indent=1) + "\n")
 
 
 def _finished_manifest(folder: Path) -> dict:

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_file, atomic_write_text
+
 # The only types a skops file of ours may contain beyond skops' own defaults (numpy, sklearn estimators).
 TRUSTED_SKOPS_TYPES: tuple[str, ...] = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
 
@@ -86,13 +88,12 @@ def save_skops(model: Any, path: str | Path, sidecar: Mapping[str, Any]) -> None
     """Saves `model` with skops and `sidecar` as `<path>.json`, both atomically."""
     import skops.io as sio
 
-    from .outputs import atomic_path
-
     path = Path(path)
-    with atomic_path(path) as temp:
+    with atomic_file(path) as temp:
         sio.dump(model, temp)
-    with atomic_path(path.with_suffix(path.suffix + ".json")) as temp:
-        temp.write_text(json.dumps(dict(sidecar), indent=2, sort_keys=True))
+    atomic_write_text(
+        path.with_suffix(path.suffix + ".json"), json.dumps(dict(sidecar), indent=2, sort_keys=True)
+    )
 
 
 __all__ = ["TRUSTED_SKOPS_TYPES", "load_skops", "parse_label", "read_labelled_rows", "save_skops"]

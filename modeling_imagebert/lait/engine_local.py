@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,12 +24,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import atomic_file, remove_stale_temporaries_in
 from .aggregate import aggregate_pairs
 from .config import config_fingerprint
 from .engine_steps import PART_SCHEMA, SiteProcessor, extract_candidates, list_inputs, site_bucket
 from .outputs import (
     OutputFolderError,
-    atomic_path,
     contact_sheet_groups,
     output_order,
     output_row,
@@ -77,7 +76,7 @@ def _step1_task(args: tuple[str, str, dict, int]) -> str:
     rows.sort(key=lambda r: r["bucket"])
     part_path = Path(part)
     write_json(part_path.with_suffix(".stats.json"), drops.to_dict())
-    with atomic_path(part_path) as temp:
+    with atomic_file(part_path) as temp:
         pq.write_table(pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA), temp)
     return warc_file
 
@@ -98,7 +97,7 @@ def _step2_task(args: tuple[int, list[str], str, dict]) -> int:
     write_json(
         part_path.with_suffix(".stats.json"), {"counts": drops.to_dict(), "examples": processor.examples}
     )
-    with atomic_path(part_path) as temp:
+    with atomic_file(part_path) as temp:
         pq.write_table(pa.Table.from_pylist(rows, schema=PART_SCHEMA), temp)
     return bucket
 
@@ -148,11 +147,9 @@ def run_local(
             )
     else:
         write_json(inputs_record, {"files": files, "site_buckets": buckets})
-    # Temporary siblings a killed run left behind (ours: they live under our marked folder).
-    for leftover in [*work.rglob(".*.tmp"), *output.glob(".*.tmp")]:
-        leftover.unlink(missing_ok=True)
-    for leftover in output.glob(".shards.*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    # Temporary siblings a killed run left behind (the shards folder's are removed by `write_shards`).
+    for folder in (output, work, candidates_dir, pairs_dir):
+        remove_stale_temporaries_in(folder)
 
     # Step 1, resumable by input file.
     done_files = _read_done(work / "done-files.txt")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_file
 from .records import ImageCandidate
 
 
@@ -214,8 +215,6 @@ def write_img2dataset_input(candidates: Iterable[ImageCandidate], path: str | Pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .outputs import atomic_path
-
     rows: dict[str, dict[str, str]] = {}
     for candidate in candidates:
         if candidate.image_url not in rows:
@@ -228,7 +227,7 @@ def write_img2dataset_input(candidates: Iterable[ImageCandidate], path: str | Pa
     table = pa.Table.from_pylist(
         list(rows.values()), schema=pa.schema([(n, pa.string()) for n in ("url", "caption", "page_url")])
     )
-    with atomic_path(Path(path)) as temp:
+    with atomic_file(Path(path)) as temp:
         pq.write_table(table, temp)
     return len(rows)
 
