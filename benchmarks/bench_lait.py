@@ -314,7 +314,7 @@ def _stages_1_and_3_task(config: dict):
     stage 1) then stage 3 on every candidate; yields (pages, images with text, CPU seconds) per file."""
 
     def run(files):
-        from modeling_imagebert.lait.engines import extract_candidates
+        from modeling_imagebert.lait.engine_steps import extract_candidates
         from modeling_imagebert.lait.text import stage3_text
 
         for warc_file in files:
@@ -328,14 +328,14 @@ def _stages_1_and_3_task(config: dict):
 
 def _spark_rows(paths: list[str], config: dict, repeats: int) -> list[tuple]:
     """Stages 1 + 3 as one local process and as Spark `local[2]` over the same files, through the engines' step-1
-    function (`engines.extract_candidates`) and `text.stage3_text`. Spark gets one partition per core (files of
+    function (`engine_steps.extract_candidates`) and `text.stage3_text`. Spark gets one partition per core (files of
     equal size) and is timed after a warm-up job has started its Python workers (session start-up is not part of
     the throughput); each side is the best of `repeats` runs. The Spark row's CPU column is the workers' CPU
     time, so its per-core figure shows whether a worker does the same work per page as the local process; the
     ratio of the local CPU time to the busiest partition's CPU time is printed as the speed-up two idle cores
     would allow (an upper bound: it leaves out Spark's scheduling)."""
     try:
-        from modeling_imagebert.lait.engines import spark_session
+        from modeling_imagebert.lait.engine_spark import spark_session
     except ImportError as error:
         print(f"Spark comparison skipped: the LAIT engines are not available ({error})")
         return []

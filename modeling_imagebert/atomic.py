@@ -6,7 +6,13 @@ resumed run) sees it whole or not at all; a file is written to a temporary sibli
 Ownership: every folder `atomic_folder` writes carries a small marker file (`MARKER_NAME`: what wrote it, when, a
 run id). Replacing or removing an existing folder (`overwrite=True`, `remove_ours`) is refused unless the folder
 carries that marker, and always refused for the current folder, a folder above it, and a folder that is or holds
-one of the command's inputs. So an overwrite flag can never delete a user's folder.
+one of the command's inputs. So an overwrite flag can never delete a user's folder. A folder that a command fills
+over several runs instead (feature extraction, a LAIT run: resumed after a kill, never replaced whole) is claimed
+with `claim_folder`: it carries that command's own marker, recording the settings a resumed run must match, and
+a folder without it is never written into.
+
+Finished files and folders get the mode a plain `open` or `mkdir` would give them (the umask's), not the
+owner-only mode of the temporary they were written as.
 
 Temporary names are `.tmp-<target name>.<kind>.<host>.<pid>.<random>` beside the target (`kind` is "new", "old",
 "file" or a caller's word such as "join"). A kill (SIGKILL, power loss) can leave one behind; the next write of the
@@ -26,15 +32,28 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
 MARKER_NAME = ".written-by-modeling_imagebert.json"
 RUN_ID = uuid.uuid4().hex  # one id per process: every folder a run writes carries the same one
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# What `open` and `mkdir` would give a new file / folder; read once, as os.umask can only be read by setting it.
+_UMASK = _umask()
+FILE_MODE = 0o666 & ~_UMASK
+FOLDER_MODE = 0o777 & ~_UMASK
 
 
 class UnsafeRemovalError(FileExistsError):
@@ -60,7 +79,9 @@ def temporary_sibling(target: str | os.PathLike, kind: str = "new") -> Path:
         raise ValueError(f"kind must be a plain word, got {kind!r}")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=_temp_prefix(target, kind), dir=target.parent))
+    folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, kind), dir=target.parent))
+    os.chmod(folder, FOLDER_MODE)  # mkdtemp's is owner-only; the folder is renamed into place as it is
+    return folder
 
 
 def _parse_temporary(name: str, target_name: str) -> tuple[str, str, int] | None:
@@ -265,18 +286,34 @@ def atomic_folder(
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes `data` to `path` through a temporary sibling file and `os.replace`."""
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary sibling path of `path` for a writer that needs a file name (pyarrow, skops, an Arrow or
+    tar writer); it replaces `path` (`os.replace`) when the block ends, and is removed when the block raises. The
+    parent folder is created.
+
+    The temporary is named like every other (`.tmp-<name>.file.<host>.<pid>.<random>`), so a kill leaves a
+    leftover that `remove_stale_temporaries(path)` recognises.
+    """
     path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=_temp_prefix(path, "file"), dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=_temp_prefix(path, "file"), dir=path.parent)
+    os.close(handle)
+    temp = Path(name)
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
+        os.chmod(temp, FILE_MODE)  # mkstemp's is owner-only; writers reopen the file and keep its mode
+        yield temp
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes `data` to `path` through a temporary sibling file and `os.replace` (`atomic_file`)."""
+    with atomic_file(path) as temp:
+        temp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -284,15 +321,72 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def claim_folder(
+    folder: str | os.PathLike,
+    marker_name: str,
+    marker: Mapping[str, Any],
+    *,
+    owner: str,
+    error: type[Exception] = UnsafeRemovalError,
+) -> dict | None:
+    """Makes `folder` the output of a command that fills it over several runs, resuming after a kill (feature
+    extraction, a LAIT run), marked by that command's own marker file `marker_name`.
+
+    A missing or empty folder (or one holding only temporaries of the marker: a kill while it was written) is
+    created and gets `marker` as JSON, written atomically. A folder carrying the marker is the command's to resume:
+    the recorded marker is returned, for the caller to compare with this run's settings. Anything else is refused,
+    so a resumable command never writes into a user's folder.
+
+    Args:
+        folder: the output folder.
+        marker_name: the marker's file name inside `folder`.
+        marker: what the marker records (the settings that fix the folder's content); a JSON object.
+        owner: who writes such folders, named in a refusal ("this extractor", "the LAIT pipeline").
+        error: the exception type of a refusal (the caller's own).
+
+    Returns:
+        None when the folder was claimed now; the recorded marker (a dict) when it already carried one.
+
+    Raises:
+        `error`: `folder` is not a folder, is not empty and has no marker, or has an unreadable marker.
+    """
+    folder = Path(folder)
+    path = folder / marker_name
+    if folder.exists() and not folder.is_dir():
+        raise error(f"{folder}: exists and is not a folder; choose a new output folder")
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as problem:
+            raise error(f"{path}: unreadable marker ({problem}); choose a new output folder") from None
+        if not isinstance(recorded, dict):
+            raise error(f"{path}: unreadable marker (not a JSON object); choose a new output folder")
+        return recorded
+    if folder.is_dir() and any(
+        not p.name.startswith(f"{TEMP_PREFIX}{marker_name}") for p in folder.iterdir()
+    ):
+        raise error(
+            f"{folder}: exists, is not empty and was not created by {owner} (no {marker_name}); refusing to write "
+            "into it: choose a new or empty folder"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(dict(marker), indent=1, sort_keys=True) + "\n")
+    return None
+
+
 __all__ = [
+    "FILE_MODE",
+    "FOLDER_MODE",
     "MARKER_NAME",
     "RUN_ID",
     "TEMP_PREFIX",
     "UnsafeRemovalError",
+    "atomic_file",
     "atomic_folder",
     "atomic_write_bytes",
     "atomic_write_text",
     "check_removable",
+    "claim_folder",
     "is_ours",
     "read_marker",
     "remove_ours",

@@ -18,13 +18,13 @@ from lait_fixture import MiniWebServer, _photo  # noqa: E402
 
 from modeling_imagebert.lait.aggregate import aggregate_pairs, text_key  # noqa: E402
 from modeling_imagebert.lait.config import ConfigError, load_config  # noqa: E402
-from modeling_imagebert.lait.images import (  # noqa: E402
+from modeling_imagebert.lait.fetch import (  # noqa: E402
     ImageSources,
     fetch_url,
     index_img2dataset_output,
-    stage2_image,
     write_img2dataset_input,
 )
+from modeling_imagebert.lait.images import stage2_image  # noqa: E402
 from modeling_imagebert.lait.records import DropCounter, ImageCandidate, TextCandidate  # noqa: E402
 
 

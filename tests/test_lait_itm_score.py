@@ -29,7 +29,7 @@ from modeling_imagebert.feature_formats import load_features  # noqa: E402
 from modeling_imagebert.features.runner import run_extraction  # noqa: E402
 from modeling_imagebert.features.sources import list_webdataset  # noqa: E402
 from modeling_imagebert.lait.config import load_config  # noqa: E402
-from modeling_imagebert.lait.engines import run_local  # noqa: E402
+from modeling_imagebert.lait.engine_local import run_local  # noqa: E402
 from modeling_imagebert.lait.records import PairRecord  # noqa: E402
 from modeling_imagebert.lait.scoring import ITM_FEATURE, Scorer, feature_matrix, pair_features  # noqa: E402
 from modeling_imagebert.processing_imagebert import ImageBertProcessor  # noqa: E402
@@ -268,7 +268,7 @@ def test_bad_itm_settings_are_refused_naming_the_field(world, minilm_path, tmp_p
 )
 def test_local_and_spark_local2_give_identical_itm_scores(world):
     pytest.importorskip("pyspark")
-    from modeling_imagebert.lait.engines import run_spark, spark_session
+    from modeling_imagebert.lait.engine_spark import run_spark, spark_session
 
     spark = spark_session("local[2]")
     try:

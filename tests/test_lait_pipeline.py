@@ -18,8 +18,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from lait_fixture import BAD_TEXTS, SPAM_TEXT, MiniWebServer, build_mini_web  # noqa: E402
 
+from modeling_imagebert.atomic import TEMP_PREFIX  # noqa: E402
 from modeling_imagebert.lait.config import load_config  # noqa: E402
-from modeling_imagebert.lait.engines import run_local  # noqa: E402
+from modeling_imagebert.lait.engine_local import run_local  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The fixture's /slow/ route sleeps 4 s; the fetcher gives up after 1 s per read. (Shorter timeouts turn real
@@ -143,7 +144,9 @@ def test_outputs_are_complete_and_nothing_is_left_half_written(local_run):
     too_small = sheet.split("dropped at stage 2: too_small")[1].split("<h2>")[0]
     assert "data:image/jpeg;base64," in too_small
     leftovers = [
-        p.name for p in output.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".shards.")
+        p.name
+        for p in output.rglob("*")
+        if p.name.endswith(".tmp") or p.name.startswith((".shards.", TEMP_PREFIX))
     ]
     assert leftovers == []
 
@@ -237,7 +240,7 @@ def test_killed_local_run_resumes_without_duplicating_pairs(inputs, local_run, t
 )
 def test_local_and_spark_local2_produce_identical_pairs(mini_web, tmp_path):
     pytest.importorskip("pyspark")
-    from modeling_imagebert.lait.engines import run_spark, spark_session
+    from modeling_imagebert.lait.engine_spark import run_spark, spark_session
 
     # A small input (two crawl files and the damaged one) keeps Spark's share of the suite short.
     small = [str(mini_web.warc_files[0]), str(mini_web.warc_files[1]), str(mini_web.damaged_warc)]
@@ -290,7 +293,8 @@ def test_train_filter_round_trips_through_skops_and_filters_images(server, mini_
     sidecar = json.loads((tmp_path / "filter.skops.json").read_text())
     assert sidecar["kind"] == "lait-image-filter" and sidecar["metrics"]["held_out_accuracy"] >= 0.8
 
-    from modeling_imagebert.lait.images import ImageSources, stage2_image
+    from modeling_imagebert.lait.fetch import ImageSources
+    from modeling_imagebert.lait.images import stage2_image
     from modeling_imagebert.lait.records import DropCounter, ImageCandidate
 
     params = load_config(

@@ -3,7 +3,7 @@
 Names are loaded lazily so that `import modeling_imagebert.data` stays cheap and each module can be used alone.
 """
 
-import importlib
+from ..lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "IMAGE_TEXT_FEATURES": "schema",
@@ -23,12 +23,7 @@ _EXPORTS = {
     "toy_world_for": "toy_world",
 }
 
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'modeling_imagebert.data' has no attribute {name!r}")
-    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-    return getattr(module, name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..atomic import check_removable, remove_stale_temporaries, temporary_sibling
-from ..cli import USER_ERRORS, format_error
+from ..cli import run_cli
 from ..feature_formats import iter_extracted_records
 from .importers import (
     KARPATHY_IMAGE_ID_STYLES,
@@ -53,8 +53,6 @@ from .importers import (
     read_npz_dir,
     read_sbu_captions,
 )
-
-EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", default="500MB", help="largest Arrow shard when --num-shards is not given"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    # `run_cli` takes --debug out before parsing; it is declared here so that --help lists it.
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error instead of its one-line summary"
     )
@@ -308,25 +307,22 @@ def convert(args: argparse.Namespace) -> ImportReport:
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 on success, 2 on bad input)."""
+def _main(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(argv)
     if args.no_progress:
         import datasets
 
         datasets.disable_progress_bars()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = convert(args)
-    except USER_ERRORS as error:
-        if args.debug:
-            raise
-        # DataValidationError is a ValueError; its per-problem lines are joined into one line.
-        print(format_error(error), file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+    report = convert(args)
     print(f"wrote {report.rows_written} rows to {args.output}")
     print(report.summary())
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 on success, 2 on bad input). `run_cli` reads
+    `--debug` (listed in `--help`) before the parser; DataValidationError's per-problem lines become one line."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

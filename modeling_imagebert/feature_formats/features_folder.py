@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..atomic import TEMP_PREFIX, atomic_write_text
+from ..atomic import TEMP_PREFIX, atomic_write_text, claim_folder
 from .shards import read_shard_records, shard_name
 
 MARKER_NAME = "imagebert_features.json"
@@ -75,23 +75,19 @@ def prepare_output(output: Path, settings: dict, num_shards: int, output_format:
         ExtractionError: `output` exists, is not empty and has no marker (not written by us), or its marker
             records other settings (the message names each differing setting).
     """
-    marker = output / MARKER_NAME
-    if output.exists() and not output.is_dir():
-        raise ExtractionError(f"{output} is a file; expected a folder for the features")
-    if output.is_dir() and not marker.is_file():
-        # A run killed while writing its marker leaves only the marker's temporary file: that folder is ours.
-        if any(not path.name.startswith(f"{TEMP_PREFIX}{MARKER_NAME}") for path in output.iterdir()):
-            raise ExtractionError(
-                f"{output} exists and was not created by this extractor (no {MARKER_NAME}); refusing to write "
-                "into it: choose a new or empty folder"
-            )
-    if marker.is_file():
-        try:
-            recorded = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise ExtractionError(f"{marker}: unreadable marker ({error})") from None
+    # A folder holding only the temporary of its marker (a run killed while writing it) is ours: claimed again.
+    recorded = claim_folder(
+        output,
+        MARKER_NAME,
+        {"kind": MARKER_KIND, "version": MARKER_VERSION, "settings": settings},
+        owner="this extractor",
+        error=ExtractionError,
+    )
+    if recorded is not None:
         if recorded.get("kind") != MARKER_KIND:
-            raise ExtractionError(f"{marker}: not a marker of this extractor (kind {recorded.get('kind')!r})")
+            raise ExtractionError(
+                f"{output / MARKER_NAME}: not a marker of this extractor (kind {recorded.get('kind')!r})"
+            )
         previous = recorded.get("settings", {})
         differing = [
             key for key in sorted(set(previous) | set(settings)) if previous.get(key) != settings.get(key)
@@ -104,12 +100,6 @@ def prepare_output(output: Path, settings: dict, num_shards: int, output_format:
                 f"{output} was started with other settings ({details}); resume with the same images and settings, "
                 "or write to a new folder"
             )
-    else:
-        output.mkdir(parents=True, exist_ok=True)
-        marker_text = json.dumps(
-            {"kind": MARKER_KIND, "version": MARKER_VERSION, "settings": settings}, indent=1, sort_keys=True
-        )
-        atomic_write_text(marker, marker_text + "\n")
     shards = output / SHARDS_DIR
     shards.mkdir(exist_ok=True)
 

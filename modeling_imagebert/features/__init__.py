@@ -4,7 +4,7 @@ Names are loaded lazily so that `import modeling_imagebert.features` stays cheap
 detector is built).
 """
 
-import importlib
+from ..lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "BUTDConfig": "configuration_butd",
@@ -22,12 +22,7 @@ _EXPORTS = {
     "run_extraction": "runner",
 }
 
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'modeling_imagebert.features' has no attribute {name!r}")
-    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-    return getattr(module, name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

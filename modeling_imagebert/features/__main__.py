@@ -24,31 +24,23 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from ..cli import run_cli
+from ..cli_arguments import DefaultsHelpFormatter
 from ..feature_formats.shards import OUTPUT_FORMATS
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from .sources import ID_STYLES, SOURCE_KINDS
 
-EXIT_BAD_INPUT = 2
 DTYPES = ("float32", "float16", "bfloat16")
 GLOBAL_MODEL_NAMES = ("resnet152", "densenet161", "googlenet")
-
-
-class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none or the help text already says it."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_imagebert.features",
         description="Extract bottom-up-attention region features (Faster R-CNN, Visual Genome) from images into "
-        "resumable shards: a features folder for `python -m modeling_imagebert.data.convert features`, or BUTD "
-        "TSV / per-image .npz files. Run the same command again to resume a killed run.",
-        formatter_class=_DefaultsHelpFormatter,
+        "resumable shards:\na features folder for `python -m modeling_imagebert.data.convert features`, or BUTD TSV "
+        "/ per-image .npz\nfiles. Run the same command again to resume a killed run.",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "inputs",
@@ -284,22 +276,20 @@ def extract(args: argparse.Namespace):
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 on success, 2 on bad input)."""
+def _main(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = extract(args)
-    except (ValueError, OSError) as error:
-        # ImageSourceError, ExtractionError and DataValidationError are ValueErrors; keep them to one line.
-        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    summary = extract(args)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         print(summary.text())
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 on success, 2 on bad input)."""
+    # ImageSourceError, ExtractionError and DataValidationError are ValueErrors; their messages name the fix.
+    return run_cli(_main, argv, errors=(ValueError, OSError), hint=False)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,14 @@ import pickle
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
+from ..atomic import remove_stale_temporaries, replace_folder, temporary_sibling
+from ..cli import run_cli
+from ..cli_arguments import DefaultsHelpFormatter
 from ..safe_loading import CHECKPOINT_CONTAINERS, NUMPY_ARRAYS, RestrictedUnpickler
 
 FORMATS = ("lxmert", "detectron2", "milvlg")
@@ -350,9 +352,8 @@ def convert_checkpoint(
     if not report.ok and not allow_partial:
         raise ConversionError(f"{src}: incomplete conversion, nothing written\n{report.summary()}")
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    remove_stale_temporaries(out_dir)
+    staging = temporary_sibling(out_dir)
     try:
         save_file(state_dict, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
         config.architectures = ["BUTDDetector"]
@@ -360,17 +361,17 @@ def convert_checkpoint(
         BUTDImageProcessor().save_pretrained(staging)
         with open(os.path.join(staging, REPORT_NAME), "w") as handle:
             json.dump(asdict(report), handle, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
+        # An earlier folder of ours (checked above) is moved aside, replaced, then deleted.
+        replace_folder(staging, out_dir)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--format", required=True, choices=FORMATS, help="layout of the source checkpoint")
     parser.add_argument("src", help="checkpoint file (.bin, .pth or .pkl)")
     parser.add_argument("out_dir", help="detector folder to create")
@@ -381,16 +382,17 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace a folder this converter wrote before"
     )
     args = parser.parse_args(argv)
-    try:
-        report = convert_checkpoint(
-            args.src, args.out_dir, args.format, allow_partial=args.allow_partial, overwrite=args.overwrite
-        )
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    report = convert_checkpoint(
+        args.src, args.out_dir, args.format, allow_partial=args.allow_partial, overwrite=args.overwrite
+    )
     print(report.summary())
     print(f"wrote {os.path.abspath(args.out_dir)}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status: 0 when written, 1 after a `ConversionError` (its message
+    keeps one unmapped or missing key a line)."""
+    return run_cli(_main, argv, errors=(ConversionError,), hint=False, one_line=False, exit_status=1)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,17 @@ code:
 - `records`: the records passed between stages and the drop counter (`DropCounter`);
 - `warc`: streaming WARC / WARC.gz response records, decoded to `PageRecord`s;
 - `pages` (stage 1): English pages, DOM features of each `<img>`, the page's dominant image(s);
-- `images` (stage 2), `text` (stage 3: text candidates and cleaning), `scoring` (stage 4), `aggregation`
-  (stage 5), `config`, the engines and the CLI (`python -m modeling_imagebert.lait`).
+- `images` (stage 2: size rule and content classifiers), with `fetch` (where an image's bytes come from);
+- `text` (stage 3: text candidates and cleaning), `scoring` (stage 4, and training its scorer; `itm_score`: the
+  ImageBERT ITM score feature), `aggregate` (stage 5);
+- `config`; `classifier_io` (labelled rows in, skops models out) and `filter_training` (the stage-2 filter);
+- `engine_steps` (the steps both engines run), `engine_local` (process pool, resumable), `engine_spark` (PySpark);
+- `outputs` (the output folder) and the CLI (`python -m modeling_imagebert.lait`).
 
 Names are loaded lazily so that `import modeling_imagebert.lait` stays cheap and each module can be used alone.
 """
 
-import importlib
+from ..lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "DropCounter": "records",
@@ -27,16 +31,11 @@ _EXPORTS = {
     "apply_site_repetition": "pages",
     "stage3_text": "text",
     "load_config": "config",
-    "run_local": "engines",
-    "run_spark": "engines",
+    "run_local": "engine_local",
+    "run_spark": "engine_spark",
 }
 
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'modeling_imagebert.lait' has no attribute {name!r}")
-    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-    return getattr(module, name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

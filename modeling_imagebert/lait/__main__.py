@@ -16,20 +16,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from modeling_imagebert.lait.config import ConfigError, load_config
-
-
-class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows `(default: ...)` only where there is a default to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, [], argparse.SUPPRESS) or "default:" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-class _DefaultsWithEpilog(_Defaults, argparse.RawDescriptionHelpFormatter):
-    """Also keeps the epilog's line breaks (the list of config defaults)."""
+from modeling_imagebert.cli import run_cli
+from modeling_imagebert.cli_arguments import DefaultsHelpFormatter
+from modeling_imagebert.lait.config import load_config
 
 
 def _config_epilog(sections: tuple[str, ...]) -> str:
@@ -69,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_imagebert.lait",
         description="LAIT: weak-supervised image-text pairs from web pages (ImageBERT §3).",
-        formatter_class=_Defaults,
+        formatter_class=DefaultsHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser(
         "run",
         help="WARC files -> pairs.parquet, webdataset shards, stats",
-        formatter_class=_DefaultsWithEpilog,
+        formatter_class=DefaultsHelpFormatter,
         epilog=_config_epilog(("images", "scoring", "aggregation", "engine")),
     )
     run.add_argument("--input", required=True, nargs="+", help="WARC / WARC.gz paths or quoted glob patterns")
@@ -93,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     scorer = commands.add_parser(
         "train-scorer",
         help="train the stage-4 relevance scorer on labelled (image, text, relevant) rows",
-        formatter_class=_Defaults,
+        formatter_class=DefaultsHelpFormatter,
     )
     scorer.add_argument(
         "--labels",
@@ -108,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     filt = commands.add_parser(
         "train-filter",
         help="train the stage-2 unnatural-image filter on labelled (image, drop) rows",
-        formatter_class=_Defaults,
+        formatter_class=DefaultsHelpFormatter,
     )
     filt.add_argument("--labels", required=True, help="CSV or JSONL: image, drop (1 = drop)")
     filt.add_argument("--output", required=True, help="the .skops file to write (plus <output>.json)")
@@ -117,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     urls = commands.add_parser(
         "urls",
         help="stage 1 only: write the dominant-image URLs as an img2dataset URL list (parquet)",
-        formatter_class=_Defaults,
+        formatter_class=DefaultsHelpFormatter,
     )
     urls.add_argument(
         "--input", required=True, nargs="+", help="WARC / WARC.gz paths or quoted glob patterns"
@@ -134,64 +123,61 @@ def _refuse_existing(path: str) -> None:
         raise FileExistsError(f"{path}: exists; refusing to overwrite a file this command did not create")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point. Output: the process exit status."""
+def _main(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "run":
-            config = load_config(args.config, args.set)
-            if args.spark_master:
-                config["engine"]["spark_master"] = args.spark_master
-            from modeling_imagebert.lait.engines import run_local, run_spark
+    if args.command == "run":
+        config = load_config(args.config, args.set)
+        if args.spark_master:
+            config["engine"]["spark_master"] = args.spark_master
+        if args.engine == "local":
+            from modeling_imagebert.lait.engine_local import run_local
 
-            if args.engine == "local":
-                stats = run_local(args.input, args.output, config, processes=args.processes)
-            else:
-                stats = run_spark(args.input, args.output, config)
-            print(f"{args.output}: {stats['pairs_kept']} pairs kept of {stats['pairs_scored']} scored")
-        elif args.command == "train-scorer":
-            config = load_config(args.config, args.set)
-            from modeling_imagebert.lait.scoring import train_scorer
+            stats = run_local(args.input, args.output, config, processes=args.processes)
+        else:
+            from modeling_imagebert.lait.engine_spark import run_spark
 
-            _refuse_existing(args.output)
-            sidecar = train_scorer(
-                args.labels,
-                args.output,
-                text_config=config["text"],
-                scoring_config=config["scoring"],
-                seed=args.seed,
-            )
-            print(json.dumps(sidecar["metrics"], indent=2))
-        elif args.command == "train-filter":
-            from modeling_imagebert.lait.images import train_image_filter
+            stats = run_spark(args.input, args.output, config)
+        print(f"{args.output}: {stats['pairs_kept']} pairs kept of {stats['pairs_scored']} scored")
+    elif args.command == "train-scorer":
+        config = load_config(args.config, args.set)
+        from modeling_imagebert.lait.scoring import train_scorer
 
-            _refuse_existing(args.output)
-            sidecar = train_image_filter(args.labels, args.output, seed=args.seed)
-            print(json.dumps(sidecar["metrics"], indent=2))
-        elif args.command == "urls":
-            config = load_config(args.config, args.set)
-            from modeling_imagebert.lait.engines import extract_candidates, list_inputs
-            from modeling_imagebert.lait.images import write_img2dataset_input
+        _refuse_existing(args.output)
+        sidecar = train_scorer(
+            args.labels,
+            args.output,
+            text_config=config["text"],
+            scoring_config=config["scoring"],
+            seed=args.seed,
+        )
+        print(json.dumps(sidecar["metrics"], indent=2))
+    elif args.command == "train-filter":
+        from modeling_imagebert.lait.filter_training import train_image_filter
 
-            _refuse_existing(args.output)
-            candidates = []
-            for warc_file in list_inputs(args.input):
-                candidates.extend(extract_candidates(warc_file, config)[0])
-            n = write_img2dataset_input(candidates, args.output)
-            print(
-                f"{args.output}: {n} image URLs (img2dataset --url_list {args.output} --input_format parquet ...)"
-            )
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, NotImplementedError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:
-        from modeling_imagebert.lait.outputs import OutputFolderError
+        _refuse_existing(args.output)
+        sidecar = train_image_filter(args.labels, args.output, seed=args.seed)
+        print(json.dumps(sidecar["metrics"], indent=2))
+    elif args.command == "urls":
+        config = load_config(args.config, args.set)
+        from modeling_imagebert.lait.engine_steps import extract_candidates, list_inputs
+        from modeling_imagebert.lait.fetch import write_img2dataset_input
 
-        if isinstance(error, OutputFolderError):
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        raise
-    return 0
+        _refuse_existing(args.output)
+        candidates = []
+        for warc_file in list_inputs(args.input):
+            candidates.extend(extract_candidates(warc_file, config)[0])
+        n = write_img2dataset_input(candidates, args.output)
+        print(
+            f"{args.output}: {n} image URLs (img2dataset --url_list {args.output} --input_format parquet ...)"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point. Output: the process exit status (2 after a one-line error a user can fix)."""
+    # ConfigError and OutputFolderError are ValueErrors; other OSErrors (a full disk, a permission) keep their
+    # traceback.
+    errors = (ValueError, FileExistsError, FileNotFoundError, NotImplementedError)
+    return run_cli(_main, argv, errors=errors, hint=False)
 
 
 if __name__ == "__main__":

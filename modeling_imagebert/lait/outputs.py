@@ -9,96 +9,130 @@ Layout of `--output DIR`:
   `{key}.txt` caption, `{key}.json` metadata), readable by `python -m modeling_imagebert.features`,
 - `stats.json` (kept / dropped by stage and reason), `summary.txt`, `contact_sheet.html`.
 
-Every file is written to a temporary sibling and renamed into place, so a killed run leaves each complete or
-absent.
+Every file is written to a temporary sibling and renamed into place (`modeling_imagebert.atomic`), so a killed run
+leaves each complete or absent; the marker is claimed with `atomic.claim_folder`.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
-import os
 import shutil
 import tarfile
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..atomic import (
+    atomic_file,
+    atomic_write_text,
+    claim_folder,
+    remove_stale_temporaries,
+    replace_folder,
+    temporary_sibling,
+)
+from .records import DropCounter
+
 MARKER = ".lait-output"
 
+# Columns of pairs.parquet, in order; the feature dicts are JSON strings so the schema does not depend on which
+# features a run computed.
+OUTPUT_COLUMNS = (
+    ("warc_file", pa.string()),
+    ("warc_offset", pa.int64()),
+    ("page_url", pa.string()),
+    ("site", pa.string()),
+    ("image_url", pa.string()),
+    ("image_sha256", pa.string()),
+    ("image_key", pa.string()),
+    ("image_width", pa.int64()),
+    ("image_height", pa.int64()),
+    ("text", pa.string()),
+    ("text_source", pa.string()),
+    ("dominance_score", pa.float64()),
+    ("relevance_score", pa.float64()),
+    ("itm_score", pa.float64()),
+    ("kept", pa.bool_()),
+    ("drop_stage", pa.string()),
+    ("drop_reason", pa.string()),
+    ("dom_features", pa.string()),
+    ("text_features", pa.string()),
+    ("image_features", pa.string()),
+    ("image_scores", pa.string()),
+)
+OUTPUT_SCHEMA = pa.schema(list(OUTPUT_COLUMNS))
+OUTPUT_ORDER = ("image_sha256", "page_url", "warc_offset", "text_source", "text")
 
-class OutputFolderError(RuntimeError):
+
+class OutputFolderError(ValueError):
     """The output folder exists and was not created by this pipeline, or by another config."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yields a temporary sibling path to write; renames it to `path` on success, removes it on error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    temp_path = Path(temp)
-    try:
-        yield temp_path
-        os.replace(temp_path, path)
-    finally:
-        if temp_path.exists():
-            temp_path.unlink()
 
 
 def write_json(path: Path, data: Any) -> None:
     """Writes `data` as indented JSON, atomically."""
-    with atomic_path(path) as temp:
-        temp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str), encoding="utf-8")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
 def prepare_output_folder(folder: Path, fingerprint: str) -> bool:
     """Creates `folder` with our marker, or accepts it when it already carries our marker with the same config
     fingerprint (a resume). Output: True when resuming. Raises `OutputFolderError` for a folder we did not
     create (non-empty without our marker) or one made with another config."""
-    folder = Path(folder)
-    marker = folder / MARKER
-    if folder.exists():
-        if not folder.is_dir():
-            raise OutputFolderError(f"{folder}: exists and is not a folder; give a new --output path")
-        if marker.exists():
-            try:
-                stored = json.loads(marker.read_text())["config_fingerprint"]
-            except (OSError, ValueError, KeyError):
-                raise OutputFolderError(
-                    f"{folder}/{MARKER}: unreadable marker; give a new --output path"
-                ) from None
-            if stored != fingerprint:
-                raise OutputFolderError(
-                    f"{folder}: made with another LAIT config (fingerprint {stored[:12]} != {fingerprint[:12]}); "
-                    "give a new --output path or the same config to resume"
-                )
-            return True
-        if any(folder.iterdir()):
-            raise OutputFolderError(
-                f"{folder}: exists, is not empty and was not created by the LAIT pipeline (no {MARKER}); "
-                "refusing to write into it"
-            )
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"created_by": "modeling_imagebert.lait", "config_fingerprint": fingerprint})
-    return False
+    recorded = claim_folder(
+        folder,
+        MARKER,
+        {"created_by": "modeling_imagebert.lait", "config_fingerprint": fingerprint},
+        owner="the LAIT pipeline",
+        error=OutputFolderError,
+    )
+    if recorded is None:
+        return False
+    stored = str(recorded.get("config_fingerprint"))
+    if stored != fingerprint:
+        raise OutputFolderError(
+            f"{folder}: made with another LAIT config (fingerprint {stored[:12]} != {fingerprint[:12]}); "
+            "give a new --output path or the same config to resume"
+        )
+    return True
 
 
-def _replace_folder(temp: Path, final: Path) -> None:
-    """Puts the finished folder `temp` at `final` (which, if present, is ours from an earlier run)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(temp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp, final)
+def output_row(
+    part_row: Mapping[str, Any], kept: bool, drop_stage: str | None, drop_reason: str | None
+) -> dict:
+    """A pairs.parquet row (`OUTPUT_SCHEMA`) from a part row and its final status."""
+    pair = json.loads(part_row["pair_json"])
+    row = {name: pair.get(name) for name, _ in OUTPUT_COLUMNS}
+    for name in ("dom_features", "text_features", "image_features", "image_scores"):
+        row[name] = json.dumps(pair[name], sort_keys=True)
+    row.update(kept=kept, drop_stage=drop_stage, drop_reason=drop_reason)
+    return row
+
+
+def output_order(row: Mapping[str, Any]) -> tuple:
+    """The sort key of a pairs.parquet row (`OUTPUT_ORDER`): the same order from both engines."""
+    return tuple(row[name] for name in OUTPUT_ORDER)
+
+
+def write_pairs_parquet(path: Path, rows: Iterable[Mapping[str, Any]], batch: int = 5000) -> int:
+    """Streams rows into one parquet file, atomically. Output: the row count."""
+    count = 0
+    with atomic_file(path) as temp:
+        with pq.ParquetWriter(temp, OUTPUT_SCHEMA) as writer:
+            buffer: list[Mapping[str, Any]] = []
+            for row in rows:
+                buffer.append(row)
+                if len(buffer) >= batch:
+                    writer.write_table(pa.Table.from_pylist(buffer, schema=OUTPUT_SCHEMA))
+                    count += len(buffer)
+                    buffer = []
+            if buffer:
+                writer.write_table(pa.Table.from_pylist(buffer, schema=OUTPUT_SCHEMA))
+                count += len(buffer)
+    return count
 
 
 def write_shards(
@@ -106,9 +140,11 @@ def write_shards(
 ) -> list[str]:
     """Writes `(pair, jpeg bytes)` samples as webdataset shards `folder/shards/{n:05d}.tar` in img2dataset's
     layout: `{key}.jpg`, `{key}.txt` (the caption) and `{key}.json` (url, caption, key, status, width, height,
-    provenance and scores), with `key = pair["image_key"]`. The shards folder is built beside and renamed into place. Output: shard names."""
+    provenance and scores), with `key = pair["image_key"]`. The shards folder is built beside and renamed into
+    place, replacing the one of an earlier run. Output: shard names."""
     final = Path(folder) / "shards"
-    temp = Path(tempfile.mkdtemp(prefix=".shards.", dir=folder))
+    remove_stale_temporaries(final)
+    temp = temporary_sibling(final)
     names: list[str] = []
     tar: tarfile.TarFile | None = None
     try:
@@ -148,10 +184,9 @@ def write_shards(
                 tar.addfile(info, io.BytesIO(data))
         if tar is not None:
             tar.close()
-        _replace_folder(temp, final)
+        replace_folder(temp, final)
     finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)
     return names
 
 
@@ -217,17 +252,70 @@ def write_contact_sheet(
                 f"<div class='n'>{html.escape(str(pair.get('image_url', '')))}</div></div>"
             )
         parts.append("</div>")
-    with atomic_path(path) as temp:
-        temp.write_text("\n".join(parts), encoding="utf-8")
+    atomic_write_text(path, "\n".join(parts))
+
+
+def write_reports(
+    output: Path,
+    *,
+    engine: str,
+    inputs: Sequence[str],
+    counts: DropCounter,
+    pairs_written: int,
+    kept: int,
+    shard_names: list[str],
+    examples: Mapping[str, list[tuple[Mapping[str, Any], bytes | None]]],
+    seconds: float,
+) -> dict[str, Any]:
+    """Writes `stats.json`, `summary.txt` and `contact_sheet.html` (from `examples`, see `contact_sheet_groups`).
+    Output: the stats dict."""
+    stats = {
+        "engine": engine,
+        "input_files": len(inputs),
+        "pairs_scored": pairs_written,
+        "pairs_kept": kept,
+        "images_kept": kept,
+        "shards": shard_names,
+        "seconds": round(seconds, 2),
+        "counts": counts.to_dict(),
+    }
+    write_json(output / "stats.json", stats)
+    atomic_write_text(output / "summary.txt", format_summary(stats))
+    write_contact_sheet(output / "contact_sheet.html", examples)
+    return stats
+
+
+def contact_sheet_groups(
+    kept: Sequence[tuple[Mapping[str, Any], bytes | None]],
+    dropped_pairs: Mapping[str, Sequence[tuple[Mapping[str, Any], bytes | None]]],
+    stage2_examples: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> dict[str, list[tuple[Mapping[str, Any], bytes | None]]]:
+    """The contact sheet's groups: "kept", then "dropped: <reason>" per pair-level drop, then "dropped at stage 2:
+    <reason>" (stage-2 examples carry a base64 thumbnail, decoded here)."""
+    groups: dict[str, list[tuple[Mapping[str, Any], bytes | None]]] = {"kept": list(kept)}
+    for reason, items in sorted(dropped_pairs.items()):
+        groups[f"dropped: {reason}"] = list(items)
+    for reason, items in sorted(stage2_examples.items()):
+        groups[f"dropped at stage 2: {reason}"] = [
+            (item, base64.b64decode(item["thumb"]) if item.get("thumb") else None) for item in items
+        ]
+    return groups
 
 
 __all__ = [
     "MARKER",
+    "OUTPUT_COLUMNS",
+    "OUTPUT_ORDER",
+    "OUTPUT_SCHEMA",
     "OutputFolderError",
-    "atomic_path",
+    "contact_sheet_groups",
     "format_summary",
+    "output_order",
+    "output_row",
     "prepare_output_folder",
     "write_contact_sheet",
     "write_json",
+    "write_pairs_parquet",
+    "write_reports",
     "write_shards",
 ]

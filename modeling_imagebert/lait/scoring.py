@@ -114,7 +114,7 @@ class Scorer:
         self.model = None
         self.feature_names: list[str] = []
         if params.get("model"):
-            from .images import load_skops
+            from .classifier_io import load_skops
 
             self.model, sidecar = load_skops(params["model"], "lait-scorer")
             self.feature_names = list(sidecar["feature_names"])
@@ -251,7 +251,8 @@ def train_scorer(
     from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    from .images import image_statistics, parse_label, read_labelled_rows, save_skops
+    from .classifier_io import parse_label, read_labelled_rows, save_skops
+    from .images import image_statistics
 
     labels = Path(labels)
     rows = read_labelled_rows(labels, ("image", "text", "relevant"))
