@@ -1,4 +1,4 @@
-"""The remote-code unit (configuration, modeling, processing, the task table) stands alone: it imports only the standard library,
+"""The remote-code unit (configuration, modeling, processing, the task table, the CPU kernels) stands alone: it imports only the standard library,
 torch, transformers, huggingface_hub, safetensors, numpy (processor) and its sibling files, never the training
 and data code in `pretraining/`, `retrieval/` or `data/`, so a Hub folder with these three files loads with
 `trust_remote_code=True`."""
@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "modeling_imagebert"
-REMOTE_CODE = ("configuration_imagebert", "modeling_imagebert", "processing_imagebert", "tasks_imagebert")
+REMOTE_CODE = (
+    "configuration_imagebert",
+    "kernels_imagebert",
+    "modeling_imagebert",
+    "processing_imagebert",
+    "tasks_imagebert",
+)
 ALLOWED_LIBRARIES = {"torch", "transformers", "huggingface_hub", "safetensors"}
 # Per file, on top of ALLOWED_LIBRARIES. The processor's `datasets` import is local to the function that
 # describes its outputs as Arrow features (only dataset encoding calls it), so loading the processor does not
