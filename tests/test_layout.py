@@ -1,7 +1,8 @@
-"""The remote-code unit (configuration, modeling, processing, the task table, the CPU kernels) stands alone: it imports only the standard library,
-torch, transformers, huggingface_hub, safetensors, numpy (processor) and its sibling files, never the training
-and data code in `pretraining/`, `retrieval/` or `data/`, so a Hub folder with these three files loads with
-`trust_remote_code=True`."""
+"""The remote-code unit (configuration, modeling, processing, and the model's siblings: CPU kernels, losses, task
+table) stands alone: it imports only the standard library, torch, transformers, huggingface_hub, safetensors, numpy
+(processor) and its sibling files, never the training and data code in `pretraining/`, `retrieval/` or `data/`, so
+a Hub folder with these files (`save_pretrained` copies the modeling and configuration files and their relative
+imports) loads with `trust_remote_code=True`."""
 
 import ast
 import sys
@@ -13,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "modeling_imagebert"
 REMOTE_CODE = (
     "configuration_imagebert",
     "kernels_imagebert",
+    "losses_imagebert",
     "modeling_imagebert",
     "processing_imagebert",
     "tasks_imagebert",
@@ -80,3 +82,8 @@ def test_an_import_of_training_or_data_code_is_caught(line, reported):
 def test_the_processor_may_import_numpy_and_datasets_only_in_a_function():
     assert disallowed_imports("import numpy\ndef f():\n    import datasets\n", "processing_imagebert") == []
     assert disallowed_imports("import datasets\n", "processing_imagebert") == ["line 1: datasets"]
+
+
+def test_every_imagebert_module_of_the_package_is_checked_as_remote_code():
+    # The unit's files are named `<part>_imagebert.py`: a new sibling must join REMOTE_CODE to be checked above.
+    assert sorted(path.stem for path in PACKAGE.glob("*_imagebert.py")) == sorted(REMOTE_CODE)
