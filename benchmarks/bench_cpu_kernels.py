@@ -4,7 +4,7 @@ length 144, hidden 768, 12 heads), forward + backward, median of `--repeats` alt
 
     python benchmarks/bench_cpu_kernels.py [--repeats 7] [--threads 2]
 
-The kernels are used only on CPU in training (see "CPU-only kernels" in modeling_imagebert/modeling_imagebert.py);
+The kernels are used only on CPU in training (see modeling_imagebert/kernels_imagebert.py);
 CUDA keeps PyTorch's fused ops.
 """
 
@@ -17,7 +17,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from modeling_imagebert import modeling_imagebert as mi
+from modeling_imagebert import kernels_imagebert as kernels
 
 
 def _time(fn, repeats: int) -> float:
@@ -38,7 +38,7 @@ def _dropout_rows(dtype, batch, length, hidden, p, repeats) -> list[tuple[str, f
         (F.dropout(hidden_states, p, training=True) + residual).sum().backward()
 
     def fast():
-        mi._fast_dropout_add(hidden_states, residual, p).sum().backward()
+        kernels._fast_dropout_add(hidden_states, residual, p).sum().backward()
 
     return [(f"dropout + residual, {dtype}", _time(plain, repeats), _time(fast, repeats))]
 
@@ -54,7 +54,7 @@ def _attention_rows(dtype, batch, length, hidden, heads, p, repeats) -> list[tup
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling).sum().backward()
 
     def ours():
-        mi._cpu_training_attention(q, k, v, mask, scaling, p).sum().backward()
+        kernels._cpu_training_attention(q, k, v, mask, scaling, p).sum().backward()
 
     return [(f"attention with dropout, {dtype}", _time(sdpa, repeats), _time(ours, repeats))]
 

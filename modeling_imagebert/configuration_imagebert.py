@@ -9,6 +9,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from .tasks_imagebert import PRETRAINING_TASKS
+
 logger = logging.get_logger(__name__)
 
 RETRIEVAL_LOSSES = ("binary", "ce", "triplet", "itc")
@@ -67,7 +69,8 @@ class ImageBertConfig(PreTrainedConfig):
         use_global_image_feature (`bool`, False): add one global-image token before the regions (paper ablation).
         global_image_feature_dim (`int`, 2048): dimension of that global feature.
 
-    Pre-training losses (weighted sum; a task whose labels are absent from a batch is skipped):
+    Pre-training losses (weighted sum; a task whose labels are absent from a batch is skipped): one
+    `<task>_loss_weight` per row of the task table (`tasks_imagebert.PRETRAINING_TASKS`):
         mlm_loss_weight, moc_loss_weight, mrfr_loss_weight, itm_loss_weight (`float`, 1.0 each).
 
     Image-text contrastive embeddings (two-stage retrieval; `get_text_features` / `get_image_features`):
@@ -207,14 +210,7 @@ class ImageBertConfig(PreTrainedConfig):
                 f"ImageBertConfig.region_segment_id must be in [0, type_vocab_size={self.type_vocab_size}), got "
                 f"{self.region_segment_id}"
             )
-        for name in (
-            "mlm_loss_weight",
-            "moc_loss_weight",
-            "mrfr_loss_weight",
-            "itm_loss_weight",
-            "itc_loss_weight",
-            "triplet_margin",
-        ):
+        for name in (*(task.loss_weight_field for task in PRETRAINING_TASKS), "triplet_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ImageBertConfig.{name} must be >= 0, got {getattr(self, name)}")
         parse_retrieval_loss(self.retrieval_loss)

@@ -3,16 +3,18 @@
 Read top to bottom in build order: embeddings -> attention -> layer -> encoder -> pooler -> heads -> pre-trained base
 -> `ImageBertModel`, `ImageBertForPreTraining`, `ImageBertForRetrieval`.
 
-This file imports only torch, transformers and `.configuration_imagebert`, so that `save_pretrained` can copy it next to
-the weights and a Hub user can load the model with `trust_remote_code=True` without installing our package.
+This file imports only torch, transformers and its siblings of the remote-code unit (`.configuration_imagebert`, the
+CPU kernels `.kernels_imagebert`, the losses `.losses_imagebert` and the task table `.tasks_imagebert`), so that
+`save_pretrained` can copy them next to the weights and a Hub user can load the model with `trust_remote_code=True`
+without installing our package.
 """
 
 import json
 import math
 import os
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +32,18 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_imagebert import ImageBertConfig, parse_retrieval_loss
+from .kernels_imagebert import _cpu_training_attention, _fast_dropout, _fast_dropout_add, _use_fast_dropout
+from .losses_imagebert import (
+    candidate_group_size,
+    image_text_contrastive_loss,
+    image_text_matching_loss,
+    keep_in_graph,
+    masked_cross_entropy,
+    masked_feature_regression,
+    retrieval_losses,
+    weighted_loss,
+)
+from .tasks_imagebert import PRETRAINING_TASKS
 
 logger = logging.get_logger(__name__)
 
@@ -49,9 +63,6 @@ class ImageBertEmbeddings(nn.Module):
     """
 
     fast_dropout = True
-    # Set per call by `ImageBertForPreTraining` (see `_sparse_word_gradient`), never on by itself: a sparse gradient
-    # is only safe when a dense one (the tied MLM decoder's) reaches the same weight in the same backward pass.
-    _sparse_word_gradient = False
 
     def __init__(self, config: ImageBertConfig):
         super().__init__()
@@ -76,22 +87,27 @@ class ImageBertEmbeddings(nn.Module):
         )
         self.whole_image_location = nn.Buffer(torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]), persistent=False)
 
-    def embed_text(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def embed_text(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, sparse_word_gradient: bool = False
+    ) -> torch.Tensor:
         seq_length = input_ids.shape[1]
         position_ids = self.position_ids[:, :seq_length]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         embeddings = (
-            self._embed_words(input_ids)
+            self._embed_words(input_ids, sparse_word_gradient)
             + self.token_type_embeddings(token_type_ids)
             + self.position_embeddings(position_ids)
         )  # (B, T, H)
         return self.LayerNorm(embeddings)
 
-    def _embed_words(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _embed_words(self, input_ids: torch.Tensor, sparse_gradient: bool) -> torch.Tensor:
+        """The word embeddings of `input_ids` (B, T) -> (B, T, H). With `sparse_gradient` the lookup returns its
+        gradient as sparse rows; only `ImageBertForPreTraining` asks for it, and only when a dense gradient (the tied
+        MLM decoder's) reaches the same weight in the same backward pass, so that `.grad` stays dense."""
         weight = self.word_embeddings.weight
         sparse = (
-            self._sparse_word_gradient
+            sparse_gradient
             # Only a plain leaf parameter: FSDP and DTensor parameters take dense gradients only.
             and weight.is_leaf
             and type(weight.data) is torch.Tensor
@@ -139,10 +155,11 @@ class ImageBertEmbeddings(nn.Module):
         region_features: torch.Tensor | None,
         region_locations: torch.Tensor | None,
         global_image_features: torch.Tensor | None = None,
+        sparse_word_gradient: bool = False,
     ) -> torch.Tensor:
         parts = []
         if input_ids is not None:
-            parts.append(self.embed_text(input_ids, token_type_ids))
+            parts.append(self.embed_text(input_ids, token_type_ids, sparse_word_gradient))
         if global_image_features is not None:
             parts.append(self.embed_global_image(global_image_features))
         if region_features is not None:
@@ -175,85 +192,6 @@ def eager_attention_forward(
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, L, nh, hs)
     return attn_output, attn_weights
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CPU-only kernels (fast paths used only in CPU training; CUDA keeps PyTorch's fused ops)
-#
-# Each computes what the PyTorch op computes (same function, same dropout rate), only cheaper on CPU; the plain path
-# stays available through `ImageBertPreTrainedModel.set_fast_paths(fast_dropout=False)`, tests/test_fast_paths.py
-# checks that the two agree, and benchmarks/bench_cpu_kernels.py measures each against the op it replaces (base size,
-# batch 8 x 144 positions, forward + backward, 2 idle cores, torch 2.14.1; figures in benchmarks/RESULTS.md):
-# - `_fast_dropout` / `_fast_dropout_add` (mask from 32-bit random words): 1.42x F.dropout fp32, 1.40x bf16;
-# - `_cpu_training_attention` (attention with dropout, without SDPA's CPU math fallback): 1.45x SDPA fp32, 1.27x bf16.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Bernoulli(1 - p) keep mask, bool `shape`, from 32-bit random words.
-
-    `bernoulli_` draws one random number per element; here one 64-bit draw (`random_()` gives 63 random bits) makes
-    two masks: the low 32-bit word is compared with round((1 - p) 2^32), the high word (31 random bits) with
-    round((1 - p) 2^31). The keep probability is therefore 1 - p to within 2^-32, as exact as `bernoulli_`'s float
-    comparison, at about a third of the cost of `bernoulli_` on CPU.
-    """
-    numel = shape.numel()
-    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device).random_().view(torch.int32)
-    keep = 1.0 - p
-    low = min(round(keep * 2**32), 2**32 - 1) - 2**31  # the low word is uniform over all int32 values
-    high = min(round(keep * 2**31), 2**31 - 1)  # the high word is uniform over [0, 2^31)
-    thresholds = [low, high] if sys.byteorder == "little" else [high, low]
-    words = words.view(-1, 2) < torch.tensor(thresholds, dtype=torch.int32, device=device)  # (N/2, 2)
-    return words.view(-1)[:numel].view(shape)
-
-
-def _use_fast_dropout(module: nn.Module, hidden_states: torch.Tensor, p: float) -> bool:
-    # On CUDA `F.dropout` is already one fused kernel with a cheap counter-based generator.
-    return (
-        module.training
-        and p > 0
-        and getattr(module, "fast_dropout", True)
-        and hidden_states.device.type == "cpu"
-    )
-
-
-def _fast_dropout(hidden_states: torch.Tensor, p: float) -> torch.Tensor:
-    """`F.dropout(hidden_states, p, training=True)` with the cheaper mask of `_keep_mask`; backward keeps the bool
-    mask (1 byte per element) where `F.dropout` keeps a float one."""
-    if p >= 1:
-        return hidden_states * 0.0
-    keep = _keep_mask(hidden_states.shape, p, hidden_states.device)
-    return torch.where(keep, hidden_states * (1.0 / (1.0 - p)), 0.0)
-
-
-def _fast_dropout_add(hidden_states: torch.Tensor, residual: torch.Tensor, p: float) -> torch.Tensor:
-    """`residual + F.dropout(hidden_states, p, training=True)`, with the mask of `_fast_dropout`."""
-    return residual + _fast_dropout(hidden_states, p)
-
-
-def _cpu_training_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float,
-) -> torch.Tensor:
-    """Attention with dropout on the probabilities, for CPU training: (B, nh, L, hs) -> (B, L, nh, hs).
-
-    What SDPA computes, without its CPU fallback for dropout > 0 (the math kernel, which upcasts bf16 inputs to fp32
-    and draws a float per probability); the softmax stays in fp32 as under autocast.
-    `attention_mask` is None, bool (True = attend) or additive, broadcastable to (B, nh, L, L).
-    """
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, nh, L, L)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32)
-    probs = _fast_dropout(probs, dropout).to(value.dtype)
-    return torch.matmul(probs, value).transpose(1, 2)  # (B, L, nh, hs)
 
 
 class ImageBertSelfAttention(nn.Module):
@@ -540,61 +478,14 @@ class ImageBertContrastiveHead(nn.Module):
         return self.logit_scale.clamp(max=ITC_MAX_LOGIT_SCALE).exp()
 
 
-def image_text_contrastive_loss(
-    text_embeds: torch.Tensor,
-    image_embeds: torch.Tensor,
-    logit_scale: torch.Tensor,
-    text_groups: torch.Tensor | None = None,
-    image_groups: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Symmetric in-batch InfoNCE (CLIP's loss), where pairs that show the same image are never negatives.
-
-    Args:
-        text_embeds: `(B, D)` L2-normalised text embeddings; row i is paired with `image_embeds[i]`.
-        image_embeds: `(B, D)` L2-normalised image embeddings.
-        logit_scale: `()` the factor of the cosine similarities (exp of the learnable log temperature).
-        text_groups: `(B,)` long, the image group of each row's caption (the image it describes); default: every
-            row its own group (CLIP's assumption).
-        image_groups: `(B,)` long, the group of each row's image, in the same id space; default: `text_groups`.
-            Text i and image j (j != i) with `text_groups[i] == image_groups[j]` are left out of each other's
-            softmax (a caption of the same image is no negative).
-        valid: `(B,)` bool, the rows whose pair counts as a positive (e.g. matched ITM pairs); every row still
-            serves as a negative for the others. Default: all.
-
-    Returns:
-        `()` the mean over valid rows of (text-to-image + image-to-text cross-entropy) / 2; 0 when no row is valid.
-    """
-    batch = text_embeds.shape[0]
-    device = text_embeds.device
-    logits = logit_scale.float() * text_embeds.float() @ image_embeds.float().t()  # (B, B) texts x images
-    if text_groups is None:
-        text_groups = torch.arange(batch, device=device)
-    if image_groups is None:
-        image_groups = text_groups
-    same = (
-        text_groups.to(device)[:, None] == image_groups.to(device)[None, :]
-    )  # (B, B) text i describes image j
-    other_positive = same & ~torch.eye(batch, dtype=torch.bool, device=device)
-    target = torch.arange(batch, device=device)
-    text_to_image = F.cross_entropy(
-        logits.masked_fill(other_positive, float("-inf")), target, reduction="none"
-    )
-    image_to_text = F.cross_entropy(
-        logits.t().masked_fill(other_positive.t(), float("-inf")), target, reduction="none"
-    )
-    per_pair = (text_to_image + image_to_text) / 2  # (B,)
-    if valid is None:
-        return per_pair.mean()
-    return _masked_mean(per_pair, valid.to(device))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Input checks
+# Input checks: shapes in every forward (free: no tensor value is read); values only with the opt-in
+# `config.check_inputs` (each reads tensor values on the host, a device synchronisation on a GPU), since in training
+# the processor and the collators check the same values where the data enters, once per example.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(
+def _check_input_shapes(
     config: ImageBertConfig,
     input_ids,
     attention_mask,
@@ -604,7 +495,7 @@ def _check_inputs(
     region_attention_mask,
     global_image_features,
 ) -> None:
-    """Raise a ValueError naming the argument for inputs the model cannot use."""
+    """Raise a ValueError naming the argument for inputs whose shapes the model cannot use."""
     if input_ids is None and region_features is None and global_image_features is None:
         raise ValueError(
             "ImageBERT needs input_ids, region_features or global_image_features; got none of them"
@@ -717,15 +608,24 @@ def _check_binary_labels(name: str, values: torch.Tensor) -> None:
         raise ValueError(f"{name} must be 0 or 1, got {values[bad][0].item()!r}")
 
 
-def _check_label_values(
-    config: ImageBertConfig, name: str, values: torch.Tensor, low: int, high: int
-) -> None:
-    """With `config.check_inputs`: `values` other than -100 lie in [low, high)."""
-    labelled = values[values != -100]
-    if labelled.numel() and (labelled.min() < low or labelled.max() >= high):
-        raise ValueError(
-            f"{name} must be in [{low}, {high}) or -100, got values in [{labelled.min().item()}, {labelled.max().item()}]"
-        )
+def _check_label_values(config: ImageBertConfig, labels: Mapping[str, torch.Tensor | None]) -> None:
+    """With `config.check_inputs`: each pre-training task's label in `labels` (by batch key) holds the values its
+    row of the task table names (`label_values`): 0 or 1, or class ids in [0, config.<field>) and -100."""
+    for task in PRETRAINING_TASKS:
+        name = task.label_keys[0]
+        values = labels.get(name)
+        if values is None or task.label_values is None:
+            continue
+        if task.label_values == "binary":
+            _check_binary_labels(name, values)
+            continue
+        high = getattr(config, task.label_values)
+        labelled = values[values != -100]
+        if labelled.numel() and (labelled.min() < 0 or labelled.max() >= high):
+            raise ValueError(
+                f"{name} must be in [0, {high}) or -100, got values in [{labelled.min().item()}, "
+                f"{labelled.max().item()}]"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1051,6 +951,7 @@ class ImageBertModel(ImageBertPreTrainedModel):
         region_attention_mask: torch.LongTensor | None = None,
         global_image_features: torch.FloatTensor | None = None,
         last_layer_positions: torch.BoolTensor | None = None,
+        sparse_word_gradient: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ImageBertModelOutput:
         r"""
@@ -1071,8 +972,11 @@ class ImageBertModel(ImageBertPreTrainedModel):
             - long `(B, Q)`: the positions of each row, distinct within a row and including 0 (the pooler's), e.g.
               padded with other unselected positions; every listed row is computed. No synchronisation: the
               collators of `modeling_imagebert.data` compute them (`last_layer_positions` in their batches).
+        sparse_word_gradient (`bool`, False): the word-embedding lookup returns its gradient as sparse rows. Only safe
+            when a dense gradient reaches the same weight in the same backward pass (the tied MLM decoder's):
+            `ImageBertForPreTraining` decides it per call (see `set_fast_paths`).
         """
-        _check_inputs(
+        _check_input_shapes(
             self.config,
             input_ids,
             attention_mask,
@@ -1092,7 +996,12 @@ class ImageBertModel(ImageBertPreTrainedModel):
                 global_image_features,
             )
         embedding_output = self.embeddings(
-            input_ids, token_type_ids, region_features, region_locations, global_image_features
+            input_ids,
+            token_type_ids,
+            region_features,
+            region_locations,
+            global_image_features,
+            sparse_word_gradient=sparse_word_gradient,
         )  # (B, L, H)
         batch, length = embedding_output.shape[:2]
         device = embedding_output.device
@@ -1146,33 +1055,65 @@ def _flat_positions(selected: torch.Tensor) -> torch.Tensor:
     return index if index.numel() else torch.full((1,), -100, dtype=torch.long, device=selected.device)
 
 
-def _last_layer_mask(
-    num_text: int, num_global: int, num_regions: int, batch: int, device, text_positions, region_positions
-) -> torch.Tensor:
-    """(B, L) bool over the joint sequence: the rows whose last hidden state a head reads, from flat text and region
-    positions (the first row, for the pooler, is added by the model)."""
-    length = num_text + num_global + num_regions
-    counts = torch.zeros(batch * length, device=device)
-    for positions, width, offset in (
-        *((p, num_text, 0) for p in text_positions),
-        *((p, num_regions, num_text + num_global) for p in region_positions),
-    ):
+class _JointLayout(NamedTuple):
+    """Where the parts of a batch's joint sequence sit: `[text (T), global-image token (0 or 1), regions (R)]`,
+    L = T [+ 1] + R positions per row, B rows."""
+
+    batch: int
+    num_text: int
+    num_global: int
+    num_regions: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, input_ids, region_features, global_image_features) -> "_JointLayout":
+        reference = next(t for t in (input_ids, region_features, global_image_features) if t is not None)
+        return cls(
+            batch=reference.shape[0],
+            num_text=0 if input_ids is None else input_ids.shape[1],
+            num_global=int(global_image_features is not None),
+            num_regions=0 if region_features is None else region_features.shape[1],
+            device=reference.device,
+        )
+
+    @property
+    def length(self) -> int:
+        return self.num_text + self.num_global + self.num_regions
+
+    def _locate(self, positions: torch.Tensor, over: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat positions (M,) into the (B, T) text or the (B, R) regions (`over`: "text" or "regions"; -100
+        entries are padding) -> their clamped indices (M,), batch rows (M,) and rows in the flattened (B * L) joint
+        sequence (M,)."""
+        width, offset = (
+            (self.num_text, 0) if over == "text" else (self.num_regions, self.num_text + self.num_global)
+        )
         index = positions.clamp(min=0)
-        rows = (index // width) * length + offset + index % width
-        counts = counts.index_add(0, rows, (positions >= 0).to(counts.dtype))
-    return (counts > 0).view(batch, length)
+        row = index // width
+        return index, row, row * self.length + offset + index % width
 
+    def rows(
+        self, hidden: torch.Tensor, positions: torch.Tensor, over: str, matched: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The hidden rows a head reads: `hidden` (B * L, H), flat `positions` (M,) over the text or the regions
+        -> the rows (M, H), the clamped indices (M,) into the labels, and which entries count (M,) bool: not
+        padding and, with `matched` (B,) bool, of a matched pair (conditional masking)."""
+        index, row, joint = self._locate(positions, over)
+        valid = positions >= 0
+        if matched is not None:
+            valid = valid & matched[row]
+        return hidden.index_select(0, joint), index, valid
 
-def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` (M,) over the `valid` (M,) entries; 0 (still connected to the graph) when none is."""
-    return (values * valid).sum() / valid.sum().clamp(min=1)
-
-
-def _keep_in_graph(loss: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """`loss` plus 0 x the parameters of an unused `module`: they get zero gradients instead of none, so DDP finds
-    every parameter in the graph (as the heads' ignored rows do) without a search for unused parameters; Adam's update
-    of a zero gradient is zero."""
-    return loss + 0.0 * sum(parameter.sum() for parameter in module.parameters())
+    def last_layer_mask(self, positions: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
+        """(B, L) bool: the rows whose last hidden state a head reads, from each task's flat `positions` (None
+        where the task has none); the first row, for the pooler, is added by the model."""
+        counts = torch.zeros(self.batch * self.length, device=self.device)
+        for task in PRETRAINING_TASKS:
+            task_positions = positions.get(task.name)
+            if task_positions is None:
+                continue
+            _, _, joint = self._locate(task_positions, task.positions_over)
+            counts = counts.index_add(0, joint, (task_positions >= 0).to(counts.dtype))
+        return (counts > 0).view(self.batch, self.length)
 
 
 def _outputs_requested(config: ImageBertConfig, kwargs: dict) -> bool:
@@ -1338,17 +1279,15 @@ class ImageBertForPreTraining(ImageBertContrastiveFeaturesMixin, ImageBertPreTra
     def set_output_embeddings(self, new_embeddings):
         self.mlm_head.decoder = new_embeddings
 
-    def _check_labels(
-        self,
-        input_ids,
-        region_features,
-        labels,
-        masked_regions,
-        region_class_labels,
-        region_feature_targets,
-        itm_labels,
+    def _check_label_shapes(
+        self, input_ids, region_features, task_labels: Mapping[str, torch.Tensor | None]
     ) -> None:
-        """Shape checks of the labels (free); with `config.check_inputs`, their values too."""
+        """Shape checks of the labels (free: no value is read); `task_labels` holds the label entries by batch key."""
+        labels = task_labels["labels"]
+        masked_regions = task_labels["masked_regions"]
+        region_class_labels = task_labels["region_class_labels"]
+        region_feature_targets = task_labels["region_feature_targets"]
+        itm_labels = task_labels["itm_labels"]
         if itm_labels is not None:
             reference = next(
                 (t for t in (input_ids, region_features) if t is not None), itm_labels.reshape(-1)
@@ -1380,23 +1319,58 @@ class ImageBertForPreTraining(ImageBertContrastiveFeaturesMixin, ImageBertPreTra
                     f"region_feature_targets must have the shape of region_features {tuple(region_features.shape)}, "
                     f"got {tuple(region_feature_targets.shape)}"
                 )
-        if self.config.check_inputs:
-            if labels is not None:
-                _check_label_values(self.config, "labels", labels, 0, self.config.vocab_size)
-            if region_class_labels is not None:
-                _check_label_values(
-                    self.config, "region_class_labels", region_class_labels, 0, self.config.num_object_classes
-                )
-            if itm_labels is not None:
-                _check_binary_labels("itm_labels", itm_labels)
 
-    @staticmethod
-    def _check_positions(name: str, positions: torch.Tensor | None) -> None:
-        if positions is not None and (positions.dim() != 1 or positions.dtype.is_floating_point):
-            raise ValueError(
-                f"{name} must be a 1-D integer tensor of flat indices (-100 = ignored), got shape "
-                f"{tuple(positions.shape)} {positions.dtype}"
-            )
+    def _head_positions(
+        self,
+        given: Mapping[str, torch.Tensor | None],
+        task_labels: Mapping[str, torch.Tensor | None],
+        matched: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Where each masked task's head reads the encoder: `{task: flat positions (M,)}` (see `forward`), None for a
+        task whose labels are absent. `given` holds the collators' positions (computed on the CPU); a task without
+        them gets them from its labels here, a host read of their count (a device synchronisation per task).
+        Entries of mismatched pairs (`matched` False) are left out (conditional masking). `task_labels` holds the
+        label entries by batch key."""
+        for task in PRETRAINING_TASKS:
+            positions = given.get(task.name)
+            if positions is not None and (positions.dim() != 1 or positions.dtype.is_floating_point):
+                raise ValueError(
+                    f"{task.position_key} must be a 1-D integer tensor of flat indices (-100 = ignored), got shape "
+                    f"{tuple(positions.shape)} {positions.dtype}"
+                )
+
+        def labelled(selected: torch.Tensor) -> torch.Tensor:
+            return _flat_positions(selected if matched is None else selected & matched[:, None])
+
+        positions = dict(given)
+        if task_labels["labels"] is not None and positions["mlm"] is None:
+            positions["mlm"] = labelled(task_labels["labels"] != -100)
+        if task_labels["region_class_labels"] is not None and positions["moc"] is None:
+            positions["moc"] = labelled(task_labels["region_class_labels"] != -100)
+        if task_labels["region_feature_targets"] is not None and positions["mrfr"] is None:
+            positions["mrfr"] = labelled(task_labels["masked_regions"].bool())
+        for task in PRETRAINING_TASKS:  # a task without labels reads nothing
+            if task.position_key is not None and task_labels[task.label_keys[0]] is None:
+                positions[task.name] = None
+        return positions
+
+    def _last_layer_positions(
+        self,
+        layout: _JointLayout,
+        positions: Mapping[str, torch.Tensor | None],
+        given: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor | None:
+        """The rows the last encoder layer computes (`last_layer_positions` of `ImageBertModel.forward`): the given
+        ones (the collators'), else the heads' rows; the pooler's row alone when no masked task has positions (ITM
+        or scoring); None (every row) with the fast path off or when hidden states or attentions are requested."""
+        if not self.sparse_last_layer or _outputs_requested(self.config, kwargs):
+            return None
+        if given is not None:
+            return given
+        if all(task_positions is None for task_positions in positions.values()):
+            return torch.zeros(layout.batch, 1, dtype=torch.long, device=layout.device)
+        return layout.last_layer_mask(positions)
 
     def _word_gradient_can_be_sparse(self, labels) -> bool:
         """The word embeddings may return a sparse gradient only when the tied MLM decoder adds its dense one in the
@@ -1409,6 +1383,71 @@ class ImageBertForPreTraining(ImageBertContrastiveFeaturesMixin, ImageBertPreTra
             and weight.requires_grad
             and self.mlm_head.decoder.weight is weight
         )
+
+    def _masked_task_losses(
+        self,
+        last_hidden_state: torch.Tensor,
+        layout: _JointLayout,
+        positions: Mapping[str, torch.Tensor | None],
+        matched: torch.Tensor | None,
+        task_labels: Mapping[str, torch.Tensor | None],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """MLM, MOC and MRFR, each head on its positions only -> (`{task: loss}`, `{task: head output}`) for the
+        tasks with positions. Entries that are padding, unlabelled or of a mismatched pair do not count."""
+        hidden = last_hidden_state.reshape(layout.batch * layout.length, -1)  # (B * L, H)
+        losses, outputs = {}, {}
+        if positions["mlm"] is not None:
+            selected, index, valid = layout.rows(hidden, positions["mlm"], "text", matched)
+            targets = task_labels["labels"].reshape(-1).index_select(0, index)
+            outputs["mlm"] = self._mlm_logits(selected)  # (M, V)
+            losses["mlm"] = masked_cross_entropy(outputs["mlm"], targets, valid & (targets != -100))
+        if positions["moc"] is not None:
+            selected, index, valid = layout.rows(hidden, positions["moc"], "regions", matched)
+            targets = task_labels["region_class_labels"].reshape(-1).index_select(0, index)
+            outputs["moc"] = self.moc_head(selected)  # (M, K)
+            losses["moc"] = masked_cross_entropy(outputs["moc"], targets, valid & (targets != -100))
+        if positions["mrfr"] is not None:
+            selected, index, valid = layout.rows(hidden, positions["mrfr"], "regions", matched)
+            targets = task_labels["region_feature_targets"].reshape(layout.batch * layout.num_regions, -1)
+            targets = targets.index_select(0, index)  # (M, F)
+            outputs["mrfr"] = self.mrfr_head(selected)  # (M, F)
+            losses["mrfr"] = masked_feature_regression(outputs["mrfr"], targets, valid)
+        return losses, outputs
+
+    def _itc_loss(
+        self,
+        inputs: Mapping[str, torch.Tensor | None],
+        task_labels: Mapping[str, torch.Tensor | None],
+        itc_text_groups: torch.Tensor | None,
+        itc_image_groups: torch.Tensor | None,
+        matched: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The image-text contrastive loss of the batch's pairs, each text and image encoded alone and unmasked: MLM
+        labels hold the original id at each selected token, the MRFR targets the original features (no host read:
+        `where` keeps the shapes). Matched rows only count as positives."""
+        input_ids, labels = inputs["input_ids"], task_labels["labels"]
+        targets = task_labels["region_feature_targets"]
+        text_ids = input_ids if labels is None else torch.where(labels != -100, labels, input_ids)
+        features = inputs["region_features"] if targets is None else targets
+        text_embeds = self.text_embeddings(text_ids, inputs["attention_mask"], inputs["token_type_ids"])
+        image_embeds = self.image_embeddings(
+            features,
+            inputs["region_locations"],
+            inputs["region_attention_mask"],
+            inputs["global_image_features"],
+        )
+        return image_text_contrastive_loss(
+            text_embeds, image_embeds, self.itc_head.scale(), itc_text_groups, itc_image_groups, matched
+        )
+
+    def _total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The weighted sum of the task losses (weights from the config's `<task>_loss_weight`), None without any;
+        the ITC head stays in the graph when its loss is absent."""
+        if not losses:
+            return None
+        weights = {task.name: getattr(self.config, task.loss_weight_field) for task in PRETRAINING_TASKS}
+        loss = weighted_loss(losses, weights)
+        return loss if "itc" in losses else keep_in_graph(loss, self.itc_head)
 
     @can_return_tuple
     def forward(
@@ -1456,158 +1495,50 @@ class ImageBertForPreTraining(ImageBertContrastiveFeaturesMixin, ImageBertPreTra
             its own image. ITC encodes each row's text and image alone, unmasked (the MLM `labels` and
             `region_feature_targets` restore the masked tokens and regions), and counts matched rows only.
         """
-        self._check_labels(
-            input_ids,
-            region_features,
-            labels,
-            masked_regions,
-            region_class_labels,
-            region_feature_targets,
-            itm_labels,
-        )
-        for name, positions in (
-            ("mlm_positions", mlm_positions),
-            ("moc_positions", moc_positions),
-            ("mrfr_positions", mrfr_positions),
-        ):
-            self._check_positions(name, positions)
-        reference = next(t for t in (input_ids, region_features, global_image_features) if t is not None)
-        batch, device = reference.shape[0], reference.device
-        num_text = 0 if input_ids is None else input_ids.shape[1]
-        num_global = int(global_image_features is not None)
-        num_regions = 0 if region_features is None else region_features.shape[1]
-        length = num_text + num_global + num_regions
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "region_features": region_features,
+            "region_locations": region_locations,
+            "region_attention_mask": region_attention_mask,
+            "global_image_features": global_image_features,
+        }
+        task_labels = {
+            "labels": labels,
+            "masked_regions": masked_regions,
+            "region_class_labels": region_class_labels,
+            "region_feature_targets": region_feature_targets,
+            "itm_labels": itm_labels,
+        }
+        self._check_label_shapes(input_ids, region_features, task_labels)
+        if self.config.check_inputs:
+            _check_label_values(self.config, task_labels)
         matched = None if itm_labels is None else itm_labels.reshape(-1) == 1  # (B,) conditional masking
-
-        # Where each masked task reads the encoder, as flat indices. The collators compute them on the CPU; the
-        # fallback below reads the labels' counts on the host (a device synchronisation per task).
-        pair_counts = (
-            (lambda selected: selected) if matched is None else (lambda selected: selected & matched[:, None])
+        given = {"mlm": mlm_positions, "moc": moc_positions, "mrfr": mrfr_positions}
+        positions = self._head_positions(given, task_labels, matched)
+        layout = _JointLayout.of(input_ids, region_features, global_image_features)
+        outputs = self.imagebert(
+            **inputs,
+            last_layer_positions=self._last_layer_positions(layout, positions, last_layer_positions, kwargs),
+            sparse_word_gradient=self._word_gradient_can_be_sparse(labels),
+            **kwargs,
         )
-        if labels is not None and mlm_positions is None:
-            mlm_positions = _flat_positions(pair_counts(labels != -100))
-        if region_class_labels is not None and moc_positions is None:
-            moc_positions = _flat_positions(pair_counts(region_class_labels != -100))
-        if region_feature_targets is not None and mrfr_positions is None:
-            mrfr_positions = _flat_positions(pair_counts(masked_regions.bool()))
-        if labels is None:
-            mlm_positions = None
-        if region_class_labels is None:
-            moc_positions = None
-        if region_feature_targets is None:
-            mrfr_positions = None
-
-        if self.sparse_last_layer and not _outputs_requested(self.config, kwargs):
-            if last_layer_positions is None and mlm_positions is moc_positions is mrfr_positions is None:
-                # ITM or scoring only: the pooler's row alone.
-                last_layer_positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-            elif last_layer_positions is None:
-                last_layer_positions = _last_layer_mask(
-                    num_text,
-                    num_global,
-                    num_regions,
-                    batch,
-                    device,
-                    [p for p in (mlm_positions,) if p is not None],
-                    [p for p in (moc_positions, mrfr_positions) if p is not None],
-                )
-        else:
-            last_layer_positions = None
-        embeddings = self.imagebert.embeddings
-        embeddings._sparse_word_gradient = self._word_gradient_can_be_sparse(labels)
-        try:
-            outputs = self.imagebert(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                token_type_ids=token_type_ids,
-                region_features=region_features,
-                region_locations=region_locations,
-                region_attention_mask=region_attention_mask,
-                global_image_features=global_image_features,
-                last_layer_positions=last_layer_positions,
-                **kwargs,
-            )
-        finally:
-            embeddings._sparse_word_gradient = False
         itm_logits = self.itm_head(outputs.pooler_output).squeeze(-1)  # (B,)
-        hidden = outputs.last_hidden_state.reshape(batch * length, -1)  # (B * L, H)
-
-        def rows(positions: torch.Tensor, width: int, offset: int) -> tuple[torch.Tensor, ...]:
-            """Flat positions (M,) over a (B, width) part starting at `offset` of the joint sequence -> their hidden
-            rows (M, H), the clamped indices (M,) and which entries count (M,) bool."""
-            index = positions.clamp(min=0)
-            row = index // width  # (M,) batch row of each entry
-            valid = positions >= 0
-            if matched is not None:
-                valid = valid & matched[row]
-            return hidden.index_select(0, row * length + offset + index % width), index, valid
-
-        losses = {}
-        mlm_logits = moc_logits = mrfr_predictions = None
-        if mlm_positions is not None:
-            selected, index, valid = rows(mlm_positions, num_text, 0)
-            targets = labels.reshape(-1).index_select(0, index)
-            valid = valid & (targets != -100)
-            mlm_logits = self._mlm_logits(selected)  # (M, V)
-            per_token = F.cross_entropy(
-                mlm_logits.float(), targets.masked_fill(~valid, -100), reduction="none"
-            )
-            losses["mlm"] = _masked_mean(per_token, valid)
-        region_offset = num_text + num_global
-        if moc_positions is not None:
-            selected, index, valid = rows(moc_positions, num_regions, region_offset)
-            targets = region_class_labels.reshape(-1).index_select(0, index)
-            valid = valid & (targets != -100)
-            moc_logits = self.moc_head(selected)  # (M, K)
-            per_region = F.cross_entropy(
-                moc_logits.float(), targets.masked_fill(~valid, -100), reduction="none"
-            )
-            losses["moc"] = _masked_mean(per_region, valid)
-        if mrfr_positions is not None:
-            selected, index, valid = rows(mrfr_positions, num_regions, region_offset)
-            targets = region_feature_targets.reshape(batch * num_regions, -1).index_select(0, index)  # (M, F)
-            mrfr_predictions = self.mrfr_head(selected)  # (M, F)
-            per_region = (mrfr_predictions.float() - targets.float()).pow(2).mean(-1)
-            losses["mrfr"] = _masked_mean(per_region, valid)
+        losses, heads = self._masked_task_losses(
+            outputs.last_hidden_state, layout, positions, matched, task_labels
+        )
         if itm_labels is not None:
-            losses["itm"] = F.binary_cross_entropy_with_logits(itm_logits.float(), itm_labels.float())
+            losses["itm"] = image_text_matching_loss(itm_logits, itm_labels)
         if self.config.itc_loss_weight > 0 and input_ids is not None and region_features is not None:
-            # The unmasked inputs: MLM labels hold the original id at each selected token, the MRFR targets the
-            # original features (no host read: `where` keeps the shapes).
-            text_ids = input_ids if labels is None else torch.where(labels != -100, labels, input_ids)
-            features = region_features if region_feature_targets is None else region_feature_targets
-            text_embeds = self.text_embeddings(text_ids, attention_mask, token_type_ids)
-            image_embeds = self.image_embeddings(
-                features, region_locations, region_attention_mask, global_image_features
-            )
-            losses["itc"] = image_text_contrastive_loss(
-                text_embeds, image_embeds, self.itc_head.scale(), itc_text_groups, itc_image_groups, matched
-            )
-
-        loss = None
-        if losses:
-            weights = {
-                "mlm": self.config.mlm_loss_weight,
-                "moc": self.config.moc_loss_weight,
-                "mrfr": self.config.mrfr_loss_weight,
-                "itm": self.config.itm_loss_weight,
-                "itc": self.config.itc_loss_weight,
-            }
-            loss = sum(weights[name] * value for name, value in losses.items())
-            if "itc" not in losses:
-                loss = _keep_in_graph(loss, self.itc_head)
-
+            losses["itc"] = self._itc_loss(inputs, task_labels, itc_text_groups, itc_image_groups, matched)
         return ImageBertForPreTrainingOutput(
-            loss=loss,
-            mlm_loss=losses.get("mlm"),
-            moc_loss=losses.get("moc"),
-            mrfr_loss=losses.get("mrfr"),
-            itm_loss=losses.get("itm"),
-            itc_loss=losses.get("itc"),
+            loss=self._total_loss(losses),
+            **{task.loss_output: losses.get(task.name) for task in PRETRAINING_TASKS},
             itm_logits=itm_logits,
-            mlm_logits=mlm_logits,
-            moc_logits=moc_logits,
-            mrfr_predictions=mrfr_predictions,
+            mlm_logits=heads.get("mlm"),
+            moc_logits=heads.get("moc"),
+            mrfr_predictions=heads.get("mrfr"),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -1617,69 +1548,14 @@ class ImageBertForPreTraining(ImageBertContrastiveFeaturesMixin, ImageBertPreTra
         return self(**inputs).itm_logits
 
 
-def retrieval_losses(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    weights: dict[str, float],
-    margin: float,
-    num_candidates: int | None = None,
-    check_groups: bool = True,
-) -> dict[str, torch.Tensor]:
-    """The fine-tuning losses of §4.4 on a batch of candidate groups.
-
-    Args:
-        logits: `(B,)` matching scores.
-        labels: `(B,)` 1 for matched pairs, 0 for sampled negatives. For `ce` and `triplet` the batch is read as
-            contiguous groups of P rows (P = `num_candidates`, or B / number of positives) with exactly one positive
-            each, as `DataCollatorForImageTextRetrieval` lays it out.
-        weights: `{name: weight}` for `binary` (BCE on every row), `ce` (cross-entropy picking the positive among the
-            P candidates) and `triplet` (hinge `max(0, margin - s_pos + max s_neg)` with the hardest negative).
-        num_candidates: P. When None it is inferred from the number of positives, and the groups are checked:
-            both read values on the host (a device synchronisation); the retrieval collators pass P.
-        check_groups: check that each group holds exactly one positive (reads values on the host).
-
-    Returns:
-        `{name: loss}` for each configured name.
-    """
-    labels = labels.to(logits.device)
-    losses = {}
-    if "binary" in weights:
-        losses["binary"] = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-    if "ce" in weights or "triplet" in weights:
-        batch = logits.shape[0]
-        if num_candidates is None:
-            positives = int((labels == 1).sum())
-            group = batch // positives if positives else 0
-        else:
-            positives, group = None, int(num_candidates)
-        if not group or batch % group:
-            raise ValueError(
-                f"the ce/triplet retrieval losses need contiguous groups of P candidates with one positive each; got "
-                f"{batch} rows with {positives if positives is not None else 'unchecked'} positives "
-                f"(num_candidates={num_candidates})"
-            )
-        grouped_labels = labels.view(-1, group)  # (G, P)
-        if check_groups and not torch.equal(
-            (grouped_labels == 1).sum(1), torch.ones_like(grouped_labels[:, 0], dtype=torch.long)
-        ):
-            raise ValueError(f"each group of {group} candidates must hold exactly one positive (labels == 1)")
-        grouped = logits.float().view(-1, group)  # (G, P)
-        positive_index = grouped_labels.argmax(1)  # (G,)
-        if "ce" in weights:
-            losses["ce"] = F.cross_entropy(grouped, positive_index)
-        if "triplet" in weights:
-            positive = grouped.gather(1, positive_index[:, None]).squeeze(1)  # (G,)
-            hardest = grouped.masked_fill(grouped_labels == 1, float("-inf")).max(1).values  # (G,)
-            losses["triplet"] = F.relu(margin - positive + hardest).mean()
-    return losses
-
-
 class ImageBertForRetrieval(ImageBertContrastiveFeaturesMixin, ImageBertPreTrainedModel):
     """ImageBERT with a matching-score head on the pooled [CLS] for image-text retrieval (§4.4). The head is named
     like the pre-training ITM head (`itm_head`), so loading a pre-training checkpoint initialises it from ITM."""
 
-    # The pre-training heads of a pre-training checkpoint are expected to be left behind.
-    _keys_to_ignore_on_load_unexpected = [r"^(mlm|moc|mrfr)_head\."]
+    # The masked tasks' heads (`<task>_head`) of a pre-training checkpoint are expected to be left behind.
+    _keys_to_ignore_on_load_unexpected = [
+        rf"^({'|'.join(task.name for task in PRETRAINING_TASKS if task.masked)})_head\."
+    ]
 
     # Fast path (see `set_fast_paths`).
     sparse_last_layer = True
@@ -1764,9 +1640,9 @@ class ImageBertForRetrieval(ImageBertContrastiveFeaturesMixin, ImageBertPreTrain
                     num_candidates,
                     itc_image_groups,
                 )
-            loss = sum(weights[name] * value for name, value in terms.items())
+            loss = weighted_loss(terms, weights)
             if "itc" not in terms:
-                loss = _keep_in_graph(loss, self.itc_head)
+                loss = keep_in_graph(loss, self.itc_head)
         return ImageBertForRetrievalOutput(
             loss=loss,
             logits=logits,
@@ -1794,15 +1670,11 @@ class ImageBertForRetrieval(ImageBertContrastiveFeaturesMixin, ImageBertPreTrain
         """ITC over the positive pairs of the candidate groups (rows 0, P, 2P, ...), each encoded unimodally."""
         if input_ids is None or region_features is None:
             raise ValueError("the itc retrieval loss needs both input_ids and region_features")
-        if num_candidates is None:
-            positives = int((labels == 1).sum())  # a host read; the retrieval collators pass P
-            num_candidates = labels.shape[0] // positives if positives else 0
-        group = int(num_candidates)
-        if not group or labels.shape[0] % group:
-            raise ValueError(
-                f"the itc retrieval loss needs contiguous groups of P candidates, the positive first; got "
-                f"{labels.shape[0]} rows with num_candidates={num_candidates}"
-            )
+        group = candidate_group_size(
+            labels,
+            num_candidates,
+            "the itc retrieval loss needs contiguous groups of P candidates, the positive first",
+        )
 
         def first_rows(tensor):
             return None if tensor is None else tensor[::group]  # (G, ...) each group's positive

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining
-from modeling_imagebert import modeling_imagebert as mi
+from modeling_imagebert import kernels_imagebert as kernels
 
 B, T, R, FEAT = 4, 9, 7, 16
 
@@ -110,7 +110,7 @@ def test_fused_qkv_keeps_the_three_checkpoint_tensors():
 def test_fast_dropout_mask_keeps_each_element_with_probability_one_minus_p(p):
     torch.manual_seed(0)
     n = 400_001  # odd: the last 64-bit draw is half used
-    keep = mi._keep_mask(torch.Size([n]), p, torch.device("cpu"))
+    keep = kernels._keep_mask(torch.Size([n]), p, torch.device("cpu"))
     assert keep.dtype == torch.bool and keep.shape == (n,)
     rate, sigma = keep.float().mean().item(), ((1 - p) * p / n) ** 0.5
     assert abs(rate - (1 - p)) < 5 * sigma
@@ -121,14 +121,14 @@ def test_fast_dropout_mask_keeps_each_element_with_probability_one_minus_p(p):
     both = (pairs[:, 0] * pairs[:, 1]).mean().item()
     assert abs(both - (1 - p) ** 2) < 0.01
     # A new draw gives a new mask.
-    assert not torch.equal(keep, mi._keep_mask(torch.Size([n]), p, torch.device("cpu")))
+    assert not torch.equal(keep, kernels._keep_mask(torch.Size([n]), p, torch.device("cpu")))
 
 
 def test_fast_dropout_add_is_residual_plus_inverted_dropout_with_matching_gradient():
     p = 0.3
     x = torch.randn(6, 50, 8, requires_grad=True)
     residual = torch.randn(6, 50, 8, requires_grad=True)
-    out = mi._fast_dropout_add(x, residual, p)
+    out = kernels._fast_dropout_add(x, residual, p)
     delta = (out - residual).detach()
     kept = delta != 0
     torch.testing.assert_close(delta[kept], x.detach()[kept] / (1 - p))
@@ -141,7 +141,7 @@ def test_fast_dropout_add_is_residual_plus_inverted_dropout_with_matching_gradie
 def test_fast_dropout_scales_kept_elements_and_zeroes_the_rest():
     p = 0.25
     x = torch.rand(10, 1000) + 0.5
-    out = mi._fast_dropout(x, p)
+    out = kernels._fast_dropout(x, p)
     kept = out != 0
     torch.testing.assert_close(out[kept], x[kept] / (1 - p))
     assert abs(kept.float().mean().item() - (1 - p)) < 0.02
@@ -159,7 +159,7 @@ def test_fast_dropout_model_equals_plain_dropout_given_the_same_masks(monkeypatc
     def bernoulli_mask(shape, p, device):
         return torch.empty(shape, device=device).bernoulli_(1 - p).bool()
 
-    monkeypatch.setattr(mi, "_keep_mask", bernoulli_mask)
+    monkeypatch.setattr(kernels, "_keep_mask", bernoulli_mask)
     # The sparse last layer draws its dropout masks for fewer rows, hence other random numbers: it is left out here
     # (its own tests run with dropout off, and check that its dropout is on at the configured rate).
     fast = _loss_and_grads(model.set_fast_paths(True, sparse_last_layer=False), batch, seed=3)
@@ -191,13 +191,13 @@ def test_cpu_training_attention_is_sdpa_with_dropout_on_the_probabilities(mask_k
     }[mask_kind]
     sdpa_mask = None if mask is None else allowed
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, scale=0.5).transpose(1, 2)
-    out = mi._cpu_training_attention(q, k, v, mask, 0.5, 0.0)
+    out = kernels._cpu_training_attention(q, k, v, mask, 0.5, 0.0)
     torch.testing.assert_close(out, expected)
     # With dropout: the probabilities are dropped with the mask drawn first, and rescaled.
     torch.manual_seed(7)
-    out = mi._cpu_training_attention(q, k, v, mask, 0.5, 0.4)
+    out = kernels._cpu_training_attention(q, k, v, mask, 0.5, 0.4)
     torch.manual_seed(7)
-    keep = mi._keep_mask(torch.Size([2, 3, 5, 5]), 0.4, torch.device("cpu"))
+    keep = kernels._keep_mask(torch.Size([2, 3, 5, 5]), 0.4, torch.device("cpu"))
     scores = (q @ k.transpose(-1, -2)) * 0.5
     if sdpa_mask is not None:
         scores = scores.masked_fill(~sdpa_mask, float("-inf"))
@@ -284,13 +284,13 @@ def test_sparse_last_layer_keeps_dropout_at_the_configured_rates(monkeypatch):
     """The rows of the sparse last layer go through the same dropout sites with the same rates."""
     model, batch = _model(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3), _batch()
     calls = []
-    original = mi._keep_mask
+    original = kernels._keep_mask
 
     def recording_mask(shape, p, device):
         calls.append((tuple(shape), round(p, 6)))
         return original(shape, p, device)
 
-    monkeypatch.setattr(mi, "_keep_mask", recording_mask)
+    monkeypatch.setattr(kernels, "_keep_mask", recording_mask)
     model(**batch)
     per_layer = 3  # attention probabilities, attention output, feed-forward output
     last = calls[-per_layer:]
@@ -357,7 +357,7 @@ def test_sparse_word_gradient_is_used_only_with_mlm_labels(monkeypatch):
             sparse_calls.append(kwargs.get("sparse", args[4] if len(args) > 4 else False))
         return original(input, weight, *args, **kwargs)
 
-    monkeypatch.setattr(mi.F, "embedding", recording_embedding)
+    monkeypatch.setattr(F, "embedding", recording_embedding)
     itm_only = {
         k: v for k, v in batch.items() if k not in ("labels", "masked_regions", "region_class_labels")
     }
@@ -372,7 +372,8 @@ def test_sparse_word_gradient_is_used_only_with_mlm_labels(monkeypatch):
     with torch.no_grad():
         model.eval()(**batch)  # no grad: the lookup stays dense
     assert sparse_calls[-1] is False
-    assert model.imagebert.embeddings._sparse_word_gradient is False  # reset after each call
+    # Nothing lingers after a call: the choice is an argument of each call, never state of the embeddings.
+    assert not hasattr(model.imagebert.embeddings, "_sparse_word_gradient")
 
 
 # ---------------------------------------------------------------------------------------------------- autocast

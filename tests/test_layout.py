@@ -1,9 +1,10 @@
 """The package's layout holds.
 
-The remote-code unit (configuration, modeling, processing) stands alone: it imports only the standard library,
-torch, transformers, huggingface_hub, safetensors, numpy (processor) and its sibling files, never the training
-and data code in `pretraining/`, `retrieval/` or `data/`, so a Hub folder with these three files loads with
-`trust_remote_code=True`.
+The remote-code unit (configuration, modeling, processing, and the model's siblings: CPU kernels, losses, task
+table) stands alone: it imports only the standard library, torch, transformers, huggingface_hub, safetensors, numpy
+(processor) and its sibling files, never the training and data code in `pretraining/`, `retrieval/` or `data/`, so
+a Hub folder with these files (`save_pretrained` copies the modeling and configuration files and their relative
+imports) loads with `trust_remote_code=True`.
 
 Imports run one way between the subpackages (DESIGN.md's layout): remote-code unit <- `data/` <- `features/` <-
 `pretraining/` <- `retrieval/` <- `lait/`, a package importing only those before it; the shared mechanisms
@@ -17,7 +18,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "modeling_imagebert"
-REMOTE_CODE = ("configuration_imagebert", "modeling_imagebert", "processing_imagebert")
+REMOTE_CODE = (
+    "configuration_imagebert",
+    "kernels_imagebert",
+    "losses_imagebert",
+    "modeling_imagebert",
+    "processing_imagebert",
+    "tasks_imagebert",
+)
 ALLOWED_LIBRARIES = {"torch", "transformers", "huggingface_hub", "safetensors"}
 # Per file, on top of ALLOWED_LIBRARIES. The processor's `datasets` import is local to the function that
 # describes its outputs as Arrow features (only dataset encoding calls it), so loading the processor does not
@@ -216,3 +224,8 @@ def test_imports_down_the_layers_and_of_shared_modules_pass():
     assert upward_imports("from .. import lait\n", "modeling_imagebert.features", True) == [
         "line 1: modeling_imagebert.lait (features/ imports lait/, which comes after it)"
     ]
+
+
+def test_every_imagebert_module_of_the_package_is_checked_as_remote_code():
+    # The unit's files are named `<part>_imagebert.py`: a new sibling must join REMOTE_CODE to be checked above.
+    assert sorted(path.stem for path in PACKAGE.glob("*_imagebert.py")) == sorted(REMOTE_CODE)

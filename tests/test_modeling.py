@@ -1,6 +1,8 @@
 """Specification of the ImageBERT model trio (tiny configs, CPU)."""
 
 import copy
+import dataclasses
+import inspect
 import json
 import os
 import textwrap
@@ -16,7 +18,9 @@ from modeling_imagebert import (
     ImageBertForRetrieval,
     ImageBertModel,
 )
-from modeling_imagebert.modeling_imagebert import retrieval_losses
+from modeling_imagebert.losses_imagebert import retrieval_losses
+from modeling_imagebert.modeling_imagebert import ImageBertForPreTrainingOutput
+from modeling_imagebert.tasks_imagebert import PRETRAINING_TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,6 +196,21 @@ def test_config_defaults_are_the_paper_settings():
     assert config.retrieval_loss_weights == {"binary": 1.0}
 
 
+def test_every_task_of_the_table_has_its_weight_field_output_loss_and_forward_arguments():
+    # A row of the task table names what the config, the output and the forward must declare for the task.
+    config = ImageBertConfig()
+    outputs = {field.name for field in dataclasses.fields(ImageBertForPreTrainingOutput)}
+    arguments = inspect.signature(ImageBertForPreTraining.forward).parameters
+    for task in PRETRAINING_TASKS:
+        assert getattr(config, task.loss_weight_field) == (1.0 if task.in_paper else 0.0), task.name
+        assert task.loss_output in outputs, task.name
+        assert set(task.label_keys) <= set(arguments), task.name
+        assert task.position_key is None or task.position_key in arguments, task.name
+        assert (task.position_key is None) == (task.positions_over is None), task.name
+        assert task.positions_over in (None, "text", "regions"), task.name
+        assert task.label_values in (None, "binary") or isinstance(getattr(config, task.label_values), int)
+
+
 def test_retrieval_loss_spec_parses_weighted_sums():
     config = ImageBertConfig(retrieval_loss="binary + 0.5*ce+2e-1*triplet")
     assert config.retrieval_loss_weights == {"binary": 1.0, "ce": 0.5, "triplet": 0.2}
@@ -242,7 +261,9 @@ def test_saved_folder_serves_all_three_auto_classes(tester, tmp_path):
         "AutoModelForPreTraining",
         "AutoModelForSequenceClassification",
     }
-    assert {"modeling_imagebert.py", "configuration_imagebert.py"} <= set(os.listdir(tmp_path))
+    # The model file's relative imports (kernels, losses, task table) are copied beside it.
+    siblings = {"kernels_imagebert.py", "losses_imagebert.py", "tasks_imagebert.py"}
+    assert {"modeling_imagebert.py", "configuration_imagebert.py", *siblings} <= set(os.listdir(tmp_path))
     assert isinstance(AutoModel.from_pretrained(tmp_path), ImageBertModel)
     assert isinstance(AutoModelForPreTraining.from_pretrained(tmp_path), ImageBertForPreTraining)
     assert isinstance(AutoModelForSequenceClassification.from_pretrained(tmp_path), ImageBertForRetrieval)

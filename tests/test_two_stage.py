@@ -17,7 +17,7 @@ from modeling_imagebert.data.collators import (
     DataCollatorForImageBertPretraining,
     DataCollatorForImageTextRetrieval,
 )
-from modeling_imagebert.modeling_imagebert import image_text_contrastive_loss
+from modeling_imagebert.losses_imagebert import image_text_contrastive_loss
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
 from modeling_imagebert.retrieval import metrics as retrieval_metrics
 from modeling_imagebert.retrieval.evaluation import compute_metrics, evaluate_retrieval

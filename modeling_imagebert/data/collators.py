@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..processing_imagebert import IGNORE_INDEX, ImageBertProcessor
+from ..tasks_imagebert import PRETRAINING_TASKS
 
 _MASK64 = (1 << 64) - 1
 
@@ -166,7 +167,12 @@ def _check_probability(name: str, value: float) -> float:
     return float(value)
 
 
-POSITION_KEYS = ("mlm_positions", "moc_positions", "mrfr_positions", "last_layer_positions")
+# The batch entries `add_labelled_positions` writes: each masked task's positions (the task table's), and the rows of
+# the last layer.
+POSITION_KEYS = (
+    *(task.position_key for task in PRETRAINING_TASKS if task.position_key is not None),
+    "last_layer_positions",
+)
 
 
 def _flat_positions(selected: torch.Tensor) -> torch.Tensor:
@@ -177,18 +183,24 @@ def _flat_positions(selected: torch.Tensor) -> torch.Tensor:
 
 
 def _check_label_ranges(batch: Mapping[str, Any]) -> None:
-    """Labels of a hand-made or modified batch: itm_labels in {0, 1}; labels and region_class_labels whole numbers
-    >= 0 or -100 (ignored). Checked on the CPU, where the collators run, so the model never has to."""
-    itm = batch.get("itm_labels")
-    if itm is not None:
-        itm = torch.as_tensor(itm)
-        bad = ~((itm == 0) | (itm == 1))
+    """Labels of a hand-made or modified batch, as the task table's `label_values` says: binary labels (itm_labels)
+    in {0, 1}; class-id labels (labels, region_class_labels) whole numbers >= 0 or -100 (ignored). Checked on the
+    CPU, where the collators run, so the model never has to."""
+    for name in (task.label_keys[0] for task in PRETRAINING_TASKS if task.label_values == "binary"):
+        value = batch.get(name)
+        if value is None:
+            continue
+        value = torch.as_tensor(value)
+        bad = ~((value == 0) | (value == 1))
         if bad.any():
             row = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"itm_labels of batch row {row}: {itm[row].item()!r} is not 0 (mismatched) or 1 (matched)"
+                f"{name} of batch row {row}: {value[row].item()!r} is not 0 (mismatched) or 1 (matched)"
             )
-    for name in ("labels", "region_class_labels"):
+    class_labels = [
+        task.label_keys[0] for task in PRETRAINING_TASKS if task.label_values not in (None, "binary")
+    ]
+    for name in class_labels:
         value = batch.get(name)
         if value is None:
             continue

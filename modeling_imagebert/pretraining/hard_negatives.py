@@ -14,10 +14,10 @@ from collections.abc import Mapping
 
 import torch
 
+from ..tasks_imagebert import MASKED_BATCH_KEYS
+
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 _IMAGE_KEYS = ("region_features", "region_locations", "region_attention_mask", "global_image_features")
-# Keys of masked-task batches: mining runs only on ITM batches of unmasked pairs.
-_MASKED_KEYS = ("labels", "masked_regions", "region_class_labels", "region_feature_targets")
 
 
 def _draw(
@@ -86,10 +86,10 @@ def mine_itm_negatives(
 
     `model` is an (unwrapped) `ImageBertForPreTraining`: its `text_embeddings` / `image_embeddings` and
     `itc_head.scale()` give the similarities. A batch without `itm_labels` or ITC groups, or with masked-task
-    labels, is returned unchanged. `generator` (on the batch's device) makes the draws reproducible.
+    entries (`MASKED_BATCH_KEYS`: mining runs only on ITM batches of unmasked pairs), is returned unchanged. `generator` (on the batch's device) makes the draws reproducible.
     """
     labels = batch.get("itm_labels")
-    if labels is None or "itc_text_groups" not in batch or any(key in batch for key in _MASKED_KEYS):
+    if labels is None or "itc_text_groups" not in batch or any(key in batch for key in MASKED_BATCH_KEYS):
         return dict(batch)
     logits = batch_itc_logits(model, batch)  # (B texts, B images)
     text_groups, image_groups = batch["itc_text_groups"], batch["itc_image_groups"]

@@ -8,17 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_bytes
-from .recipes import TASKS
+from ..tasks_imagebert import PRETRAINING_TASKS
 
 LOSS_CURVES_NAME = "loss_curves.png"
 MATPLOTLIB_MISSING = "loss curves skipped: matplotlib is not installed (pip install matplotlib)"
-
-_TASK_TITLES = {
-    "mlm": "MLM (masked language modelling)",
-    "moc": "MOC (masked object classification)",
-    "mrfr": "MRFR (masked region feature regression)",
-    "itm": "ITM (image-text matching)",
-}
 
 
 def write_loss_curves(
@@ -46,7 +39,7 @@ def write_loss_curves(
         print(MATPLOTLIB_MISSING)
         return None
 
-    tasks = [task for task in TASKS if any(r["task"] == task for r in history)]
+    tasks = [task for task in PRETRAINING_TASKS if any(r["task"] == task.name for r in history)]
     stages = sorted({int(r["stage"]) for r in history})
     # A stage begins one step after the previous one's last logged step.
     starts = {
@@ -62,7 +55,7 @@ def write_loss_curves(
             points = sorted(
                 (int(r["global_step"]), float(r["loss"]))
                 for r in history
-                if r["task"] == task and int(r["stage"]) == stage
+                if r["task"] == task.name and int(r["stage"]) == stage
             )
             if not points:
                 continue
@@ -71,7 +64,7 @@ def write_loss_curves(
             panel.plot(*zip(*points, strict=True), color=colours(k % 10), label=label, linewidth=1.5)
         for stage in stages[1:]:
             panel.axvline(starts[stage], color="grey", linestyle="--", linewidth=1)
-        panel.set_title(_TASK_TITLES.get(task, task))
+        panel.set_title(task.title)
         panel.set_xlabel("optimiser step (all stages)")
         panel.set_ylabel("training loss")
         panel.grid(alpha=0.3)

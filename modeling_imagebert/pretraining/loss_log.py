@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .recipes import TASKS
+from ..tasks_imagebert import TASK_NAMES
 
 
 def global_step_offset(history: Sequence[Mapping[str, Any]], stage: int) -> int:
@@ -64,7 +64,7 @@ class StageLossLog:
     ):
         self.accelerator = accelerator
         self.stage, self.num_steps, self.logging_steps = stage, num_steps, logging_steps
-        self.tasks = [task for task in TASKS if task in tasks]
+        self.tasks = [task for task in TASK_NAMES if task in tasks]
         self.history = history
         self.offset = global_step_offset(history, stage)
         self.last_losses: dict[str, float] = {}

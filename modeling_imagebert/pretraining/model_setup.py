@@ -11,10 +11,10 @@ import torch
 from ..configuration_imagebert import ImageBertConfig
 from ..modeling_imagebert import ImageBertForPreTraining
 from ..processing_imagebert import ImageBertProcessor
+from ..tasks_imagebert import PRETRAINING_TASKS, enabled_tasks
 from .checkpoints import stage_final_name
 from .recipes import (
     ADAMW_IMPLEMENTATIONS,
-    TASKS,
     Recipe,
     StageSpec,
     resolve_bert_checkpoint,
@@ -78,12 +78,14 @@ def init_stage_weights(
 
 
 def set_stage_loss_weights(config: ImageBertConfig, tasks: Mapping[str, float]) -> dict[str, float]:
-    """Writes a stage's task weights into `config.{mlm,moc,mrfr,itm,itc}_loss_weight` (a task the stage does not list
-    gets 0), so the model's `outputs.loss` is the stage's weighted loss and a saved checkpoint records the weights
-    it was trained with. Returns the enabled tasks (weight > 0) with their weights, in TASKS order."""
-    for task in TASKS:
-        setattr(config, f"{task}_loss_weight", float(tasks.get(task, 0.0)))
-    return {task: float(tasks[task]) for task in TASKS if tasks.get(task, 0.0) > 0}
+    """Writes a stage's task weights into the config's `<task>_loss_weight` fields (the task table's; a task that is
+    off, see `enabled_tasks`, gets 0), so the model's `outputs.loss` is the stage's weighted loss and a saved
+    checkpoint records the weights it was trained with. The stage's batches carry the labels of the same enabled
+    tasks (`ScheduledBatches` drops the others'). Returns the enabled tasks with their weights, in table order."""
+    enabled = enabled_tasks(tasks)
+    for task in PRETRAINING_TASKS:
+        setattr(config, task.loss_weight_field, enabled.get(task.name, 0.0))
+    return enabled
 
 
 def make_optimizer(

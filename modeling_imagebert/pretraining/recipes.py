@@ -25,11 +25,8 @@ import yaml
 
 from ..configuration_imagebert import ImageBertConfig
 from ..package_data import model_size_names, model_size_path
+from ..tasks_imagebert import PAPER_TASK_NAMES, PRETRAINING_TASKS, TASK_NAMES, enabled_tasks
 
-# The paper's four tasks (§4.3), on by default; "itc" (in-batch image-text contrastive, for two-stage retrieval) is an
-# option beyond the paper, off unless a stage lists it.
-PAPER_TASKS = ("mlm", "moc", "mrfr", "itm")
-TASKS = (*PAPER_TASKS, "itc")
 # torch's AdamW kernels: one fused kernel over all parameters (the fastest: on 2 CPU cores 0.010 s a step for the
 # demo's model against 0.064 s for the per-parameter loop), one multi-tensor pass per operation, or the loop. The
 # same update up to float rounding; "fused" runs on CPU, CUDA, XPU and MPS and falls back to "foreach" elsewhere.
@@ -73,8 +70,9 @@ class StageSpec:
     Attributes:
         name: used in logs and checkpoint folder names are numbered by stage (1-based).
         datasets: the sources, mixed per batch by weight.
-        tasks: enabled tasks and their loss weights, a subset of {mlm, moc, mrfr, itm, itc} (itc: in-batch image-text
-            contrastive, beyond the paper, for two-stage retrieval). A task left out is off.
+        tasks: enabled tasks and their loss weights, a subset of the task table's names (`tasks_imagebert`:
+            mlm, moc, mrfr, itm, itc; itc: in-batch image-text contrastive, beyond the paper, for two-stage
+            retrieval). A task left out, or with weight 0, is off. Default: the paper's four tasks, weight 1.
         max_steps: optimiser steps of the stage; else `num_epochs` passes over the (summed) sources.
         num_epochs: used when `max_steps` is None (may be fractional).
         batch_size: examples per process per micro-batch.
@@ -103,7 +101,7 @@ class StageSpec:
 
     name: str = "stage"
     datasets: list[DatasetSpec] = field(default_factory=list)
-    tasks: dict[str, float] = field(default_factory=lambda: {task: 1.0 for task in PAPER_TASKS})
+    tasks: dict[str, float] = field(default_factory=lambda: {task: 1.0 for task in PAPER_TASK_NAMES})
     max_steps: int | None = None
     num_epochs: float | None = None
     batch_size: int = 32
@@ -192,8 +190,7 @@ class Recipe:
         for stage in self.stages:
             if any(source.modality == "text" for source in stage.datasets):
                 return True
-            enabled = {task for task, weight in stage.tasks.items() if weight > 0}
-            if set(PAPER_TASKS) - enabled:
+            if set(PAPER_TASK_NAMES) - set(enabled_tasks(stage.tasks)):
                 return True
             if stage.itm_mode == "separate":  # ITM batches skip the masked-task heads and vice versa
                 return True
@@ -330,16 +327,21 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             raise RecipeError(f"{where}.datasets: a stage needs at least one dataset")
         for d, source in enumerate(stage.datasets):
             _validate_source(source, f"{where}.datasets[{d}]")
-        bad = sorted(set(stage.tasks) - set(TASKS))
+        bad = sorted(set(stage.tasks) - set(TASK_NAMES))
         if bad:
-            raise RecipeError(f"{where}.tasks: unknown task {bad[0]!r}; expected a subset of {list(TASKS)}")
+            raise RecipeError(
+                f"{where}.tasks: unknown task {bad[0]!r}; expected a subset of {list(TASK_NAMES)}"
+            )
         for task, weight in stage.tasks.items():
             _positive(weight, f"{where}.tasks.{task}", allow_zero=True)
-        enabled = {task for task, weight in stage.tasks.items() if weight > 0}
+        enabled = set(enabled_tasks(stage.tasks))
         if not enabled:
             raise RecipeError(f"{where}.tasks: enable at least one task (a weight > 0)")
-        if all(source.modality == "text" for source in stage.datasets) and "mlm" not in enabled:
-            raise RecipeError(f"{where}.tasks: a text-only stage can only train mlm, got {sorted(enabled)}")
+        text_tasks = [task.name for task in PRETRAINING_TASKS if not task.needs_images]
+        if all(source.modality == "text" for source in stage.datasets) and not enabled & set(text_tasks):
+            raise RecipeError(
+                f"{where}.tasks: a text-only stage can only train {', '.join(text_tasks)}, got {sorted(enabled)}"
+            )
         if stage.max_steps is None and stage.num_epochs is None:
             raise RecipeError(f"{where}: set max_steps or num_epochs")
         _positive(stage.max_steps, f"{where}.max_steps", allow_none=True)
@@ -591,8 +593,6 @@ def check_recipe_paths(recipe: Recipe, base: str | Path | None = None) -> None:
 
 __all__ = [
     "ADAMW_IMPLEMENTATIONS",
-    "PAPER_TASKS",
-    "TASKS",
     "DatasetSpec",
     "EvaluationSpec",
     "ModelSpec",

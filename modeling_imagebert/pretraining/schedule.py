@@ -26,21 +26,12 @@ from ..data.collators import (
     hashed_uniform,
 )
 from ..processing_imagebert import ImageBertProcessor
+from ..tasks_imagebert import MASKED_BATCH_KEYS, PRETRAINING_TASKS, dropped_label_keys, enabled_tasks
 from .data_sources import encode_source, load_source
-from .recipes import TASKS, DatasetSpec, StageSpec
+from .recipes import DatasetSpec, StageSpec
 from .stage_checks import check_feature_dim
 
 _STREAM_ITM_BATCH = 24
-
-
-# Labels each task reads; a disabled task's labels are dropped from the batch.
-TASK_LABELS = {
-    "mlm": ("labels",),
-    "moc": ("region_class_labels",),
-    "mrfr": ("region_feature_targets",),
-    "itm": ("itm_labels",),
-    "itc": ("itc_text_groups", "itc_image_groups"),
-}
 
 
 @dataclass
@@ -72,8 +63,9 @@ def build_stage_sources(
     example.
     """
     sources = []
-    itm_on = stage.tasks.get("itm", 0) > 0
-    masked_on = any(stage.tasks.get(task, 0) > 0 for task in ("mlm", "moc", "mrfr"))
+    enabled = enabled_tasks(stage.tasks)
+    itm_on = "itm" in enabled
+    masked_on = any(task.masked and task.name in enabled for task in PRETRAINING_TASKS)
     separate = itm_on and masked_on and stage.itm_mode == "separate"
     for s, spec in enumerate(stage.datasets):
         collator_seed = seed * 1_000_003 + stage_index * 1009 + s
@@ -210,7 +202,8 @@ class ScheduledBatches(torch.utils.data.Dataset):
         self.sources, self.schedule, self.rank = sources, schedule, rank
         self.start, self.stop = int(start), int(stop)
         self.itm_batch_fraction = float(itm_batch_fraction)
-        self.drop = [label for task in TASKS if tasks.get(task, 0) <= 0 for label in TASK_LABELS[task]]
+        # The labels of the tasks the stage does not train (the task table's `label_keys`).
+        self.drop = dropped_label_keys(tasks)
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -237,7 +230,7 @@ class ScheduledBatches(torch.utils.data.Dataset):
         collator.set_epoch(epoch)
         batch = collator(examples)
         if itm_batch:
-            drop = {"labels", "masked_regions", "region_class_labels", "region_feature_targets"}
+            drop = set(MASKED_BATCH_KEYS)
         elif source.itm_collator is not None:
             drop = {"itm_labels"}  # all matched: an ITM loss here would only teach "always matched"
         else:
@@ -313,8 +306,7 @@ def plan_stage(
     )
     num_steps = stage_num_steps(stage, schedule)
     warmup = stage.warmup_steps if stage.warmup_steps > 0 else math.ceil(stage.warmup_ratio * num_steps)
-    tasks = {task: float(stage.tasks[task]) for task in TASKS if stage.tasks.get(task, 0) > 0}
-    return StagePlan(stage, sources, schedule, num_steps, warmup, tasks)
+    return StagePlan(stage, sources, schedule, num_steps, warmup, enabled_tasks(stage.tasks))
 
 
 __all__ = [
@@ -322,7 +314,6 @@ __all__ = [
     "ScheduledBatches",
     "StagePlan",
     "StageSource",
-    "TASK_LABELS",
     "build_stage_sources",
     "check_sources_fit_model",
     "plan_stage",
