@@ -155,6 +155,13 @@ _META_IMAGE_KEYS = frozenset(
 )
 _JSONLD_SKIP_TYPES = frozenset({"Person", "Organization", "Brand", "WebSite", "NewsMediaOrganization"})
 _LETTERS = re.compile(r"[^\W\d_]")
+_TITLE_WORD = re.compile(r"[^\W\d_]{3,}")
+# English function words: they say nothing about what a headline and a paragraph share
+_FUNCTION_WORDS = frozenset(
+    "the and for with from this that these those are was were been has have had its his her their our your you "
+    "not but all any can will would could should about into over under after before than then there here what "
+    "when where which who whom why how out off our also just more most some such only very".split()
+)
 _NON_LATIN_LETTERS = re.compile(r"[^\W\d_\u0000-\u024f\u1e00-\u1eff]")
 # detect_fast codes of languages written in the Latin script (the mixed-script rule of _decide_language)
 _LATIN_SCRIPT_LANGUAGES = frozenset(
@@ -198,6 +205,7 @@ class PagesSettings:
     nearby_max_levels: int
     nearby_min_words: int
     nearby_max_chars: int
+    nearby_title_overlap: bool
 
 
 _REQUIRED = {
@@ -232,6 +240,7 @@ _REQUIRED = {
     "nearby_max_levels": int,
     "nearby_min_words": int,
     "nearby_max_chars": int,
+    "nearby_title_overlap": bool,
 }
 
 
@@ -959,6 +968,9 @@ def nearest_text_block(node: LexborNode, settings: PagesSettings, exclude: str =
             candidate = _sibling(current, forward)
             if candidate is None or candidate.tag in _SCRIPTLIKE:
                 continue
+            # A block with a script in it is an ad or a widget (and its text would be the script's code).
+            if candidate.is_element_node and candidate.css_first("script, style") is not None:
+                continue
             text = _text_block(candidate)
             if exclude and exclude in text:
                 text = " ".join(text.replace(exclude, " ").split())
@@ -970,7 +982,26 @@ def nearest_text_block(node: LexborNode, settings: PagesSettings, exclude: str =
     return ""
 
 
-def _raw_text_candidates(image: _Image, settings: PagesSettings) -> list[TextCandidate]:
+def _title_words(tree: LexborHTMLParser) -> frozenset[str]:
+    """Content words (three letters or more, not function words) of the page's headline: its first <h1>, its
+    <title> and og:title."""
+    texts = []
+    for selector in ("h1", "title"):
+        node = tree.css_first(selector)
+        if node is not None:
+            texts.append(node.text(separator=" "))
+    node = tree.css_first('meta[property="og:title"]')
+    if node is not None:
+        texts.append(node.attributes.get("content") or "")
+    return frozenset(w for w in _TITLE_WORD.findall(" ".join(texts).lower()) if w not in _FUNCTION_WORDS)
+
+
+def _raw_text_candidates(
+    image: _Image, settings: PagesSettings, title_words: frozenset[str]
+) -> list[TextCandidate]:
+    """The image's alt, title (its own or its link's), figcaption and nearby text block. The nearby block is
+    surrounding text, not a caption: with `nearby_title_overlap` it is kept only when it shares a content word with
+    the page's headline (a paragraph that does not mention what the page is about rarely describes its picture)."""
     attributes = image.node.attributes
     candidates = []
     alt = " ".join((attributes.get("alt") or "").split())
@@ -989,6 +1020,9 @@ def _raw_text_candidates(image: _Image, settings: PagesSettings) -> list[TextCan
         if caption:
             candidates.append(TextCandidate(source="figcaption", raw=caption))
     nearby = nearest_text_block(image.node, settings, exclude=caption)
+    if nearby and settings.nearby_title_overlap and title_words:
+        if title_words.isdisjoint(_TITLE_WORD.findall(nearby.lower())):
+            nearby = ""
     if nearby:
         candidates.append(TextCandidate(source="nearby", raw=nearby))
     return candidates
@@ -1112,6 +1146,7 @@ def stage1_pages(
     if len(ranked) > len(kept):
         drops.drop(STAGE, "not_dominant", len(ranked) - len(kept))
     drops.keep(STAGE, len(kept))
+    title_words = _title_words(tree) if settings.nearby_title_overlap else frozenset()
     return [
         ImageCandidate(
             warc_file=page.warc_file,
@@ -1123,7 +1158,7 @@ def stage1_pages(
             dominance_score=image.score,
             language=language.language,
             language_score=language.rank,
-            text_candidates=_raw_text_candidates(image, settings),
+            text_candidates=_raw_text_candidates(image, settings, title_words),
         )
         for image in kept
     ]
