@@ -417,27 +417,31 @@ def ablations(pages_config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         return {"weights": {**weights, **{name: 0.0 for name in names}}}
 
     return {
-        "all signals (defaults)": {},
-        "no main-content detection": {"main_content": False},
-        "no boilerplate ancestors (classes, header/nav/footer/aside)": zero("in_boilerplate"),
-        "no teaser/rail detection (repeated link blocks)": zero("in_teaser"),
-        "no og:image / twitter:image / schema.org image": zero("meta_image"),
-        "no figure / figcaption": zero("in_figure", "has_figcaption"),
+        "all signals (the defaults)": {},
+        "no main content (no content root or region)": {"main_content": False},
+        "no content root / region features": zero("in_content", "in_content_region"),
         "no position in the content": zero("content_position"),
-        "no declared size": zero("log_side_ratio", "small", "extreme_aspect"),
+        "no og:image / twitter:image / schema.org image": zero("meta_image"),
+        "no teaser links": zero("in_teaser"),
+        "no page furniture (classes, nav/aside/header/footer)": zero("in_boilerplate"),
+        "no figure / figcaption": zero("in_figure", "has_figcaption"),
+        "no declared size (attributes, srcset, CSS, URL)": zero("log_side_ratio", "small", "extreme_aspect"),
         "no class/id/alt/src words": zero("negative_word_hits", "positive_word_hits"),
         "no file type": zero("ext_jpg", "ext_png", "ext_gif", "ext_webp", "ext_svg", "ext_ico", "ext_other"),
-        "no link wrapper": zero("in_link"),
+        "no <main>/<article> tags": zero("in_main", "in_article"),
+        "language: no <html lang> fallback": {"use_html_lang": False},
+        "language: no mixed-script rule": {"max_non_latin_share": 1.0},
     }
 
 
 def ablation_table(pages: list[RealPage]) -> str:
+    """Stage 1 on the real pages with each signal switched off alone (`ablations`)."""
     from modeling_imagebert.lait.config import load_config
 
     base = load_config()["pages"]
     lines = [
-        "| stage 1 without | precision | recall | F1 | change in F1 |",
-        "|---|---|---|---|---|",
+        "| stage 1 without | language accuracy | precision | recall | F1 | change in F1 |",
+        "|---|---|---|---|---|---|",
     ]
     reference = None
     for name, overrides in ablations(base).items():
@@ -446,8 +450,27 @@ def ablation_table(pages: list[RealPage]) -> str:
         f1 = 2 * counts.precision * counts.recall / max(counts.precision + counts.recall, 1e-9)
         reference = f1 if reference is None else reference
         lines.append(
-            f"| {name} | {_fmt(counts.precision)} | {_fmt(counts.recall)} | {_fmt(f1)} | {f1 - reference:+.3f} |"
+            f"| {name} | {_fmt(counts.language_accuracy)} | {_fmt(counts.precision)} | {_fmt(counts.recall)} | "
+            f"{_fmt(f1)} | {f1 - reference:+.3f} |"
         )
+    return "\n".join(lines)
+
+
+def text_ablation_table(pages: list[RealPage], folder: Path) -> str:
+    """Kept pairs of whole runs with stage 3's text rules switched off one at a time."""
+    from modeling_imagebert.lait.config import load_config
+
+    variants = {
+        "all rules (the defaults)": {},
+        "nearby text without the headline-word rule": {"pages": {"nearby_title_overlap": False}},
+        "no nearby text at all": {"text": {"sources": ["alt", "title", "figcaption"]}},
+    }
+    lines = ["| stage 3 with | kept pairs | text precision |", "|---|---|---|"]
+    for index, (name, overrides) in enumerate(variants.items()):
+        config = load_config(overrides={**E2E_OVERRIDES, **overrides})
+        kept, _ = run_pipeline(pages, folder / f"variant-{index}", config)
+        counts = pair_counts(pages, kept)["all"]
+        lines.append(f"| {name} | {counts.kept} | {_fmt(counts.text_precision)} |")
     return "\n".join(lines)
 
 
@@ -484,8 +507,11 @@ def main() -> None:
             if result.kept_english != page.english:
                 print("  language:", page.id, page.language, "kept" if result.kept_english else "dropped")
     if "--ablation" in sys.argv:
-        print("\n## Ablation\n")
+        print("\n## Ablation of stage 1\n")
         print(ablation_table(pages))
+        with tempfile.TemporaryDirectory() as tmp:
+            print("\n## Ablation of the text rules\n")
+            print(text_ablation_table(pages, Path(tmp)))
 
 
 if __name__ == "__main__":
