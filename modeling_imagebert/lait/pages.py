@@ -459,6 +459,7 @@ def _extension_feature(path: str) -> str:
     return _EXTENSIONS.get(path[dot + 1 :], "ext_other")
 
 
+@lru_cache(maxsize=16384)
 def _image_keys(url: str) -> tuple[str, str]:
     """A picture's names without its size variant: the file name of the URL's path, lower case, without extension
     and dimension suffixes (`-1200x630`, `-320-80`); then also without trailing numbers and size words (`_800`,
@@ -515,8 +516,8 @@ def _find_content(ordered: list[LexborNode], settings: PagesSettings) -> _Conten
     for node in ordered:
         if node.tag != "p":
             continue
-        text = " ".join(node.text(separator=" ").split())
-        length = len(text)
+        text = node.text(separator=" ")  # whitespace as in the page; collapsed only in the language sample
+        length = len(text.strip())
         if length < settings.content_min_chars:
             continue
         link_chars = sum(len(a.text()) for a in node.css("a")) if node.css_first("a") is not None else 0
@@ -616,22 +617,34 @@ def _html_lang(tree: LexborHTMLParser) -> str:
     return value.strip().lower().replace("_", "-").split("-", 1)[0]
 
 
+def _sample(texts: list[str], limit: int) -> str:
+    """The texts joined, whitespace collapsed, cut at `limit` characters (only about that much is ever joined)."""
+    parts, size = [], 0
+    for text in texts:
+        parts.append(text)
+        size += len(text)
+        if size > 2 * limit:
+            break
+    return " ".join(" ".join(parts).split())[:limit]
+
+
 def _decide_language(
     tree: LexborHTMLParser, content: _Content, settings: PagesSettings, page_text: Any
 ) -> PageLanguage:
     """The language rule of the module docstring; `page_text()` gives the page's visible text, computed only when
     the paragraphs are too short."""
     limit, enough = settings.language_sample_chars, settings.language_fill_chars
-    evidence, sample = "content", " ".join(content.content_text)[:limit]
+    evidence, sample = "content", _sample(content.content_text, limit)
     if len(sample) < enough:
         # Short content (a product's two lines): the page's other paragraphs, then all its text, fill it up.
-        others = [text for text in content.all_text if text not in content.content_text]
+        taken = set(map(id, content.content_text))
+        others = [text for text in content.all_text if id(text) not in taken]
         if others:
             evidence = "paragraphs" if not sample else evidence
-            sample = " ".join([sample, *others]).strip()[:limit]
+            sample = _sample([sample, *others], limit)
     if len(sample) < enough:
         evidence = "page" if len(sample) < settings.min_text_chars else evidence
-        sample = " ".join([sample, page_text()]).strip()[:limit]
+        sample = _sample([sample, page_text()], limit)
     language, rank = "unknown", 0.0
     if len(sample) >= settings.min_text_chars:
         language, rank = detect_fast(sample, cutoff=settings.max_language_rank)
@@ -774,7 +787,7 @@ def _links_to_other_page(href: str, image_url: str, context: _PageContext) -> bo
     target = target.split("#", 1)[0]
     if target == context.page_url.split("#", 1)[0] or target == image_url:
         return False
-    if _same_picture(target, image_url):
+    if not target.startswith(("http://", "https://")):
         return False
     if _VIEWER_WORDS.search(target[target.find("/", target.find("://") + 3) :]):
         return False
@@ -782,7 +795,7 @@ def _links_to_other_page(href: str, image_url: str, context: _PageContext) -> bo
     dot = path.rfind(".")
     if dot >= 0 and "/" not in path[dot:] and path[dot + 1 :] in _MEDIA_EXTENSIONS:
         return False
-    return target.startswith(("http://", "https://"))
+    return not _same_picture(target, image_url)
 
 
 def _ancestor_features(
