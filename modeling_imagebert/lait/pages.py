@@ -9,19 +9,22 @@ Main content (one pass over the page's `<p>` and `<img>` elements, in document o
 `content_min_chars` characters whose text is less than half link text scores `1 + commas + one per 100
 characters (at most 3)` for its parent and half that for its grandparent; a container whose class/id words are
 page furniture (`boilerplate_words`, `negative_words`) keeps a third of its score. The best container scoring at
-least `content_min_score` is the content root; the content region is its nearest `<article>`, `<main>`,
-`role=main` or `itemprop=articleBody` ancestor within `content_region_levels` levels, else its parent (a lead
-picture often sits just before the text). A page without such a container has no content root, and every image
-falls back on the plain `<main>`/`<article>` features.
+least `content_min_score` is the content root; the content region is its outermost `<article>`, `<main>`,
+`role=main` or `itemprop=articleBody` ancestor within `content_region_levels` levels, else its ancestor
+`content_region_fallback` levels up (a lead picture often sits in the article's header, beside the text's own
+container). A page without such a container has no content root, and every image falls back on the plain
+`<main>`/`<article>` features.
 
 Language (`page_language`): `detect_fast` (resiliparse, a linear-time n-gram identifier whose profiles ship in the
-wheel) on the text of the main content's paragraphs, else of all paragraphs, else of all visible text, the first
-`language_sample_chars` characters of the first of these that has `min_text_chars`. Menus, sidebars, comment
-threads and cookie banners are not the page's language. `<html lang>` (its primary subtag) decides only when the
-text gives no answer (too short, or no profile within `max_language_rank`); when the text answers, it wins over
-`<html lang>` (pages say `lang="en"` in their templates whatever the article's language). A mixed page (English
-navigation around a German forum thread, Chinese lyrics with an English sidebar) is in the language of its main
-content.
+wheel) on the text of the main content's paragraphs, filled up to `language_fill_chars` with the page's other
+paragraphs and then its visible text when the content is shorter, cut at `language_sample_chars`; under
+`min_text_chars` there is no evidence. Menus, sidebars, comment threads and cookie banners are not the page's
+language. `<html lang>` (its primary subtag) decides only when the text gives no answer (too short, or no profile
+within `max_language_rank`); when the text answers, it wins over `<html lang>` (pages say `lang="en"` in their
+templates whatever the article's language). A mixed page (English navigation around a German forum thread) is in
+the language of its main content; a sample detected as a Latin-script language whose letters are more than
+`max_non_latin_share` in other scripts (Chinese lyrics with pinyin lines in an English blog template) is
+"mixed", not that language.
 
 Dominant images:
 
@@ -32,11 +35,15 @@ over the features in `DOM_FEATURE_NAMES`: inside the content root / region, how 
 (`meta_image`: og:image, twitter:image, `link rel=image_src`, schema.org `image` of the page's JSON-LD, matched by
 URL or by file name without size suffixes), `<figure>`/`<figcaption>`, inside a link to another page (`in_teaser`:
 related-article rails and "next story" cards link their pictures to other articles; a lightbox links to the image
-itself), inside page furniture (`<nav>`, `<aside>`, or an ancestor whose class/id says header, menu, sidebar,
-related, teaser...; `<header>`/`<footer>` inside the content region are the article's own, not the page's),
+itself), inside page furniture (`<nav>`, `<aside>`, or an ancestor whose class/id says menu, sidebar, related,
+teaser...; an ancestor that contains the content root is never furniture, and `<header>`/`<footer>` inside the
+content region are the article's own, not the page's),
 declared or CSS size (log2 of the longer known side over `reference_side`; `small`, `extreme_aspect`), words in the
 image's own class/id/alt/src and its near ancestors' class/id (`negative_words`, `positive_words`), file type,
-alt/title/figcaption present, same host as the page, repetition of the URL on the page. A page keeps the
+alt/title/figcaption present, same host as the page, repetition of the URL on the page. Without a declared size,
+the URL's (`?w=105&h=105`, `resize=865,452`, `/300x200/`, `-1200x630.jpg`); a CSS size in `em`/`ex` units is a
+glyph's (a rendered formula). A link to a viewer of the picture (a path saying photo, image, gallery, zoom...) or
+to the same picture in another size is no teaser. A page keeps the
 best-scoring image when its score reaches `min_score`, and any other image within `keep_margin` of the best (still
 >= `min_score`), at most `max_dominant` per page; ties keep DOM order. The other images are counted as
 `not_dominant`.
@@ -46,6 +53,10 @@ three or more pictures of the page), the first URL-like `data-*` attribute (`dat
 `data-original`, any `data-*-src`), else the widest `srcset` / `data-srcset` candidate, else the widest candidate
 of the parent `<picture>`'s `<source srcset>`. `srcset` is split as the HTML standard does (a URL may contain
 commas). A URL whose path is empty or `/` (a script fills the real one in) is no image.
+
+Raw text candidates of each kept image: its alt, its title (or its link's), its figure's figcaption, and the
+nearest text block (`nearest_text_block`); with `nearby_title_overlap`, the block is kept only when it shares a
+content word with the page's headline (`<h1>`, `<title>`, og:title), and a block with a script in it is skipped.
 
 Site-level repetition (an image URL that appears on many pages of one site is a logo or a template image) needs
 the pages of a site together: `apply_site_repetition(candidates_of_one_site, config, drops)` is the group step the
