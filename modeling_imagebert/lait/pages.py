@@ -586,19 +586,18 @@ def _find_content(ordered: list[LexborNode], settings: PagesSettings) -> _Conten
         ancestor = ancestor.parent
     if region_node is None:
         region_node = fallback
-    # Content paragraphs: those whose parent or grandparent is the root (or the root's own <p> children deeper
-    # down are counted through the ancestor walk below only for images; paragraphs count by their containers).
-    content_ids = {id(node) for node, _, parent_id, gp_id in paragraphs if root in (parent_id, gp_id)}
-    content_text = [text for node, text, parent_id, gp_id in paragraphs if root in (parent_id, gp_id)]
+    # Content paragraphs: the counted paragraphs whose parent or grandparent is the root (the two levels that
+    # scored it); each image learns how many of them come before it in the document.
+    content = [(node, text) for node, text, parent_id, gp_id in paragraphs if root in (parent_id, gp_id)]
+    content_ids = {id(node) for node, _ in content}
+    content_text = [text for _, text in content]
     paragraphs_before: dict[int, int] = {}
     seen = 0
-    counted = {id(node) for node, _, _, _ in paragraphs}
     for node in ordered:
-        if node.tag == "p":
-            if id(node) in counted and id(node) in content_ids:
-                seen += 1
-        else:
+        if node.tag != "p":
             paragraphs_before[node.mem_id] = seen
+        elif id(node) in content_ids:
+            seen += 1
     return _Content(
         root,
         region_node.mem_id,
