@@ -40,7 +40,7 @@ STAGES = ("warc", "pages", "images", "text", "scoring", "aggregation")
 DROP_REASONS: dict[str, tuple[str, ...]] = {
     "warc": (
         "truncated_archive",  # a gzip member or WARC record cut short: reading stops for that file
-        "broken_warc_record",  # an unparsable WARC header: reading stops for that file
+        "broken_warc_record",  # an unparsable record header (ARC: no numeric length); reading resumes at the next
         "broken_http_headers",  # the HTTP status line or headers of a response cannot be parsed
         "http_status",  # status other than 200
         "not_html",  # Content-Type is not text/html or application/xhtml+xml

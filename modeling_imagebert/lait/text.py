@@ -5,9 +5,12 @@ the DOM (sources `alt`, `title`, `figcaption`, `nearby`), cleans each with `clea
 every filter, in this order (the first failing one is the drop reason, stage "text"):
 
 1. cleaning (`clean_text`): HTML entities (twice, for double-escaped `&amp;amp;`), URLs and e-mail addresses,
-   file names (`IMG_0412.JPG`, `fox-snow.jpg`), photo credits (`Photo: ...`, `© ...`), boilerplate phrases from
-   a replaceable word list (`click here`, `image of`, ...), repeated punctuation (`!!!` -> `!`), separators and
-   whitespace at the ends; -> `empty_after_cleaning` when nothing is left;
+   file names (`IMG_0412.JPG`, `fox-snow.jpg`), photo credits and sources (`Photo: ...`, `Image via ...`,
+   `© ...`, `Sources: ...`), boilerplate phrases from a replaceable word list (`click here`, `image of`, ...),
+   repeated punctuation (`!!!` -> `!`), separators and whitespace at the ends; a machine-generated alt text
+   ("Image may contain: ...", "May be an image of ...", an object detector's list, not a description) is
+   removed whole; -> `empty_after_cleaning` when nothing is left. A description longer than `max_words` keeps
+   its first whole sentences that fit (a long figcaption usually starts with what the picture shows);
 2. `spam_words` / `porn_words`: a word or phrase from the replaceable lists (config `text.spam_words`,
    `text.porn_words`; one entry a line, `#` comments) occurs as whole words;
 3. `too_short` / `too_long`: fewer than `min_words` or more than `max_words` words;
@@ -73,10 +76,16 @@ _FILE_NAME = re.compile(
     re.IGNORECASE,
 )
 _CREDIT = re.compile(
-    r"(?:\b(?:photo|image|picture|pic|photograph)s?\s*(?:credits?|by|courtesy(?:\s+of)?)\b|\bcredits?\s*:|©|"
-    r"\(c\)\s*\d{4}|\bcopyright\b).*$",
+    r"(?:\b(?:photo|image|picture|pic|photograph)s?\s*(?:credits?|by|courtesy(?:\s+of)?|via)\b|\bcredits?\s*:|"
+    r"\bsources?\s*:|©|\(c\)\s*\d{4}|\bcopyright\b).*$",
     re.IGNORECASE,
 )
+_GENERATED = re.compile(
+    r"^\W*(?:this\s+)?(?:image|photo|picture)\s+may\s+(?:contain|include)\b|^\W*may\s+be\s+an?\s+"
+    r"(?:image|photo|picture|illustration)\b",
+    re.IGNORECASE,
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"“(A-Z0-9])")
 _REPEATED_PUNCTUATION = re.compile(r"([!?.,;:\-_*~=#|/\\+])\1+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u2028\u2029\ufeff]")
 _LETTER = re.compile(r"[^\W\d_]")
@@ -273,6 +282,8 @@ def clean_text(raw: str, boilerplate: re.Pattern[str] | None = None) -> str:
             break
         text = html.unescape(text)
     text = unicodedata.normalize("NFC", _CONTROL.sub(" ", text))
+    if _GENERATED.match(text):
+        return ""
     text = _URL.sub(" ", text)
     text = _EMAIL.sub(" ", text)
     text = _FILE_NAME.sub(" ", text)
@@ -285,6 +296,21 @@ def clean_text(raw: str, boilerplate: re.Pattern[str] | None = None) -> str:
     text = re.sub(r"\s+([,.;:!?)])", r"\1", text)
     text = re.sub(r"([(])\s+", r"\1", text).replace("()", "")
     return " ".join(text.strip(_EDGE).split())
+
+
+def fit_sentences(text: str, max_words: int) -> str:
+    """`text` itself when it has at most `max_words` basic words, else its first whole sentences that fit (the
+    text unchanged when even the first sentence is longer)."""
+    if len(basic_words(text)) <= max_words:
+        return text
+    kept, count = [], 0
+    for sentence in _SENTENCE_END.split(text):
+        words = len(basic_words(sentence))
+        if count + words > max_words:
+            break
+        kept.append(sentence)
+        count += words
+    return " ".join(kept) if kept else text
 
 
 def text_features(
@@ -351,7 +377,7 @@ def clean_candidates(
     kept: list[TextCandidate] = []
     seen: dict[str, TextCandidate] = {}
     for candidate in sorted((c for c in candidates if c.source in order), key=lambda c: order[c.source]):
-        text = clean_text(candidate.raw, resources.boilerplate)
+        text = fit_sentences(clean_text(candidate.raw, resources.boilerplate), settings.max_words)
         reason, oov = _judge(text, settings, resources)
         if reason is not None:
             drops.drop(STAGE, reason)
@@ -411,6 +437,7 @@ __all__ = [
     "clean_text",
     "default_vocab_path",
     "filter_reason",
+    "fit_sentences",
     "load_vocab",
     "load_word_list",
     "oov_ratio",

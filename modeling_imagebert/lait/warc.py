@@ -1,16 +1,31 @@
-"""Streaming WARC / WARC.gz response records (Common Crawl's format) into decoded HTML pages.
+"""Streaming WARC / WARC.gz and ARC / ARC.gz response records (Common Crawl's format, and the Internet Archive's
+older one) into decoded HTML pages.
 
-Reading uses FastWARC (resiliparse's C++ WARC reader: several times faster than warcio, same files). Every record
-that does not become a `PageRecord` is counted in a `DropCounter` under stage "warc" with one reason:
+WARC reading uses FastWARC (resiliparse's C++ WARC reader: several times faster than warcio, same files). FastWARC
+does not read ARC, the format before WARC (a `filedesc://` header record, then one line `URL IP date mime length`
+per record followed by that many bytes of HTTP response); `iter_responses` reads it with its own reader, plain or
+gzipped (one member per record, or one for the whole file), version 1 and 2 header lines, URLs with spaces. Every
+record that does not become a `PageRecord` is counted in a `DropCounter` under stage "warc" with one reason:
 
-- `truncated_archive`: the file ends inside a record (a cut gzip member or a short block). A corrupt gzip
-  member in the middle of a file is skipped: reading resumes at the next whole gzip member that starts a WARC
+- `truncated_archive`: the file ends inside a record (a cut gzip member or a short block). A corrupt gzip member
+  in the middle of a WARC.gz file is skipped: reading resumes at the next whole gzip member that starts a WARC
   record, whether FastWARC raised at the corrupt member or stopped there quietly (it may read a cut member into
   the next ones and end the stream without an error: every .warc.gz read is checked for whole members after the
-  last record FastWARC returned). One corrupt stretch counts once.
-- `broken_http_headers`: FastWARC could not parse the HTTP status line / headers of a response.
+  last record FastWARC returned). One corrupt stretch counts once. An ARC record whose declared length runs past
+  the end of the file is complete after all when its HTTP response is (its body has its Content-Length): ARC
+  files whose line endings were rewritten (CRLF to LF) keep their old lengths. A corrupt member of an ARC.gz
+  file ends the reading of that file.
+- `broken_warc_record` (ARC): a record header line that is not `URL IP date mime length` with a numeric length;
+  a reader cannot know where such a record ends, so reading resumes at the next line that is a record header.
+- `broken_http_headers`: the HTTP status line / headers of a response cannot be parsed.
 - `http_status` (not 200), `not_html` (Content-Type other than HTML), `page_too_large` (block over
   `max_page_bytes`, its body is never read into memory), `empty_body`, `undecodable`.
+
+Variants read as well-formed: a whole-file gzip instead of one member per record, gzip members that do not end
+at record boundaries, an HTTP body sent with `Transfer-Encoding: chunked` (de-chunked here; a body whose chunks
+do not parse is kept as it is), a `WARC-Target-URI` in angle brackets (wget writes `<http://...>`). Request,
+metadata, revisit, resource and warcinfo records are read past without a count; docs/lait.md has the table of
+warcio's test files and what each gives.
 
 Body decoding: the charset declared in the HTTP Content-Type, else in a `<meta charset>` within the first 2 KB,
 is tried strictly (labels read as browsers do, WHATWG: "iso-8859-1" is windows-1252); when it fails (or names an unknown codec) the page counts as `charset_misdeclared` (an event,
@@ -58,6 +73,7 @@ class WarcResponse:
     body: bytes
     warc_date: str = ""
     content_encoding: str = ""
+    transfer_encoding: str = ""
 
 
 def _is_gzip(path: str) -> bool:
@@ -163,6 +179,9 @@ def iter_responses(
     path = os.fspath(path)
     name = warc_name if warc_name is not None else path
     gz = _is_gzip(path)
+    if _is_arc(path, gz):
+        yield from _iter_arc(path, name, drops, max_bytes, start_offset, gz)
+        return
     offset = start_offset
     while offset is not None:
         resume_at = None
@@ -239,15 +258,255 @@ def _read_record(record, name: str, max_bytes: int, drops: DropCounter) -> tuple
     response = WarcResponse(
         warc_file=name,
         warc_offset=int(record.stream_pos),
-        target_uri=record.headers.get("WARC-Target-URI", "") or "",
+        target_uri=_clean_target_uri(record.headers.get("WARC-Target-URI", "") or ""),
         status=int(http.status_code),
         content_type=content_type,
         charset=record.http_charset,
         body=body,
         warc_date=record.headers.get("WARC-Date", "") or "",
         content_encoding=(http.get("Content-Encoding") or "").strip().lower(),
+        transfer_encoding=(http.get("Transfer-Encoding") or "").strip().lower(),
     )
     return response, False
+
+
+def _clean_target_uri(uri: str) -> str:
+    """A target URI as written, without the angle brackets wget puts around it."""
+    uri = uri.strip()
+    if uri.startswith("<") and uri.endswith(">"):
+        uri = uri[1:-1].strip()
+    return uri
+
+
+def dechunk(body: bytes) -> bytes | None:
+    """The payload of an HTTP body sent with `Transfer-Encoding: chunked` (hex size line, data, CRLF, ... a zero
+    size); None when the chunks do not parse."""
+    out, position, size_line = [], 0, re.compile(rb"([0-9a-fA-F]{1,8})[ \t]*(?:;[^\r\n]*)?\r?\n")
+    while True:
+        match = size_line.match(body, position)
+        if match is None:
+            return None
+        size = int(match.group(1), 16)
+        position = match.end()
+        if size == 0:
+            return b"".join(out)
+        if position + size > len(body):
+            return None
+        out.append(body[position : position + size])
+        position += size
+        if body.startswith(b"\r\n", position):
+            position += 2
+        elif body.startswith(b"\n", position):
+            position += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ARC
+
+
+_ARC_HEADER = re.compile(rb"^\S+://\S")
+
+
+class _ArcStream:
+    """Sequential reads of an ARC file's bytes, plain or gzipped (one member per record, or one for the whole file).
+    `offset_of(position)` is the provenance offset of a decompressed position: the file offset for a plain file,
+    the start of the gzip member holding it for a gzipped one. Reads never raise on a corrupt member: `corrupt`
+    is set and the stream ends there."""
+
+    def __init__(self, handle, gz: bool, start_offset: int):
+        self.handle, self.gz = handle, gz
+        self.buffer = b""
+        self.position = 0  # decompressed position of buffer[0]
+        self.corrupt = False
+        self.done = False
+        self.compressed = start_offset  # compressed bytes consumed so far (absolute file offset)
+        self.members: list[tuple[int, int]] = [
+            (0, start_offset)
+        ]  # (decompressed start, file offset) per member
+        self.member_open = False  # a gzip member has begun and not ended
+        self.inflater = zlib.decompressobj(31) if gz else None
+        handle.seek(start_offset)
+
+    def _fill(self, size: int) -> None:
+        while len(self.buffer) < size and not self.done:
+            chunk = self.handle.read(1 << 16)
+            if not chunk:
+                self.done = True
+                # The file ends inside a gzip member: it was cut.
+                self.corrupt = self.corrupt or self.member_open
+                return
+            if not self.gz:
+                self.buffer += chunk
+                continue
+            data = chunk
+            while data:
+                try:
+                    self.buffer += self.inflater.decompress(data)
+                except zlib.error:
+                    self.corrupt = self.done = True
+                    return
+                self.member_open = not self.inflater.eof
+                if self.inflater.eof:
+                    used = len(data) - len(self.inflater.unused_data)
+                    self.compressed += used
+                    data = self.inflater.unused_data
+                    self.inflater = zlib.decompressobj(31)
+                    self.members.append((self.position + len(self.buffer), self.compressed))
+                else:
+                    self.compressed += len(data)
+                    data = b""
+
+    def readline(self, limit: int = 1 << 16) -> bytes:
+        while True:
+            end = self.buffer.find(b"\n", 0, limit)
+            if end >= 0 or len(self.buffer) >= limit or self.done:
+                break
+            self._fill(len(self.buffer) + (1 << 16))
+        end = self.buffer.find(b"\n", 0, limit)
+        cut = end + 1 if end >= 0 else min(len(self.buffer), limit)
+        line, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        self.position += cut
+        return line
+
+    def read(self, size: int) -> bytes:
+        self._fill(size)
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        self.position += len(data)
+        return data
+
+    def skip(self, size: int) -> int:
+        """Skips `size` bytes without keeping them; returns how many were there."""
+        skipped = 0
+        while skipped < size:
+            self._fill(min(size - skipped, 1 << 20))
+            if not self.buffer:
+                break
+            take = min(len(self.buffer), size - skipped)
+            self.buffer = self.buffer[take:]
+            self.position += take
+            skipped += take
+        return skipped
+
+    def offset_of(self, position: int) -> int:
+        if not self.gz:
+            return position + self.members[0][1]
+        offset = self.members[0][1]
+        for start, member_offset in self.members:
+            if start > position:
+                break
+            offset = member_offset
+        return offset
+
+
+def _is_arc(path: str, gz: bool) -> bool:
+    """True when the file is an ARC file: it starts with a `filedesc://` header (decompressed)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if gz:
+        try:
+            head = zlib.decompressobj(31).decompress(head, 64)
+        except zlib.error:
+            return False
+    return head.lstrip().startswith(b"filedesc://")
+
+
+def _parse_http(data: bytes) -> tuple[int, dict[str, str], bytes] | None:
+    """(status, lower-cased headers, body) of an HTTP response as ARC stores it, None when it is not one."""
+    end = data.find(b"\r\n\r\n")
+    separator = 4
+    alternative = data.find(b"\n\n")
+    if end < 0 or (0 <= alternative < end):
+        end, separator = alternative, 2
+    if end < 0:
+        return None
+    lines = data[:end].decode("latin-1").splitlines()
+    if not lines:
+        return None
+    status_line = lines[0].split(None, 2)
+    if len(status_line) < 2 or not status_line[0].upper().startswith("HTTP/") or not status_line[1].isdigit():
+        return None
+    headers = {}
+    for line in lines[1:]:
+        key, colon, value = line.partition(":")
+        if colon:
+            headers[key.strip().lower()] = value.strip()
+    return int(status_line[1]), headers, data[end + separator :]
+
+
+def _iter_arc(
+    path: str, name: str, drops: DropCounter, max_bytes: int, start_offset: int, gz: bool
+) -> Iterator[WarcResponse]:
+    """The HTTP responses of an ARC / ARC.gz file (see the module docstring for the counts)."""
+    version = 1
+    with open(path, "rb") as handle:
+        stream = _ArcStream(handle, gz, start_offset)
+        resync = cut = False
+        while True:
+            record_position = stream.position
+            line = stream.readline()
+            if not line:
+                break
+            stripped = line.strip()
+            if not stripped:
+                continue
+            if resync and not _ARC_HEADER.match(stripped):
+                continue
+            resync = False
+            fields = stripped.split()
+            # v1: URL IP date mime length; v2: URL IP date mime result checksum location offset filename length.
+            fixed = 9 if version == 2 else 4
+            if len(fields) < fixed + 1 or not _ARC_HEADER.match(stripped) or not fields[-1].isdigit():
+                drops.drop(STAGE, "broken_warc_record")
+                resync = True
+                continue
+            length = int(fields[-1])
+            uri = b" ".join(fields[: len(fields) - fixed]).decode("utf-8", "replace")
+            date = fields[len(fields) - fixed + 1].decode("ascii", "replace")
+            if uri.startswith("filedesc://"):
+                block = stream.read(min(length, 1 << 16))
+                stream.skip(length - len(block))
+                first = block.split(b"\n", 1)[0].split()
+                version = 2 if first[:1] == [b"2"] else 1
+                continue
+            if length > max_bytes:
+                if stream.skip(length) < length:
+                    cut = True
+                    break
+                drops.drop(STAGE, "page_too_large")
+                continue
+            data = stream.read(length)
+            parsed = _parse_http(data) if uri.startswith(("http://", "https://")) else None
+            if len(data) < length:
+                # The file ends before the declared length. Complete after all when the HTTP response is (its body
+                # has its Content-Length): a length counted before line endings were changed (CRLF -> LF).
+                declared = parsed[1].get("content-length", "") if parsed is not None else ""
+                if not (declared.isdigit() and len(parsed[2]) >= int(declared)):
+                    cut = True
+                    break
+            if not uri.startswith(("http://", "https://")):
+                continue  # dns: and other non-HTTP captures
+            if parsed is None:
+                drops.drop(STAGE, "broken_http_headers")
+                continue
+            status, headers, body = parsed
+            content_type = headers.get("content-type", "").lower()
+            charset = None
+            if "charset=" in content_type:
+                charset = content_type.split("charset=", 1)[1].split(";", 1)[0].strip().strip("\"'") or None
+            yield WarcResponse(
+                warc_file=name,
+                warc_offset=stream.offset_of(record_position),
+                target_uri=uri,
+                status=status,
+                content_type=content_type.split(";", 1)[0].strip(),
+                charset=charset,
+                body=body,
+                warc_date=date,
+                content_encoding=headers.get("content-encoding", "").lower(),
+                transfer_encoding=headers.get("transfer-encoding", "").lower(),
+            )
+        if cut or stream.corrupt:  # one cut file counts once
+            drops.drop(STAGE, "truncated_archive")
 
 
 def _codec(label: str | None) -> str | None:
@@ -348,6 +607,9 @@ def iter_pages(
             drops.drop(STAGE, "not_html")
             continue
         body = response.body
+        if "chunked" in response.transfer_encoding:
+            payload = dechunk(body)
+            body = payload if payload is not None else body
         if response.content_encoding in ("gzip", "x-gzip") and body.startswith(_GZIP_MAGIC):
             try:
                 body = gzip.decompress(body)
@@ -379,4 +641,4 @@ def iter_pages(
         )
 
 
-__all__ = ["HTML_TYPES", "WarcResponse", "decode_body", "iter_pages", "iter_responses"]
+__all__ = ["HTML_TYPES", "WarcResponse", "dechunk", "decode_body", "iter_pages", "iter_responses"]
