@@ -394,9 +394,7 @@ class ImageBertProcessor(ProcessorMixin):
 
     def _tokenize(self, captions: Sequence[Any], wheres: Sequence[str]) -> list[list[int]]:
         """Token ids of each caption ([CLS] ... [SEP], truncated), in one batched call of the fast tokenizer."""
-        for caption, where in zip(captions, wheres, strict=True):
-            if not isinstance(caption, str) or not caption.strip():
-                raise ValueError(f"caption of {where}: expected a non-empty string, got {caption!r}")
+        _check_captions(captions, wheres)
         # split_special_tokens: a caption is text, so "[SEP]" or "[MASK]" in it becomes the word pieces of that
         # string, never the special id (data could otherwise inject separators, padding or masks).
         return self.tokenizer(
@@ -795,8 +793,10 @@ class ImageBertProcessor(ProcessorMixin):
             texts = _as_texts(text)
             self._require_detector("images")
             images = list(images) if isinstance(images, (list, tuple)) else [images]
-            if texts is not None and len(texts) != len(images):  # before any detection
-                raise ValueError(f"text has {len(texts)} items but images has {len(images)}")
+            if texts is not None:  # checked before any detection
+                if len(texts) != len(images):
+                    raise ValueError(f"text has {len(texts)} items but images has {len(images)}")
+                _check_captions(texts, [f"item {i}" for i in range(len(texts))])
             return self.encode_image_records(self.detect_regions(images), texts)
         if text is None and region_features is None:
             raise ValueError("ImageBertProcessor: pass text, region_features (or images), or both")
@@ -863,6 +863,13 @@ def _as_texts(text: Any) -> list[str] | None:
             raise ValueError("text: got an empty list")
         return list(text)
     raise ValueError(f"text: expected a string or a list of strings, got {type(text).__name__}")
+
+
+def _check_captions(captions: Sequence[Any], wheres: Sequence[str]) -> None:
+    """Raises ValueError unless every caption is a non-empty string."""
+    for caption, where in zip(captions, wheres, strict=True):
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"caption of {where}: expected a non-empty string, got {caption!r}")
 
 
 def _load_detector(

@@ -226,6 +226,8 @@ def test_bad_inputs_are_refused_with_one_line(processor, tokenizer, photos, tmp_
         processor(images=[np.zeros((5, 40, 3), dtype=np.uint8)])
     with pytest.raises(ValueError, match="text has 1 items but images has 2"):
         processor(text=["one caption"], images=photos[:2])
+    with pytest.raises(ValueError, match="caption of item 1: expected a non-empty string"):
+        processor(text=["one caption", " "], images=[photos[0], "https://example.com/not/reached.jpg"])
     with pytest.raises(ValueError, match="pass images or region inputs, not both"):
         processor(images=photos[:1], region_features=np.zeros((1, 64)))
     plain = ImageBertProcessor(tokenizer, max_regions=MAX_REGIONS, max_text_length=16)
