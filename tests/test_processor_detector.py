@@ -362,3 +362,27 @@ def test_model_and_processor_with_detector_run_from_a_hub_folder_without_the_pac
     )
     result = run_without_package(script, tmp_path, timeout=240)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_package_imports_without_torchvision_and_pillow():
+    """A base install (without the `features` extra) still imports the package; it then registers the detector's
+    config only, as the detector needs torchvision and its image processor PIL."""
+    import subprocess
+    import sys
+
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["torchvision"] = None  # as if not installed: importing it raises ImportError
+        sys.modules["PIL"] = None
+        import modeling_imagebert
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+        from modeling_imagebert.features.configuration_butd import BUTDConfig
+        assert CONFIG_MAPPING["imagebert_butd"] is BUTDConfig
+        assert BUTDConfig not in MODEL_MAPPING
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
