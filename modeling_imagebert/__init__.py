@@ -2,10 +2,19 @@
 
 Importing the package registers the model with `AutoConfig`, `AutoModel`, `AutoModelForPreTraining` and, for the
 retrieval model (a one-logit pair classifier), `AutoModelForSequenceClassification`; the processor with
-`AutoProcessor`.
+`AutoProcessor`; and the BUTD region detector (`features/`) with `AutoConfig`, `AutoModel` and
+`AutoImageProcessor`, so a processor folder's `detector/` subfolder loads with our classes, no remote code needed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForSequenceClassification
+from importlib.util import find_spec
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+)
 
 from .configuration_imagebert import ImageBertConfig
 from .modeling_imagebert import (
@@ -20,6 +29,27 @@ AutoConfig.register(ImageBertConfig.model_type, ImageBertConfig, exist_ok=True)
 AutoModel.register(ImageBertConfig, ImageBertModel, exist_ok=True)
 AutoModelForPreTraining.register(ImageBertConfig, ImageBertForPreTraining, exist_ok=True)
 AutoModelForSequenceClassification.register(ImageBertConfig, ImageBertForRetrieval, exist_ok=True)
+
+
+def _register_detector() -> None:
+    """The BUTD classes with the Auto classes. The detector needs torchvision and its image processor PIL (the
+    `features` extra): a base install without them still imports the package and registers only the config."""
+    from .features.configuration_butd import BUTDConfig
+
+    AutoConfig.register(BUTDConfig.model_type, BUTDConfig, exist_ok=True)
+    if find_spec("PIL") is not None:
+        from .features.image_processing_butd import BUTDImageProcessor
+
+        # One class for both backends transformers picks between (its own preprocessing is torch + PIL decoding).
+        backends = {"pil": BUTDImageProcessor, "torchvision": BUTDImageProcessor}
+        AutoImageProcessor.register(BUTDConfig, image_processor_classes=backends, exist_ok=True)
+    if find_spec("torchvision") is not None:
+        from .features.modeling_butd import BUTDDetector
+
+        AutoModel.register(BUTDConfig, BUTDDetector, exist_ok=True)
+
+
+_register_detector()
 
 
 __version__ = "0.1.0"

@@ -258,9 +258,16 @@ def test_converter_never_overwrites_a_folder_it_did_not_create(tmp_path, capsys)
     assert "0 unmapped, 0 missing" in capsys.readouterr().out
     assert main(["--format", "lxmert", str(source), str(ours)]) == 1  # exists: needs --overwrite
     assert main(["--format", "lxmert", "--overwrite", str(source), str(ours)]) == 0
+    # the weights, settings and report, and the detector's source files (it loads as remote code, see
+    # test_processor_detector.py)
     assert sorted(p.name for p in ours.iterdir()) == sorted(
         [REPORT_NAME, "config.json", "model.safetensors", "preprocessor_config.json"]
+        + ["configuration_butd.py", "modeling_butd.py", "image_processing_butd.py", "images.py"]
     )
+    assert json.loads((ours / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_butd.BUTDConfig",
+        "AutoModel": "modeling_butd.BUTDDetector",
+    }
 
 
 def test_unreadable_checkpoint_gives_a_one_line_error(tmp_path):

@@ -4,7 +4,10 @@ The remote-code unit (configuration, modeling, processing, and the model's sibli
 table) stands alone: it imports only the standard library, torch, transformers, huggingface_hub, safetensors, numpy
 (processor) and its sibling files, never the training and data code in `pretraining/`, `retrieval/` or `data/`, so
 a Hub folder with these files (`save_pretrained` copies the modeling and configuration files and their relative
-imports) loads with `trust_remote_code=True`.
+imports) loads with `trust_remote_code=True`. The BUTD detector's files in `features/` (config,
+model, image processor, image decoding) are a second such unit: `save_pretrained` copies them into the detector's
+folder (and a processor's `detector/` subfolder), so they import only those libraries, torchvision, PIL and each
+other.
 
 Imports run one way between the subpackages (DESIGN.md's layout): remote-code unit <- `data/` <- `features/` <-
 `pretraining/` <- `retrieval/` <- `lait/`, a package importing only those before it; the shared mechanisms
@@ -33,8 +36,16 @@ ALLOWED_LIBRARIES = {"torch", "transformers", "huggingface_hub", "safetensors"}
 EXTRA = {"processing_imagebert": {"numpy": "anywhere", "datasets": "in a function"}}
 
 
-def disallowed_imports(source: str, name: str) -> list[str]:
-    """The imports of module `name` (source text) that break the remote-code unit, as "line N: what" strings."""
+# The detector's remote-code unit, in modeling_imagebert/features/.
+DETECTOR_CODE = ("configuration_butd", "modeling_butd", "image_processing_butd", "images")
+DETECTOR_LIBRARIES = ALLOWED_LIBRARIES | {"numpy", "torchvision", "PIL"}
+
+
+def disallowed_imports(
+    source: str, name: str, siblings: tuple[str, ...] = REMOTE_CODE, libraries: set[str] = ALLOWED_LIBRARIES
+) -> list[str]:
+    """The imports of module `name` (source text) that break its remote-code unit (`siblings`, which may import
+    `libraries` and each other), as "line N: what" strings."""
     tree = ast.parse(source)
     top_level = {id(node) for node in tree.body}
     extra = EXTRA.get(name, {})
@@ -51,8 +62,8 @@ def disallowed_imports(source: str, name: str) -> list[str]:
         for module, level in modules:
             root = module.split(".")[0]
             if level:
-                ok = level == 1 and module in REMOTE_CODE
-            elif root == "__future__" or root in sys.stdlib_module_names or root in ALLOWED_LIBRARIES:
+                ok = level == 1 and module in siblings
+            elif root == "__future__" or root in sys.stdlib_module_names or root in libraries:
                 ok = True
             else:
                 where = extra.get(root)
@@ -66,6 +77,23 @@ def disallowed_imports(source: str, name: str) -> list[str]:
 def test_remote_code_file_imports_nothing_from_pretraining_retrieval_or_data(name):
     source = (PACKAGE / f"{name}.py").read_text()
     assert disallowed_imports(source, name) == [], f"{name}.py imports outside the remote-code unit"
+
+
+@pytest.mark.parametrize("name", DETECTOR_CODE)
+def test_detector_remote_code_file_imports_only_its_libraries_and_siblings(name):
+    source = (PACKAGE / "features" / f"{name}.py").read_text()
+    problems = disallowed_imports(source, name, DETECTOR_CODE, DETECTOR_LIBRARIES)
+    assert problems == [], f"features/{name}.py imports outside the detector's remote-code files"
+
+
+def test_an_import_of_package_code_in_the_detector_files_is_caught():
+    source = (
+        "import PIL\nfrom .images import decode_image\nfrom ..atomic import atomic_write_text\nimport yaml\n"
+    )
+    assert disallowed_imports(source, "modeling_butd", DETECTOR_CODE, DETECTOR_LIBRARIES) == [
+        "line 3: ..atomic",
+        "line 4: yaml",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import temporary_sibling
+from ..processing_imagebert import round_features_as_stored
 from .butd_tsv import read_butd_tsv, write_butd_tsv
 from .columns import GLOBAL_FEATURE_COLUMN, global_feature_column, image_columns
 from .npz import read_npz_dir, write_npz_folder
@@ -86,7 +87,7 @@ def _write_dataset(records: Sequence[Mapping], path: Path, feature_dim: int, wit
     try:
         for record in records:
             row = dict(record)
-            row["region_features"] = record["region_features"].astype(np.float16)
+            row["region_features"] = round_features_as_stored(record["region_features"])
             writer.write(row)
         writer.finalize()
     finally:

@@ -175,4 +175,8 @@ class BUTDConfig(PreTrainedConfig):
             raise ValueError(f"BUTDConfig.fixed_boxes must be positive or None, got {self.fixed_boxes}")
 
 
+# `save_pretrained` writes `auto_map` and copies this file beside the config, for loading with
+# `trust_remote_code=True` without this package (the package itself registers the class with `AutoConfig`).
+BUTDConfig.register_for_auto_class()
+
 __all__ = ["BUTDConfig"]

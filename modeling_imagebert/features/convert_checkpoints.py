@@ -312,8 +312,9 @@ def convert_checkpoint(
 ) -> ConversionReport:
     """Convert `src` (a checkpoint of `format`) into the detector folder `out_dir`.
 
-    Writes `model.safetensors`, `config.json`, `preprocessor_config.json` and `conversion_report.json` into a
-    temporary sibling folder renamed into place, so a kill leaves `out_dir` complete or absent. Refuses an existing
+    Writes `model.safetensors`, `config.json`, `preprocessor_config.json`, `conversion_report.json` and the
+    detector's source files (remote code: `configuration_butd.py`, `modeling_butd.py`, `image_processing_butd.py`,
+    `images.py`) into a temporary sibling folder renamed into place, so a kill leaves `out_dir` complete or absent. Refuses an existing
     `out_dir` unless it was written by this converter (has its report) and `overwrite` is set.
 
     Returns:
@@ -321,6 +322,7 @@ def convert_checkpoint(
         `allow_partial`), or when the source cannot be read.
     """
     from safetensors.torch import save_file
+    from transformers.dynamic_module_utils import custom_object_save
 
     from .configuration_butd import BUTDConfig
     from .image_processing_butd import BUTDImageProcessor
@@ -357,6 +359,9 @@ def convert_checkpoint(
     try:
         save_file(state_dict, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
         config.architectures = ["BUTDDetector"]
+        # The source files and `auto_map` that `BUTDDetector.save_pretrained` writes, so the folder loads with
+        # `AutoModel.from_pretrained(folder, trust_remote_code=True)` without this package, like a saved one.
+        custom_object_save(detector, staging, config=config)
         config.save_pretrained(staging)
         BUTDImageProcessor().save_pretrained(staging)
         with open(os.path.join(staging, REPORT_NAME), "w") as handle:

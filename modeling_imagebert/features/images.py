@@ -15,6 +15,10 @@ What is skipped (reason keys):
     "decompression_bomb"  more pixels than `max_pixels` (PIL's `MAX_IMAGE_PIXELS` check, made an option here)
     "too_small"           the shorter side is below `min_side` pixels
     "decode_error"        any other decoding failure (corrupt data inside a recognised file)
+
+One decoder for every route: the extraction runner calls `decode_image`, and so does `BUTDImageProcessor.load_image`,
+which the ImageBERT processor uses for `images=`. This file is therefore one of the detector's remote-code files
+(`save_pretrained` copies it beside `image_processing_butd.py`): it imports only the standard library, numpy and PIL.
 """
 
 from __future__ import annotations
@@ -128,6 +132,13 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
+def oriented_rgb_array(image: Image.Image) -> np.ndarray:
+    """A PIL image as a viewer shows it, as an RGB uint8 array (H, W, 3): EXIF orientation applied, then
+    `to_rgb_array`. What `decode_image` does to every file it decodes, and what the ImageBERT processor does to a
+    PIL image it is given, so both hand the detector the same pixels."""
+    return to_rgb_array(ImageOps.exif_transpose(image))
+
+
 def decode_image(
     data: bytes | str | os.PathLike,
     *,
@@ -170,8 +181,7 @@ def decode_image(
                 "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; truncated images would pass as gray"
             )
         image.load()
-        image = ImageOps.exif_transpose(image)
-        array = to_rgb_array(image)
+        array = oriented_rgb_array(image)
     except OSError as error:
         text = str(error)
         if "truncated" in text or "broken data stream" in text or "premature end" in text.lower():
@@ -208,6 +218,7 @@ __all__ = [
     "SKIP_REASONS",
     "DecodedImage",
     "decode_image",
+    "oriented_rgb_array",
     "read_image_size",
     "to_rgb_array",
 ]

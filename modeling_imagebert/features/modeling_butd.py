@@ -859,4 +859,9 @@ class BUTDDetector(BUTDPreTrainedModel):
         return results
 
 
+# `save_pretrained` writes `auto_map` and copies this file and the ones it imports (config, image processor, image
+# decoding) beside the weights, so `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads the detector
+# without this package.
+BUTDDetector.register_for_auto_class("AutoModel")
+
 __all__ = ["BUTDDetector", "BUTDPreTrainedModel"]

@@ -25,7 +25,7 @@ import json
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,7 @@ from ..feature_formats.features_folder import (
     write_manifest,
 )
 from ..feature_formats.shards import OUTPUT_FORMATS, record_problem, shard_name, write_shard
+from ..processing_imagebert import detection_to_record
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodedImage, decode_image, read_image_size
 from .sources import ImageRef
 
@@ -92,30 +93,6 @@ class ExtractionSummary:
         if self.removed_leftovers:
             lines.append(f"removed {len(self.removed_leftovers)} leftover(s) of an interrupted run")
         return "\n".join(lines)
-
-
-def detection_to_record(image_id: str, detection: Mapping, global_feature: np.ndarray | None = None) -> dict:
-    """One image's detector output (`BUTDDetector.detect` dict) -> an image record with float32 features.
-
-    Returns:
-        {"image_id", "image_width", "image_height", "region_features" float32 (N, F), "region_boxes" float32
-        (N, 4), "region_classes" int32 (N,), "region_scores" float32 (N,), "region_attributes" int32 (N,),
-        "region_attribute_scores" float32 (N,)[, "global_feature" float32 (G,)]}.
-    """
-    record = {
-        "image_id": image_id,
-        "image_width": int(detection["image_width"]),
-        "image_height": int(detection["image_height"]),
-        "region_features": np.asarray(detection["features"], dtype=np.float32),
-        "region_boxes": np.asarray(detection["boxes"], dtype=np.float32).reshape(-1, 4),
-        "region_classes": np.asarray(detection["classes"]).astype(np.int32),
-        "region_scores": np.asarray(detection["scores"], dtype=np.float32),
-        "region_attributes": np.asarray(detection["attributes"]).astype(np.int32),
-        "region_attribute_scores": np.asarray(detection["attribute_scores"], dtype=np.float32),
-    }
-    if global_feature is not None:
-        record["global_feature"] = np.asarray(global_feature, dtype=np.float32)
-    return record
 
 
 def _ids_digest(refs: Sequence[ImageRef]) -> str:
@@ -443,4 +420,4 @@ def merge_manifest(output: Path, num_shards: int, output_format: str, summary: E
     atomic_write_text(output / SUMMARY_NAME, json.dumps(report, indent=1) + "\n")
 
 
-__all__ = ["ExtractionSummary", "detection_to_record", "run_extraction", "run_settings"]
+__all__ = ["ExtractionSummary", "run_extraction", "run_settings"]
