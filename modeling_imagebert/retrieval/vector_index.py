@@ -46,6 +46,7 @@ EXACT_LIMIT = 1_000_000
 # instead of a flat scan of the centroids, as faiss's guidelines advise for 1M-10M vectors ("IVF65536_HNSW32").
 HNSW_QUANTIZER_NLIST = 4096
 _SHORTLIST_MARGIN = 16  # extra candidates asked of the backend per query, beyond k
+_GPU_MAX_K = 2048  # faiss's GPU indexes return at most this many results per query (wider: the torch scan)
 _FAISS_HINT = "pip install faiss-cpu"
 
 
@@ -353,7 +354,7 @@ class VectorIndex:
 
     def _shortlist(self, queries: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The backend's `width` best (ids long [Q, width], float32 similarities [Q, width]) per query."""
-        if self.faiss_index is not None:
+        if self.faiss_index is not None and not (self.on_gpu and width > _GPU_MAX_K):
             values, ids = self.faiss_index.search(np.ascontiguousarray(queries.numpy()), width)
             return torch.from_numpy(ids).long(), torch.from_numpy(values)
         ids, values = [], []
