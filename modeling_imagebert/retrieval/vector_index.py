@@ -310,6 +310,10 @@ class VectorIndex:
             should_be_memory_mappable=False,
             verbose=30,  # logging.WARNING
         )
+        if index is None:  # autofaiss logs why (memory bounds) and returns (None, None)
+            raise RuntimeError(
+                "autofaiss could not build an index (see its log); pass index_type='ivf' or 'hnsw'"
+            )
         return index
 
     def _place(self, device: torch.device | str | None) -> None:
