@@ -26,9 +26,17 @@ from modeling_imagebert.processing_imagebert import ImageBertProcessor
 from modeling_imagebert.retrieval.evaluation import RetrievalInputs
 from modeling_imagebert.retrieval.retriever import ImageBertRetriever
 from modeling_imagebert.retrieval.two_stage import embed_texts, score_pairs
-from modeling_imagebert.retrieval.vector_index import IndexOptions, VectorIndex, exact_similarity
+from modeling_imagebert.retrieval.vector_index import (
+    IndexOptions,
+    VectorIndex,
+    exact_similarity,
+    import_faiss,
+)
 
-faiss = pytest.importorskip("faiss")  # the `index` extra (pip install faiss-cpu); part of `dev`
+faiss = (
+    import_faiss()
+)  # the `index` extra (pip install faiss-cpu), part of `dev`; the exact path works without it
+needs_faiss = pytest.mark.skipif(faiss is None, reason="needs faiss (pip install faiss-cpu)")
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -80,6 +88,7 @@ def split():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@needs_faiss
 def test_faiss_exact_search_returns_the_brute_force_top_k_on_10000_random_embeddings():
     images, queries = unit_vectors(10_000, 256, seed=0), unit_vectors(300, 256, seed=1)
     index = VectorIndex.build(images, "exact")
@@ -146,15 +155,21 @@ def brute_force_search(retriever: ImageBertRetriever, queries: list[str], top_k:
     ]
 
 
+@pytest.mark.parametrize("backend", [pytest.param("faiss", marks=needs_faiss), "torch"])
 @pytest.mark.parametrize("final_score", ["itm", "itm+itc"])
-def test_the_exact_retriever_answers_as_the_brute_force_did_with_and_without_faiss(
-    model, processor, split, final_score, monkeypatch
+def test_the_exact_retriever_answers_as_the_brute_force_did(
+    model, processor, split, final_score, backend, monkeypatch
 ):
+    if backend == "torch":
+        monkeypatch.setitem(
+            sys.modules, "faiss", None
+        )  # an install without faiss: import faiss raises ImportError
+    retriever = ImageBertRetriever(model, processor, candidates=4, final_score=final_score).index(split)
+    assert len(retriever.image_ids) == 40
+    assert (retriever.vector_index.faiss_index is not None) == (backend == "faiss")
     queries = [split[i]["caption"] for i in (0, 7, 31, 77, 150)]
-    with_faiss = ImageBertRetriever(model, processor, candidates=4, final_score=final_score).index(split)
-    assert len(with_faiss.image_ids) == 40 and with_faiss.vector_index.faiss_index is not None
-    hits = with_faiss.search(queries, top_k=4)
-    expected = brute_force_search(with_faiss, queries, top_k=4)
+    hits = retriever.search(queries, top_k=4)
+    expected = brute_force_search(retriever, queries, top_k=4)
     for got, want in zip(hits, expected, strict=True):
         assert [hit.image_id for hit in got] == [image_id for image_id, _, _ in want]
         # itm scores are the same pairs' cross-encoder outputs, bit for bit; itm+itc adds the similarity, whose
@@ -162,12 +177,16 @@ def test_the_exact_retriever_answers_as_the_brute_force_did_with_and_without_fai
         exact = final_score == "itm"
         assert [hit.score for hit in got] == pytest.approx([s for _, s, _ in want], rel=0 if exact else 1e-6)
         assert [hit.similarity for hit in got] == pytest.approx([s for _, _, s in want], rel=0, abs=1e-6)
-    monkeypatch.setitem(
-        sys.modules, "faiss", None
-    )  # an install without faiss: import faiss raises ImportError
-    without = ImageBertRetriever(model, processor, candidates=4, final_score=final_score).index(split)
+
+
+@needs_faiss
+def test_the_exact_retriever_answers_the_same_with_and_without_faiss(model, processor, split, monkeypatch):
+    queries = [split[i]["caption"] for i in (0, 7, 31, 77, 150)]
+    with_faiss = ImageBertRetriever(model, processor, candidates=4, final_score="itm+itc").index(split)
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    without = ImageBertRetriever(model, processor, candidates=4, final_score="itm+itc").index(split)
     assert without.vector_index.faiss_index is None
-    assert without.search(queries, top_k=4) == hits
+    assert without.search(queries, top_k=4) == with_faiss.search(queries, top_k=4)  # bit for bit
 
 
 def test_without_faiss_an_approximate_index_asks_for_faiss_cpu_in_one_line(
@@ -182,6 +201,7 @@ def test_without_faiss_an_approximate_index_asks_for_faiss_cpu_in_one_line(
     assert index.kind == "exact"
 
 
+@needs_faiss
 def test_auto_is_exact_up_to_the_limit_then_ivf_or_autofaiss(monkeypatch):
     vectors = clustered(3000, 32, seed=5)
     assert VectorIndex.build(vectors, "auto", {"exact_limit": 3000}).kind == "exact"
@@ -200,6 +220,7 @@ def test_auto_is_exact_up_to_the_limit_then_ivf_or_autofaiss(monkeypatch):
     assert index.search(vectors[:5], 3)[0][:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
+@needs_faiss
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
 def test_approximate_indexes_find_most_true_neighbours_on_clustered_embeddings(index_type):
     images, queries = clustered(5000, 64, seed=6), clustered(200, 64, seed=7)
@@ -223,7 +244,7 @@ def test_index_options_are_checked_and_filled_in_from_the_size():
     options = IndexOptions().resolved(1_000_000)
     assert (options.nlist, options.nprobe, options.train_size) == (4096, 64, 163_840)
     assert IndexOptions().resolved(100).nlist == 2  # at least 39 training vectors per cell
-    if faiss.get_num_gpus() == 0:
+    if faiss is not None and faiss.get_num_gpus() == 0:
         with pytest.raises(RuntimeError, match="use_gpu=True, but faiss sees no GPU"):
             VectorIndex.build(unit_vectors(100, 8, seed=0), "exact", {"use_gpu": True})
 
@@ -233,7 +254,9 @@ def test_index_options_are_checked_and_filled_in_from_the_size():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("index_type", ["exact", "ivf", "hnsw"])
+@pytest.mark.parametrize(
+    "index_type", ["exact", pytest.param("ivf", marks=needs_faiss), pytest.param("hnsw", marks=needs_faiss)]
+)
 def test_a_saved_index_answers_like_the_fresh_one(model, processor, split, index_type, tmp_path):
     options = {"nlist": 4, "nprobe": 2} if index_type == "ivf" else None
     fresh = ImageBertRetriever(model, processor, candidates=4, index_type=index_type, index_options=options)
@@ -252,6 +275,7 @@ def test_a_saved_index_answers_like_the_fresh_one(model, processor, split, index
         assert handle.read(4) != b"PK\x03\x04"  # safetensors (a JSON header), not a pickle-based torch file
 
 
+@needs_faiss
 def test_the_loading_retrievers_search_options_apply(model, processor, split, tmp_path):
     ImageBertRetriever(model, processor, index_type="ivf", index_options={"nlist": 4, "nprobe": 1}).index(
         split
@@ -262,6 +286,7 @@ def test_the_loading_retrievers_search_options_apply(model, processor, split, tm
     assert loaded.vector_index.options.nlist == 4
 
 
+@needs_faiss
 def test_a_saved_index_refuses_each_setting_that_differs_in_one_line(
     model, processor, split, tmp_path, minilm_path
 ):
