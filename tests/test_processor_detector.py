@@ -389,3 +389,36 @@ def test_the_package_imports_without_torchvision_and_pillow():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_folder_of_photos_indexes_through_the_detector_like_its_own_detections(
+    processor, model, photos, tmp_path
+):
+    """`ImageBertRetriever.index_images` reads image files through this processor's detector: the same hits and
+    scores as indexing the records `detect_regions` gives for the same files, and a second call resumes from its
+    cache with the same result."""
+    from modeling_imagebert.retrieval.retriever import ImageBertRetriever
+
+    ids = [path.stem for path in photos]
+    records = processor.detect_regions([str(path) for path in photos], image_ids=ids)
+    queries = [CAPTIONS["chelsea"], CAPTIONS["astronaut"]]
+
+    def hits(retriever):
+        return [
+            [(hit.image_id, hit.score, hit.similarity) for hit in row] for row in retriever.search(queries, 3)
+        ]
+
+    expected = hits(ImageBertRetriever(model, processor, candidates=3).index(records))
+    from_files = ImageBertRetriever(model, processor, candidates=3)
+    from_files.index_images(photos[0].parent, batch_size=2, cache_dir=tmp_path / "cache", progress=False)
+    got = hits(from_files)
+    # Same images in the same order with the same cross-encoder scores; the embeddings were computed in batches of
+    # 2 instead of 4, which moves a float32 matrix product's last bits (similarities within 1e-6).
+    assert [[(i, score) for i, score, _ in row] for row in got] == [
+        [(i, score) for i, score, _ in row] for row in expected
+    ]
+    for row, expected_row in zip(got, expected, strict=True):
+        assert [s for *_, s in row] == pytest.approx([s for *_, s in expected_row], abs=1e-6)
+    resumed = ImageBertRetriever(model, processor, candidates=3)
+    resumed.index_images(photos[0].parent, batch_size=2, cache_dir=tmp_path / "cache", progress=False)
+    assert hits(resumed) == got  # from the cache: exactly the same index
