@@ -218,7 +218,8 @@ def embed_image_files(
         (images, embeddings) as `encode_and_embed`, rows in the order of `files`.
     """
     detect = getattr(processor, "detect_regions", None)
-    if not callable(detect):
+    # An ImageBertProcessor always has the method; built without a detector, its `detector` is None.
+    if not callable(detect) or getattr(processor, "detector", detect) is None:
         raise TypeError(
             f"index_images needs a processor with a detector (detect_regions turns image files into regions); "
             f"{type(processor).__name__} has none: build the processor with one, or extract features first and "
