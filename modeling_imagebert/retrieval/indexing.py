@@ -29,6 +29,7 @@ import torch
 
 from ..atomic import atomic_write_bytes, remove_stale_temporaries_in
 from ..features.sources import list_folder
+from ..processing_imagebert import ImageBertProcessor
 from .evaluation import encode_images, model_fingerprint
 from .two_stage import embed_images
 
@@ -218,8 +219,13 @@ def embed_image_files(
         (images, embeddings) as `encode_and_embed`, rows in the order of `files`.
     """
     detect = getattr(processor, "detect_regions", None)
-    # An ImageBertProcessor always has the method; built without a detector, its `detector` is None.
-    if not callable(detect) or getattr(processor, "detector", detect) is None:
+    # An ImageBertProcessor always has the method; built without a detector (and not overriding it), it has none.
+    without_detector = (
+        isinstance(processor, ImageBertProcessor)
+        and type(processor).detect_regions is ImageBertProcessor.detect_regions
+        and processor.detector is None
+    )
+    if not callable(detect) or without_detector:
         raise TypeError(
             f"index_images needs a processor with a detector (detect_regions turns image files into regions); "
             f"{type(processor).__name__} has none: build the processor with one, or extract features first and "
