@@ -1,7 +1,8 @@
 """ImageBERT as a native Hugging Face Transformers model.
 
 Importing the package registers the model with `AutoConfig`, `AutoModel`, `AutoModelForPreTraining` and, for the
-retrieval model (a one-logit pair classifier), `AutoModelForSequenceClassification`; the processor with
+retrieval model (a one-logit pair classifier), `AutoModelForSequenceClassification` and
+`AutoModelForZeroShotImageClassification` (one image against candidate labels: `logits_per_image`); the processor with
 `AutoProcessor`; and the BUTD region detector (`features/`) with `AutoConfig`, `AutoModel` and
 `AutoImageProcessor`, so a processor folder's `detector/` subfolder loads with our classes, no remote code needed.
 """
@@ -14,6 +15,7 @@ from transformers import (
     AutoModel,
     AutoModelForPreTraining,
     AutoModelForSequenceClassification,
+    AutoModelForZeroShotImageClassification,
 )
 
 from .configuration_imagebert import ImageBertConfig
@@ -29,6 +31,7 @@ AutoConfig.register(ImageBertConfig.model_type, ImageBertConfig, exist_ok=True)
 AutoModel.register(ImageBertConfig, ImageBertModel, exist_ok=True)
 AutoModelForPreTraining.register(ImageBertConfig, ImageBertForPreTraining, exist_ok=True)
 AutoModelForSequenceClassification.register(ImageBertConfig, ImageBertForRetrieval, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(ImageBertConfig, ImageBertForRetrieval, exist_ok=True)
 
 
 def _register_detector() -> None:
