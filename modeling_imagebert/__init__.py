@@ -2,9 +2,10 @@
 
 Importing the package registers the model with `AutoConfig`, `AutoModel`, `AutoModelForPreTraining` and, for the
 retrieval model (a one-logit pair classifier), `AutoModelForSequenceClassification` and
-`AutoModelForZeroShotImageClassification` (one image against candidate labels: `logits_per_image`); the processor with
-`AutoProcessor`; and the BUTD region detector (`features/`) with `AutoConfig`, `AutoModel` and
-`AutoImageProcessor`, so a processor folder's `detector/` subfolder loads with our classes, no remote code needed.
+`AutoModelForZeroShotImageClassification` (one image against candidate labels: `logits_per_image`); the processor
+with `AutoProcessor` and its image half (`ImageBertImageProcessor`, for pipelines) with `AutoImageProcessor`; and the
+BUTD region detector (`features/`) with `AutoConfig`, `AutoModel` and `AutoImageProcessor`, so a processor folder's
+`detector/` subfolder loads with our classes, no remote code needed.
 """
 
 from importlib.util import find_spec
@@ -19,6 +20,7 @@ from transformers import (
 )
 
 from .configuration_imagebert import ImageBertConfig
+from .image_processing_imagebert import ImageBertImageProcessor
 from .modeling_imagebert import (
     ImageBertForPreTraining,
     ImageBertForRetrieval,
@@ -35,8 +37,9 @@ AutoModelForZeroShotImageClassification.register(ImageBertConfig, ImageBertForRe
 
 
 def _register_detector() -> None:
-    """The BUTD classes with the Auto classes. The detector needs torchvision and its image processor PIL (the
-    `features` extra): a base install without them still imports the package and registers only the config."""
+    """The BUTD classes (and `ImageBertImageProcessor`) with the Auto classes. The detector needs torchvision and the
+    image processors PIL (the `features` extra): a base install without them still imports the package and
+    registers only the config."""
     from .features.configuration_butd import BUTDConfig
 
     AutoConfig.register(BUTDConfig.model_type, BUTDConfig, exist_ok=True)
@@ -46,6 +49,9 @@ def _register_detector() -> None:
         # One class for both backends transformers picks between (its own preprocessing is torch + PIL decoding).
         backends = {"pil": BUTDImageProcessor, "torchvision": BUTDImageProcessor}
         AutoImageProcessor.register(BUTDConfig, image_processor_classes=backends, exist_ok=True)
+        # The image half of a detector-backed ImageBertProcessor, for pipelines (AutoImageProcessor needs PIL).
+        ours = {"pil": ImageBertImageProcessor, "torchvision": ImageBertImageProcessor}
+        AutoImageProcessor.register(ImageBertConfig, image_processor_classes=ours, exist_ok=True)
     if find_spec("torchvision") is not None:
         from .features.modeling_butd import BUTDDetector
 
@@ -60,6 +66,7 @@ __all__ = [
     "ImageBertConfig",
     "ImageBertForPreTraining",
     "ImageBertForRetrieval",
+    "ImageBertImageProcessor",
     "ImageBertModel",
     "ImageBertPreTrainedModel",
     "ImageBertProcessor",

@@ -208,7 +208,8 @@ class ImageBertProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Save the tokenizer and `processor_config.json` into `save_directory`, and the detector with its image
         processor into `save_directory/detector/` (first, so a processor config that names the subfolder always
-        finds it)."""
+        finds it), then the `preprocessor_config.json` of `ImageBertImageProcessor` (this processor's image half,
+        what transformers' pipelines load with `AutoImageProcessor`)."""
         if self._detection is None:
             return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         if push_to_hub:
@@ -217,10 +218,16 @@ class ImageBertProcessor(ProcessorMixin):
             self.save_pretrained(save_directory)
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
             return self.push_to_hub(repo_id, **kwargs)
+        # Imported here: the image processor wraps this class (a module-level import would be circular).
+        from .image_processing_imagebert import ImageBertImageProcessor
+
         folder = os.path.join(save_directory, DETECTOR_SUBFOLDER)
         self.detector.save_pretrained(folder)
         self.detector_processor.save_pretrained(folder)
-        return super().save_pretrained(save_directory, **kwargs)
+        saved = super().save_pretrained(save_directory, **kwargs)
+        # The image half for transformers' pipelines, which load an image processor and a tokenizer, not this.
+        ImageBertImageProcessor(self).save_pretrained(save_directory)
+        return saved
 
     @classmethod
     def from_dict(cls, processor_dict: dict[str, Any], **kwargs):
