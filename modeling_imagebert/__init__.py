@@ -5,7 +5,8 @@ retrieval model (a one-logit pair classifier), `AutoModelForSequenceClassificati
 `AutoModelForZeroShotImageClassification` (one image against candidate labels: `logits_per_image`); the processor
 with `AutoProcessor` and its image half (`ImageBertImageProcessor`, for pipelines) with `AutoImageProcessor`; and the
 BUTD region detector (`features/`) with `AutoConfig`, `AutoModel` and `AutoImageProcessor`, so a processor folder's
-`detector/` subfolder loads with our classes, no remote code needed.
+`detector/` subfolder loads with our classes, no remote code needed. It also registers the `image-text-retrieval`
+pipeline (`ImageTextRetrievalPipeline`) with transformers' `PIPELINE_REGISTRY`.
 """
 
 from importlib.util import find_spec
@@ -27,6 +28,7 @@ from .modeling_imagebert import (
     ImageBertModel,
     ImageBertPreTrainedModel,
 )
+from .pipeline_imagebert import ImageTextRetrievalPipeline  # registers the image-text-retrieval pipeline
 from .processing_imagebert import ImageBertProcessor  # registers AutoProcessor
 
 AutoConfig.register(ImageBertConfig.model_type, ImageBertConfig, exist_ok=True)
@@ -70,4 +72,5 @@ __all__ = [
     "ImageBertModel",
     "ImageBertPreTrainedModel",
     "ImageBertProcessor",
+    "ImageTextRetrievalPipeline",
 ]

@@ -67,6 +67,17 @@ class ImageBertImageProcessor(BaseImageProcessor):
         output["image_processor_type"] = type(self).__name__
         return output
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save the whole processor (tokenizer, settings, detector) into `save_directory`, this file's
+        `preprocessor_config.json` included: a pipeline saves its image processor, and this one is nothing without
+        the processor."""
+        return self.processor.save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def save_config(self, save_directory) -> None:
+        """Write `preprocessor_config.json` (and, with `auto_map`, copy this file and its siblings) only; what
+        `ImageBertProcessor.save_pretrained` calls."""
+        super().save_pretrained(save_directory)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load the `ImageBertProcessor` of a folder or Hub id (with its detector) and wrap it. `kwargs` as

@@ -226,7 +226,7 @@ class ImageBertProcessor(ProcessorMixin):
         self.detector_processor.save_pretrained(folder)
         saved = super().save_pretrained(save_directory, **kwargs)
         # The image half for transformers' pipelines, which load an image processor and a tokenizer, not this.
-        ImageBertImageProcessor(self).save_pretrained(save_directory)
+        ImageBertImageProcessor(self).save_config(save_directory)
         return saved
 
     @classmethod

@@ -27,6 +27,7 @@ REMOTE_CODE = (
     "kernels_imagebert",
     "losses_imagebert",
     "modeling_imagebert",
+    "pipeline_imagebert",
     "processing_imagebert",
     "tasks_imagebert",
 )

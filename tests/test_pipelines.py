@@ -142,3 +142,96 @@ def test_zero_shot_pipeline_runs_as_remote_code_without_the_package(processor, c
     )
     result = run_without_package(script, tmp_path, timeout=240)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ image-text-retrieval
+
+CAPTIONS = ["a cat looks to the side", "a woman in a space suit", "a cup of coffee on a saucer"]
+
+
+def manual_pair_scores(model, processor, image, text) -> tuple[float, float]:
+    """(ITM probability, ITC cosine) of one pair from the model's own calls on the processor's inputs."""
+    inputs = processor(text=[text], images=[image])
+    text_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "token_type_ids")}
+    image_inputs = {
+        key: inputs[key] for key in ("region_features", "region_locations", "region_attention_mask")
+    }
+    with torch.no_grad():
+        itm = model(**inputs).logits.sigmoid().item()
+        text_embeds = model.get_text_features(**text_inputs).pooler_output
+        image_embeds = model.get_image_features(**image_inputs).pooler_output
+    return itm, (image_embeds @ text_embeds.T).item()
+
+
+@pytest.fixture(scope="module")
+def retriever(tokenizer, processor):
+    from transformers import pipeline
+
+    model = tiny_model(tokenizer)
+    return pipeline(
+        "image-text-retrieval",
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=ImageBertImageProcessor(processor),
+    )
+
+
+def test_retrieval_pipeline_gives_both_scores_of_manual_calls_in_any_batching(retriever, processor, photos):
+    from modeling_imagebert import ImageTextRetrievalPipeline
+
+    assert isinstance(retriever, ImageTextRetrievalPipeline)
+    results = retriever(
+        [str(path) for path in photos], texts=CAPTIONS, pair_batch_size=2
+    )  # chunks of 2 and 1
+    assert len(results) == len(photos)
+    for path, per_text in zip(photos, results, strict=True):
+        assert [result["text"] for result in per_text] == CAPTIONS
+        for result in per_text:
+            itm, itc = manual_pair_scores(retriever.model, processor, str(path), result["text"])
+            assert result["itm_score"] == pytest.approx(itm, rel=1e-5, abs=1e-6)
+            assert result["itc_score"] == pytest.approx(itc, rel=1e-5, abs=1e-6)
+            assert 0 <= result["itm_score"] <= 1 and -1 <= result["itc_score"] <= 1
+    # one image in gives one list out; the batching changes nothing but the rounding
+    single = retriever(Image.open(photos[0]), texts=CAPTIONS, pair_batch_size=32)
+    for ours, theirs in zip(single, results[0], strict=True):
+        assert ours["itm_score"] == pytest.approx(theirs["itm_score"], rel=1e-5, abs=1e-6)
+        assert ours["itc_score"] == pytest.approx(theirs["itc_score"], rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="pass texts"):
+        retriever(str(photos[0]))
+    with pytest.raises(ValueError, match="pair_batch_size must be an int >= 1"):
+        retriever(str(photos[0]), texts=CAPTIONS, pair_batch_size=0)
+
+
+def test_retrieval_pipeline_is_saved_as_remote_code_and_runs_without_the_package(
+    retriever, processor, photos, tmp_path
+):
+    from isolated import run_without_package
+
+    folder = tmp_path / "retriever"
+    retriever.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["custom_pipelines"]["image-text-retrieval"]["impl"] == (
+        "pipeline_imagebert.ImageTextRetrievalPipeline"
+    )
+    assert config["custom_pipelines"]["image-text-retrieval"]["pt"] == ["AutoModelForSequenceClassification"]
+    assert (folder / "pipeline_imagebert.py").is_file() and (folder / "detector" / "config.json").is_file()
+    expected = retriever([str(path) for path in photos], texts=CAPTIONS, pair_batch_size=2)
+    script = textwrap.dedent(
+        f"""
+        import pytest
+        import torch
+        from transformers import pipeline
+        torch.set_num_threads({torch.get_num_threads()})
+        retriever = pipeline("image-text-retrieval", model={str(folder)!r}, trust_remote_code=True)
+        assert type(retriever).__module__.startswith("transformers_modules."), type(retriever)
+        results = retriever({[str(path) for path in photos]!r}, texts={CAPTIONS!r}, pair_batch_size=2)
+        for ours, theirs in zip(results, {expected!r}, strict=True):
+            for a, b in zip(ours, theirs, strict=True):
+                assert a["text"] == b["text"]
+                assert a["itm_score"] == pytest.approx(b["itm_score"], rel=1e-5, abs=1e-6)
+                assert a["itc_score"] == pytest.approx(b["itc_score"], rel=1e-5, abs=1e-6)
+        print("OK")
+        """
+    )
+    result = run_without_package(script, tmp_path, timeout=240)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
