@@ -18,7 +18,9 @@ The 5-D location of a pixel box (x1, y1, x2, y2) in a W x H image is
 
 The detector is saved inside the processor's folder, in the subfolder `detector/` (its config, weights,
 `preprocessor_config.json` and, as remote code, its source files); `processor_config.json` names the subfolder
-(`"detector_subfolder"`) and `from_pretrained` loads it back through `AutoModel` / `AutoImageProcessor`.
+(`"detector_subfolder"`) and `from_pretrained` loads it back through `AutoModel` / `AutoImageProcessor`. Beside
+them, `preprocessor_config.json` names `ImageBertImageProcessor` (`image_processing_imagebert.py`), this processor's
+image half, which transformers' pipelines load (see docs/pipelines.md).
 """
 
 from __future__ import annotations

@@ -113,6 +113,27 @@ def test_zero_shot_pipeline_scores_equal_a_manual_model_call(processor, checkpoi
     assert len({result["label"] for result in results}) == len(LABELS)
 
 
+@pytest.mark.parametrize("score", ["itc", "itm+itc"])
+def test_zero_shot_pipeline_ranks_by_the_configured_score(processor, checkpoint, photos, score):
+    from transformers import pipeline
+
+    classifier = pipeline(
+        "zero-shot-image-classification",
+        model=str(checkpoint),
+        model_kwargs={"zero_shot_score": score},
+        trust_remote_code=True,
+    )
+    assert classifier.model.config.zero_shot_score == score
+    image = Image.open(photos[0])
+    # the texts (batch 3) and the image (batch 1) as the pipeline passes them
+    inputs = {**processor(text=[TEMPLATE.format(label) for label in LABELS]), **processor(images=[image])}
+    with torch.no_grad():  # one image against the labels: the model's own grid scores
+        expected = classifier.model(**inputs).logits_per_image[0].softmax(-1).tolist()
+    results = classifier(image, candidate_labels=LABELS, hypothesis_template=TEMPLATE)
+    for result in results:
+        assert result["score"] == pytest.approx(expected[LABELS.index(result["label"])], rel=1e-5, abs=1e-7)
+
+
 def test_zero_shot_pipeline_runs_as_remote_code_without_the_package(processor, checkpoint, photos, tmp_path):
     from isolated import run_without_package
 
