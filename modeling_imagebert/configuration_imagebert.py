@@ -14,6 +14,8 @@ from .tasks_imagebert import PRETRAINING_TASKS
 logger = logging.get_logger(__name__)
 
 RETRIEVAL_LOSSES = ("binary", "ce", "triplet", "itc")
+# What `logits_per_image` / `logits_per_text` hold (the zero-shot pipeline's scores); see `zero_shot_score`.
+ZERO_SHOT_SCORES = ("itm", "itm+itc", "itc")
 _LOSS_TERM = re.compile(
     r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<name>[a-z]+)\s*$"
 )
@@ -83,6 +85,12 @@ class ImageBertConfig(PreTrainedConfig):
             `"binary+0.5*ce"` or `"binary+itc"`.
         triplet_margin (`float`, 0.2): hinge margin of the triplet loss.
 
+    One image against many texts (or one text against many images), as the zero-shot pipeline calls the model:
+        zero_shot_score (`str`, "itm"): what `logits_per_image` / `logits_per_text` hold when one side of the call
+            has batch size 1 and is broadcast: "itm" (the paper's matching logit, `ImageBertForRetrieval`'s
+            score), "itc" (the contrastive logit, `exp(logit_scale)` times the cosine of the
+            `get_text_features` / `get_image_features` embeddings) or "itm+itc" (their sum).
+
     Debugging:
         check_inputs (`bool`, False): also check input and label VALUES in `forward` (NaN/Inf features, locations
             outside [0, 1], token, class and ITM/retrieval label ranges, one positive per candidate group). Each
@@ -138,6 +146,7 @@ class ImageBertConfig(PreTrainedConfig):
 
     retrieval_loss: str = "binary"
     triplet_margin: float | int = 0.2
+    zero_shot_score: str = "itm"
 
     check_inputs: bool = False
 
@@ -214,6 +223,10 @@ class ImageBertConfig(PreTrainedConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"ImageBertConfig.{name} must be >= 0, got {getattr(self, name)}")
         parse_retrieval_loss(self.retrieval_loss)
+        if self.zero_shot_score not in ZERO_SHOT_SCORES:
+            raise ValueError(
+                f"ImageBertConfig.zero_shot_score must be one of {ZERO_SHOT_SCORES}, got {self.zero_shot_score!r}"
+            )
 
     @property
     def max_sequence_length(self) -> int:

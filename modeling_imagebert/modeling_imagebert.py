@@ -690,6 +690,10 @@ class ImageBertForRetrievalOutput(ModelOutput):
     logits (`(batch,)`): matching score of each (text, image) pair; higher means a better match.
     binary_loss, ce_loss, triplet_loss, itc_loss (`()`): each term, None when not configured.
     hidden_states, attentions: as in `ImageBertModelOutput`.
+    logits_per_image (`(n_images, n_texts)`), logits_per_text (`(n_texts, n_images)`, its transpose): when one side
+        of the call has batch size 1 and was broadcast against the other (one image and n texts, or one text and n
+        images; see `ImageBertForRetrieval.forward`), the scores of the grid as `config.zero_shot_score` defines
+        them (ITM logit by default); None for paired batches. CLIP's names, read by the zero-shot pipeline.
     """
 
     loss: torch.FloatTensor | None = None
@@ -700,6 +704,8 @@ class ImageBertForRetrievalOutput(ModelOutput):
     itc_loss: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -836,6 +842,8 @@ class ImageBertPreTrainedModel(PreTrainedModel):
             "AutoModel": f"{module}.ImageBertModel",
             "AutoModelForPreTraining": f"{module}.ImageBertForPreTraining",
             "AutoModelForSequenceClassification": f"{module}.ImageBertForRetrieval",
+            # One image against candidate labels (`logits_per_image`, see `ImageBertForRetrieval.forward`).
+            "AutoModelForZeroShotImageClassification": f"{module}.ImageBertForRetrieval",
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -1125,6 +1133,38 @@ def _outputs_requested(config: ImageBertConfig, kwargs: dict) -> bool:
     )
 
 
+_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_IMAGE_INPUTS = ("region_features", "region_locations", "region_attention_mask", "global_image_features")
+
+
+def _broadcast_one_to_many(
+    inputs: Mapping[str, torch.Tensor | None],
+) -> tuple[dict[str, torch.Tensor | None], tuple[int, int] | None]:
+    """The rule for one image against n texts (or one text against n images), as the zero-shot pipeline calls the
+    model: when the text side (`input_ids` (Bt, T)) and the image side (`region_features` or
+    `global_image_features`, (Bi, ...)) differ in batch size and one of them is 1, or both are 1, the single side
+    is expanded (a view) to the other's batch, so the model scores n pairs. Returns the inputs to run and the grid
+    `(n_images, n_texts)`; equal batch sizes above 1 (paired rows, the usual call) and unimodal calls return the
+    inputs unchanged and None, and other mismatches are left to the shape check."""
+    text = inputs["input_ids"]
+    image = next(
+        (inputs[name] for name in ("region_features", "global_image_features") if inputs[name] is not None),
+        None,
+    )
+    if text is None or image is None:
+        return dict(inputs), None
+    n_texts, n_images = text.shape[0], image.shape[0]
+    if min(n_texts, n_images) != 1 or (n_texts == n_images and n_texts != 1):
+        return dict(inputs), None
+    pairs = max(n_texts, n_images)
+    single = _TEXT_INPUTS if n_texts == 1 else _IMAGE_INPUTS
+    broadcast = {
+        name: tensor.expand(pairs, *tensor.shape[1:]) if name in single and tensor is not None else tensor
+        for name, tensor in inputs.items()
+    }
+    return broadcast, (n_images, n_texts)
+
+
 class ImageBertContrastiveFeaturesMixin:
     """`get_text_features` / `get_image_features` (CLIP's names) for the head models: a unimodal pass through the
     shared encoder, pooled, projected by `itc_head` and L2-normalised. One set of weights serves the cheap first
@@ -1192,6 +1232,21 @@ class ImageBertContrastiveFeaturesMixin:
             region_features, region_locations, region_attention_mask, global_image_features
         )
         return F.normalize(self.itc_head.image_projection(pooled), dim=-1)
+
+    def _grid_logits(
+        self, itm_logits: torch.Tensor, grid: tuple[int, int], inputs: Mapping[str, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logits_per_image (n_images, n_texts), logits_per_text)` of a broadcast call (`_broadcast_one_to_many`)
+        from the pairs' ITM logits `(n,)` and the unbroadcast `inputs`, as `config.zero_shot_score` says: the ITM
+        logit, the ITC logit (exp(logit_scale) x cosine of the unimodal embeddings), or their sum."""
+        n_images, n_texts = grid
+        parts = self.config.zero_shot_score.split("+")
+        logits_per_image = itm_logits.view(n_images, n_texts) if "itm" in parts else 0
+        if "itc" in parts:
+            text = self.text_embeddings(*(inputs[name] for name in _TEXT_INPUTS))  # (n_texts, D)
+            image = self.image_embeddings(*(inputs[name] for name in _IMAGE_INPUTS))  # (n_images, D)
+            logits_per_image = logits_per_image + self.itc_head.scale() * image @ text.T
+        return logits_per_image, logits_per_image.T
 
     @can_return_tuple
     def get_text_features(
@@ -1590,7 +1645,26 @@ class ImageBertForRetrieval(ImageBertContrastiveFeaturesMixin, ImageBertPreTrain
         itc_image_groups (`(B / P,)` long): for the `itc` loss, the image group of each group's positive pair
             (rows 0, P, 2P, ...): positives showing the same image are not each other's negatives. Default: all
             distinct. The retrieval collator computes them.
+
+        One side against many: text inputs of batch 1 with image inputs of batch n (or the reverse, or 1 and 1)
+        score the single side against each row of the other (it is broadcast); `logits` is then `(n,)` and the
+        output also carries `logits_per_image` `(n_images, n_texts)` and `logits_per_text`, scored as
+        `config.zero_shot_score` says. This is how the zero-shot image classification pipeline calls the model.
         """
+        given = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "region_features": region_features,
+            "region_locations": region_locations,
+            "region_attention_mask": region_attention_mask,
+            "global_image_features": global_image_features,
+        }
+        inputs, grid = _broadcast_one_to_many(given)
+        input_ids, attention_mask, token_type_ids = (inputs[name] for name in _TEXT_INPUTS)
+        region_features, region_locations, region_attention_mask, global_image_features = (
+            inputs[name] for name in _IMAGE_INPUTS
+        )
         last_layer_positions = None
         if self.sparse_last_layer and not _outputs_requested(self.config, kwargs):
             # The score reads the pooler only: the last layer runs at the first position.
@@ -1598,18 +1672,11 @@ class ImageBertForRetrieval(ImageBertContrastiveFeaturesMixin, ImageBertPreTrain
             last_layer_positions = torch.zeros(
                 reference.shape[0], 1, dtype=torch.long, device=reference.device
             )
-        outputs = self.imagebert(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            region_features=region_features,
-            region_locations=region_locations,
-            region_attention_mask=region_attention_mask,
-            global_image_features=global_image_features,
-            last_layer_positions=last_layer_positions,
-            **kwargs,
-        )
+        outputs = self.imagebert(**inputs, last_layer_positions=last_layer_positions, **kwargs)
         logits = self.itm_head(outputs.pooler_output).squeeze(-1)  # (B,)
+        logits_per_image, logits_per_text = (
+            (None, None) if grid is None else self._grid_logits(logits, grid, given)
+        )
         loss, terms = None, {}
         if labels is not None:
             if labels.shape != logits.shape:
@@ -1652,6 +1719,8 @@ class ImageBertForRetrieval(ImageBertContrastiveFeaturesMixin, ImageBertPreTrain
             itc_loss=terms.get("itc"),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
         )
 
     def _positives_itc_loss(

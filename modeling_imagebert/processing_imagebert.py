@@ -18,7 +18,9 @@ The 5-D location of a pixel box (x1, y1, x2, y2) in a W x H image is
 
 The detector is saved inside the processor's folder, in the subfolder `detector/` (its config, weights,
 `preprocessor_config.json` and, as remote code, its source files); `processor_config.json` names the subfolder
-(`"detector_subfolder"`) and `from_pretrained` loads it back through `AutoModel` / `AutoImageProcessor`.
+(`"detector_subfolder"`) and `from_pretrained` loads it back through `AutoModel` / `AutoImageProcessor`. Beside
+them, `preprocessor_config.json` names `ImageBertImageProcessor` (`image_processing_imagebert.py`), this processor's
+image half, which transformers' pipelines load (see docs/pipelines.md).
 """
 
 from __future__ import annotations
@@ -208,7 +210,8 @@ class ImageBertProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Save the tokenizer and `processor_config.json` into `save_directory`, and the detector with its image
         processor into `save_directory/detector/` (first, so a processor config that names the subfolder always
-        finds it)."""
+        finds it), then the `preprocessor_config.json` of `ImageBertImageProcessor` (this processor's image half,
+        what transformers' pipelines load with `AutoImageProcessor`)."""
         if self._detection is None:
             return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         if push_to_hub:
@@ -217,10 +220,16 @@ class ImageBertProcessor(ProcessorMixin):
             self.save_pretrained(save_directory)
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
             return self.push_to_hub(repo_id, **kwargs)
+        # Imported here: the image processor wraps this class (a module-level import would be circular).
+        from .image_processing_imagebert import ImageBertImageProcessor
+
         folder = os.path.join(save_directory, DETECTOR_SUBFOLDER)
         self.detector.save_pretrained(folder)
         self.detector_processor.save_pretrained(folder)
-        return super().save_pretrained(save_directory, **kwargs)
+        saved = super().save_pretrained(save_directory, **kwargs)
+        # The image half for transformers' pipelines, which load an image processor and a tokenizer, not this.
+        ImageBertImageProcessor(self).save_config(save_directory)
+        return saved
 
     @classmethod
     def from_dict(cls, processor_dict: dict[str, Any], **kwargs):

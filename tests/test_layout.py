@@ -23,9 +23,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "modeling_imagebert"
 REMOTE_CODE = (
     "configuration_imagebert",
+    "image_processing_imagebert",
     "kernels_imagebert",
     "losses_imagebert",
     "modeling_imagebert",
+    "pipeline_imagebert",
     "processing_imagebert",
     "tasks_imagebert",
 )

@@ -260,6 +260,7 @@ def test_saved_folder_serves_all_three_auto_classes(tester, tmp_path):
         "AutoModel",
         "AutoModelForPreTraining",
         "AutoModelForSequenceClassification",
+        "AutoModelForZeroShotImageClassification",
     }
     # The model file's relative imports (kernels, losses, task table) are copied beside it.
     siblings = {"kernels_imagebert.py", "losses_imagebert.py", "tasks_imagebert.py"}
@@ -646,6 +647,50 @@ def test_retrieval_groups_need_one_positive_each():
         retrieval_losses(torch.zeros(4), torch.tensor([1.0, 1, 0, 0]), {"ce": 1}, 0.2, num_candidates=2)
     with pytest.raises(ValueError, match="groups of P candidates"):
         retrieval_losses(torch.zeros(5), torch.tensor([1.0, 0, 1, 0, 0]), {"triplet": 1}, 0.2)
+
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+IMAGE_KEYS = ("region_features", "region_locations", "region_attention_mask")
+
+
+def _rows(inputs: dict, keys, rows) -> dict:
+    return {key: value[rows] if key in keys else value for key, value in inputs.items()}
+
+
+@pytest.mark.parametrize("single", ["image", "text"])
+def test_one_side_of_batch_one_is_broadcast_and_scored_as_a_grid(tester, single):
+    """One image against n texts (the zero-shot pipeline's call) or one text against n images: the single side is
+    broadcast, `logits` are the n pairs' ITM logits as if the single side had been repeated, and
+    `logits_per_image` (n_images, n_texts) / `logits_per_text` hold them as a grid."""
+    model = _seeded(ImageBertForRetrieval, tester.config())
+    inputs = tester.inputs()
+    keys = IMAGE_KEYS if single == "image" else TEXT_KEYS
+    repeated = _rows(inputs, keys, torch.zeros(tester.batch_size, dtype=torch.long))
+    with torch.no_grad():
+        grid = model(**_rows(inputs, keys, slice(0, 1)))
+        paired = model(**repeated)
+    torch.testing.assert_close(grid.logits, paired.logits)
+    expected_shape = (1, tester.batch_size) if single == "image" else (tester.batch_size, 1)
+    assert grid.logits_per_image.shape == expected_shape
+    torch.testing.assert_close(grid.logits_per_image.reshape(-1), paired.logits)
+    torch.testing.assert_close(grid.logits_per_text, grid.logits_per_image.T)
+    assert paired.logits_per_image is None and paired.logits_per_text is None  # paired rows: today's output
+
+
+@pytest.mark.parametrize("score", ["itc", "itm+itc"])
+def test_zero_shot_score_adds_the_contrastive_logit_when_configured(tester, score):
+    model = _seeded(ImageBertForRetrieval, tester.config(zero_shot_score=score))
+    inputs = _rows(tester.inputs(), IMAGE_KEYS, slice(0, 1))
+    with torch.no_grad():
+        out = model(**inputs)
+        text = model.get_text_features(*(inputs[key] for key in TEXT_KEYS)).pooler_output
+        image = model.get_image_features(*(inputs[key] for key in IMAGE_KEYS)).pooler_output
+    itc = model.itc_head.scale() * image @ text.T  # (1, B)
+    expected = itc if score == "itc" else itc + out.logits[None]
+    torch.testing.assert_close(out.logits_per_image, expected)
+    # @strict wraps the validator's ValueError in its StrictDataclassClassValidationError (an Exception).
+    with pytest.raises(Exception, match="zero_shot_score must be one of"):
+        tester.config(zero_shot_score="cosine")
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
