@@ -176,7 +176,8 @@ def write_synthetic_warc(path: str | os.PathLike, n_pages: int, seed: int = 0) -
 
 def run_stages_1_and_3(paths: list[str], config: dict) -> tuple[int, int, dict]:
     """Stages 1 + 3 over WARC files in this process: returns (pages read, images with text, drop counts)."""
-    from modeling_imagebert.lait.pages import pages_settings, stage1_pages
+    from modeling_imagebert.lait.page_settings import pages_settings
+    from modeling_imagebert.lait.pages import stage1_pages
     from modeling_imagebert.lait.records import DropCounter
     from modeling_imagebert.lait.text import stage3_text, text_settings
     from modeling_imagebert.lait.warc import iter_pages

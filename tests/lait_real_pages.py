@@ -155,7 +155,8 @@ def _page_record(page: RealPage):
 def run_stage1(pages: list[RealPage], pages_config: Mapping[str, Any]) -> list[PageResult]:
     """Stage 1 and its site step on every page with `pages_config` (the config section `pages`): the language
     decision and the kept candidates of each page."""
-    from modeling_imagebert.lait.pages import apply_site_repetition, page_language, stage1_pages
+    from modeling_imagebert.lait.page_content import page_language
+    from modeling_imagebert.lait.pages import apply_site_repetition, stage1_pages
     from modeling_imagebert.lait.records import DropCounter
 
     results, by_site = [], defaultdict(list)

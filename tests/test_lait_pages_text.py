@@ -11,7 +11,8 @@ import pytest
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from modeling_imagebert.lait.pages import apply_site_repetition, pages_settings, stage1_pages
+from modeling_imagebert.lait.page_settings import pages_settings
+from modeling_imagebert.lait.pages import apply_site_repetition, stage1_pages
 from modeling_imagebert.lait.records import DropCounter, ImageCandidate, PageRecord, TextCandidate
 from modeling_imagebert.lait.text import (
     basic_words,

@@ -23,7 +23,7 @@ from lait_real_pages import (  # noqa: E402
 )
 
 from modeling_imagebert.lait.config import load_config  # noqa: E402
-from modeling_imagebert.lait.pages import page_language  # noqa: E402
+from modeling_imagebert.lait.page_content import page_language  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from modeling_imagebert.lait.pages import page_language, parse_srcset, stage1_pages
+from modeling_imagebert.lait.image_urls import parse_srcset
+from modeling_imagebert.lait.page_content import page_language
+from modeling_imagebert.lait.pages import stage1_pages
 from modeling_imagebert.lait.records import DropCounter, PageRecord
 from modeling_imagebert.lait.text import clean_text, filter_reason, fit_sentences
 

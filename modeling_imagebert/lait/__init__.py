@@ -6,7 +6,9 @@ code:
 
 - `records`: the records passed between stages and the drop counter (`DropCounter`);
 - `warc`: streaming WARC / WARC.gz response records, decoded to `PageRecord`s;
-- `pages` (stage 1): English pages, DOM features of each `<img>`, the page's dominant image(s);
+- `pages` (stage 1): English pages, DOM features of each `<img>`, the page's dominant image(s); with
+  `page_settings` (its config section), `page_content` (main content, language, declared pictures) and
+  `image_urls` (an `<img>`'s URL and what it says);
 - `images` (stage 2: size rule and content classifiers), with `fetch` (where an image's bytes come from);
 - `text` (stage 3: text candidates and cleaning), `scoring` (stage 4, and training its scorer; `itm_score`: the
   ImageBERT ITM score feature), `aggregate` (stage 5);

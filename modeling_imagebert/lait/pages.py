@@ -5,32 +5,16 @@ content, keeps the page when that content is English, computes DOM features for 
 dominant image(s) by a rule score. Weights, thresholds and word lists are in config section `pages`
 (configuration/lait/default.yaml); docs/lait.md measures each signal on a labelled set of real pages.
 
-Main content (one pass over the page's `<p>` and `<img>` elements, in document order). Every paragraph of at least
-`content_min_chars` characters whose text is less than half link text scores `1 + commas + one per 100
-characters (at most 3)` for its parent and half that for its grandparent; a container whose class/id words are
-page furniture (`boilerplate_words`, `negative_words`) keeps a third of its score. The best container scoring at
-least `content_min_score` is the content root; the content region is its outermost `<article>`, `<main>`,
-`role=main` or `itemprop=articleBody` ancestor within `content_region_levels` levels, else its ancestor
-`content_region_fallback` levels up (a lead picture often sits in the article's header, beside the text's own
-container). A page without such a container has no content root, and every image falls back on the plain
-`<main>`/`<article>` features.
-
-Language (`page_language`): `detect_fast` (resiliparse, a linear-time n-gram identifier whose profiles ship in the
-wheel) on the text of the main content's paragraphs, filled up to `language_fill_chars` with the page's other
-paragraphs and then its visible text when the content is shorter, cut at `language_sample_chars`; under
-`min_text_chars` there is no evidence. Menus, sidebars, comment threads and cookie banners are not the page's
-language. `<html lang>` (its primary subtag) decides only when the text gives no answer (too short, or no profile
-within `max_language_rank`); when the text answers, it wins over `<html lang>` (pages say `lang="en"` in their
-templates whatever the article's language). A mixed page (English navigation around a German forum thread) is in
-the language of its main content; a sample detected as a Latin-script language whose letters are more than
-`max_non_latin_share` in other scripts (Chinese lyrics with pinyin lines in an English blog template) is
-"mixed", not that language.
+The stage is four modules: this one (DOM features, the rule score, raw text candidates, `stage1_pages` and the
+site-level group step), `page_settings` (the config section), `page_content` (the page's main content, its
+language and the pictures it declares; its docstring holds the rules) and `image_urls` (which URL an `<img>`
+shows and what the URL says).
 
 Dominant images:
 
     score(img) = bias + sum_f weights[f] * dom_features[f]
 
-over the features in `DOM_FEATURE_NAMES`: inside the content root / region, how early in the content
+over the features in `page_settings.DOM_FEATURE_NAMES`: inside the content root / region, how early in the content
 (`content_position`: 1 before the first content paragraph, 0 after the last), the page's own declared picture
 (`meta_image`: og:image, twitter:image, `link rel=image_src`, schema.org `image` of the page's JSON-LD, matched by
 URL or by file name without size suffixes), `<figure>`/`<figcaption>`, inside a link to another page (`in_teaser`:
@@ -48,11 +32,8 @@ best-scoring image when its score reaches `min_score`, and any other image withi
 >= `min_score`), at most `max_dominant` per page; ties keep DOM order. The other images are counted as
 `not_dominant`.
 
-Image URLs: `src`, or when `src` is missing or a placeholder (a `data:` URL, a lazy-load stub, or one URL behind
-three or more pictures of the page), the first URL-like `data-*` attribute (`data-src`, `data-lazy-src`,
-`data-original`, any `data-*-src`), else the widest `srcset` / `data-srcset` candidate, else the widest candidate
-of the parent `<picture>`'s `<source srcset>`. `srcset` is split as the HTML standard does (a URL may contain
-commas). A URL whose path is empty or `/` (a script fills the real one in) is no image.
+Image URLs come from `image_urls.image_source` (lazy-load attributes, srcset, <picture>); a URL whose path is
+empty or `/` (a script fills the real one in) is no image.
 
 Raw text candidates of each kept image: its alt, its title (or its link's), its figure's figcaption, and the
 nearest text block (`nearest_text_block`); with `nearby_title_overlap`, the block is kept only when it shares a
@@ -66,106 +47,50 @@ the dominant image of more than `max_site_repeat` distinct pages.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from resiliparse.parse.lang import detect_fast
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
+from .image_urls import (
+    MEDIA_EXTENSIONS,
+    absolute,
+    extension_feature,
+    fast_site,
+    image_keys,
+    image_source,
+    parse_px,
+    same_picture,
+    site_of,
+    url_path,
+    url_size_hint,
+)
+from .page_content import (
+    SCRIPTLIKE,
+    Content,
+    decide_language,
+    find_content,
+    lower_words,
+    meta_images,
+    visible_text,
+)
+from .page_settings import PagesSettings, pages_settings
 from .records import DropCounter, ImageCandidate, PageRecord, TextCandidate
 
 STAGE = "pages"
 
-DOM_FEATURE_NAMES = (
-    "declared_width",
-    "declared_height",
-    "has_size",
-    "log_side_ratio",
-    "small",
-    "extreme_aspect",
-    "depth",
-    "order_index",
-    "order_fraction",
-    "page_image_count",
-    "in_main",
-    "in_article",
-    "in_content",
-    "in_content_region",
-    "content_position",
-    "meta_image",
-    "in_figure",
-    "in_link",
-    "in_teaser",
-    "in_boilerplate",
-    "negative_word_hits",
-    "positive_word_hits",
-    "ext_jpg",
-    "ext_png",
-    "ext_gif",
-    "ext_webp",
-    "ext_svg",
-    "ext_ico",
-    "ext_other",
-    "has_alt",
-    "alt_words",
-    "has_title",
-    "has_figcaption",
-    "same_host",
-    "lazy",
-    "page_repeat_extra",
-    "site_repeat_log2",
-)
-
-_EXTENSIONS = {
-    "jpg": "ext_jpg",
-    "jpeg": "ext_jpg",
-    "jfif": "ext_jpg",
-    "png": "ext_png",
-    "gif": "ext_gif",
-    "webp": "ext_webp",
-    "avif": "ext_webp",
-    "svg": "ext_svg",
-    "ico": "ext_ico",
-    "cur": "ext_ico",
-}
-_MEDIA_EXTENSIONS = frozenset((*_EXTENSIONS, "bmp", "tif", "tiff", "mp4", "webm", "mov"))
 _FURNITURE_TAGS = frozenset({"nav", "aside"})  # page furniture wherever they are
 _EDGE_TAGS = frozenset(
     {"header", "footer"}
 )  # furniture only outside the content region (an article has its own)
-_CONTENT_REGION_TAGS = frozenset({"article", "main"})
-_PX = re.compile(r"^\s*(\d{1,5})(?:\.\d*)?\s*(?:px)?\s*$")
 _CSS_SIZE = re.compile(r"(?<![-\w])(width|height)\s*:\s*(\d{1,5}(?:\.\d*)?)\s*(px|em|rem|ex)", re.IGNORECASE)
 _CSS_UNIT_PX = {"px": 1.0, "em": 16.0, "rem": 16.0, "ex": 8.0}
-# Sizes a URL names when the markup declares none: ?w=105&h=105, resize=W,H, fit=W,H, /300x200/, -1200x630.jpg
-_URL_SIZE_QUERY = re.compile(
-    r"[?&](?:w|width|h|height|resize|fit)=(\d{2,4})(?:(?:%2C|,|x)(\d{2,4}))?", re.IGNORECASE
-)
-_URL_SIZE_PATH = re.compile(r"(?<![\d.])(\d{2,4})x(\d{2,4})(?![\d])")
-_WORDS = re.compile(r"[a-z]+")
-_SRCSET_WIDTH = re.compile(r"^(\d{1,5})w$")
-_PLACEHOLDER = re.compile(
-    r"placeholder|holder\.|lazy[-_]?load|lazy_place|blank\.|spacer|missing-image|transparent\.|pixel\.gif|grey\.gif"
-)
-# Picture names without size variants, in two steps: dimension suffixes (-1200x630, -800w, w640, -320-80), then
-# also bare trailing numbers and size words (_303 vs _304, -large): the looser name is only used when the first
-# does not match.
-_DIMENSION_SUFFIX = re.compile(r"(?:[-_.@](?:\d{2,4}x\d{2,4}|\d{2,4}w|w\d{2,4}|[a-z]?\d{2,4}-\d{2,4}))+$")
-_LOOSE_SUFFIX = re.compile(r"(?:[-_.@](?:\d{1,4}|large|medium|small|big|thumb|thumbnail))+$")
 # A link to a viewer of the picture (a lightbox, a zoom or photo page) is not a teaser of another article.
 _VIEWER_WORDS = re.compile(r"photo|image|img|gallery|zoom|enlarge|lightbox|attachment|slide", re.IGNORECASE)
-_SCRIPTLIKE = ["script", "style", "noscript", "template", "svg"]
-_META_IMAGE_KEYS = frozenset(
-    {"og:image", "og:image:url", "og:image:secure_url", "twitter:image", "twitter:image:src", "image"}
-)
-_JSONLD_SKIP_TYPES = frozenset({"Person", "Organization", "Brand", "WebSite", "NewsMediaOrganization"})
-_LETTERS = re.compile(r"[^\W\d_]")
 _TITLE_WORD = re.compile(r"[^\W\d_]{3,}")
 # English function words: they say nothing about what a headline and a paragraph share
 _FUNCTION_WORDS = frozenset(
@@ -173,588 +98,6 @@ _FUNCTION_WORDS = frozenset(
     "not but all any can will would could should about into over under after before than then there here what "
     "when where which who whom why how out off our also just more most some such only very".split()
 )
-_NON_LATIN_LETTERS = re.compile(r"[^\W\d_\u0000-\u024f\u1e00-\u1eff]")
-# detect_fast codes of languages written in the Latin script (the mixed-script rule of _decide_language)
-_LATIN_SCRIPT_LANGUAGES = frozenset(
-    "af an ast az br bs ca cs cy da de en eo es et eu fi fo fr fy ga gd gl hr ht hu id is it jv la lb lt lv ms "
-    "mt nds nl nn no oc pl pt ro sco sh sk sl sq su sv sw tl tr uz vi wa".split()
-)
-
-
-@dataclass(frozen=True)
-class PagesSettings:
-    """Config section `pages`, checked and compiled once (see configuration/lait/default.yaml for each key)."""
-
-    max_page_bytes: int
-    max_replacement_ratio: float
-    languages: frozenset[str]
-    max_language_rank: int
-    language_sample_chars: int
-    min_text_chars: int
-    language_fill_chars: int
-    max_non_latin_share: float
-    use_html_lang: bool
-    max_images_per_page: int
-    main_content: bool
-    content_min_chars: int
-    content_min_score: float
-    content_region_levels: int
-    content_region_fallback: int
-    reference_side: float
-    small_side: int
-    extreme_aspect: float
-    word_levels: int
-    negative_words: frozenset[str]
-    positive_words: frozenset[str]
-    boilerplate_words: frozenset[str]
-    weights: tuple[tuple[str, float], ...]  # (feature, weight) pairs: hashable and picklable
-    bias: float
-    min_score: float
-    keep_margin: float
-    max_dominant: int
-    max_site_repeat: int
-    nearby_max_levels: int
-    nearby_min_words: int
-    nearby_max_chars: int
-    nearby_title_overlap: bool
-
-
-_REQUIRED = {
-    "max_page_bytes": int,
-    "max_replacement_ratio": float,
-    "languages": list,
-    "max_language_rank": int,
-    "language_sample_chars": int,
-    "min_text_chars": int,
-    "language_fill_chars": int,
-    "max_non_latin_share": float,
-    "use_html_lang": bool,
-    "max_images_per_page": int,
-    "main_content": bool,
-    "content_min_chars": int,
-    "content_min_score": float,
-    "content_region_levels": int,
-    "content_region_fallback": int,
-    "reference_side": float,
-    "small_side": int,
-    "extreme_aspect": float,
-    "word_levels": int,
-    "negative_words": list,
-    "positive_words": list,
-    "boilerplate_words": list,
-    "weights": dict,
-    "bias": float,
-    "min_score": float,
-    "keep_margin": float,
-    "max_dominant": int,
-    "max_site_repeat": int,
-    "nearby_max_levels": int,
-    "nearby_min_words": int,
-    "nearby_max_chars": int,
-    "nearby_title_overlap": bool,
-}
-
-
-def _checked_section(section: Mapping[str, Any], name: str, required: Mapping[str, type]) -> dict[str, Any]:
-    """Checks a config section's keys and value types; raises ValueError naming the key."""
-    unknown = sorted(set(section) - set(required))
-    if unknown:
-        raise ValueError(
-            f"config section {name}: unknown key {name}.{unknown[0]}; known: {', '.join(required)}"
-        )
-    missing = [key for key in required if key not in section]
-    if missing:
-        raise ValueError(f"config section {name}: missing key {name}.{missing[0]}")
-    values = {}
-    for key, kind in required.items():
-        value = section[key]
-        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-        if not ok or isinstance(value, bool) and kind is not bool:
-            raise ValueError(f"config {name}.{key}: expected {kind.__name__}, got {value!r}")
-        values[key] = float(value) if kind is float else value
-    return values
-
-
-@lru_cache(maxsize=16)
-def _settings_from_json(text: str) -> PagesSettings:
-    values = _checked_section(json.loads(text), "pages", _REQUIRED)
-    unknown = sorted(set(values["weights"]) - set(DOM_FEATURE_NAMES))
-    if unknown:
-        raise ValueError(
-            f"config pages.weights.{unknown[0]}: unknown DOM feature; known: {', '.join(DOM_FEATURE_NAMES)}"
-        )
-    for key in ("max_images_per_page", "max_dominant", "max_site_repeat", "reference_side", "small_side"):
-        if values[key] <= 0:
-            raise ValueError(f"config pages.{key}: expected a positive number, got {values[key]!r}")
-    for key in ("languages", "negative_words", "positive_words", "boilerplate_words"):
-        values[key] = frozenset(str(word).lower() for word in values[key])
-    # Immutable: one cached settings object is shared by every call with the same section.
-    values["weights"] = tuple(sorted((k, float(v)) for k, v in values["weights"].items()))
-    return PagesSettings(**values)
-
-
-def pages_settings(config: Mapping[str, Any] | PagesSettings | None = None) -> PagesSettings:
-    """`PagesSettings` from the `pages` section (or a whole config with a `pages` key; None = the defaults)."""
-    if isinstance(config, PagesSettings):
-        return config
-    if config is None:
-        from .config import default_config
-
-        config = default_config()
-    section = config["pages"] if "pages" in config else config
-    return _settings_from_json(json.dumps(section, sort_keys=True))
-
-
-def site_of(url: str) -> str:
-    """The site key of a URL: its lowercase host without a leading "www." ("" when there is none)."""
-    host = (urlsplit(url).hostname or "").lower()
-    return host[4:] if host.startswith("www.") else host
-
-
-def _fast_site(url: str) -> str:
-    """`site_of` for an absolute http(s) URL by string slicing (urlsplit is the slowest call per image)."""
-    start = url.find("://") + 3
-    end = len(url)
-    for mark in "/?#":
-        found = url.find(mark, start)
-        if 0 <= found < end:
-            end = found
-    host = url[start:end]
-    if "@" in host or ":" in host or "[" in host:
-        return site_of(url)
-    host = host.lower()
-    return host[4:] if host.startswith("www.") else host
-
-
-def _absolute(base: str, origin: str, raw: str) -> str:
-    """`urljoin(base, raw)` with shortcuts for the common absolute, protocol-relative and root-relative forms."""
-    if raw.startswith(("http://", "https://")) and " " not in raw and "/." not in raw:
-        return raw
-    if raw.startswith("//"):
-        return urljoin(base, raw)
-    if raw.startswith("/") and "/." not in raw and " " not in raw:
-        return origin + raw
-    return urljoin(base, raw)
-
-
-def _px(value: str | None) -> int:
-    if not value:
-        return 0
-    match = _PX.match(value)
-    return int(match.group(1)) if match else 0
-
-
-def _words(*texts: str | None) -> list[str]:
-    return [word for text in texts if text for word in _WORDS.findall(text.lower())]
-
-
-def parse_srcset(srcset: str) -> list[tuple[str, int]]:
-    """The candidates of a `srcset` as (url, width in px; 0 when not given), split as the HTML standard does: a URL
-    runs to the next whitespace (it may contain commas, as in `data:` URLs or `crop=...,...` queries) and a comma
-    right after it ends the candidate; otherwise descriptors follow up to the next comma outside parentheses."""
-    out = []
-    i, n = 0, len(srcset)
-    while i < n:
-        while i < n and (srcset[i].isspace() or srcset[i] == ","):
-            i += 1
-        j = i
-        while j < n and not srcset[j].isspace():
-            j += 1
-        url = srcset[i:j]
-        descriptors = ""
-        if url.endswith(","):
-            url = url.rstrip(",")
-        else:
-            start, depth = j, 0
-            while j < n and (srcset[j] != "," or depth):
-                depth += (srcset[j] == "(") - (srcset[j] == ")")
-                j += 1
-            descriptors = srcset[start:j]
-        if url:
-            width = 0
-            for descriptor in descriptors.split():
-                match = _SRCSET_WIDTH.match(descriptor)
-                if match:
-                    width = int(match.group(1))
-            out.append((url, width))
-        i = j + 1
-    return out
-
-
-def _srcset_best(srcset: str) -> tuple[str, int]:
-    """The widest non-`data:` candidate of a `srcset` as (url, width; 0 when not given), ("", 0) when none."""
-    best_url, best_width = "", -1
-    for url, width in parse_srcset(srcset):
-        if not url.startswith("data:") and width > best_width:
-            best_url, best_width = url, width
-    return best_url, max(best_width, 0)
-
-
-def _is_placeholder(src: str, shared: frozenset[str]) -> bool:
-    return not src or src.startswith("data:") or src in shared or bool(_PLACEHOLDER.search(src.lower()))
-
-
-def _image_source(node: LexborNode, shared: frozenset[str]) -> tuple[str, bool, int]:
-    """(raw URL, lazy?, srcset width) of an <img>: a lazy-loading `data-*` URL or a srcset wins over a placeholder
-    `src`; an <img> with nothing takes its parent <picture>'s widest <source srcset>."""
-    attributes = node.attributes
-    src = (attributes.get("src") or "").strip()
-    placeholder = _is_placeholder(src, shared)
-    if placeholder:
-        for key, value in attributes.items():
-            if key.startswith("data-") and value and "srcset" not in key and key != "data-sizes":
-                value = value.strip()
-                if (
-                    value
-                    and not value.startswith("data:")
-                    and " " not in value
-                    and ("/" in value or "." in value)
-                    and not _PLACEHOLDER.search(value.lower())
-                    and ("src" in key or "original" in key or "url" in key or "lazy" in key)
-                ):
-                    return value, True, 0
-    srcset = attributes.get("srcset") or attributes.get("data-srcset") or ""
-    srcset_url, srcset_width = _srcset_best(srcset) if srcset else ("", 0)
-    if placeholder and srcset_url:
-        return srcset_url, bool(attributes.get("data-srcset")), srcset_width
-    if not src or src.startswith("data:"):
-        parent = node.parent
-        if parent is not None and parent.tag == "picture":
-            best_url, best_width = "", -1
-            for source in parent.css("source"):
-                candidate = source.attributes.get("srcset") or source.attributes.get("data-srcset") or ""
-                url, width = _srcset_best(candidate)
-                if url and width > best_width:
-                    best_url, best_width = url, width
-            if best_url:
-                return best_url, False, max(best_width, 0)
-    return src, False, srcset_width
-
-
-def _url_size_hint(url: str) -> tuple[int, int]:
-    """(width, height) a URL names (0 when unknown): query parameters w/h/width/height/resize/fit, or a
-    `WIDTHxHEIGHT` token in the path (thumbnail services and CMS size variants name their sizes)."""
-    width = height = 0
-    for match in _URL_SIZE_QUERY.finditer(url):
-        key = url[match.start() + 1 : url.index("=", match.start())].lower()
-        first, second = int(match.group(1)), int(match.group(2) or 0)
-        if key in ("h", "height"):
-            height = height or first
-        else:
-            width = width or first
-            height = height or second
-    if width or height:
-        return width, height
-    match = _URL_SIZE_PATH.search(_url_path(url))
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-
-
-def _url_path(url: str) -> str:
-    """The path of an absolute URL (no query or fragment), by string slicing."""
-    start = url.find("/", url.find("://") + 3)
-    if start < 0:
-        return ""
-    end = len(url)
-    for mark in "?#":
-        found = url.find(mark, start)
-        if 0 <= found < end:
-            end = found
-    return url[start:end]
-
-
-def _extension_feature(path: str) -> str:
-    path = path.lower()
-    dot = path.rfind(".")
-    if dot < 0 or "/" in path[dot:]:
-        return "ext_other"
-    return _EXTENSIONS.get(path[dot + 1 :], "ext_other")
-
-
-@lru_cache(maxsize=16384)
-def _image_keys(url: str) -> tuple[str, str]:
-    """A picture's names without its size variant: the file name of the URL's path, lower case, without extension
-    and dimension suffixes (`-1200x630`, `-320-80`); then also without trailing numbers and size words (`_800`,
-    `-large`). "" for a name too short to identify anything."""
-    path = _url_path(url).lower()
-    name = path.rsplit("/", 1)[-1]
-    dot = name.rfind(".")
-    if dot > 0:
-        name = name[:dot]
-    strict = _DIMENSION_SUFFIX.sub("", name)
-    loose = _LOOSE_SUFFIX.sub("", strict)
-    return (strict if len(strict) >= 5 else "", loose if len(loose) >= 5 else "")
-
-
-def _same_picture(first: str, second: str) -> bool:
-    """True when two URLs name one picture in two sizes (same file name up to size suffixes)."""
-    if first == second:
-        return True
-    a, b = _image_keys(first), _image_keys(second)
-    return bool(a[0] and a[0] == b[0]) or bool(a[1] and a[1] == b[1])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the page: main content, language, declared pictures
-
-
-@dataclass
-class _Content:
-    """What one pass over a page's paragraphs and images finds."""
-
-    root: int  # mem_id of the content root, 0 when none
-    region: int  # mem_id of the content region, 0 when none
-    root_ancestors: frozenset[int]  # mem_ids of the content root's ancestors
-    paragraphs_before: dict[int, int]  # image mem_id -> content paragraphs before it in document order
-    content_paragraphs: int
-    content_text: list[str]  # the content root's paragraph texts, in order
-    all_text: list[str]  # every counted paragraph's text, in order
-
-
-def _container_weight(node: LexborNode, settings: PagesSettings) -> float:
-    attributes = node.attributes
-    words = _words(attributes.get("class"), attributes.get("id"))
-    if not words:
-        return 1.0
-    if not settings.boilerplate_words.isdisjoint(words) or not settings.negative_words.isdisjoint(words):
-        return 1.0 / 3.0
-    return 1.0
-
-
-def _find_content(ordered: list[LexborNode], settings: PagesSettings) -> _Content:
-    """The content root and region of a page from its <p> and <img> elements in document order (module docstring)."""
-    scores: dict[int, list] = {}
-    paragraphs: list[tuple[LexborNode, str, int, int]] = []  # (node, text, parent id, grandparent id)
-    for node in ordered:
-        if node.tag != "p":
-            continue
-        text = node.text(separator=" ")  # whitespace as in the page; collapsed only in the language sample
-        length = len(text.strip())
-        if length < settings.content_min_chars:
-            continue
-        link_chars = sum(len(a.text()) for a in node.css("a")) if node.css_first("a") is not None else 0
-        if link_chars * 2 > length:
-            continue
-        parent = node.parent
-        if parent is None:
-            continue
-        score = 1.0 + text.count(",") + min(length // 100, 3)
-        entry = scores.get(parent.mem_id)
-        if entry is None:
-            scores[parent.mem_id] = entry = [0.0, parent]
-        entry[0] += score
-        grandparent = parent.parent
-        grandparent_id = 0
-        if grandparent is not None and grandparent.tag not in ("body", "html", "#document"):
-            grandparent_id = grandparent.mem_id
-            entry = scores.get(grandparent_id)
-            if entry is None:
-                scores[grandparent_id] = entry = [0.0, grandparent]
-            entry[0] += score / 2
-        paragraphs.append((node, text, parent.mem_id, grandparent_id))
-    all_text = [text for _, text, _, _ in paragraphs]
-    empty = _Content(0, 0, frozenset(), {}, 0, [], all_text)
-    if not settings.main_content or not scores:
-        return empty
-    best_score, best = 0.0, None
-    for score, node in scores.values():
-        score *= _container_weight(node, settings)
-        if score > best_score:
-            best_score, best = score, node
-    if best is None or best_score < settings.content_min_score:
-        return empty
-    root = best.mem_id
-    # The region: the outermost <article>/<main>/role=main/itemprop=articleBody within content_region_levels (a
-    # lead picture often sits in the article's header, beside the text's own container), else the ancestor
-    # content_region_fallback levels up.
-    root_ancestors, ancestor = set(), best.parent
-    while ancestor is not None and ancestor.tag not in ("html", "#document"):
-        root_ancestors.add(ancestor.mem_id)
-        ancestor = ancestor.parent
-    region_node, fallback, ancestor = None, best, best.parent
-    for level in range(1, settings.content_region_levels + 1):
-        if ancestor is None or ancestor.tag in ("body", "html", "#document"):
-            break
-        attributes = ancestor.attributes
-        if (
-            ancestor.tag in _CONTENT_REGION_TAGS
-            or attributes.get("role") == "main"
-            or attributes.get("itemprop") == "articleBody"
-        ):
-            region_node = ancestor
-        if level <= settings.content_region_fallback:
-            fallback = ancestor
-        ancestor = ancestor.parent
-    if region_node is None:
-        region_node = fallback
-    # Content paragraphs: the counted paragraphs whose parent or grandparent is the root (the two levels that
-    # scored it); each image learns how many of them come before it in the document.
-    content = [(node, text) for node, text, parent_id, gp_id in paragraphs if root in (parent_id, gp_id)]
-    content_ids = {id(node) for node, _ in content}
-    content_text = [text for _, text in content]
-    paragraphs_before: dict[int, int] = {}
-    seen = 0
-    for node in ordered:
-        if node.tag != "p":
-            paragraphs_before[node.mem_id] = seen
-        elif id(node) in content_ids:
-            seen += 1
-    return _Content(
-        root,
-        region_node.mem_id,
-        frozenset(root_ancestors),
-        paragraphs_before,
-        len(content_ids),
-        content_text,
-        all_text,
-    )
-
-
-@dataclass(frozen=True)
-class PageLanguage:
-    """Stage 1's language decision for one page: `language` (a detect_fast code, "unknown" when no text gives an
-    answer), `rank` (detect_fast's out-of-place rank; 0 when not from text), `evidence` ("content", "paragraphs",
-    "page", "html_lang" or "none": where the answer came from) and `kept` (the language is in `pages.languages`)."""
-
-    language: str
-    rank: float
-    evidence: str
-    kept: bool
-
-
-def _html_lang(tree: LexborHTMLParser) -> str:
-    node = tree.css_first("html")
-    value = (node.attributes.get("lang") or node.attributes.get("xml:lang") or "") if node is not None else ""
-    return value.strip().lower().replace("_", "-").split("-", 1)[0]
-
-
-def _sample(texts: list[str], limit: int) -> str:
-    """The texts joined, whitespace collapsed, cut at `limit` characters (only about that much is ever joined)."""
-    parts, size = [], 0
-    for text in texts:
-        parts.append(text)
-        size += len(text)
-        if size > 2 * limit:
-            break
-    return " ".join(" ".join(parts).split())[:limit]
-
-
-def _decide_language(
-    tree: LexborHTMLParser, content: _Content, settings: PagesSettings, page_text: Any
-) -> PageLanguage:
-    """The language rule of the module docstring; `page_text()` gives the page's visible text, computed only when
-    the paragraphs are too short."""
-    limit, enough = settings.language_sample_chars, settings.language_fill_chars
-    evidence, sample = "content", _sample(content.content_text, limit)
-    if len(sample) < enough:
-        # Short content (a product's two lines): the page's other paragraphs, then all its text, fill it up.
-        taken = set(map(id, content.content_text))
-        others = [text for text in content.all_text if id(text) not in taken]
-        if others:
-            evidence = "paragraphs" if not sample else evidence
-            sample = _sample([sample, *others], limit)
-    if len(sample) < enough:
-        evidence = "page" if len(sample) < settings.min_text_chars else evidence
-        sample = _sample([sample, page_text()], limit)
-    language, rank = "unknown", 0.0
-    if len(sample) >= settings.min_text_chars:
-        language, rank = detect_fast(sample, cutoff=settings.max_language_rank)
-        rank = float(rank)
-        if language in _LATIN_SCRIPT_LANGUAGES and not sample.isascii():
-            # Chinese lyrics with pinyin lines, or a Russian article in an English shell: n-gram profiles of the
-            # mixture can land on a Latin-script language; the letters themselves say it is not one.
-            letters = len(_LETTERS.findall(sample))
-            if letters and len(_NON_LATIN_LETTERS.findall(sample)) > settings.max_non_latin_share * letters:
-                return PageLanguage("mixed", rank, evidence, "*" in settings.languages)
-    if language == "unknown":
-        declared = _html_lang(tree) if settings.use_html_lang else ""
-        if declared:
-            return PageLanguage(
-                declared, 0.0, "html_lang", declared in settings.languages or "*" in settings.languages
-            )
-        evidence = "none" if len(sample) < settings.min_text_chars else evidence
-    return PageLanguage(language, rank, evidence, language in settings.languages or "*" in settings.languages)
-
-
-def _visible_text(tree: LexborHTMLParser) -> str:
-    body = tree.body
-    if body is None:
-        return ""
-    # Scripts and styles are not language; strip them from the tree (after the images were collected).
-    body.strip_tags(_SCRIPTLIKE)
-    return body.text(separator=" ", strip=True)
-
-
-def page_language(html: str, config: Mapping[str, Any] | PagesSettings | None = None) -> PageLanguage:
-    """Stage 1's language decision for a decoded page (the rule of the module docstring); `config` as in
-    `stage1_pages`. The same decision `stage1_pages` makes before it drops a page as `not_english`."""
-    settings = pages_settings(config)
-    tree = LexborHTMLParser(html)
-    content = _find_content(tree.css("img, p"), settings)
-    return _decide_language(tree, content, settings, lambda: _visible_text(tree))
-
-
-def _jsonld_images(value: Any, out: list[str], depth: int = 0) -> None:
-    """URLs under `image` keys of a JSON-LD value, leaving out people's and organisations' pictures."""
-    if depth > 8:
-        return
-    if isinstance(value, dict):
-        kind = value.get("@type")
-        kinds = kind if isinstance(kind, list) else [kind]
-        if any(k in _JSONLD_SKIP_TYPES for k in kinds if isinstance(k, str)):
-            return
-        for key, item in value.items():
-            if key == "image" or key == "thumbnailUrl":
-                for url in item if isinstance(item, list) else [item]:
-                    if isinstance(url, str):
-                        out.append(url)
-                    elif isinstance(url, dict) and isinstance(url.get("url") or url.get("contentUrl"), str):
-                        out.append(url.get("url") or url.get("contentUrl"))
-            elif isinstance(item, (dict, list)):
-                _jsonld_images(item, out, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _jsonld_images(item, out, depth + 1)
-
-
-def _meta_images(tree: LexborHTMLParser, base: str) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
-    """(absolute URLs, strict names, loose names; see `_image_keys`) of the pictures the page declares as its own: og:image, twitter:image,
-    `link rel=image_src`, itemprop=image and the schema.org `image` of its JSON-LD."""
-    urls: list[str] = []
-    head = tree.head
-    scope = head if head is not None else tree.root
-    if scope is None:
-        return frozenset(), frozenset(), frozenset()
-    for node in tree.css("meta[property], meta[name], meta[itemprop]"):
-        attributes = node.attributes
-        key = (
-            attributes.get("property") or attributes.get("name") or attributes.get("itemprop") or ""
-        ).lower()
-        if key in _META_IMAGE_KEYS:
-            urls.append((attributes.get("content") or "").strip())
-    for node in tree.css("link[rel=image_src]"):
-        urls.append((node.attributes.get("href") or "").strip())
-    for node in tree.css('script[type="application/ld+json"]'):
-        text = node.text()
-        if not text or len(text) > 200_000:
-            continue
-        try:
-            _jsonld_images(json.loads(text), urls)
-        except ValueError:
-            continue
-    absolute = set()
-    for url in urls:
-        if not url or url.startswith("data:"):
-            continue
-        try:
-            absolute.add(urljoin(base, url))
-        except ValueError:
-            continue
-    keys = [_image_keys(url) for url in absolute]
-    return frozenset(absolute), frozenset(k[0] for k in keys if k[0]), frozenset(k[1] for k in keys if k[1])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# images
 
 
 @dataclass
@@ -775,9 +118,9 @@ class _PageContext:
     origin: str
     page_url: str
     page_site: str
-    content: _Content
+    content: Content
     meta_urls: frozenset[str]
-    meta_strict: frozenset[str]  # `_image_keys` names of the page's declared pictures
+    meta_strict: frozenset[str]  # `image_keys` names of the page's declared pictures
     meta_loose: frozenset[str]
     ambiguous: frozenset[
         str
@@ -791,7 +134,7 @@ def _links_to_other_page(href: str, image_url: str, context: _PageContext) -> bo
     if not href or href.startswith(("#", "javascript:", "mailto:", "data:")):
         return False
     try:
-        target = _absolute(context.base, context.origin, href)
+        target = absolute(context.base, context.origin, href)
     except ValueError:
         return False
     target = target.split("#", 1)[0]
@@ -801,11 +144,11 @@ def _links_to_other_page(href: str, image_url: str, context: _PageContext) -> bo
         return False
     if _VIEWER_WORDS.search(target[target.find("/", target.find("://") + 3) :]):
         return False
-    path = _url_path(target).lower()
+    path = url_path(target).lower()
     dot = path.rfind(".")
-    if dot >= 0 and "/" not in path[dot:] and path[dot + 1 :] in _MEDIA_EXTENSIONS:
+    if dot >= 0 and "/" not in path[dot:] and path[dot + 1 :] in MEDIA_EXTENSIONS:
         return False
-    return not _same_picture(target, image_url)
+    return not same_picture(target, image_url)
 
 
 def _ancestor_features(
@@ -849,7 +192,7 @@ def _ancestor_features(
             edge = True
         attributes = parent.attributes
         if attributes:
-            words = _words(attributes.get("class"), attributes.get("id"), attributes.get("role"))
+            words = lower_words(attributes.get("class"), attributes.get("id"), attributes.get("role"))
             if words:
                 if depth <= settings.word_levels:
                     near_words.extend(words)
@@ -879,7 +222,7 @@ def _image_features(
     node: LexborNode, url: str, lazy: bool, srcset_width: int, settings: PagesSettings, context: _PageContext
 ) -> tuple[dict[str, float], Any, Any]:
     attributes = node.attributes
-    width, height = _px(attributes.get("width")), _px(attributes.get("height"))
+    width, height = parse_px(attributes.get("width")), parse_px(attributes.get("height"))
     style = attributes.get("style")
     if style:
         for name, value, unit in _CSS_SIZE.findall(style):
@@ -890,12 +233,12 @@ def _image_features(
             else:
                 height = px
     if not width and not height and not srcset_width:
-        width, height = _url_size_hint(url)
+        width, height = url_size_hint(url)
     features, figure, link, near_words = _ancestor_features(node, url, settings, context)
     side = max(width, height, srcset_width)
     alt = attributes.get("alt") or ""
-    path = _url_path(url)
-    own_words = _words(attributes.get("class"), attributes.get("id"), alt, path)
+    path = url_path(url)
+    own_words = lower_words(attributes.get("class"), attributes.get("id"), alt, path)
     words = set(own_words)
     words.update(near_words)
     content = context.content
@@ -903,7 +246,7 @@ def _image_features(
     if features["in_content"] or features["in_content_region"]:
         before = content.paragraphs_before.get(node.mem_id, 0)
         position = 1.0 - before / content.content_paragraphs if content.content_paragraphs else 1.0
-    strict, loose = _image_keys(url)
+    strict, loose = image_keys(url)
     features.update(
         {
             "declared_width": float(width),
@@ -928,13 +271,13 @@ def _image_features(
             "alt_words": float(len(alt.split())),
             "has_title": 1.0 if (attributes.get("title") or "").strip() else 0.0,
             "has_figcaption": 0.0,
-            "same_host": 1.0 if _fast_site(url) == context.page_site else 0.0,
+            "same_host": 1.0 if fast_site(url) == context.page_site else 0.0,
             "lazy": 1.0 if lazy else 0.0,
         }
     )
     for name in ("ext_jpg", "ext_png", "ext_gif", "ext_webp", "ext_svg", "ext_ico", "ext_other"):
         features[name] = 0.0
-    features[_extension_feature(path)] = 1.0
+    features[extension_feature(path)] = 1.0
     if figure is not None and figure.css_first("figcaption") is not None:
         features["has_figcaption"] = 1.0
     return features, figure, link
@@ -989,7 +332,7 @@ def nearest_text_block(node: LexborNode, settings: PagesSettings, exclude: str =
     for _ in range(settings.nearby_max_levels):
         for forward in (True, False):
             candidate = _sibling(current, forward)
-            if candidate is None or candidate.tag in _SCRIPTLIKE:
+            if candidate is None or candidate.tag in SCRIPTLIKE:
                 continue
             # A block with a script in it is an ad or a widget (and its text would be the script's code).
             if candidate.is_element_node and candidate.css_first("script, style") is not None:
@@ -1073,9 +416,9 @@ def stage1_pages(
     if not nodes:
         drops.drop(STAGE, "no_images")
         return []
-    content = _find_content(ordered, settings)
+    content = find_content(ordered, settings)
     # The visible-text fallback strips scripts from a tree: a second parse, so this one keeps its <noscript> copies.
-    language = _decide_language(tree, content, settings, lambda: _visible_text(LexborHTMLParser(page.html)))
+    language = decide_language(tree, content, settings, lambda: visible_text(LexborHTMLParser(page.html)))
     if not language.kept:
         drops.drop(STAGE, "not_english")
         return []
@@ -1090,7 +433,7 @@ def stage1_pages(
         drops.drop(STAGE, "invalid_page_url")
         return []
     origin = f"{parts.scheme}://{parts.netloc}"
-    meta_urls, meta_strict, meta_loose = _meta_images(tree, base)
+    meta_urls, meta_strict, meta_loose = meta_images(tree, base)
     nodes = nodes[: settings.max_images_per_page]
     src_counts: dict[str, int] = {}
     for node in nodes:
@@ -1100,21 +443,21 @@ def stage1_pages(
     shared = frozenset(src for src, count in src_counts.items() if count >= 3)
     sources = []
     for node in nodes:
-        raw, lazy, srcset_width = _image_source(node, shared)
+        raw, lazy, srcset_width = image_source(node, shared)
         if not raw or raw.startswith(("data:", "javascript:", "about:", "#")):
             continue
         try:
-            url = _absolute(base, origin, raw)
+            url = absolute(base, origin, raw)
         except ValueError:  # an unparsable image URL is not a candidate
             drops.event(STAGE, "invalid_image_url")
             continue
         # No path, or the site's root: a script fills the real picture in; this URL is a page, not an image.
-        if not url.startswith(("http://", "https://")) or len(_url_path(url)) <= 1:
+        if not url.startswith(("http://", "https://")) or len(url_path(url)) <= 1:
             continue
         sources.append((node, url, lazy, srcset_width))
     key_urls: dict[str, set[str]] = {}
     for _, url, _, _ in sources:
-        for key in _image_keys(url):
+        for key in image_keys(url):
             if key:
                 key_urls.setdefault(key, set()).add(url)
     context = _PageContext(
@@ -1223,16 +566,4 @@ def apply_site_repetition(
     return kept
 
 
-__all__ = [
-    "DOM_FEATURE_NAMES",
-    "PageLanguage",
-    "PagesSettings",
-    "apply_site_repetition",
-    "nearest_text_block",
-    "page_language",
-    "pages_settings",
-    "parse_srcset",
-    "score_features",
-    "site_of",
-    "stage1_pages",
-]
+__all__ = ["apply_site_repetition", "nearest_text_block", "score_features", "stage1_pages"]

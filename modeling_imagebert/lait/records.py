@@ -243,7 +243,7 @@ class ImageCandidate(_Record):
 
     `image_url` is absolute (resolved against the page URL / <base href>). `site` is the page's host without
     "www." (the key of the site-level repetition group). `dom_features` maps feature name -> number (see
-    `pages.DOM_FEATURE_NAMES`); `dominance_score` is the rule score of stage 1 (weights in config `pages`).
+    `page_settings.DOM_FEATURE_NAMES`); `dominance_score` is the rule score of stage 1 (weights in config `pages`).
     `language` / `language_score` come from the page-level language identifier.
     """
 
