@@ -2,8 +2,8 @@
 
 The remote-code unit (configuration, modeling, processing, and the model's siblings: CPU kernels, losses, task
 table) stands alone: it imports only the standard library, torch, transformers, huggingface_hub, safetensors, numpy
-(processor) and its sibling files, never the training and data code in `pretraining/`, `retrieval/` or `data/`, so
-a Hub folder with these files (`save_pretrained` copies the modeling and configuration files and their relative
+(processor and its detection half) and its sibling files, never the training and data code in `pretraining/`,
+`retrieval/` or `data/`, so a Hub folder with these files (`save_pretrained` copies the modeling and configuration files and their relative
 imports) loads with `trust_remote_code=True`. The BUTD detector's files in `features/` (config,
 model, image processor, image decoding) are a second such unit: `save_pretrained` copies them into the detector's
 folder (and a processor's `detector/` subfolder), so they import only those libraries, torchvision, PIL and each
@@ -23,6 +23,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "modeling_imagebert"
 REMOTE_CODE = (
     "configuration_imagebert",
+    "detection_imagebert",
     "image_processing_imagebert",
     "kernels_imagebert",
     "losses_imagebert",
@@ -35,7 +36,10 @@ ALLOWED_LIBRARIES = {"torch", "transformers", "huggingface_hub", "safetensors"}
 # Per file, on top of ALLOWED_LIBRARIES. The processor's `datasets` import is local to the function that
 # describes its outputs as Arrow features (only dataset encoding calls it), so loading the processor does not
 # need `datasets`.
-EXTRA = {"processing_imagebert": {"numpy": "anywhere", "datasets": "in a function"}}
+EXTRA = {
+    "processing_imagebert": {"numpy": "anywhere", "datasets": "in a function"},
+    "detection_imagebert": {"numpy": "anywhere"},
+}
 
 
 # The detector's remote-code unit, in modeling_imagebert/features/.

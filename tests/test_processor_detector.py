@@ -304,7 +304,7 @@ def test_the_detector_is_saved_inside_the_folder_and_loads_back(processor, photo
 def test_a_hub_processor_fetches_only_its_detector_subfolder(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from modeling_imagebert.processing_imagebert import _saved_detector_folder
+    from modeling_imagebert.detection_imagebert import _saved_detector_folder
 
     calls = []
 

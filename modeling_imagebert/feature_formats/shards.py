@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import temporary_sibling
-from ..processing_imagebert import round_features_as_stored
+from ..detection_imagebert import round_features_as_stored
 from .butd_tsv import read_butd_tsv, write_butd_tsv
 from .columns import GLOBAL_FEATURE_COLUMN, global_feature_column, image_columns
 from .npz import read_npz_dir, write_npz_folder

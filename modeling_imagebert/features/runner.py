@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
+from ..detection_imagebert import detection_to_record
 from ..feature_formats.features_folder import (
     SHARDS_DIR,
     SKIPPED_NAME,
@@ -45,7 +46,6 @@ from ..feature_formats.features_folder import (
     write_manifest,
 )
 from ..feature_formats.shards import OUTPUT_FORMATS, record_problem, shard_name, write_shard
-from ..processing_imagebert import detection_to_record
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodedImage, decode_image, read_image_size
 from .sources import ImageRef
 
