@@ -14,8 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import run_cli
+from ..cli import USER_ERRORS, run_cli
 from ..cli_arguments import DefaultsHelpFormatter
+from ..retrieval.indexing import list_image_files
 from .search import CANDIDATES, SearchApp, check_image_folder, default_cache_dir
 
 
@@ -97,8 +98,12 @@ def main(argv: list[str]) -> None:
     args = build_argument_parser().parse_args(argv)
     if args.candidates < 1:
         raise ValueError(f"--candidates must be >= 1, got {args.candidates}")
+    if not args.demo and args.images:
+        list_image_files(check_image_folder(args.images))  # the folder first: the most likely mistake
+    from .ui import build_page, launch, require_gradio
+
+    require_gradio()  # before indexing: a missing gradio is one line, not a wait then a traceback
     app, folder = prepare(args)
-    from .ui import build_page, launch
 
     page = build_page(app)
     print(f"Serving on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
@@ -106,4 +111,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, errors=(*USER_ERRORS, ImportError)))

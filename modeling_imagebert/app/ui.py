@@ -16,7 +16,7 @@ from .search import CAPTION_EXPLANATION, SCORE_EXPLANATION, SIMILAR_EXPLANATION,
 TOP_K = 8
 
 
-def _gradio():
+def require_gradio():
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network: no usage statistics
     try:
         import gradio
@@ -38,7 +38,7 @@ def ranking_table(result) -> str:
 
 def build_page(app: SearchApp, *, title: str = "ImageBERT search", top_k: int = TOP_K):
     """The Gradio `Blocks` page of `app` (not launched)."""
-    gr = _gradio()
+    gr = require_gradio()
     k = app.retriever.candidates
     with gr.Blocks(title=title) as page:
         gr.Markdown(
@@ -153,7 +153,7 @@ def _name(image) -> str:
 def launch(page, *, host: str = "127.0.0.1", port: int = 7860, allowed_paths=(), block: bool = True):
     """Serve `page` on host:port (127.0.0.1 by default: this machine only), reading images from
     `allowed_paths`; with `block=False` return at once (tests)."""
-    _gradio()
+    require_gradio()
     page.queue()
     return page.launch(
         server_name=host,
@@ -166,4 +166,4 @@ def launch(page, *, host: str = "127.0.0.1", port: int = 7860, allowed_paths=(),
     )
 
 
-__all__ = ["build_page", "launch", "ranking_table"]
+__all__ = ["build_page", "launch", "ranking_table", "require_gradio"]
