@@ -99,6 +99,14 @@ def test_search_in_a_browser_then_click_the_top_result_and_draw_its_boxes(served
             assert "regions" in regions and any(name in regions for name in demo_class_names()), regions
             page.locator("#boxes").scroll_into_view_if_needed()
             page.screenshot(path=str(shots / "app-image-search.png"), full_page=False)
+
+            # An uploaded file goes through the detector: the same captions as the indexed image it shows.
+            expected_captions = [hit.caption for hit in app.search_captions(image_id).hits]
+            page.locator("#query-image input[type=file]").set_input_files(app.paths[image_id])
+            page.locator("#selected", has_text="uploaded").wait_for()
+            page.locator("#captions table").wait_for()
+            shown = page.locator("#captions tbody tr").all_inner_texts()
+            assert [row.split("\t")[1].strip() for row in shown] == expected_captions, shown
         finally:
             browser.close()
     print(f"browser session: {time.perf_counter() - start:.1f} s")

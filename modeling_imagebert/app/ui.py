@@ -61,8 +61,9 @@ def build_page(app: SearchApp, *, title: str = "ImageBERT search", top_k: int = 
         gr.Markdown("## Search by image")
         with gr.Row():
             with gr.Column():
+                # image_mode=None: the uploaded file itself reaches the detector, not a converted copy.
                 upload = gr.Image(label="Query image (upload, or click a result above)", type="filepath",
-                                  sources=["upload"], elem_id="query-image")  # fmt: skip
+                                  sources=["upload"], image_mode=None, elem_id="query-image")  # fmt: skip
                 selected = gr.Markdown(elem_id="selected")
                 draw = gr.Button("Draw the detector's boxes", elem_id="draw-boxes")
             with gr.Column():
