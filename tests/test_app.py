@@ -190,3 +190,30 @@ def test_the_demo_split_is_the_demos_held_out_test_split():
     split = demo_split()
     assert split.num_rows == 125 and len(set(split["image_id"])) == 25
     assert isinstance(SearchApp, type)
+
+
+def test_demo_prepares_the_drawn_scenes_captions_and_class_names(toy, tmp_path):
+    from modeling_imagebert.app.__main__ import build_argument_parser, prepare
+
+    args = build_argument_parser().parse_args(["--demo", "--model", str(toy[3]), "--cache", str(tmp_path)])
+    app, folder = prepare(args)
+    assert folder == tmp_path / "toy-scenes" / "images" and len(app.paths) == 25 and len(app.captions) == 125
+    assert app.class_name(0) == "dog" and app.class_name(12) == "background"
+    assert args.host == "127.0.0.1"  # this machine only, unless asked
+
+
+def test_the_demo_finds_its_model_in_the_cache_then_make_demos_output(tmp_path, monkeypatch):
+    from modeling_imagebert.app.toy_demo import find_demo_model, train_demo_model
+
+    monkeypatch.chdir(tmp_path)  # no checkout here: no examples/run_pretrain.py
+    assert find_demo_model(tmp_path / "cache") is None
+    with pytest.raises(FileNotFoundError, match="run `make demo`"):
+        train_demo_model(tmp_path / "cache")
+    made = tmp_path / "outputs" / "imagebert-demo" / "final"
+    made.mkdir(parents=True)
+    (made / "config.json").write_text("{}")
+    assert find_demo_model(tmp_path / "cache") == Path("outputs/imagebert-demo/final")
+    cached = tmp_path / "cache" / "demo-model" / "final"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    assert find_demo_model(tmp_path / "cache") == cached
