@@ -10,7 +10,7 @@ folder (and a processor's `detector/` subfolder), so they import only those libr
 other.
 
 Imports run one way between the subpackages (DESIGN.md's layout): remote-code unit <- `data/` <- `features/` <-
-`pretraining/` <- `retrieval/` <- `lait/`, a package importing only those before it; the shared mechanisms
+`pretraining/` <- `retrieval/` <- `lait/` <- `app/`, a package importing only those before it; the shared mechanisms
 (top-level modules such as `atomic.py`, `cli.py`, `safe_loading.py`, and `feature_formats/`) live below all of
 them and import none."""
 
@@ -129,7 +129,14 @@ def test_the_processor_may_import_numpy_and_datasets_only_in_a_function():
 # One-way imports between the subpackages
 # --------------------------------------------------------------------------------------------------------------
 
-LAYERS = ("data", "features", "pretraining", "retrieval", "lait")  # each may import only those before it
+LAYERS = (
+    "data",
+    "features",
+    "pretraining",
+    "retrieval",
+    "lait",
+    "app",
+)  # each may import only those before it
 
 
 def room_of(module: str) -> str | None:

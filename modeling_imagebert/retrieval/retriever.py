@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,12 +361,16 @@ class ImageBertRetriever:
 
     # ------------------------------------------------------------------------------------------------ search
 
-    def search(self, queries: str | Sequence[str], top_k: int = 10) -> list[list[SearchHit]]:
+    def search(
+        self, queries: str | Sequence[str], top_k: int = 10, *, timings: dict[str, float] | None = None
+    ) -> list[list[SearchHit]]:
         """The best `top_k` indexed images for each text query, best first.
 
         Args:
             queries: one caption or a list of captions.
             top_k: results per query (at most `candidates`: only the candidates are re-ranked).
+            timings: when given, filled with the seconds spent embedding the queries ("embed"), in the stage-1
+                index ("search") and re-ranking with the cross-encoder ("rerank"); the search app shows them.
 
         Returns:
             One list of `SearchHit` per query.
@@ -379,12 +384,15 @@ class ImageBertRetriever:
         for position, query in enumerate(queries):
             if not isinstance(query, str) or not query.strip():
                 raise ValueError(f"query {position}: expected a non-empty string, got {query!r}")
+        clock = {"start": time.perf_counter()}
         text = self.processor(text=list(queries))
         text = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
         text_embeds = embed_texts(
             self.model, text, batch_size=self.batch_size, bf16=self.bf16, device=self.device
         )
+        clock["embed"] = time.perf_counter()
         ids, similarity = self.vector_index.search(text_embeds, self.candidates)  # (Q, k), (Q, k) float64
+        clock["search"] = time.perf_counter()
         found = ids >= 0  # an approximate index may find fewer than k
         inputs = RetrievalInputs(
             image_ids=self.image_ids,
@@ -406,6 +414,10 @@ class ImageBertRetriever:
         if self.final_score == "itm+itc":
             scores = scores + float(self.model.itc_head.scale().detach()) * similarity.to(scores.dtype)
         order = scores.argsort(dim=1, descending=True, stable=True)[:, :top_k]
+        if timings is not None:
+            clock["rerank"] = time.perf_counter()
+            names = ("start", "embed", "search", "rerank")
+            timings.update({name: clock[name] - clock[before] for before, name in itertools.pairwise(names)})
         return [
             [
                 SearchHit(
