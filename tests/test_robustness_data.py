@@ -79,6 +79,35 @@ def test_a_dataset_rewritten_in_place_with_size_and_mtime_kept_is_validated_agai
         check()
 
 
+def test_a_remembered_digest_is_reused_until_a_write_changes_the_files_change_time(tmp_path, monkeypatch):
+    import time
+
+    import datasets
+
+    from modeling_imagebert.pretraining import stage_checks
+
+    monkeypatch.setenv(stage_checks.CACHE_ENV, str(tmp_path / "validated"))
+    monkeypatch.setattr(stage_checks, "RACY_SECONDS", -1.0)  # remember even a file written a moment ago
+    hashed = []
+    real = stage_checks.file_digest
+    monkeypatch.setattr(stage_checks, "file_digest", lambda path: hashed.append(path) or real(path))
+    good, bad = _save_toy(tmp_path / "good", nan=False), _save_toy(tmp_path / "bad", nan=True)
+
+    def key():
+        return stage_checks.dataset_cache_key(datasets.load_from_disk(str(good)))
+
+    first = key()
+    files = len(hashed)
+    assert files >= 1 and key() == first and len(hashed) == files  # unchanged: no byte read again
+    time.sleep(0.05)  # past the file system's timestamp tick
+    shard = next(good.glob("data-*.arrow"))
+    before = shard.stat()
+    with open(shard, "r+b") as handle:
+        handle.write(next(bad.glob("data-*.arrow")).read_bytes())
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert key() != first and len(hashed) > files
+
+
 # ------------------------------------------------------------------- group 7: recipe values and run flags refused
 
 
