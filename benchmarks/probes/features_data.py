@@ -330,8 +330,10 @@ def probe_features_cli(p: Probes, base: Path) -> None:
             output = out()
             with p.guard(f"{output_format}: a key with {label}", base / "escape.npz", base / "escape.tsv"):
                 tab_like = any(c in key for c in "\t\n\r")
-                nul = "\x00" in key  # tarfile writes and reads a name up to its first NUL: the key becomes "g"
-                expected = (1, {"bad_image_id": 1}) if tab_like else (2, {})
+                # A tar name ends at its first NUL (ustar): "g\0h.jpg" is the member "g", no image extension, so
+                # not a sample (as any member without one).
+                nul = "\x00" in key
+                expected = (1, {"bad_image_id": 1}) if tab_like else (1, {}) if nul else (2, {})
                 p.cli(
                     f"{output_format}: a webdataset key with {label}",
                     lambda shard=shard, output=output, output_format=output_format: main(
@@ -352,6 +354,7 @@ def probe_features_cli(p: Probes, base: Path) -> None:
             lambda output=output, output_format=output_format: main(
                 argv([latin], output, "--output-format", output_format)
             ),
+            "caf",
             ok=lambda output=output: _output_ok(output, 1, {"bad_image_id": 1}),
         )
     latin_tar = _tar(
@@ -361,6 +364,7 @@ def probe_features_cli(p: Probes, base: Path) -> None:
     p.cli(
         "a tar member name that is not UTF-8",
         lambda: main(argv([latin_tar], output, "--write-captions")),
+        "caf",
         ok=lambda: _output_ok(output, 1, {"bad_image_id": 1}),
     )
     listed = base / "list.txt"
@@ -370,6 +374,22 @@ def probe_features_cli(p: Probes, base: Path) -> None:
         "a list file whose id holds a NUL",
         lambda: main(argv([listed], output, "--source", "list", "--output-format", "butd-tsv")),
         ok=lambda: _output_ok(output, 1, {"bad_image_id": 1}),
+    )
+
+    dots = base / "dots.txt"
+    dots.write_text(f"{photos / 'coffee.jpg'}\t..\n{photos / 'rocket.jpg'}\trocket\n")
+    with p.guard("npz: a list file id '..'", base / "..npz", base.parent / ".npz"):
+        p.cli(
+            "npz: a list file id '..'",
+            lambda: main(argv([dots], out(), "--source", "list", "--output-format", "npz")),
+            "image_id",
+            "'..'",
+        )
+    output = out()
+    p.cli(
+        "dataset: a list file id '..' (a plain string there)",
+        lambda: main(argv([dots], output, "--source", "list")),
+        ok=lambda: _output_ok(output, 2, {}),
     )
 
     # Damaged shards, each beside a good one (and alone), run as a command with a deadline: a reader that loops on
