@@ -313,3 +313,11 @@ def test_a_karpathy_json_nested_200000_deep_is_one_error_naming_the_file(tmp_pat
     path.write_text('{"images": ' + "[" * 200_000 + "]" * 200_000 + "}")
     with pytest.raises(ImportFormatError, match="dataset_flickr30k.json.*nested deeper"):
         list(read_karpathy_captions(path, split="test"))
+
+
+def test_a_webdataset_json_sidecar_nested_200000_deep_leaves_the_url_empty(detector_dir, jpeg, tmp_path):
+    deep = ("[" * 200_000 + "]" * 200_000).encode()
+    shard = _tar(tmp_path / "00000.tar", [("s1.jpg", jpeg), ("s1.txt", b"a cup"), ("s1.json", deep)])
+    status, err = _extract(detector_dir, tmp_path / "out", shard, extra=["--write-captions"])
+    assert status == 0, err
+    assert (tmp_path / "out" / "captions.tsv").read_text() == "a cup\t\ts1\n"

@@ -326,7 +326,13 @@ def probe_features_cli(p: Probes, base: Path) -> None:
     }
     for output_format in ("butd-tsv", "dataset", "npz"):
         for label, key in keys.items():
-            shard = _tar(base / f"keys{next(counter)}.tar", [(f"{key}.jpg", jpeg), ("good.jpg", jpeg)])
+            members = [
+                (f"{key}.jpg", jpeg),
+                (f"{key}.txt", b"a cup"),
+                ("good.jpg", jpeg),
+                ("good.txt", b"a cup"),
+            ]
+            shard = _tar(base / f"keys{next(counter)}.tar", members)
             output = out()
             with p.guard(f"{output_format}: a key with {label}", base / "escape.npz", base / "escape.tsv"):
                 tab_like = any(c in key for c in "\t\n\r")
@@ -374,6 +380,18 @@ def probe_features_cli(p: Probes, base: Path) -> None:
         "a list file whose id holds a NUL",
         lambda: main(argv([listed], output, "--source", "list", "--output-format", "butd-tsv")),
         ok=lambda: _output_ok(output, 1, {"bad_image_id": 1}),
+    )
+
+    depth = 200_000
+    deep = _tar(
+        base / "deep-sidecar.tar",
+        [("s1.jpg", jpeg), ("s1.txt", b"a cup"), ("s1.json", ("[" * depth + "]" * depth).encode())],
+    )
+    output = out()
+    p.cli(
+        f"--write-captions with a .json sidecar nested {depth:,} deep",
+        lambda: main(argv([deep], output, "--write-captions")),
+        ok=lambda: (output / "captions.tsv").read_text() == "a cup\t\ts1\n" and _output_ok(output, 1, {}),
     )
 
     dots = base / "dots.txt"
@@ -430,7 +448,7 @@ def probe_features_cli(p: Probes, base: Path) -> None:
 
 
 def probe_deep_json(p: Probes, base: Path) -> None:
-    """A Karpathy split JSON and a recipe nested 200,000 deep, and a webdataset .json sidecar nested as deep."""
+    """A Karpathy split JSON and a recipe nested 200,000 deep (a webdataset .json sidecar: `probe_features_cli`)."""
     from modeling_imagebert.data.importers.karpathy import read_karpathy_captions
     from modeling_imagebert.pretraining.recipes import load_recipe
 
