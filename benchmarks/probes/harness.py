@@ -6,8 +6,8 @@
 Entry points: the convert CLI, the importers, saved datasets (`load_dataset_from_disk` / `validate_dataset`), the
 processor, the collators, the model with `config.check_inputs=True`, the evaluation score cache, and the scripts
 `run_retrieval.py` / `evaluate_retrieval.py` / `run_pretrain.py`, and (`features_data`) recipe values,
-run_pretrain's count flags and validation cache, the features CLI and deep JSON. Every probe states what a correct answer is: an
-error that names given words (the file, record or field), or a result a check accepts. Outcomes:
+run_pretrain's count flags and validation cache, the features CLI and deep JSON. Every probe states what a correct
+answer is: an error that names given words (the file, record or field), or a result a check accepts. Outcomes:
 
 - clear one-line error: a project error (ValueError / OSError / FloatingPointError family, or exit status 2 with
   one `error:` line) whose message names what the probe expects;
