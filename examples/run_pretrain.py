@@ -206,7 +206,7 @@ def training_function(recipe, args) -> dict:
         return build_model_and_processor(recipe)[0]
 
     first_stage = 0 if resume_point is None else resume_point.stage - 1
-    # Every remaining stage's data is checked now (the validation cached by dataset fingerprint), so a bad row or a
+    # Every remaining stage's data is checked now (the validation cached by data content), so a bad row or a
     # data/model mismatch in stage 2 fails before stage 1 trains. The main process checks first and caches.
     with accelerator.main_process_first():
         check_stage_data(

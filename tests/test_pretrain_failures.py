@@ -330,7 +330,11 @@ def test_a_dataset_edited_in_place_is_validated_again(tmp_path, monkeypatch):
     first = stage_checks.dataset_cache_key(load_dataset_from_disk(data))
     assert first == stage_checks.dataset_cache_key(load_dataset_from_disk(data))
     shard = next(data.glob("data-*.arrow"))
-    shard.write_bytes(shard.read_bytes())  # same bytes, new modification time
+    shard.write_bytes(shard.read_bytes())  # same bytes, new modification time: the key is of the content
+    assert stage_checks.dataset_cache_key(load_dataset_from_disk(data)) == first
+    content = bytearray(shard.read_bytes())
+    content[-100] ^= 1  # one bit of the data
+    shard.write_bytes(bytes(content))
     assert stage_checks.dataset_cache_key(load_dataset_from_disk(data)) != first
     assert stage_checks.dataset_cache_key(_toy_dataset()) is None  # in memory: validated each time
 

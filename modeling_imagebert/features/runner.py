@@ -172,12 +172,16 @@ def _extract_shard(
     """Records (in source order) and skips of one shard's images."""
 
     def size_of(ref: ImageRef) -> tuple[int, int] | None:
+        if ref.problem is not None:
+            return None
         try:
             return read_image_size(ref.read())
         except Exception:  # reported by decode below
             return None
 
     def decode(ref: ImageRef):
+        if ref.problem is not None:  # a bad image id or a damaged shard (`sources`): skipped unread
+            return DecodedImage(None, *ref.problem)
         try:
             data = ref.read()
         except Exception as error:  # a vanished file, a tar cut short, a dataset row without the column
@@ -312,7 +316,9 @@ def run_extraction(
         )
     if output_format == "npz":
         for ref in refs:
-            if "/" in ref.image_id or ref.image_id.startswith(".") or "\\" in ref.image_id:
+            if ref.problem is None and (
+                "/" in ref.image_id or ref.image_id.startswith(".") or "\\" in ref.image_id
+            ):
                 raise ExtractionError(
                     f"{ref.origin}: image_id {ref.image_id!r} cannot be an .npz file name (expected no '/' and no "
                     "leading '.'); use --id-style stem or another output format"

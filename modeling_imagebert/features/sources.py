@@ -5,6 +5,16 @@ encoded bytes), in a deterministic order, without reading any image data. The ex
 into fixed shards, so a resumed run (or process i of n) can start at any shard without reading the ones before.
 Image ids must be unique: a duplicate is refused with both places named.
 
+Every id is written as UTF-8 text into TSV files (skipped.tsv, captions.tsv, the BUTD TSV layout) as well as Arrow
+and .npz names, so an id must be UTF-8 text without control characters. An image whose id is not (a file name in
+another encoding, read with Python's surrogateescape; a TAB, newline, CR or NUL in a webdataset key, a list file's
+id or a dataset's id column) is not extracted: it is skipped as `bad_image_id`, and reported under its id with the
+undecodable bytes written `\\xNN` and the control characters as Python escapes (`\\t`, `\\x00`). A webdataset
+shard that is damaged partway (cut short, a garbage header) gives the images listed before the damage, and the
+rest of it one `unreadable` skip naming the shard and the byte where it breaks; a shard that cannot be opened as a
+tar at all (empty, not a tar, no permission) is one `unreadable` skip, and the run goes on with the other shards
+(a missing file is still refused, as a mistyped name).
+
 | kind         | input                                   | image_id                                    | order                |
 |--------------|-----------------------------------------|---------------------------------------------|----------------------|
 | `folder`     | a folder, searched recursively          | file name without extension (`--id-style stem`) or the relative path without extension (`relative`) | sorted relative paths |
@@ -15,8 +25,10 @@ Image ids must be unique: a duplicate is refused with both places named.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tarfile
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +68,7 @@ class ImageRef:
         path: a file to read, or None.
         tar_path, tar_offset, tar_size: a member of an uncompressed tar to read by seeking, or None.
         payload: a zero-argument callable returning the bytes (for `datasets` rows), or None.
+        problem: (reason, message) when the image is skipped without being read (a bad id, a damaged shard).
     """
 
     image_id: str
@@ -65,6 +78,7 @@ class ImageRef:
     tar_offset: int = 0
     tar_size: int = 0
     payload: Any = field(default=None, compare=False)
+    problem: tuple[str, str] | None = None
 
     def read(self) -> bytes | Path:
         """The encoded image: bytes, or the path of a file (read by `images.decode_image`, which reports a file
@@ -74,12 +88,61 @@ class ImageRef:
         if self.tar_path is not None:
             with open(self.tar_path, "rb") as handle:
                 handle.seek(self.tar_offset)
-                return handle.read(self.tar_size)
+                data = handle.read(self.tar_size)
+            if len(data) != self.tar_size:  # a shard cut short inside this member
+                raise OSError(f"the tar ends inside this member: {len(data)} of {self.tar_size} bytes")
+            return data
         return self.payload()
+
+
+def printable(text: str) -> str:
+    """`text` as valid UTF-8 text on one line: each undecodable byte of a surrogateescape'd file name as `\\xNN`,
+    each control character as its Python escape (`\\t`, `\\n`, `\\x00`); anything else unchanged."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if "\udc80" <= char <= "\udcff":
+            out.append(f"\\x{ord(char) - 0xDC00:02x}")
+        elif unicodedata.category(char) in ("Cc", "Cs"):
+            out.append(char.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def image_id_problem(image_id: str) -> str | None:
+    """Why `image_id` cannot be written to every output (see the module docstring), or None."""
+    if image_id.isprintable():
+        return None
+    if any("\udc80" <= char <= "\udcff" for char in image_id):
+        return "is not UTF-8 (a file name in another encoding); rename the file to UTF-8"
+    bad = next((char for char in image_id if unicodedata.category(char) in ("Cc", "Cs")), None)
+    if bad is None:
+        return None  # spaces beyond ASCII and format characters print fine
+    return (
+        f"holds the control character {bad!r}, which the TSV outputs (skipped.tsv, captions.tsv, butd-tsv) cannot "
+        "hold; rename the sample"
+    )
+
+
+def _checked_id(ref: ImageRef) -> ImageRef:
+    """`ref`, or a copy skipped as `bad_image_id` under its printable id (see the module docstring)."""
+    origin = printable(ref.origin)
+    problem = image_id_problem(ref.image_id)
+    if problem is None and origin == ref.origin:
+        return ref
+    if problem is not None and ref.problem is None:
+        printed = printable(ref.image_id)
+        return dataclasses.replace(
+            ref, image_id=printed, origin=origin, problem=("bad_image_id", f"image_id '{printed}' {problem}")
+        )
+    return dataclasses.replace(ref, image_id=printable(ref.image_id), origin=origin)
 
 
 def _check_unique(refs: Sequence[ImageRef]) -> list[ImageRef]:
     seen: dict[str, str] = {}
+    refs = [_checked_id(ref) for ref in refs]
     for ref in refs:
         if ref.image_id in seen:
             raise ImageSourceError(
@@ -241,10 +304,27 @@ def _webdataset_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower() if dot else ""
 
 
+def _damage_after(path: Path, offset: int) -> bool:
+    """Whether `path` holds anything but zero bytes from `offset` on: tarfile ends its listing quietly at a garbage
+    or cut-short header, so a listing that stopped before the end-of-archive padding stopped at damage."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        while chunk := handle.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                return True
+    return False
+
+
+def _unreadable_shard(shard: Path, message: str) -> ImageRef:
+    """The skip that stands for a shard's images that cannot be listed (see the module docstring)."""
+    return ImageRef(f"{shard}#", str(shard), problem=("unreadable", f"{shard}: {message}"))
+
+
 def list_webdataset(shards: Sequence[str | os.PathLike]) -> list[ImageRef]:
     """The images of webdataset tar shards as img2dataset writes them (`{key}.jpg` with `{key}.txt` and
     `{key}.json`), in shard order then tar order. Only headers are read (members are located by offset); samples
-    without an image (img2dataset keeps failed downloads only in its parquet) are left out.
+    without an image (img2dataset keeps failed downloads only in its parquet) are left out. A damaged or
+    unreadable shard becomes an `unreadable` skip (see the module docstring).
 
     Args:
         shards: uncompressed `.tar` files.
@@ -252,23 +332,33 @@ def list_webdataset(shards: Sequence[str | os.PathLike]) -> list[ImageRef]:
     refs = []
     for shard in shards:
         shard = Path(shard)
+        if not shard.exists():
+            raise ImageSourceError(f"{shard}: no such file; expected a webdataset .tar shard")
         try:
             archive = tarfile.open(shard, mode="r:")  # uncompressed only: members are read by seeking
-        except FileNotFoundError:
-            raise ImageSourceError(f"{shard}: no such file; expected a webdataset .tar shard") from None
-        except tarfile.TarError as error:
-            raise ImageSourceError(
-                f"{shard}: not an uncompressed tar ({error}); expected a webdataset .tar shard as img2dataset "
-                "writes (decompress .tar.gz shards first)"
-            ) from None
+        except (tarfile.TarError, OSError) as error:
+            refs.append(
+                _unreadable_shard(
+                    shard,
+                    f"not an uncompressed tar ({error}); expected a webdataset .tar shard as img2dataset writes "
+                    "(decompress .tar.gz shards first)",
+                )
+            )
+            continue
+        chosen: dict[str, tarfile.TarInfo] = {}
+        damage = None
         with archive:
-            chosen: dict[str, tarfile.TarInfo] = {}
-            for member in archive:
-                if not member.isfile():
-                    continue
-                key, extension = _webdataset_key(member.name)
-                if extension in WEBDATASET_IMAGE_EXTENSIONS and key not in chosen:
-                    chosen[key] = member
+            try:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    key, extension = _webdataset_key(member.name)
+                    if extension in WEBDATASET_IMAGE_EXTENSIONS and key not in chosen:
+                        chosen[key] = member
+            except (tarfile.TarError, OSError) as error:  # "unexpected end of data": cut inside a member
+                damage = f"{error} at byte {archive.offset}"
+            if damage is None and _damage_after(shard, archive.offset):
+                damage = f"no valid tar header at byte {archive.offset}"
         for key, member in chosen.items():
             refs.append(
                 ImageRef(
@@ -279,6 +369,15 @@ def list_webdataset(shards: Sequence[str | os.PathLike]) -> list[ImageRef]:
                     tar_size=member.size,
                 )
             )
+        if damage is not None:
+            refs.append(
+                _unreadable_shard(
+                    shard,
+                    f"damaged tar ({damage}, after {len(chosen)} images); the samples after it are lost",
+                )
+            )
+    if refs and all(ref.problem is not None and ref.problem[0] == "unreadable" for ref in refs):
+        raise ImageSourceError(f"no readable webdataset shard: {refs[0].problem[1]}")
     return _check_unique(refs)
 
 
@@ -293,21 +392,26 @@ def webdataset_captions(shards: Sequence[str | os.PathLike]) -> list[tuple[str, 
         texts: dict[str, str] = {}
         urls: dict[str, str] = {}
         keys: list[str] = []
-        with tarfile.open(shard, mode="r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                key, extension = _webdataset_key(member.name)
-                if extension in WEBDATASET_IMAGE_EXTENSIONS and key not in keys:
-                    keys.append(key)
-                elif extension == "txt":
-                    texts[key] = archive.extractfile(member).read().decode("utf-8", errors="replace")
-                elif extension == "json":
-                    try:
-                        urls[key] = str(json.loads(archive.extractfile(member).read()).get("url") or "")
-                    except (ValueError, AttributeError):
-                        urls[key] = ""
+        try:  # a damaged shard gives the captions before the damage (its images are skipped as unreadable)
+            with tarfile.open(shard, mode="r:") as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    key, extension = _webdataset_key(member.name)
+                    if extension in WEBDATASET_IMAGE_EXTENSIONS and key not in keys:
+                        keys.append(key)
+                    elif extension == "txt":
+                        texts[key] = archive.extractfile(member).read().decode("utf-8", errors="replace")
+                    elif extension == "json":
+                        try:
+                            urls[key] = str(json.loads(archive.extractfile(member).read()).get("url") or "")
+                        except (ValueError, AttributeError, RecursionError):
+                            urls[key] = ""
+        except (tarfile.TarError, OSError):
+            pass
         for key in keys:
+            if image_id_problem(key) is not None:
+                continue  # skipped as bad_image_id: a TAB or newline in the key would break the TSV row
             rows.append((key, " ".join(texts.get(key, "").split()), " ".join(urls.get(key, "").split())))
     return rows
 
@@ -354,10 +458,12 @@ __all__ = [
     "SOURCE_KINDS",
     "ImageRef",
     "ImageSourceError",
+    "image_id_problem",
     "list_file",
     "list_folder",
     "list_hf_dataset",
     "list_images",
     "list_webdataset",
+    "printable",
     "webdataset_captions",
 ]

@@ -99,7 +99,13 @@ def build_argument_parser(description: str | None, default_recipe: str | Path) -
 
 def recipe_from_arguments(args: argparse.Namespace) -> Recipe:
     """The recipe of `args.recipe` with the `--set` overrides and the dedicated flags applied, validated and its
-    dataset paths checked. Raises RecipeError (field and expectation named) or FileNotFoundError."""
+    dataset paths checked. Raises RecipeError (field and expectation named) or FileNotFoundError; a run flag out
+    of its range (`--max_steps_this_run 0`) raises ValueError naming the flag."""
+    if args.max_steps_this_run is not None and args.max_steps_this_run < 1:
+        raise ValueError(
+            f"--max_steps_this_run: expected an integer >= 1 (optimiser steps before this run stops and saves), got "
+            f"{args.max_steps_this_run}; leave it out to train to the end"
+        )
     overrides = list(args.overrides)
     for flag in _TRAINING_FLAGS:
         if getattr(args, flag) is not None:

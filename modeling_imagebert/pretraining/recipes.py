@@ -307,6 +307,8 @@ def validate_recipe(recipe: Recipe) -> Recipe:
     except ValueError as error:
         raise RecipeError(str(error)) from None
     training = recipe.training
+    if not 0 <= training.seed < 2**32:  # numpy's seeds (accelerate's set_seed seeds numpy too)
+        raise RecipeError(f"training.seed: expected an integer in [0, 2**32), got {training.seed}")
     _positive(training.save_steps, "training.save_steps", allow_zero=True)
     _positive(training.save_total_limit, "training.save_total_limit", allow_none=True)
     _positive(training.logging_steps, "training.logging_steps")
@@ -390,6 +392,7 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             value = getattr(stage, name)
             if not 0 <= value <= 1:
                 raise RecipeError(f"{where}.{name}: expected a probability in [0, 1], got {value}")
+        _check_task_settings(stage, enabled, where)
         if stage.init not in INITIALISATIONS and not stage.init.strip():
             raise RecipeError(f"{where}.init: expected one of {list(INITIALISATIONS)} or a checkpoint path")
         if stage.init == "previous" and s == 0:
@@ -425,6 +428,52 @@ def validate_recipe(recipe: Recipe) -> Recipe:
                 "set evaluation.candidates (e.g. 4) as well"
             )
     return recipe
+
+
+def _check_task_settings(stage: StageSpec, enabled: set[str], where: str) -> None:
+    """Refuses a setting that leaves an enabled task without anything to learn from: the run would train on,
+    report the task's weight, and never train it. A task with weight 0 (or left out) is simply off."""
+    masked = [task.name for task in PRETRAINING_TASKS if task.masked and task.name in enabled]
+    if "itm" in enabled and masked and stage.itm_mode == "separate":
+        # `schedule.StageBatches`: a micro-batch is an ITM batch when its draw falls below the fraction.
+        if stage.itm_batch_fraction == 0:
+            raise RecipeError(
+                f"{where}.itm_batch_fraction: 0 with the itm task on (itm_mode 'separate') gives no ITM batch, so "
+                "ITM would never train; expected a share in (0, 1), or set tasks.itm to 0"
+            )
+        if stage.itm_batch_fraction == 1:
+            raise RecipeError(
+                f"{where}.itm_batch_fraction: 1 makes every batch an ITM batch, so {', '.join(masked)} would never "
+                "train; expected a share in (0, 1), or turn those tasks off"
+            )
+    if "itm" in enabled and stage.itm_negative_rate in (0, 1):
+        kind = "mismatched" if stage.itm_negative_rate == 0 else "matched"
+        raise RecipeError(
+            f"{where}.itm_negative_rate: {stage.itm_negative_rate:g} gives ITM no {kind} pair to learn from; "
+            "expected a share in (0, 1) (the paper: 0.5), or set tasks.itm to 0"
+        )
+    if "mlm" in enabled and stage.mlm_probability == 0:
+        raise RecipeError(
+            f"{where}.mlm_probability: 0 masks no token, so MLM would never train; expected a probability in "
+            "(0, 1] (the paper: 0.15), or set tasks.mlm to 0"
+        )
+    region_tasks = [name for name in ("moc", "mrfr") if name in enabled]
+    if region_tasks and stage.region_mask_probability == 0:
+        raise RecipeError(
+            f"{where}.region_mask_probability: 0 masks no region, so {', '.join(region_tasks)} would never train; "
+            "expected a probability in (0, 1] (the paper: 0.15), or set those tasks to 0"
+        )
+    if stage.itm_negatives == "itc" and stage.itm_hard_negative_fraction == 0:
+        raise RecipeError(
+            f"{where}.itm_hard_negative_fraction: 0 re-draws no negative, so itm_negatives 'itc' would mine "
+            "nothing; expected a share in (0, 1], or set itm_negatives: random"
+        )
+    image_tasks = [task.name for task in PRETRAINING_TASKS if task.needs_images and task.name in enabled]
+    if image_tasks and all(source.modality == "text" for source in stage.datasets):
+        raise RecipeError(
+            f"{where}.tasks: {', '.join(image_tasks)} need image-text data, but every dataset of the stage is "
+            "text-only, so they would never train; set them to 0 (e.g. tasks: {mlm: 1.0})"
+        )
 
 
 def _validate_source(source: DatasetSpec, where: str) -> None:
@@ -521,6 +570,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {path}: not valid YAML ({error})") from None
+    except RecursionError:  # PyYAML's composer recurses per nesting level
+        raise RecipeError(
+            f"recipe {path}: nested deeper than Python's recursion limit; a recipe is a few levels deep"
+        ) from None
     data = {} if data is None else data
     try:
         if not isinstance(data, dict):

@@ -91,6 +91,15 @@ def read_karpathy_captions(
             line=error.lineno,
             reason="bad_json",
         ) from None
+    except (
+        RecursionError
+    ):  # json's decoder recurses per nesting level: a 200,000-deep list overflows the stack
+        raise ImportFormatError(
+            "invalid JSON: nested deeper than Python's recursion limit (a Karpathy split file is an object with "
+            "an 'images' list, a few levels deep)",
+            source=path,
+            reason="bad_json",
+        ) from None
     if not isinstance(data, Mapping) or not isinstance(data.get("images"), list):
         raise ImportFormatError(
             "expected a JSON object with an 'images' list (Karpathy split format)",
