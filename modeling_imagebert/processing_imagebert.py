@@ -16,6 +16,12 @@ Three paths share one padding routine:
 The 5-D location of a pixel box (x1, y1, x2, y2) in a W x H image is
 `(x1/W, y1/H, x2/W, y2/H, (x2-x1)(y2-y1)/(W*H))` (ImageBERT, section 4.1).
 
+Where region inputs enter (every path above), they are checked once: region features must be finite (one NaN
+region makes the image's embedding NaN); a box must lie in its image: one reaching at most `BOX_TOLERANCE` (1 pixel)
+beyond it is clamped to the image (a detector's boxes mapped back from a resized image overshoot by a fraction of a
+pixel), one farther out is refused in one line naming the image, the box and the image size (its locations would
+leave [0, 1]: boxes of a resized image or normalised boxes given with the original size).
+
 The detector half (`detect_regions`, `encode_image_records`, `images=`, and the detector's subfolder `detector/`
 in `save_pretrained` / `from_pretrained`) is `ImageBertDetectionMixin` in `detection_imagebert.py`, a sibling file of
 the remote-code unit that this class inherits.
@@ -76,6 +82,50 @@ def region_locations(boxes: np.ndarray, width: float, height: float) -> np.ndarr
     return locations.astype(np.float32)
 
 
+# How far (pixels) a box may reach beyond its image and still be taken, clamped to the image: a detector's boxes
+# mapped back from a resized image, or an image size rounded to whole pixels, overshoot by a fraction of a pixel.
+# Farther out, the box belongs to another image size (a resized image, normalised coordinates): refused.
+BOX_TOLERANCE = 1.0
+
+
+def _first_non_finite_row(features: np.ndarray) -> int | None:
+    """The first row of `features` [N, F] holding a NaN or an infinity, or None. float16 is checked on its bits
+    (all-ones exponent), about ten times faster than `np.isfinite`, which converts it first."""
+    if features.size == 0:
+        return None
+    if features.dtype == np.float16:
+        bad = (np.ascontiguousarray(features).view(np.uint16) & 0x7C00) == 0x7C00
+    else:
+        bad = ~np.isfinite(features)
+    if not bad.any():
+        return None
+    return int(np.flatnonzero(bad.any(axis=1))[0])
+
+
+def _boxes_inside_image(boxes: np.ndarray, width: float, height: float, where: str) -> np.ndarray:
+    """`boxes` [N, 4] (pixel x1, y1, x2, y2) clamped to the W x H image when they reach at most `BOX_TOLERANCE`
+    pixels beyond it; a box farther out is refused in one line naming it and the image size."""
+    if boxes.size == 0:
+        return boxes
+    low = -BOX_TOLERANCE
+    outside = (boxes < low).any(axis=1)
+    outside |= (boxes[:, [0, 2]] > width + BOX_TOLERANCE).any(axis=1)
+    outside |= (boxes[:, [1, 3]] > height + BOX_TOLERANCE).any(axis=1)
+    if outside.any():
+        bad = int(np.flatnonzero(outside)[0])
+        raise ValueError(
+            f"region_boxes of {where}: box {bad} = {boxes[bad].tolist()} lies outside the {width:g} x {height:g} "
+            f"image ({int(outside.sum())} such boxes); expected pixel coordinates within [0, {width:g}] x "
+            f"[0, {height:g}] (boxes of a resized image or normalised ones need the matching image_width and "
+            "image_height)"
+        )
+    if (boxes < 0).any() or (boxes[:, [0, 2]] > width).any() or (boxes[:, [1, 3]] > height).any():
+        boxes = boxes.copy()
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0.0, width)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0.0, height)
+    return boxes
+
+
 def top_region_indices(scores: np.ndarray, max_regions: int) -> np.ndarray:
     """Indices of the `max_regions` highest scores, score-descending; ties keep detector order (stable sort)."""
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
@@ -119,8 +169,9 @@ class ImageBertProcessor(ImageBertDetectionMixin, ProcessorMixin):
         detector_processor=None,
         **kwargs,
     ):
-        if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 0:
-            raise ValueError(f"max_regions must be an int >= 0, got {max_regions!r}")
+        if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 1:
+            # 0 would keep no region of any image: the model's region heads then divide by a region width of 0.
+            raise ValueError(f"max_regions must be an int >= 1 (regions kept per image), got {max_regions!r}")
         if isinstance(max_text_length, bool) or not isinstance(max_text_length, int) or max_text_length < 2:
             raise ValueError(
                 f"max_text_length must be an int >= 2 (room for [CLS] and [SEP]), got {max_text_length!r}"
@@ -163,6 +214,12 @@ class ImageBertProcessor(ImageBertDetectionMixin, ProcessorMixin):
             )
         if not keep_dtype or not np.issubdtype(features.dtype, np.floating):
             features = features.astype(np.float32)
+        bad = _first_non_finite_row(features)
+        if bad is not None:
+            raise ValueError(
+                f"region_features of {where}: NaN or infinity in region {bad}; expected finite values (one such "
+                "region makes the image's embedding, and every score with it, NaN)"
+            )
         n = features.shape[0]
         if boxes is None:
             raise ValueError(f"region_boxes of {where}: required with region_features")
@@ -183,8 +240,15 @@ class ImageBertProcessor(ImageBertDetectionMixin, ProcessorMixin):
                 f"region_boxes of {where}: box {bad} = {boxes[bad].tolist()} has x2 < x1 or y2 < y1"
             )
         for name, size in (("image_width", width), ("image_height", height)):
-            if size is None or isinstance(size, bool) or not np.isscalar(size) or not size > 0:
+            if (
+                size is None
+                or isinstance(size, bool)
+                or not np.isscalar(size)
+                or not isinstance(size, (int, float, np.number))
+                or not 0 < size < np.inf
+            ):
                 raise ValueError(f"{name} of {where}: expected a positive number of pixels, got {size!r}")
+        boxes = _boxes_inside_image(boxes, float(width), float(height), where)
         if classes is not None:
             classes = to_numpy(classes, "region_classes", where).reshape(-1)
             if classes.shape[0] != n:

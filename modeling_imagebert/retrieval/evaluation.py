@@ -29,12 +29,12 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from . import metrics as retrieval_metrics
 from .scoring import PAIRS_PER_SHARD, ShardCache, score_in_shards, score_pair_batches, scoring_setup
 
@@ -368,8 +368,7 @@ class RetrievalEvaluation:
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Write `to_json_dict()` to `path` (indented JSON)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_json_dict(), indent=2) + "\n")
 
 
 def compute_metrics(
