@@ -64,6 +64,7 @@ SECTIONS = (
     "evaluation_cache",
     "retrieval_scripts",
     "run_pretrain",
+    "retriever",
 )
 
 
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         pretrain_script,
         processor_collators,
         retrieval_scripts,
+        retriever_api,
         saved_datasets,
     )
 
@@ -304,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluation_cache": lambda: evaluation_cache.probe_evaluation_cache(probes, processor, work),
             "retrieval_scripts": lambda: retrieval_scripts.probe_scripts(probes, processor, work),
             "run_pretrain": lambda: pretrain_script.probe_run_pretrain(probes, work),
+            "retriever": lambda: retriever_api.probe_retriever(probes, processor, work),
         }
         for name in args.only or SECTIONS:
             sections[name]()
