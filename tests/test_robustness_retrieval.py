@@ -307,6 +307,40 @@ def test_load_index_refuses_ids_rotated_against_their_embeddings_and_edited_embe
     assert loaded.image_ids == saved.image_ids and any("format version 2" in str(w.message) for w in caught)
 
 
+def test_an_index_of_image_files_records_its_detector_and_refuses_another_one(minilm_path, tmp_path):
+    """Images indexed from files depend on the processor's detector: a saved index, and the batch cache of
+    `index_images`, are refused (the cache: not reused) with another detector."""
+    from feature_fixtures import save_tiny_detector, write_photos
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast.from_pretrained(minilm_path)
+    config = tiny_config()
+
+    def processor_with(seed: int) -> ImageBertProcessor:
+        detector = save_tiny_detector(tmp_path / f"detector{seed}", seed=seed)
+        return ImageBertProcessor(
+            tokenizer, max_regions=config.max_regions, max_text_length=24, detector=detector
+        )
+
+    first, second = processor_with(0), processor_with(1)
+    model = tiny_model(ImageBertForRetrieval, seed=3).eval()
+    photos = write_photos(tmp_path / "photos", size=96)
+    cache = tmp_path / "cache"
+    built = ImageBertRetriever(model, first, candidates=2).index_images(
+        photos, cache_dir=cache, progress=False
+    )
+    path = built.save_index(tmp_path / "photos.safetensors")
+    with pytest.raises(ValueError, match="built from image files with another detector"):
+        ImageBertRetriever(model, second, candidates=2).load_index(path)
+    ImageBertRetriever(model, first, candidates=2).load_index(path)  # the same detector: accepted
+    fresh = ImageBertRetriever(model, second, candidates=2).index_images(photos, progress=False)
+    cached = ImageBertRetriever(model, second, candidates=2).index_images(
+        photos, cache_dir=cache, progress=False
+    )
+    assert torch.equal(cached.image_embeds, fresh.image_embeds)
+    assert not torch.equal(cached.image_embeds, built.image_embeds)
+
+
 # ------------------------------------------------------------------------------------------ silent results (group 7)
 
 

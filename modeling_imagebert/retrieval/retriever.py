@@ -122,6 +122,7 @@ class ImageBertRetriever:
         self.images: dict[str, torch.Tensor] | None = None
         self.image_embeds: torch.Tensor | None = None
         self.vector_index: VectorIndex | None = None
+        self._from_image_files = False  # indexed by index_images: the processor's detector found the regions
 
     # ------------------------------------------------------------------------------------------------ indexing
 
@@ -198,9 +199,16 @@ class ImageBertRetriever:
             cache_dir=cache_dir,
             progress=progress,
         )
-        return self._set_index([image_id for image_id, _ in files], images, embeds)
+        return self._set_index([image_id for image_id, _ in files], images, embeds, from_image_files=True)
 
-    def _set_index(self, image_ids: list[str], images: dict[str, torch.Tensor], embeds: torch.Tensor):
+    def _set_index(
+        self,
+        image_ids: list[str],
+        images: dict[str, torch.Tensor],
+        embeds: torch.Tensor,
+        *,
+        from_image_files: bool = False,
+    ):
         # The features were checked finite where they entered (the processor); an embedding can still overflow
         # (huge finite features): one non-finite row would rank first or last for every query.
         finite = torch.isfinite(embeds).all(dim=1)
@@ -212,6 +220,7 @@ class ImageBertRetriever:
                 "(or bf16): rescale them as the model's training data was"
             )
         self.image_ids = image_ids
+        self._from_image_files = from_image_files
         self.images = images
         self.image_embeds = embeds
         self.vector_index = VectorIndex.build(embeds, self.index_type, self.index_options, device=self.device)
@@ -228,7 +237,7 @@ class ImageBertRetriever:
             "num_images": len(self.image_ids),
             "image_ids_sha256": _ids_digest(self.image_ids),
             "content_sha256": _content_digest(self.image_ids, self.images, self.image_embeds),
-            "processor": processor_settings(self.processor),
+            "processor": processor_settings(self.processor, with_detector=self._from_image_files),
             "index": {
                 "type": self.index_type,
                 "kind": self.vector_index.kind,
@@ -352,6 +361,7 @@ class ImageBertRetriever:
             device=self.device,
         )
         self.image_ids, self.images, self.image_embeds = ids, images, embeds
+        self._from_image_files = "detector" in saved["processor"]
         return self
 
     def _check_settings(self, path: Path, saved: dict[str, Any], image_ids: Sequence[str] | None) -> None:
@@ -362,8 +372,14 @@ class ImageBertRetriever:
                 f"{path}: embedding dimension differs: the index holds {saved['embedding_dim']}-d embeddings, the "
                 f"model's projection_dim is {dim}; rebuild it with index(...)"
             )
-        ours = processor_settings(self.processor)
+        ours = processor_settings(self.processor, with_detector="detector" in saved["processor"])
         for name, value in saved["processor"].items():
+            if name == "detector" and ours.get(name) != value:
+                raise ValueError(
+                    f"{path}: the index was built from image files with another detector (or detector image "
+                    "processor) than this retriever's processor has: its regions would differ; rebuild it with "
+                    "index_images(...)"
+                )
             if ours.get(name) != value:
                 raise ValueError(
                     f"{path}: processor setting {name} differs: the index was built with {name}={value}, this "
