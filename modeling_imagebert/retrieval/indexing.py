@@ -11,8 +11,8 @@ With a cache folder each batch is written atomically as one safetensors file as 
 subfolder keyed by everything the result depends on (the model's fingerprint, the processor's settings and its
 detector's fingerprint, the files and their ids, the batch size, bf16). A run killed at any moment leaves only whole
 batch files (and temporaries of a dead process, removed by the next run); the next run with the same arguments loads
-them, computes the rest, and ends with the same tensors as an uninterrupted run, bit for bit: every batch is computed from the same inputs in
-the same grouping. A damaged batch file is reported and recomputed, never trusted.
+them, computes the rest, and ends with the same tensors as an uninterrupted run, bit for bit: every batch is computed
+from the same inputs in the same grouping. A damaged batch file is reported and recomputed, never trusted.
 """
 
 from __future__ import annotations
