@@ -364,6 +364,25 @@ def test_the_retrievers_counts_are_refused_in_one_line_naming_the_parameter(mode
     assert len(retriever.search(["a red cube"], top_k=10**12)[0]) == 4  # huge: every candidate, no error
 
 
+@pytest.mark.parametrize("value", [0, 2.5, True, "3"])
+def test_the_evaluation_functions_refuse_bad_counts_before_any_work(model, processor, value):
+    from modeling_imagebert.retrieval.evaluation import evaluate_retrieval
+    from modeling_imagebert.retrieval.two_stage import evaluate_two_stage
+
+    split = toy_test_split(num_images=3)
+    calls = {
+        "batch_size": lambda: evaluate_retrieval(model, split, processor, batch_size=value, progress=False),
+        "shard_size": lambda: evaluate_retrieval(model, split, processor, shard_size=value, progress=False),
+        "candidates": lambda: evaluate_two_stage(model, split, processor, candidates=value, progress=False),
+        "embedding_batch_size": lambda: evaluate_two_stage(
+            model, split, processor, candidates=2, embedding_batch_size=value, progress=False
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{name}.* must be an int >= 1"):
+            call()
+
+
 # ------------------------------------------------------------------------------------------ tracebacks (group 8)
 
 

@@ -174,6 +174,32 @@ def _probe_index_and_search(p: Probes, processor, base: Path) -> None:
         ),
         lambda hits: len(hits[0]) == 2,
     )
+    from modeling_imagebert.retrieval.evaluation import evaluate_retrieval
+    from modeling_imagebert.retrieval.two_stage import evaluate_two_stage
+
+    split = [{**row, "caption": "a red cube"} for row in rows]
+    for value in (0, 2.5, True, "3"):
+        for name, call in (
+            (
+                "batch_size",
+                lambda v: evaluate_retrieval(model, split, processor, batch_size=v, progress=False),
+            ),
+            (
+                "shard_size",
+                lambda v: evaluate_retrieval(model, split, processor, shard_size=v, progress=False),
+            ),
+            (
+                "candidates",
+                lambda v: evaluate_two_stage(model, split, processor, candidates=v, progress=False),
+            ),
+            (
+                "batch_size",
+                lambda v: evaluate_two_stage(
+                    model, split, processor, candidates=2, batch_size=v, progress=False
+                ),
+            ),
+        ):
+            p.error(f"evaluation functions: {name}={value!r}", lambda c=call, v=value: c(v), name)
     for value in (0, -1, 2.5, True):
         p.error(
             f"constructor: index_options nlist={value!r}",

@@ -36,7 +36,14 @@ import torch
 
 from ..atomic import atomic_write_text
 from . import metrics as retrieval_metrics
-from .scoring import PAIRS_PER_SHARD, ShardCache, score_in_shards, score_pair_batches, scoring_setup
+from .scoring import (
+    PAIRS_PER_SHARD,
+    ShardCache,
+    check_count,
+    score_in_shards,
+    score_pair_batches,
+    scoring_setup,
+)
 
 # Protocol name -> (function, label used in the paper-style table).
 PROTOCOLS: dict[str | None, tuple[Callable[..., dict[str, float]] | None, str]] = {
@@ -497,14 +504,16 @@ def evaluate_retrieval(
         raise TypeError(
             f"model must have a score(**inputs) method (ImageBERT heads); got {type(model).__name__}"
         )
+    # Counts first, before the split is encoded.
+    check_count("batch_size", batch_size, "pairs per forward pass")
+    if shard_size is not None:
+        check_count("shard_size", shard_size, "caption rows per shard")
     rank, world, is_main, device, inputs = _prepare_split(
         model, dataset, processor, protocol, strict, accelerator
     )
     num_captions, num_images = inputs.num_captions, inputs.num_images
     if shard_size is None:
         shard_size = max(1, math.ceil(PAIRS_PER_SHARD / num_images))
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be a positive number of caption rows, got {shard_size}")
 
     cache = None
     if cache_dir is not None:

@@ -41,6 +41,7 @@ from .indexing import (
     list_image_files,
     processor_settings,
 )
+from .scoring import check_count
 from .two_stage import FINAL_SCORES, _check_embedding_model, embed_texts, score_pairs
 from .vector_index import INDEX_TYPES, IndexOptions, VectorIndex
 
@@ -483,8 +484,7 @@ class ImageBertRetriever:
 def _check_count(name: str, value: Any) -> None:
     """Refuses, in one line naming the parameter, a count that is not an int >= 1 (a bool, a float, a string, 0 or
     a negative number: `top_k=-1` would otherwise slice off the last hit, `batch_size=0` fail deep in a loop)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ImageBertRetriever: {name} must be an int >= 1, got {value!r}")
+    check_count(f"ImageBertRetriever: {name}", value)
 
 
 def _check_settings_shape(saved: Any) -> None:
