@@ -16,11 +16,9 @@ Three paths share one padding routine:
 The 5-D location of a pixel box (x1, y1, x2, y2) in a W x H image is
 `(x1/W, y1/H, x2/W, y2/H, (x2-x1)(y2-y1)/(W*H))` (ImageBERT, section 4.1).
 
-Where region inputs enter (every path above), they are checked once: region features must be finite (one NaN
-region makes the image's embedding NaN); a box must lie in its image: one reaching at most `BOX_TOLERANCE` (1 pixel)
-beyond it is clamped to the image (a detector's boxes mapped back from a resized image overshoot by a fraction of a
-pixel), one farther out is refused in one line naming the image, the box and the image size (its locations would
-leave [0, 1]: boxes of a resized image or normalised boxes given with the original size).
+Region inputs are checked where they enter (every path above): features must be finite; a box reaching at most
+`BOX_TOLERANCE` (1 pixel, rounding) beyond its image is clamped to it, one farther out (locations outside [0, 1]) is
+refused in one line naming the image, the box and the image size.
 
 The detector half (`detect_regions`, `encode_image_records`, `images=`, and the detector's subfolder `detector/`
 in `save_pretrained` / `from_pretrained`) is `ImageBertDetectionMixin` in `detection_imagebert.py`, a sibling file of
@@ -82,9 +80,8 @@ def region_locations(boxes: np.ndarray, width: float, height: float) -> np.ndarr
     return locations.astype(np.float32)
 
 
-# How far (pixels) a box may reach beyond its image and still be taken, clamped to the image: a detector's boxes
-# mapped back from a resized image, or an image size rounded to whole pixels, overshoot by a fraction of a pixel.
-# Farther out, the box belongs to another image size (a resized image, normalised coordinates): refused.
+# Pixels a box may overshoot its image and be clamped (boxes mapped back from a resized image, sizes rounded to
+# whole pixels); farther out it belongs to another image size (a resized image, normalised boxes): refused.
 BOX_TOLERANCE = 1.0
 
 
@@ -105,12 +102,8 @@ def _first_non_finite_row(features: np.ndarray) -> int | None:
 def _boxes_inside_image(boxes: np.ndarray, width: float, height: float, where: str) -> np.ndarray:
     """`boxes` [N, 4] (pixel x1, y1, x2, y2) clamped to the W x H image when they reach at most `BOX_TOLERANCE`
     pixels beyond it; a box farther out is refused in one line naming it and the image size."""
-    if boxes.size == 0:
-        return boxes
-    low = -BOX_TOLERANCE
-    outside = (boxes < low).any(axis=1)
-    outside |= (boxes[:, [0, 2]] > width + BOX_TOLERANCE).any(axis=1)
-    outside |= (boxes[:, [1, 3]] > height + BOX_TOLERANCE).any(axis=1)
+    high = np.array([width, height, width, height])
+    outside = ((boxes < -BOX_TOLERANCE) | (boxes > high + BOX_TOLERANCE)).any(axis=1)
     if outside.any():
         bad = int(np.flatnonzero(outside)[0])
         raise ValueError(
@@ -119,11 +112,7 @@ def _boxes_inside_image(boxes: np.ndarray, width: float, height: float, where: s
             f"[0, {height:g}] (boxes of a resized image or normalised ones need the matching image_width and "
             "image_height)"
         )
-    if (boxes < 0).any() or (boxes[:, [0, 2]] > width).any() or (boxes[:, [1, 3]] > height).any():
-        boxes = boxes.copy()
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0.0, width)
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0.0, height)
-    return boxes
+    return np.clip(boxes, 0.0, high)  # the identity for boxes inside
 
 
 def top_region_indices(scores: np.ndarray, max_regions: int) -> np.ndarray:
@@ -170,7 +159,6 @@ class ImageBertProcessor(ImageBertDetectionMixin, ProcessorMixin):
         **kwargs,
     ):
         if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 1:
-            # 0 would keep no region of any image: the model's region heads then divide by a region width of 0.
             raise ValueError(f"max_regions must be an int >= 1 (regions kept per image), got {max_regions!r}")
         if isinstance(max_text_length, bool) or not isinstance(max_text_length, int) or max_text_length < 2:
             raise ValueError(
@@ -241,9 +229,7 @@ class ImageBertProcessor(ImageBertDetectionMixin, ProcessorMixin):
             )
         for name, size in (("image_width", width), ("image_height", height)):
             if (
-                size is None
-                or isinstance(size, bool)
-                or not np.isscalar(size)
+                isinstance(size, bool)
                 or not isinstance(size, (int, float, np.number))
                 or not 0 < size < np.inf
             ):
