@@ -21,6 +21,8 @@ Two CPU processes (to check data parallelism without a GPU):
         --dynamo_backend no examples/evaluate_retrieval.py --model ... --toy
 
 With `--cache_dir`, an interrupted evaluation restarted with the same arguments resumes with the shards it lacks.
+A `--dataset` is validated first (every value of every row, as run_pretrain validates its data): a NaN or infinite
+feature, or a box outside its image, is one `error:` line naming the row and field, never a table of metrics.
 
 Two-stage (embeddings from the same encoder pick K candidates per query in each direction, the cross-encoder
 re-ranks them; reports stage 1 alone, two-stage and, with --full_ranking, full ranking, with passes and wall times):
@@ -44,6 +46,8 @@ from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval
 from modeling_imagebert.atomic import atomic_write_bytes
 from modeling_imagebert.cli_arguments import DefaultsHelpFormatter, check_local_model_path
 from modeling_imagebert.data.toy_world import DEMO_TOY_TEST_SPLIT, DEMO_TOY_WORLD
+from modeling_imagebert.pretraining.recipes import DatasetSpec
+from modeling_imagebert.pretraining.stage_checks import check_source
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
 from modeling_imagebert.retrieval.evaluation import PROTOCOLS, evaluate_retrieval
 from modeling_imagebert.retrieval.two_stage import FINAL_SCORES, evaluate_two_stage
@@ -136,8 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     two_stage.add_argument(
         "--final_score",
         choices=FINAL_SCORES,
-        default="itm",
-        help="--candidates: rank by the cross-encoder's score (itm) or add the ITC similarity (itm+itc, as BLIP)",
+        default=None,
+        help="--candidates: rank by the cross-encoder's score (itm, the default) or add the ITC similarity "
+        "(itm+itc, as BLIP)",
     )
     two_stage.add_argument(
         "--full_ranking",
@@ -155,6 +160,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--candidates must be a positive number of candidates per query, got {args.candidates}")
     if args.candidates is None and (args.full_ranking or args.recall_plot):
         parser.error("--full_ranking and --recall_plot go with --candidates K (two-stage evaluation)")
+    # The ITC term needs the embeddings of stage 1: full ranking alone ranks by the cross-encoder (docs/evaluation.md),
+    # so `--final_score itm+itc` without `--candidates` would be ignored, silently.
+    if args.candidates is None and args.final_score not in (None, "itm"):
+        parser.error(
+            f"--final_score {args.final_score} goes with --candidates K (two-stage evaluation; add --full_ranking for "
+            "full ranking by the same score); full ranking alone ranks by the cross-encoder's score (itm)"
+        )
+    args.final_score = args.final_score or "itm"
+    for flag, value in (
+        ("--batch_size", args.batch_size),
+        ("--shard_size", args.shard_size),
+        ("--toy_test_images", args.toy_test_images),
+    ):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     return args
 
 
@@ -213,7 +233,13 @@ def load_split(args: argparse.Namespace, config):
                 f"{folder}: --split {args.split!r} is not one of its splits {splits} ; pass one of them"
             )
         folder = folder / args.split
-    return load_dataset_from_disk(folder, feature_dim=config.visual_feature_dim)
+    dataset = load_dataset_from_disk(folder, feature_dim=config.visual_feature_dim)
+    # Every value of every row, once and vectorised (cached like run_pretrain's check), before any pair is scored:
+    # an Inf feature would otherwise give NaN scores and metrics that look like results.
+    check_source(
+        dataset, DatasetSpec(path=str(folder)), "--dataset", config, show_progress=not args.no_progress
+    )
+    return dataset
 
 
 def main(argv: list[str] | None = None) -> dict:

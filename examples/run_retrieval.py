@@ -26,7 +26,11 @@ split with the full-ranking evaluator (`modeling_imagebert.retrieval.evaluation`
 
 Bad input (a missing or malformed dataset, a bad flag value) ends the script with one line on stderr,
 `error: <file/field>: <what> ; <how to fix>`, and exit status 2; a bare `--debug` (or IMAGEBERT_DEBUG=1) shows the
-traceback instead (`--debug underflow_overflow` stays TrainingArguments' own option).
+traceback instead (`--debug underflow_overflow` stays TrainingArguments' own option). Before anything is written or
+trained, as run_pretrain does: an `--output_dir` that is, holds or lies inside an input (the model, processor or
+dataset folders) is refused; the train and eval splits are validated (every value of every row, once, vectorised,
+cached like run_pretrain's: the error names the split, row and field). A NaN or infinite training loss stops the run
+(exit 2, naming the step) before any weights of the bad steps are saved.
 
 `--resume_from_checkpoint latest` resumes the newest complete `checkpoint-<step>` in `--output_dir`, or starts from
 scratch (saying so) when there is none, as `examples/run_pretrain.py` does; another value must be a checkpoint folder.
@@ -47,6 +51,7 @@ import transformers
 from transformers import BertTokenizerFast, HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_imagebert import ImageBertForRetrieval, ImageBertProcessor
+from modeling_imagebert.atomic import atomic_write_text, check_output_outside_inputs
 from modeling_imagebert.cli_arguments import (
     DefaultsHelpFormatter,
     check_local_model_path,
@@ -57,6 +62,8 @@ from modeling_imagebert.data import DataCollatorForImageTextRetrieval
 from modeling_imagebert.data.collators import DataCollatorForCandidateGroups
 from modeling_imagebert.data.storage import load_dataset_from_disk
 from modeling_imagebert.data.toy_world import DEMO_TOY_TEST_SPLIT, DEMO_TOY_WORLD, make_toy_world
+from modeling_imagebert.pretraining.recipes import DatasetSpec
+from modeling_imagebert.pretraining.stage_checks import check_source
 from modeling_imagebert.retrieval.trainer import (
     CollatorEpochCallback,
     RetrievalTrainer,
@@ -185,9 +192,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrievalArguments, Train
     if not 0.0 <= args.hard_negative_fraction <= 1.0:
         parser.error(f"--hard_negative_fraction must be in [0, 1], got {args.hard_negative_fraction}")
     try:
-        parse_retrieval_loss(args.loss)
+        parse_retrieval_loss(args.loss)  # each term's weight positive and finite
     except ValueError as error:
         parser.error(f"--loss: {error}")
+    # Counts: a training group needs the positive and at least one negative (P = 1 trains on positives alone),
+    # an evaluation group a ground truth and at least one other candidate.
+    for flag, value, least in (
+        ("--num_candidates", args.num_candidates, 2),
+        ("--eval_num_candidates", args.eval_num_candidates, 2),
+        ("--eval_max_groups", args.eval_max_groups, 1),
+        ("--full_ranking_batch_size", args.full_ranking_batch_size, 1),
+        ("--toy_num_images", args.toy_num_images, 1),
+        ("--toy_num_eval_images", args.toy_num_eval_images, 1),
+    ):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+    if args.triplet_margin is not None and not 0.0 <= args.triplet_margin < float("inf"):
+        parser.error(f"--triplet_margin must be a finite number >= 0, got {args.triplet_margin}")
     if not (
         training_args.do_train or training_args.do_eval or training_args.do_predict or args.do_full_ranking
     ):
@@ -199,6 +220,35 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrievalArguments, Train
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]
     return args, training_args
+
+
+def check_output_dir(args: RetrievalArguments, training_args: TrainingArguments) -> None:
+    """Refuses, before anything is written, an --output_dir that is, holds or lies inside an input: saving the
+    fine-tuned model there would replace (or change) the checkpoint, processor or data the run reads."""
+    inputs = {
+        "--model_name_or_path": args.model_name_or_path,
+        "--from_bert": args.from_bert,
+        "--processor": args.processor,
+        "--train_dataset": args.train_dataset,
+        "--eval_dataset": args.eval_dataset,
+    }
+    check_output_outside_inputs(training_args.output_dir, inputs, output_name="--output_dir")
+
+
+def validate_splits(train, evaluation, args: RetrievalArguments, config, *, show_progress: bool) -> None:
+    """Every row of the train and eval splits checked once, before step 1, with run_pretrain's check
+    (`stage_checks.check_source`: the schema's vectorised validator, cached by dataset, and the class ids against
+    the model): a NaN feature or a box outside its image is one line naming the split, row and field, not a run
+    that trains NaN weights."""
+    for flag, dataset, path in (
+        ("--train_dataset", train, args.train_dataset),
+        ("--eval_dataset", evaluation, args.eval_dataset),
+    ):
+        if dataset is None:
+            continue
+        where = flag if not args.toy else f"the toy {'train' if flag == '--train_dataset' else 'eval'} split"
+        spec = DatasetSpec(path=path) if path else DatasetSpec(toy_world={})
+        check_source(dataset, spec, where, config, show_progress=show_progress, log=logger.info)
 
 
 def load_model_and_processor(args: RetrievalArguments, toy_dims: dict | None):
@@ -265,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     transformers.utils.logging.set_verbosity_warning()
+    check_output_dir(args, training_args)
     set_seed(training_args.seed)
     # `latest` with no checkpoint starts from scratch (as run_pretrain); a missing folder fails here, before any work.
     resume, message = resolve_trainer_resume(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -286,6 +337,15 @@ def main(argv: list[str] | None = None) -> dict:
     train_raw, eval_raw = load_splits(args, config.visual_feature_dim, config.num_object_classes - 1)
     if training_args.do_train and train_raw is None:
         raise ValueError("--do_train needs --train_dataset (or --toy)")
+    # The main process validates first (and caches the result); the others then read its cache.
+    with training_args.main_process_first(desc="validate datasets"):
+        validate_splits(
+            train_raw if training_args.do_train else None,
+            eval_raw,
+            args,
+            config,
+            show_progress=not training_args.disable_tqdm and training_args.process_index == 0,
+        )
 
     # Encode once (WordPiece, top regions, 5-D locations); numpy format keeps float16 features.
     # The main process encodes first, so the others reuse its datasets cache files instead of racing to write them.
@@ -363,15 +423,14 @@ def main(argv: list[str] | None = None) -> dict:
             output = Path(training_args.output_dir)
             output.mkdir(parents=True, exist_ok=True)
             evaluation.save_json(output / "full_ranking.json")
-            (output / "full_ranking.md").write_text(evaluation.table + "\n")
+            atomic_write_text(output / "full_ranking.md", evaluation.table + "\n")
             logger.info("full-ranking evaluation:\n%s", evaluation.table)
         results["full_ranking"] = evaluation.metrics
     if training_args.push_to_hub and training_args.do_train:
         trainer.push_to_hub(tags=["imagebert", "image-text-retrieval"])
     if trainer.is_world_process_zero():
-        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(training_args.output_dir) / "run_retrieval_results.json").write_text(
-            json.dumps(results, indent=2)
+        atomic_write_text(
+            Path(training_args.output_dir) / "run_retrieval_results.json", json.dumps(results, indent=2)
         )
     return results
 

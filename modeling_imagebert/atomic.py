@@ -374,6 +374,48 @@ def claim_folder(
     return None
 
 
+def check_output_outside_inputs(
+    output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None], *, output_name: str = "output"
+) -> Path:
+    """Refuses an output path that is, holds, or lies inside one of `inputs`, before anything is written.
+
+    A command that writes into its own input replaces what it reads (a fine-tuning run saving over the checkpoint it
+    starts from), and one that writes next to its inputs inside them changes them for every later reader (a model
+    folder inside a dataset folder). Paths are compared once resolved (symlinks followed), so a link to an input
+    counts as the input. Inputs that are None or do not exist locally (a Hub id) are skipped.
+
+    Args:
+        output: the output file or folder.
+        inputs: {flag or name that gave the input (named in the refusal): path}.
+        output_name: how the refusal names the output (its flag).
+
+    Returns:
+        The absolute output path.
+
+    Raises:
+        UnsafeRemovalError (a FileExistsError): one line naming the output, the input and how they overlap.
+    """
+    output = Path(output).absolute()
+    resolved = output.resolve()
+    for name, item in inputs.items():
+        if item is None or str(item) == "" or not Path(item).exists():
+            continue
+        item = Path(item).absolute().resolve()
+        if item == resolved:
+            relation = "is"
+        elif resolved in item.parents:
+            relation = "holds"
+        elif item in resolved.parents:
+            relation = "is inside"
+        else:
+            continue
+        raise UnsafeRemovalError(
+            f"{output_name} {output}: {relation} the input {name} {item}, so writing it would change or replace "
+            f"what the command reads ; choose an {output_name} outside every input"
+        )
+    return output
+
+
 __all__ = [
     "FILE_MODE",
     "FOLDER_MODE",
@@ -385,6 +427,7 @@ __all__ = [
     "atomic_folder",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_outside_inputs",
     "check_removable",
     "claim_folder",
     "is_ours",

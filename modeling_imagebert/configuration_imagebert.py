@@ -42,7 +42,14 @@ def parse_retrieval_loss(spec: str) -> dict[str, float]:
             )
         if match["name"] in weights:
             raise ValueError(f"retrieval_loss: {match['name']!r} appears twice in {spec!r}")
-        weights[match["name"]] = float(match["weight"]) if match["weight"] else 1.0
+        weight = float(match["weight"]) if match["weight"] else 1.0
+        # A zero weight trains nothing of that term and an overflowing one ("1e999") is infinite: both are typos.
+        if not 0.0 < weight < float("inf"):
+            raise ValueError(
+                f"retrieval_loss: the weight of {match['name']!r} in {spec!r} is {weight:g}; expected a positive "
+                "finite number (leave the term out to turn it off)"
+            )
+        weights[match["name"]] = weight
     return weights
 
 
@@ -199,9 +206,11 @@ class ImageBertConfig(PreTrainedConfig):
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ImageBertConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.max_regions < 0 or self.max_text_length < 2:
+        # An image needs at least one region token: with none a batch's region width is 0 and the region heads,
+        # which index regions by position // width, divide by zero.
+        if self.max_regions < 1 or self.max_text_length < 2:
             raise ValueError(
-                f"ImageBertConfig: max_regions must be >= 0 and max_text_length >= 2 ([CLS] and [SEP]), got "
+                f"ImageBertConfig: max_regions must be >= 1 and max_text_length >= 2 ([CLS] and [SEP]), got "
                 f"{self.max_regions} and {self.max_text_length}"
             )
         if self.max_text_length > self.max_position_embeddings:

@@ -16,6 +16,10 @@ Three paths share one padding routine:
 The 5-D location of a pixel box (x1, y1, x2, y2) in a W x H image is
 `(x1/W, y1/H, x2/W, y2/H, (x2-x1)(y2-y1)/(W*H))` (ImageBERT, section 4.1).
 
+Region inputs are checked where they enter (every path above): features must be finite; a box reaching at most
+`BOX_TOLERANCE` (1 pixel, rounding) beyond its image is clamped to it, one farther out (locations outside [0, 1]) is
+refused in one line naming the image, the box and the image size.
+
 The detector half (`detect_regions`, `encode_image_records`, `images=`, and the detector's subfolder `detector/`
 in `save_pretrained` / `from_pretrained`) is `ImageBertDetectionMixin` in `detection_imagebert.py`, a sibling file of
 the remote-code unit that this class inherits.
@@ -76,6 +80,41 @@ def region_locations(boxes: np.ndarray, width: float, height: float) -> np.ndarr
     return locations.astype(np.float32)
 
 
+# Pixels a box may overshoot its image and be clamped (boxes mapped back from a resized image, sizes rounded to
+# whole pixels); farther out it belongs to another image size (a resized image, normalised boxes): refused.
+BOX_TOLERANCE = 1.0
+
+
+def _first_non_finite_row(features: np.ndarray) -> int | None:
+    """The first row of `features` [N, F] holding a NaN or an infinity, or None. float16 is checked on its bits
+    (all-ones exponent), about ten times faster than `np.isfinite`, which converts it first."""
+    if features.size == 0:
+        return None
+    if features.dtype == np.float16:
+        bad = (np.ascontiguousarray(features).view(np.uint16) & 0x7C00) == 0x7C00
+    else:
+        bad = ~np.isfinite(features)
+    if not bad.any():
+        return None
+    return int(np.flatnonzero(bad.any(axis=1))[0])
+
+
+def _boxes_inside_image(boxes: np.ndarray, width: float, height: float, where: str) -> np.ndarray:
+    """`boxes` [N, 4] (pixel x1, y1, x2, y2) clamped to the W x H image when they reach at most `BOX_TOLERANCE`
+    pixels beyond it; a box farther out is refused in one line naming it and the image size."""
+    high = np.array([width, height, width, height])
+    outside = ((boxes < -BOX_TOLERANCE) | (boxes > high + BOX_TOLERANCE)).any(axis=1)
+    if outside.any():
+        bad = int(np.flatnonzero(outside)[0])
+        raise ValueError(
+            f"region_boxes of {where}: box {bad} = {boxes[bad].tolist()} lies outside the {width:g} x {height:g} "
+            f"image ({int(outside.sum())} such boxes); expected pixel coordinates within [0, {width:g}] x "
+            f"[0, {height:g}] (boxes of a resized image or normalised ones need the matching image_width and "
+            "image_height)"
+        )
+    return np.clip(boxes, 0.0, high)  # the identity for boxes inside
+
+
 def top_region_indices(scores: np.ndarray, max_regions: int) -> np.ndarray:
     """Indices of the `max_regions` highest scores, score-descending; ties keep detector order (stable sort)."""
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
@@ -119,8 +158,8 @@ class ImageBertProcessor(ImageBertDetectionMixin, ProcessorMixin):
         detector_processor=None,
         **kwargs,
     ):
-        if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 0:
-            raise ValueError(f"max_regions must be an int >= 0, got {max_regions!r}")
+        if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 1:
+            raise ValueError(f"max_regions must be an int >= 1 (regions kept per image), got {max_regions!r}")
         if isinstance(max_text_length, bool) or not isinstance(max_text_length, int) or max_text_length < 2:
             raise ValueError(
                 f"max_text_length must be an int >= 2 (room for [CLS] and [SEP]), got {max_text_length!r}"
@@ -163,6 +202,12 @@ class ImageBertProcessor(ImageBertDetectionMixin, ProcessorMixin):
             )
         if not keep_dtype or not np.issubdtype(features.dtype, np.floating):
             features = features.astype(np.float32)
+        bad = _first_non_finite_row(features)
+        if bad is not None:
+            raise ValueError(
+                f"region_features of {where}: NaN or infinity in region {bad}; expected finite values (one such "
+                "region makes the image's embedding, and every score with it, NaN)"
+            )
         n = features.shape[0]
         if boxes is None:
             raise ValueError(f"region_boxes of {where}: required with region_features")
@@ -183,8 +228,13 @@ class ImageBertProcessor(ImageBertDetectionMixin, ProcessorMixin):
                 f"region_boxes of {where}: box {bad} = {boxes[bad].tolist()} has x2 < x1 or y2 < y1"
             )
         for name, size in (("image_width", width), ("image_height", height)):
-            if size is None or isinstance(size, bool) or not np.isscalar(size) or not size > 0:
+            if (
+                isinstance(size, bool)
+                or not isinstance(size, (int, float, np.number))
+                or not 0 < size < np.inf
+            ):
                 raise ValueError(f"{name} of {where}: expected a positive number of pixels, got {size!r}")
+        boxes = _boxes_inside_image(boxes, float(width), float(height), where)
         if classes is not None:
             classes = to_numpy(classes, "region_classes", where).reshape(-1)
             if classes.shape[0] != n:

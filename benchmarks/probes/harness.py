@@ -67,6 +67,7 @@ SECTIONS = (
     "retrieval_scripts",
     "run_pretrain",
     "features_data",
+    "retriever",
 )
 
 
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         pretrain_script,
         processor_collators,
         retrieval_scripts,
+        retriever_api,
         saved_datasets,
     )
 
@@ -309,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "retrieval_scripts": lambda: retrieval_scripts.probe_scripts(probes, processor, work),
             "run_pretrain": lambda: pretrain_script.probe_run_pretrain(probes, work),
             "features_data": lambda: features_data.probe_features_data(probes, work),
+            "retriever": lambda: retriever_api.probe_retriever(probes, processor, work),
         }
         for name in args.only or SECTIONS:
             sections[name]()

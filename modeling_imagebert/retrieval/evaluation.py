@@ -29,14 +29,21 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from . import metrics as retrieval_metrics
-from .scoring import PAIRS_PER_SHARD, ShardCache, score_in_shards, score_pair_batches, scoring_setup
+from .scoring import (
+    PAIRS_PER_SHARD,
+    ShardCache,
+    check_count,
+    score_in_shards,
+    score_pair_batches,
+    scoring_setup,
+)
 
 # Protocol name -> (function, label used in the paper-style table).
 PROTOCOLS: dict[str | None, tuple[Callable[..., dict[str, float]] | None, str]] = {
@@ -368,8 +375,7 @@ class RetrievalEvaluation:
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Write `to_json_dict()` to `path` (indented JSON)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_json_dict(), indent=2) + "\n")
 
 
 def compute_metrics(
@@ -498,14 +504,16 @@ def evaluate_retrieval(
         raise TypeError(
             f"model must have a score(**inputs) method (ImageBERT heads); got {type(model).__name__}"
         )
+    # Counts first, before the split is encoded.
+    check_count("batch_size", batch_size, "pairs per forward pass")
+    if shard_size is not None:
+        check_count("shard_size", shard_size, "caption rows per shard")
     rank, world, is_main, device, inputs = _prepare_split(
         model, dataset, processor, protocol, strict, accelerator
     )
     num_captions, num_images = inputs.num_captions, inputs.num_images
     if shard_size is None:
         shard_size = max(1, math.ceil(PAIRS_PER_SHARD / num_images))
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be a positive number of caption rows, got {shard_size}")
 
     cache = None
     if cache_dir is not None:

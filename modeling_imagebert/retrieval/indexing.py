@@ -8,11 +8,11 @@ after the processor's detector (`processor.detect_regions`) has turned each batc
     files -> detect_regions (batch) -> records -> encode_and_embed -> (region tensors, embeddings) -> cache file
 
 With a cache folder each batch is written atomically as one safetensors file as soon as it is embedded, in a
-subfolder keyed by everything the result depends on (the model's fingerprint, the processor's settings, the files
-and their ids, the batch size, bf16). A run killed at any moment leaves only whole batch files (and temporaries of
-a dead process, removed by the next run); the next run with the same arguments loads them, computes the rest, and
-ends with the same tensors as an uninterrupted run, bit for bit: every batch is computed from the same inputs in
-the same grouping. A damaged batch file is reported and recomputed, never trusted.
+subfolder keyed by everything the result depends on (the model's fingerprint, the processor's settings and its
+detector's fingerprint, the files and their ids, the batch size, bf16). A run killed at any moment leaves only whole
+batch files (and temporaries of a dead process, removed by the next run); the next run with the same arguments loads
+them, computes the rest, and ends with the same tensors as an uninterrupted run, bit for bit: every batch is computed
+from the same inputs in the same grouping. A damaged batch file is reported and recomputed, never trusted.
 """
 
 from __future__ import annotations
@@ -38,12 +38,30 @@ _CACHE_PREFIX = "index-images-"
 IMAGE_TENSORS = ("region_features", "region_locations", "region_attention_mask", "global_image_features")
 
 
-def processor_settings(processor) -> dict[str, Any]:
-    """The processor settings an embedding depends on (recorded beside saved indexes and cached batches)."""
-    return {
+def detector_fingerprint(processor) -> str | None:
+    """sha256 (hex) of the processor's detector (class, config, weights: `model_fingerprint`) and of its image
+    processor's settings (resizing), or None when the processor has no detector. Images indexed from files depend on
+    them: another detector finds other regions."""
+    detector = getattr(processor, "detector", None)
+    if detector is None:
+        return None
+    digest = hashlib.sha256(model_fingerprint(detector).encode())
+    image_processor = getattr(processor, "detector_processor", None)
+    if image_processor is not None and hasattr(image_processor, "to_json_string"):
+        digest.update(image_processor.to_json_string().encode())
+    return digest.hexdigest()
+
+
+def processor_settings(processor, *, with_detector: bool = False) -> dict[str, Any]:
+    """The processor settings an embedding depends on (recorded beside saved indexes and cached batches);
+    `with_detector`: also its detector's fingerprint (`detector_fingerprint`), for images indexed from files."""
+    settings: dict[str, Any] = {
         "max_regions": int(getattr(processor, "max_regions", 0)),
         "max_text_length": int(getattr(processor, "max_text_length", 0)),
     }
+    if with_detector:
+        settings["detector"] = detector_fingerprint(processor)
+    return settings
 
 
 def encode_and_embed(
@@ -241,7 +259,7 @@ def embed_image_files(
         meta = {
             "format": _CACHE_FORMAT,
             "model": model_fingerprint(model),
-            "processor": processor_settings(processor),
+            "processor": processor_settings(processor, with_detector=True),
             "files": digest.hexdigest(),
             "count": len(files),
             "batch_size": batch_size,
@@ -286,6 +304,7 @@ __all__ = [
     "concatenate_images",
     "embed_image_files",
     "encode_and_embed",
+    "detector_fingerprint",
     "list_image_files",
     "processor_settings",
 ]

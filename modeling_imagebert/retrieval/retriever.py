@@ -9,8 +9,13 @@ The candidates come from `retrieval.vector_index` (faiss when installed: exact `
 images, IVF or HNSW beyond it or on request; the same exact results through torch without faiss). A saved index is
 one safetensors file: the image ids, region tensors and embeddings, faiss's own bytes for an approximate index, and
 the settings it was built with (model fingerprint and name, embedding dimension, processor settings, index type and
-options) as JSON metadata; loading checks each of them and refuses a mismatch in one line naming it. Nothing in the
-file is unpickled.
+options) and a digest of its content (image ids in order, region tensors, embeddings) as JSON metadata; loading
+checks each of them and refuses a mismatch in one line naming it. Nothing in the file is unpickled.
+
+Values are checked where they enter: `index` refuses a record whose region features are NaN or infinite (the
+processor names the record, its image_id and the field) and an image whose embedding comes out non-finite (naming
+its image_id), since one NaN embedding would rank first or last for every query; counts (`candidates`,
+`batch_size`, `top_k`) must be ints >= 1.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import itertools
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +34,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_bytes
-from .evaluation import RetrievalInputs, model_fingerprint
+from .evaluation import RetrievalInputs, _hash_tensor, model_fingerprint
 from .indexing import (
     IMAGE_TENSORS,
     embed_image_files,
@@ -36,11 +42,13 @@ from .indexing import (
     list_image_files,
     processor_settings,
 )
+from .scoring import check_count
 from .two_stage import FINAL_SCORES, _check_embedding_model, embed_texts, score_pairs
 from .vector_index import INDEX_TYPES, IndexOptions, VectorIndex
 
 INDEX_FORMAT = "imagebert-retriever-index"
-INDEX_FORMAT_VERSION = 2
+INDEX_FORMAT_VERSION = 3  # 3: the settings hold `content_sha256`; version 2 files still load, unchecked by it
+_READABLE_VERSIONS = ("2", "3")
 _BUILD_OPTIONS = (
     "exact_limit",
     "nlist",
@@ -96,8 +104,8 @@ class ImageBertRetriever:
     ):
         model = getattr(model, "module", model)
         _check_embedding_model(model)
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-            raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
+        _check_count("candidates", candidates)
+        _check_count("batch_size", batch_size)
         if final_score not in FINAL_SCORES:
             raise ValueError(f"final_score must be one of {FINAL_SCORES}, got {final_score!r}")
         if index_type not in INDEX_TYPES:
@@ -116,6 +124,7 @@ class ImageBertRetriever:
         self.images: dict[str, torch.Tensor] | None = None
         self.image_embeds: torch.Tensor | None = None
         self.vector_index: VectorIndex | None = None
+        self._from_image_files = False  # indexed by index_images: the processor's detector found the regions
 
     # ------------------------------------------------------------------------------------------------ indexing
 
@@ -192,10 +201,28 @@ class ImageBertRetriever:
             cache_dir=cache_dir,
             progress=progress,
         )
-        return self._set_index([image_id for image_id, _ in files], images, embeds)
+        return self._set_index([image_id for image_id, _ in files], images, embeds, from_image_files=True)
 
-    def _set_index(self, image_ids: list[str], images: dict[str, torch.Tensor], embeds: torch.Tensor):
+    def _set_index(
+        self,
+        image_ids: list[str],
+        images: dict[str, torch.Tensor],
+        embeds: torch.Tensor,
+        *,
+        from_image_files: bool = False,
+    ):
+        # The features were checked finite where they entered (the processor); an embedding can still overflow
+        # (huge finite features): one non-finite row would rank first or last for every query.
+        finite = torch.isfinite(embeds).all(dim=1)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            raise ValueError(
+                f"ImageBertRetriever.index: image_id {image_ids[bad]!r}: its embedding (image_embeds) is NaN or "
+                f"infinite ({int((~finite).sum())} such images); its region_features are too large for the model "
+                "(or bf16): rescale them as the model's training data was"
+            )
         self.image_ids = image_ids
+        self._from_image_files = from_image_files
         self.images = images
         self.image_embeds = embeds
         self.vector_index = VectorIndex.build(embeds, self.index_type, self.index_options, device=self.device)
@@ -211,7 +238,8 @@ class ImageBertRetriever:
             "embedding_dim": int(self.image_embeds.shape[1]),
             "num_images": len(self.image_ids),
             "image_ids_sha256": _ids_digest(self.image_ids),
-            "processor": processor_settings(self.processor),
+            "content_sha256": _content_digest(self.image_ids, self.images, self.image_embeds),
+            "processor": processor_settings(self.processor, with_detector=self._from_image_files),
             "index": {
                 "type": self.index_type,
                 "kind": self.vector_index.kind,
@@ -273,11 +301,20 @@ class ImageBertRetriever:
                 metadata = handle.metadata() or {}
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{path}: not an ImageBertRetriever index ({error})") from None
-        if metadata.get("format") != INDEX_FORMAT or metadata.get("format_version") != str(
-            INDEX_FORMAT_VERSION
-        ):
+        if metadata.get("format") != INDEX_FORMAT:
             raise ValueError(f"{path}: not an ImageBertRetriever index (expected the file save_index writes)")
-        saved = json.loads(metadata["settings"])
+        if metadata.get("format_version") not in _READABLE_VERSIONS:
+            raise ValueError(
+                f"{path}: an ImageBertRetriever index of format version {metadata.get('format_version')!r}, this "
+                f"version reads {list(_READABLE_VERSIONS)}; rebuild it with index(...) and save_index"
+            )
+        try:
+            saved = json.loads(metadata["settings"])
+            _check_settings_shape(saved)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{path}: damaged index: its settings cannot be read ({error}); rebuild it with index(...)"
+            ) from None
         self._check_settings(path, saved, image_ids)
         tensors = load_file(str(path))
         ids = json.loads(tensors.pop("image_ids").numpy().tobytes().decode("utf-8"))
@@ -290,6 +327,22 @@ class ImageBertRetriever:
             or any(tensor.shape[0] != len(ids) for tensor in images.values())
         ):
             raise ValueError(f"{path}: damaged index: its image ids, embeddings and settings disagree")
+        if "content_sha256" in saved:
+            if _content_digest(ids, images, embeds) != saved["content_sha256"]:
+                raise ValueError(
+                    f"{path}: damaged or edited index: its image ids, region tensors or embeddings are not those "
+                    "it was saved with (content digest differs); rebuild it with index(...)"
+                )
+        else:
+            warnings.warn(
+                f"{path}: an index of format version 2, without a digest of its content: its embeddings are not "
+                "checked; save_index writes the current format",
+                stacklevel=2,
+            )
+        if not bool(torch.isfinite(embeds).all()):
+            raise ValueError(
+                f"{path}: damaged index: it holds NaN or infinite embeddings; rebuild it with index(...)"
+            )
         options = IndexOptions(
             **{
                 **saved["index"]["options"],
@@ -310,6 +363,7 @@ class ImageBertRetriever:
             device=self.device,
         )
         self.image_ids, self.images, self.image_embeds = ids, images, embeds
+        self._from_image_files = "detector" in saved["processor"]
         return self
 
     def _check_settings(self, path: Path, saved: dict[str, Any], image_ids: Sequence[str] | None) -> None:
@@ -320,8 +374,14 @@ class ImageBertRetriever:
                 f"{path}: embedding dimension differs: the index holds {saved['embedding_dim']}-d embeddings, the "
                 f"model's projection_dim is {dim}; rebuild it with index(...)"
             )
-        ours = processor_settings(self.processor)
+        ours = processor_settings(self.processor, with_detector="detector" in saved["processor"])
         for name, value in saved["processor"].items():
+            if name == "detector" and ours.get(name) != value:
+                raise ValueError(
+                    f"{path}: the index was built from image files with another detector (or detector image "
+                    "processor) than this retriever's processor has: its regions would differ; rebuild it with "
+                    "index_images(...)"
+                )
             if ours.get(name) != value:
                 raise ValueError(
                     f"{path}: processor setting {name} differs: the index was built with {name}={value}, this "
@@ -375,6 +435,7 @@ class ImageBertRetriever:
         Returns:
             One list of `SearchHit` per query.
         """
+        _check_count("top_k", top_k)
         if self.vector_index is None:
             raise RuntimeError("ImageBertRetriever.search: call index(...) with a collection first")
         if isinstance(queries, str):
@@ -430,6 +491,37 @@ class ImageBertRetriever:
             ]
             for q in range(len(queries))
         ]
+
+
+def _check_count(name: str, value: Any) -> None:
+    """Refuses, in one line naming the parameter, a count that is not an int >= 1 (a bool, a float, a string, 0 or
+    a negative number: `top_k=-1` would otherwise slice off the last hit, `batch_size=0` fail deep in a loop)."""
+    check_count(f"ImageBertRetriever: {name}", value)
+
+
+def _check_settings_shape(saved: Any) -> None:
+    """Raises KeyError / TypeError when the saved settings lack what loading reads."""
+    if not isinstance(saved, dict):
+        raise TypeError("not a JSON object")
+    for name in ("model", "embedding_dim", "num_images", "image_ids_sha256", "processor", "index"):
+        if name not in saved:
+            raise KeyError(name)
+    if not isinstance(saved["processor"], dict) or not isinstance(saved["index"], dict):
+        raise TypeError("processor and index must be JSON objects")
+
+
+def _content_digest(image_ids: Sequence[str], images: dict[str, torch.Tensor], embeds: torch.Tensor) -> str:
+    """sha256 (hex) of an index's content: the image ids in order, each region tensor and the embeddings (dtypes,
+    shapes, bytes). Recorded by `save_index`, checked by `load_index`: ids rotated against their embeddings, or an
+    embedding edited, no longer load."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(image_ids)).encode("utf-8"))
+    for name in sorted(images):
+        digest.update(name.encode())
+        _hash_tensor(digest, images[name])
+    digest.update(b"image_embeds")
+    _hash_tensor(digest, embeds)
+    return digest.hexdigest()
 
 
 def _ids_digest(image_ids: Sequence[str]) -> str:

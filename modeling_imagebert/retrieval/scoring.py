@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import time
 import warnings
@@ -82,6 +83,16 @@ def split_to_device(
     )
 
 
+def check_count(name: str, value: Any, unit: str = "") -> int:
+    """`value` when it is an int >= 1 (numpy ints too); otherwise a ValueError in one line naming `name` (a bool, a
+    float, a string, 0 or a negative number would fail deep in a loop, or silently drop results, further on).
+    `unit` says what is counted ("pairs", "caption rows"), for the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        counted = f" ({unit})" if unit else ""
+        raise ValueError(f"{name} must be an int >= 1{counted}, got {value!r}")
+    return int(value)
+
+
 def scoring_setup(
     model: torch.nn.Module,
     text: Mapping[str, torch.Tensor],
@@ -92,8 +103,7 @@ def scoring_setup(
 ) -> tuple[torch.device, dict, dict, torch.dtype]:
     """What every pair scorer needs first: the batch size checked, the device (default: the model's), the split's
     text and image tensors on it (moved once, unless given), and the model's dtype for the region features."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of pairs, got {batch_size}")
+    check_count("batch_size", batch_size, "pairs per forward pass")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     text, images = device_tensors if device_tensors is not None else split_to_device(text, images, device)
     return device, text, images, next(model.parameters()).dtype
@@ -352,6 +362,7 @@ __all__ = [
     "PAIRS_PER_SHARD",
     "ShardCache",
     "ShardedScores",
+    "check_count",
     "pair_batch",
     "score_in_shards",
     "score_pair_batches",

@@ -15,6 +15,12 @@ A group's recall@K says whether its ground truth ranks in the top K of its P can
 Under DDP, Trainer pads the last evaluation batch with repeated groups and drops them again when gathering; that
 only works when each prediction row is one dataset item, so `RetrievalTrainer.prediction_step` returns logits and
 labels as [groups, P] instead of the model's flat [groups * P].
+
+A NaN or infinite training loss (or gradient norm) stops the run instead of training on and saving NaN weights
+(Trainer's `logging_nan_inf_filter` would only hide it from the logs): `RetrievalTrainer` records the first bad
+step on the device, with pre-training's `NonFiniteWatch` (no host read per step), and reads the record where the
+Trainer would act on the weights (a logging, evaluation or checkpoint step, the end of training); then
+`NonFiniteTrainingError` names the step.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..pretraining.nonfinite import NonFiniteTrainingError, NonFiniteWatch
 from .hard_negatives import mine_retrieval_negatives
 from .metrics import DEFAULT_KS, image_retrieval_ranks
 
@@ -239,6 +247,64 @@ class RetrievalTrainer(Trainer):
         self.eval_num_candidates = eval_num_candidates
         self.negatives = negatives
         self.hard_negative_fraction = hard_negative_fraction
+        self._nonfinite: NonFiniteWatch | None = None  # created on the first training step, on its device
+
+    # ---------------------------------------------------------------------------------------- non-finite training
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._nonfinite is None:
+            self._nonfinite = NonFiniteWatch([], loss.device)
+        # Folded on the device: no host read in the step (global_step counts finished steps; this is the next one).
+        self._nonfinite.add(self.state.global_step + 1, SimpleNamespace(loss=loss))
+        return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        # Called after each optimiser step (global_step already counts it), before anything is logged or saved.
+        if (
+            self._nonfinite is not None
+            and isinstance(grad_norm, torch.Tensor)
+            and self.accelerator.scaler is None
+        ):
+            # With fp16 an inf gradient norm is the loss scaler's business: it skips that step.
+            self._nonfinite.add(self.state.global_step, SimpleNamespace(loss=None), grad_norm.detach())
+        if self.control.should_log or self.control.should_save or self.control.should_evaluate:
+            self.check_finite_training()
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self.check_finite_training()  # before the caller saves the final model
+        return result
+
+    def check_finite_training(self) -> None:
+        """Raises `NonFiniteTrainingError` (one line: the first bad step, what was non-finite, how to go on) when
+        any training step so far had a NaN or infinite loss or gradient norm, on any process. Every process must
+        call it at the same step (the Trainer's logging, evaluation and save steps are the same on all)."""
+        if self._nonfinite is None:
+            return
+        flag = self._nonfinite.flag
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag.long(), reduction="sum") > 0
+        if not bool(flag):
+            return
+        found = self._nonfinite.read()
+        if found is None:
+            what = "another process saw a non-finite training loss or gradient norm"
+        else:
+            step, name, value = found
+            name = "training loss" if name == "total loss" else name
+            what = f"step {step}: non-finite {name} ({value})"
+        clipping = (
+            f"lower --max_grad_norm (now {self.args.max_grad_norm:g})"
+            if self.args.max_grad_norm
+            else "set --max_grad_norm (clipping is off)"
+        )
+        raise NonFiniteTrainingError(
+            f"retrieval fine-tuning {what} ; lower --learning_rate (now {self.args.learning_rate:g}) or {clipping}, "
+            f"and check the training data; the weights of the bad steps were not saved (checkpoints in "
+            f"{self.args.output_dir} are from before step {found[0] if found else '?'})"
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.negatives == "itc" and model.training:

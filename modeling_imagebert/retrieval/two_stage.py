@@ -41,7 +41,14 @@ from .evaluation import (
     evaluate_retrieval,
     model_fingerprint,
 )
-from .scoring import PAIRS_PER_SHARD, ShardCache, score_in_shards, score_pair_batches, scoring_setup
+from .scoring import (
+    PAIRS_PER_SHARD,
+    ShardCache,
+    check_count,
+    score_in_shards,
+    score_pair_batches,
+    scoring_setup,
+)
 
 FINAL_SCORES = ("itm", "itm+itc")
 _CACHE_FORMAT = 1
@@ -82,6 +89,7 @@ def embed_texts(
     Returns:
         float32 [C, projection_dim] on the CPU.
     """
+    check_count("batch_size", batch_size, "captions per forward pass")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     input_ids, attention_mask = text["input_ids"].to(device), text["attention_mask"].to(device)
     out = []
@@ -121,6 +129,7 @@ def embed_images(
     Returns:
         float32 [I, projection_dim] on the CPU, in the input order.
     """
+    check_count("batch_size", batch_size, "images per forward pass")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     images = {name: tensor.to(device) for name, tensor in images.items()}
     compute_dtype = next(model.parameters()).dtype
@@ -199,8 +208,7 @@ def select_candidates(similarity: torch.Tensor, k: int) -> CandidatePairs:
     Returns:
         `CandidatePairs`. With K >= max(C, I) every pair is a candidate.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"candidates (K) must be an int >= 1, got {k!r}")
+    check_count("candidates (K)", k)
     num_captions, num_images = similarity.shape
     image_topk = similarity.topk(min(k, num_images), dim=1).indices  # (C, K)
     text_topk = similarity.t().topk(min(k, num_captions), dim=1).indices  # (I, K)
@@ -507,8 +515,13 @@ def evaluate_two_stage(
     """
     if final_score not in FINAL_SCORES:
         raise ValueError(f"final_score must be one of {FINAL_SCORES}, got {final_score!r}")
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-        raise ValueError(f"candidates (K) must be an int >= 1, got {candidates!r}")
+    check_count("candidates (K)", candidates)
+    # Every count before any work: a bad one would otherwise surface after stage 1.
+    check_count("batch_size", batch_size, "pairs per forward pass")
+    if embedding_batch_size is not None:
+        check_count("embedding_batch_size", embedding_batch_size, "captions or images per forward pass")
+    if shard_size is not None:
+        check_count("shard_size", shard_size, "pairs per shard")
     model = getattr(model, "module", model)
     _check_embedding_model(model)
     rank, world, is_main, device, inputs = _prepare_split(
@@ -535,8 +548,6 @@ def evaluate_two_stage(
         num_pairs = chosen.num_pairs
         if shard_size is None:
             shard_size = PAIRS_PER_SHARD
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be a positive number of pairs, got {shard_size}")
         cache = None
         if cache_dir is not None:
             meta = {
