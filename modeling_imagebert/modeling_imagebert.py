@@ -1405,7 +1405,12 @@ class ImageBertForPreTraining(ImageBertContrastiveFeaturesMixin, ImageBertPreTra
         if task_labels["region_feature_targets"] is not None and positions["mrfr"] is None:
             positions["mrfr"] = labelled(task_labels["masked_regions"].bool())
         for task in PRETRAINING_TASKS:  # a task without labels reads nothing
-            if task.position_key is not None and task_labels[task.label_keys[0]] is None:
+            if task.position_key is None:
+                continue
+            task_label = task_labels[task.label_keys[0]]
+            # Labels of no element (a batch whose images have no region, which the schema allows) hold nothing
+            # to read either: the head's placeholder row would index an empty label tensor. A shape, no sync.
+            if task_label is None or task_label.numel() == 0:
                 positions[task.name] = None
         return positions
 

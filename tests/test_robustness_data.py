@@ -321,3 +321,41 @@ def test_a_webdataset_json_sidecar_nested_200000_deep_leaves_the_url_empty(detec
     status, err = _extract(detector_dir, tmp_path / "out", shard, extra=["--write-captions"])
     assert status == 0, err
     assert (tmp_path / "out" / "captions.tsv").read_text() == "a cup\t\ts1\n"
+
+
+# ------------------------------------------------------------------- a batch whose images have no region at all
+
+
+def test_a_pretraining_batch_without_any_region_trains_the_text_tasks():
+    """The schema allows an image with no region; a batch made only of such images gave `RuntimeError:
+    ZeroDivisionError` (the region heads' placeholder row indexed an empty label tensor)."""
+    import torch
+
+    from modeling_imagebert import ImageBertConfig, ImageBertForPreTraining
+    from modeling_imagebert.data.collators import add_labelled_positions
+
+    config = ImageBertConfig.from_json_file(str(ROOT / "configuration" / "models" / "imagebert-tiny.json"))
+    torch.manual_seed(0)
+    model = ImageBertForPreTraining(config)
+    size, length, dim = 2, 8, config.visual_feature_dim
+    input_ids = torch.randint(1000, 2000, (size, length))
+    labels = torch.full((size, length), -100)
+    labels[:, 2] = input_ids[:, 2]
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones(size, length, dtype=torch.long),
+        "token_type_ids": torch.zeros(size, length, dtype=torch.long),
+        "region_features": torch.zeros(size, 0, dim),
+        "region_locations": torch.zeros(size, 0, 5),
+        "region_attention_mask": torch.zeros(size, 0, dtype=torch.long),
+        "labels": labels,
+        "masked_regions": torch.zeros(size, 0, dtype=torch.bool),
+        "region_class_labels": torch.zeros(size, 0, dtype=torch.long),
+        "region_feature_targets": torch.zeros(size, 0, dim),
+        "itm_labels": torch.tensor([1, 0]),
+    }
+    output = model(**add_labelled_positions(batch))
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    assert output.moc_logits is None and output.mrfr_predictions is None
+    assert output.mlm_logits.shape == (1, config.vocab_size)
