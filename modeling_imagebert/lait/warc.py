@@ -38,7 +38,6 @@ no codec decodes with fewer than `max_replacement_ratio` replaced characters is 
 from __future__ import annotations
 
 import codecs
-import gzip
 import os
 import re
 import zlib
@@ -48,6 +47,8 @@ from dataclasses import dataclass
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 
+from .content_coding import CorruptEncoding, DecodedTooLarge, UnsupportedEncoding
+from .content_coding import decode_body as decode_content
 from .records import DropCounter, PageRecord
 
 STAGE = "warc"
@@ -575,6 +576,15 @@ def decode_body(
     return text, detected, "detected"
 
 
+def _encoded(content_encoding: str, body: bytes) -> bool:
+    """True when `body` is to be decoded from its Content-Encoding. A crawler often stores the body already
+    decoded under the original header: a gzip body must start with the gzip magic to count as coded (a deflate or
+    br body that does not decode is kept as stored)."""
+    if content_encoding in ("gzip", "x-gzip"):
+        return body.startswith(_GZIP_MAGIC)
+    return content_encoding in ("deflate", "br")
+
+
 def _looks_like_html(body: bytes) -> bool:
     head = body[:1024].lstrip().lower()
     return head.startswith((b"<!doctype html", b"<html")) or b"<body" in head or b"<head" in head
@@ -610,15 +620,19 @@ def iter_pages(
         if "chunked" in response.transfer_encoding:
             payload = dechunk(body)
             body = payload if payload is not None else body
-        if response.content_encoding in ("gzip", "x-gzip") and body.startswith(_GZIP_MAGIC):
+        if _encoded(response.content_encoding, body):
+            # Decoded in a stream that stops at max_page_bytes: a small body may decode to gigabytes.
             try:
-                body = gzip.decompress(body)
-            except (OSError, EOFError, zlib.error):
-                drops.drop(STAGE, "undecodable")
-                continue
-            if len(body) > max_page_bytes:
+                body = decode_content(body, response.content_encoding, max_page_bytes)
+            except DecodedTooLarge:
                 drops.drop(STAGE, "page_too_large")
                 continue
+            except (CorruptEncoding, UnsupportedEncoding):
+                if response.content_encoding in ("deflate", "br"):
+                    pass  # stored decoded under the original header (no magic number tells)
+                else:
+                    drops.drop(STAGE, "undecodable")
+                    continue
         if not body.strip():
             drops.drop(STAGE, "empty_body")
             continue
