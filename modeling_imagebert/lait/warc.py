@@ -19,7 +19,8 @@ record that does not become a `PageRecord` is counted in a `DropCounter` under s
   a reader cannot know where such a record ends, so reading resumes at the next line that is a record header.
 - `broken_http_headers`: the HTTP status line / headers of a response cannot be parsed.
 - `http_status` (not 200), `not_html` (Content-Type other than HTML), `page_too_large` (block over
-  `max_page_bytes`, its body is never read into memory), `empty_body`, `undecodable`.
+  `max_page_bytes`, its body is never read into memory; or a `Content-Encoding` gzip / deflate / br body that
+  decodes past it, decoded in a stream stopped at the bound: `content_coding`), `empty_body`, `undecodable`.
 
 Variants read as well-formed: a whole-file gzip instead of one member per record, gzip members that do not end
 at record boundaries, an HTTP body sent with `Transfer-Encoding: chunked` (de-chunked here; a body whose chunks
