@@ -287,3 +287,28 @@ def test_latin1_label_file_names_the_file_line_and_expected_encoding(tmp_path):
     message = str(error.value)
     assert str(labels) in message and "line 3" in message and "UTF-8" in message, message
     assert not (tmp_path / "filter.skops").exists()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate", "br", "identity"])
+def test_stream_decoder_decodes_each_coding_and_stops_at_the_bound(coding):
+    import zlib
+
+    from modeling_imagebert.lait.content_coding import DecodedTooLarge, decode_body
+
+    def encode(data: bytes) -> bytes:
+        if coding == "gzip":
+            return gzip.compress(data)
+        if coding == "deflate":
+            return zlib.compress(data)
+        if coding == "raw-deflate":
+            return zlib.compress(data)[2:-4]
+        if coding == "br":
+            brotli = pytest.importorskip("brotli")
+            return brotli.compress(data)
+        return data
+
+    header = "deflate" if coding == "raw-deflate" else coding
+    text = b"<html>" + b"caption words " * 5000 + b"</html>"
+    assert decode_body(encode(text), header, len(text)) == text
+    with pytest.raises(DecodedTooLarge):
+        decode_body(encode(text), header, len(text) - 1)
