@@ -68,6 +68,7 @@ SECTIONS = (
     "run_pretrain",
     "features_data",
     "retriever",
+    "lait",
 )
 
 
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         convert_cli,
         evaluation_cache,
         features_data,
+        lait_pipeline,
         model_inputs,
         pretrain_script,
         processor_collators,
@@ -312,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             "run_pretrain": lambda: pretrain_script.probe_run_pretrain(probes, work),
             "features_data": lambda: features_data.probe_features_data(probes, work),
             "retriever": lambda: retriever_api.probe_retriever(probes, processor, work),
+            "lait": lambda: lait_pipeline.probe_lait(probes, work),
         }
         for name in args.only or SECTIONS:
             sections[name]()

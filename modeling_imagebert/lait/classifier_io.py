@@ -26,9 +26,10 @@ def read_labelled_rows(path: str | Path, required: Sequence[str]) -> list[dict[s
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as error:
         raise ValueError(f"{path}: cannot read ({error.strerror or error})") from None
+    text = _utf8_text(path, data)
     rows: list[dict[str, Any]] = []
     if path.suffix.lower() in (".jsonl", ".json"):
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -39,7 +40,11 @@ def read_labelled_rows(path: str | Path, required: Sequence[str]) -> list[dict[s
             except ValueError:
                 raise ValueError(f"{path}:{line_no}: not a JSON object") from None
     else:
-        rows = list(csv.DictReader(io.StringIO(text)))
+        reader = csv.DictReader(io.StringIO(text))
+        try:
+            rows = list(reader)
+        except csv.Error as error:
+            raise ValueError(f"{path}:{reader.line_num}: not a CSV row ({error})") from None
     for line_no, row in enumerate(rows, 1):
         for key in required:
             if not isinstance(row, dict) or row.get(key) in (None, ""):
@@ -49,6 +54,19 @@ def read_labelled_rows(path: str | Path, required: Sequence[str]) -> list[dict[s
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def _utf8_text(path: Path, data: bytes) -> str:
+    """`data` read as UTF-8 (a byte-order mark allowed); a file in another encoding (Latin-1, UTF-16) or a binary
+    file raises ValueError naming the file, the line and the byte offset."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}: line {line}, byte {error.start}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+            "expected a UTF-8 CSV or JSONL label file (re-save it as UTF-8)"
+        ) from None
 
 
 def parse_label(value: Any, where: str) -> int:

@@ -16,6 +16,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,16 @@ def _merge(defaults: dict[str, Any], user: Mapping[str, Any], where: str, source
             raise ConfigError(
                 f"{source}: {dotted}: expected {_type_word(default)} like the default {default!r}, got {value!r}"
             )
-        defaults[key] = float(value) if isinstance(default, float) and value is not None else value
+        if isinstance(default, float) and value is not None:
+            try:
+                value = float(value)
+            except (
+                OverflowError
+            ):  # an integer too large for a float (YAML reads 1e400 as inf, 10**400 as int)
+                raise ConfigError(
+                    f"{source}: {dotted}: {str(value)[:40]}... is not a finite number"
+                ) from None
+        defaults[key] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -144,46 +154,122 @@ def load_config(
     return config
 
 
+# Every number of the config, with its range, checked once where the config enters (`load_config`): a NaN
+# threshold would keep nothing, a negative timeout would make every fetch fail, a timeout of 1e308 overflows the
+# socket layer, a huge process count forks without end; each is refused here with one line naming the key.
+# (kind, low, high): "int" or "float", inclusive bounds (None = unbounded). A key whose default is null is
+# checked only when set.
+_DAY_S = 86400.0
+NUMERIC_RANGES: dict[str, tuple[str, float | None, float | None]] = {
+    "pages.max_page_bytes": ("int", 1, 2**30),
+    "pages.max_depth": ("int", 1, 100000),
+    "pages.max_replacement_ratio": ("float", 0.0, 1.0),
+    "pages.max_language_rank": ("int", 0, None),
+    "pages.language_sample_chars": ("int", 1, None),
+    "pages.language_fill_chars": ("int", 0, None),
+    "pages.min_text_chars": ("int", 0, None),
+    "pages.max_non_latin_share": ("float", 0.0, 1.0),
+    "pages.max_images_per_page": ("int", 1, None),
+    "pages.content_min_chars": ("int", 0, None),
+    "pages.content_min_score": ("float", None, None),
+    "pages.content_region_levels": ("int", 0, None),
+    "pages.content_region_fallback": ("int", 0, None),
+    "pages.reference_side": ("float", 1e-9, None),
+    "pages.small_side": ("int", 1, None),
+    "pages.extreme_aspect": ("float", 1.0, None),
+    "pages.word_levels": ("int", 0, None),
+    "pages.bias": ("float", None, None),
+    "pages.min_score": ("float", None, None),
+    "pages.keep_margin": ("float", 0.0, None),
+    "pages.max_dominant": ("int", 1, None),
+    "pages.max_site_repeat": ("int", 1, None),
+    "pages.nearby_max_levels": ("int", 0, None),
+    "pages.nearby_min_words": ("int", 0, None),
+    "pages.nearby_max_chars": ("int", 1, None),
+    "text.min_words": ("int", 0, None),
+    "text.max_words": ("int", 1, None),
+    "text.max_oov_ratio": ("float", 0.0, 1.0),
+    "text.max_candidates": ("int", 1, None),
+    "images.min_width": ("int", 0, None),
+    "images.min_height": ("int", 0, None),
+    "images.timeout_s": ("float", 1e-3, _DAY_S),
+    "images.total_timeout_s": ("float", 1e-3, _DAY_S),
+    "images.min_bytes_per_s": ("float", 0.0, None),
+    "images.max_redirects": ("int", 0, 100),
+    "images.max_bytes": ("int", 1, 2**31),
+    "images.max_pixels": ("int", 1, 10**10),
+    "images.jpeg_quality": ("int", 1, 100),
+    "scoring.threshold": ("float", 0.0, 1.0),
+    "scoring.rule_threshold": ("float", 0.0, 1.0),
+    "scoring.itm_batch_size": ("int", 1, 65536),
+    "scoring.itm_threads": ("int", 0, 1024),
+    "aggregation.max_images_per_text": ("int", 1, None),
+    "engine.processes": ("int", 0, 4096),
+    "engine.site_buckets": ("int", 1, 1_000_000),
+    "engine.fetch_threads": ("int", 1, 1024),
+    "engine.shard_size": ("int", 1, 10**7),
+    "engine.contact_sheet_examples": ("int", 0, 10000),
+    "engine.spark_partitions": ("int", 1, 10**6),
+}
+
+
+def _range_words(kind: str, low: float | None, high: float | None) -> str:
+    noun = "an integer" if kind == "int" else "a finite number"
+    if low is not None and high is not None:
+        return f"{noun} in [{low:g}, {high:g}]"
+    if low is not None:
+        return f"{noun} >= {low:g}"
+    if high is not None:
+        return f"{noun} <= {high:g}"
+    return noun
+
+
+def check_number(key: str, value: Any, kind: str, low: float | None, high: float | None) -> None:
+    """Raises ConfigError (`lait config: KEY: VALUE is not a finite number in [LOW, HIGH]`) unless `value` is a
+    number of `kind` ("int" or "float"), finite and within the inclusive bounds."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    good = is_number and (isinstance(value, int) if kind == "int" else True)
+    if good and isinstance(value, float):
+        good = math.isfinite(value)
+    if good:
+        good = (low is None or value >= low) and (high is None or value <= high)
+    if not good:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ConfigError(f"lait config: {key}: {shown} is not {_range_words(kind, low, high)}")
+
+
+def _check_numbers(config: Mapping[str, Mapping[str, Any]]) -> None:
+    for dotted, (kind, low, high) in NUMERIC_RANGES.items():
+        section, key = dotted.split(".")
+        value = config[section].get(key)
+        if value is None and key in ("threshold", "spark_partitions"):
+            continue  # null: the documented default (the model's own threshold; one partition per file)
+        check_number(dotted, value, kind, low, high)
+    for feature, weight in config["pages"]["weights"].items():
+        check_number(f"pages.weights.{feature}", weight, "float", None, None)
+    text = config["text"]
+    if text["max_words"] < text["min_words"]:
+        raise ConfigError(
+            f"lait config: text.max_words: {text['max_words']!r} is below text.min_words {text['min_words']!r}"
+        )
+
+
 def _check_sections(config: dict[str, dict[str, Any]]) -> None:
     """Checks that a stage module does for its own lists and ranges (kept here so errors come at load time)."""
-    images, aggregation, engine = config["images"], config["aggregation"], config["engine"]
-    for key in ("min_width", "min_height"):
-        if images[key] < 0:
-            raise ConfigError(f"images.{key}: expected a non-negative integer, got {images[key]!r}")
-    for key in ("timeout_s", "max_bytes", "max_pixels"):
-        if not images[key] or images[key] <= 0:
-            raise ConfigError(f"images.{key}: expected a positive number, got {images[key]!r}")
-    if images["max_redirects"] < 0:
-        raise ConfigError(f"images.max_redirects: expected >= 0, got {images['max_redirects']!r}")
+    _check_numbers(config)
     from .images import check_classifier_specs
 
     try:
-        check_classifier_specs(images["classifiers"])
+        check_classifier_specs(config["images"]["classifiers"])
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if aggregation["max_images_per_text"] < 1:
-        raise ConfigError(
-            f"aggregation.max_images_per_text: expected an integer >= 1, got {aggregation['max_images_per_text']!r}"
-        )
     scoring = config["scoring"]
-    if scoring["itm_batch_size"] < 1:
-        raise ConfigError(
-            f"scoring.itm_batch_size: expected an integer >= 1, got {scoring['itm_batch_size']!r}"
-        )
-    if scoring["itm_threads"] < 0:
-        raise ConfigError(
-            f"scoring.itm_threads: expected an integer >= 0 (0 = torch's default), got {scoring['itm_threads']!r}"
-        )
     if scoring["region_features"] and not scoring["itm_checkpoint"]:
         raise ConfigError(
             "scoring.region_features: set without scoring.itm_checkpoint; the region features are only read for "
             "the ITM score (give the ImageBERT checkpoint too, or leave region_features null)"
         )
-    if engine["processes"] < 0:
-        raise ConfigError(f"engine.processes: expected >= 0 (0 = one per core), got {engine['processes']!r}")
-    for key in ("shard_size", "site_buckets", "fetch_threads"):
-        if engine[key] < 1:
-            raise ConfigError(f"engine.{key}: expected an integer >= 1, got {engine[key]!r}")
 
 
 def config_fingerprint(config: Mapping[str, Any]) -> str:
@@ -197,7 +283,9 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "SECTIONS",
+    "NUMERIC_RANGES",
     "ConfigError",
+    "check_number",
     "config_fingerprint",
     "default_config",
     "load_config",

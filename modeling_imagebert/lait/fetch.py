@@ -2,25 +2,31 @@
 
 In order (config `images`): image responses stored in the same WARC file (`warc_images`), an img2dataset output
 folder (`img2dataset_output`: its webdataset shards, read back by URL), then HTTP(S) with a bounded fetcher
-(`fetch_http`): a timeout per socket operation and a total deadline, at most `max_redirects` redirects (a URL seen
-twice in one chain is a loop), at most `max_bytes`, a Content-Type that must be an image. At scale, write the URL
+(`fetch_http`): a timeout per socket operation (`timeout_s`), a total deadline (`total_timeout_s`, enforced by
+shutting the sockets down, so a server trickling headers or body cannot hold a fetch) and a minimum rate
+(`min_bytes_per_s` over each `timeout_s` window of the body), at most `max_redirects` redirects (a URL seen twice
+in one chain is a loop), at most `max_bytes` (decoded: a gzip, deflate or br body is decoded in a stream that
+stops there, `content_coding`), a Content-Type that must be an image. At scale, write the URL
 list with `write_img2dataset_input` and let img2dataset download (see docs/lait.md for the command); img2dataset is
 not a dependency (on this machine its install would downgrade pandas and webdataset), we only read the shards it
 writes.
 
 A fetch never raises for a network or server fault: it returns a `FetchResult` with a stable drop reason,
-`not_found` (HTTP 404/410), `http_error` (any other non-200), `timeout`, `redirect_loop`, `connection_error`
+`not_found` (HTTP 404/410), `http_error` (any other non-200), `timeout` (no byte for `timeout_s`), `too_slow`
+(past `total_timeout_s`, or under `min_bytes_per_s`), `redirect_loop`, `connection_error`
 (refused, reset, not HTTP), `truncated` (fewer bytes than the Content-Length), `unsupported_scheme`, `not_an_image`
-(Content-Type not image/*, e.g. an HTML error page), `too_large` (bytes over the bound) or `no_source` (HTTP off and
-no local copy).
+(Content-Type not image/*, e.g. an HTML error page), `too_large` (bytes over the bound), `undecodable` (a
+Content-Encoding that does not decode, or one not supported) or `no_source` (HTTP off and no local copy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_file
+from .content_coding import CorruptEncoding, DecodedTooLarge, StreamDecoder, UnsupportedEncoding
 from .records import ImageCandidate
 
 
@@ -74,66 +81,174 @@ def _is_timeout(error: BaseException) -> bool:
     return isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason or error)
 
 
+class _Deadline:
+    """The total deadline of one fetch: at `seconds`, a timer shuts down every socket the fetch opened, so a read
+    blocked on a server that trickles bytes (or headers) returns at once. A socket timeout alone bounds one read,
+    not a fetch: a byte every 0.2 s passes a 10 s read timeout forever."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):  # already closed: nothing to stop
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def track(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def passed(self) -> bool:
+        return self.expired or time.monotonic() >= self.end
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._timer.cancel()
+            self._sockets.clear()
+
+    def connection(self, base: type[http.client.HTTPConnection]):
+        """An `http_class` for urllib's `do_open` whose connections register their socket here."""
+
+        def make(host, **kwargs):
+            connection = base(host, **kwargs)
+            connect = connection.connect
+
+            def tracked_connect():
+                connect()
+                self.track(connection.sock)
+
+            connection.connect = tracked_connect
+            return connection
+
+        return make
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(self.deadline.connection(http.client.HTTPConnection), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(self.deadline.connection(http.client.HTTPSConnection), req, context=self._context)
+
+
+class _TooSlow(Exception):
+    pass
+
+
 def fetch_url(url: str, params: Mapping[str, Any]) -> FetchResult:
-    """Fetches `url` over HTTP(S) within the bounds of config section `images` (`timeout_s`, `max_redirects`,
-    `max_bytes`, `user_agent`). Output: a `FetchResult` with the body, or with the drop reason; never raises for
-    a network or server fault."""
+    """Fetches `url` over HTTP(S) within the bounds of config section `images` (`timeout_s` per socket operation,
+    `total_timeout_s` for the whole fetch, `min_bytes_per_s` averaged over each `timeout_s` window of the body,
+    `max_redirects`, `max_bytes` of the decoded body, `user_agent`). A body sent with `Content-Encoding` gzip,
+    deflate or br is decoded in a stream that stops at `max_bytes`. Output: a `FetchResult` with the body, or
+    with the drop reason; never raises for a network or server fault."""
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         return FetchResult(reason="unsupported_scheme", final_url=url)
     timeout = float(params["timeout_s"])
     max_bytes = int(params["max_bytes"])
+    min_rate = float(params.get("min_bytes_per_s", 0.0))
+    deadline = _Deadline(float(params.get("total_timeout_s", 3 * timeout)))
     redirects = _BoundedRedirects(int(params["max_redirects"]))
-    opener = urllib.request.build_opener(redirects)
+    opener = urllib.request.build_opener(redirects, _HTTPHandler(deadline), _HTTPSHandler(deadline))
     request = urllib.request.Request(url, headers={"User-Agent": params["user_agent"], "Accept": "image/*"})
-    deadline = time.monotonic() + 3 * timeout
     try:
         with opener.open(request, timeout=timeout) as response:
-            content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            result = FetchResult(
-                content_type=content_type, final_url=response.geturl(), status=response.status
-            )
-            if (
-                content_type
-                and not content_type.startswith("image/")
-                and content_type != "application/octet-stream"
-            ):
-                result.reason = "not_an_image"
-                return result
-            declared = response.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                result.reason = "too_large"
-                return result
-            chunks, size = [], 0
-            while True:
-                # A server that trickles bytes would pass the per-read timeout forever: a total deadline too.
-                if time.monotonic() > deadline:
-                    result.reason = "timeout"
-                    return result
-                chunk = response.read(min(65536, max_bytes + 1 - size))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > max_bytes:
-                    result.reason = "too_large"
-                    return result
-            if declared is not None and declared.isdigit() and size < int(declared):
-                # The connection closed early: `read(n)` returns what came, without an error.
-                result.reason = "truncated"
-                return result
-            result.data = b"".join(chunks)
-            return result
+            return _read_body(response, max_bytes, timeout, min_rate, deadline)
     except _RedirectLoop:
         return FetchResult(reason="redirect_loop", final_url=url)
+    except _TooSlow:
+        return FetchResult(reason="too_slow", final_url=url)
     except urllib.error.HTTPError as error:
         if 300 <= error.code < 400:
             return FetchResult(reason="redirect_loop", final_url=url, status=error.code)
         reason = "not_found" if error.code in (404, 410) else "http_error"
         return FetchResult(reason=reason, final_url=url, status=error.code)
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
-        # HTTPException: a malformed status line, a body cut short (IncompleteRead), oversized headers.
+        # HTTPException: a malformed status line, a body cut short (IncompleteRead), oversized headers. A socket
+        # shut down at the total deadline surfaces as any of these.
+        if deadline.passed():
+            return FetchResult(reason="too_slow", final_url=url)
         return FetchResult(reason="timeout" if _is_timeout(error) else "connection_error", final_url=url)
+    finally:
+        deadline.cancel()
+
+
+def _read_body(
+    response, max_bytes: int, window_s: float, min_rate: float, deadline: _Deadline
+) -> FetchResult:
+    """The body of an open response within the bounds of `fetch_url`; raises `_TooSlow` past the deadline or
+    under the minimum rate."""
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    result = FetchResult(content_type=content_type, final_url=response.geturl(), status=response.status)
+    if content_type and not content_type.startswith("image/") and content_type != "application/octet-stream":
+        result.reason = "not_an_image"
+        return result
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    declared = response.headers.get("Content-Length")
+    declared = int(declared) if declared is not None and declared.isdigit() else None
+    if declared is not None and encoding in ("", "identity") and declared > max_bytes:
+        result.reason = "too_large"
+        return result
+    try:
+        decoder = StreamDecoder(encoding, max_bytes)
+    except UnsupportedEncoding:
+        result.reason = "undecodable"
+        return result
+    chunks, received = [], 0
+    window_start, window_bytes = time.monotonic(), 0
+    try:
+        while True:
+            # read1: returns what one socket read gave (read(n) waits for n bytes, however slowly they come).
+            chunk = response.read1(65536)
+            if deadline.passed():
+                raise _TooSlow
+            if not chunk:
+                break
+            received += len(chunk)
+            chunks.append(decoder.feed(chunk))
+            now = time.monotonic()
+            window_bytes += len(chunk)
+            if now - window_start >= window_s:
+                # The body's rate over the last window (curl's --speed-limit over --speed-time).
+                if window_bytes < min_rate * (now - window_start):
+                    raise _TooSlow
+                window_start, window_bytes = now, 0
+        chunks.append(decoder.finish())
+    except DecodedTooLarge:
+        result.reason = "too_large"
+        return result
+    except CorruptEncoding:
+        result.reason = "truncated" if declared is not None and received < declared else "undecodable"
+        return result
+    if declared is not None and received < declared:
+        # The connection closed early: `read1` returns what came, without an error.
+        result.reason = "truncated"
+        return result
+    result.data = b"".join(chunks)
+    return result
 
 
 # Local copies: images stored in the WARC, img2dataset shards.
@@ -160,15 +275,28 @@ def index_warc_images(path: str | Path) -> dict[str, int]:
     return index
 
 
-def read_warc_image(path: str | Path, offset: int) -> bytes | None:
-    """The HTTP body of the response record at `offset` of a WARC / WARC.gz file (None if unreadable)."""
+def read_warc_image(path: str | Path, offset: int, max_bytes: int | None = None) -> bytes | None:
+    """The HTTP body of the response record at `offset` of a WARC / WARC.gz file, decoded from its
+    Content-Encoding (None if unreadable). With `max_bytes`, raises `DecodedTooLarge` past that many decoded
+    bytes: read in pieces, so a small gzip body that decodes to gigabytes is never held whole."""
     from warcio.archiveiterator import ArchiveIterator
 
     try:
         with open(path, "rb") as stream:
             stream.seek(offset)
             for record in ArchiveIterator(stream):
-                return record.content_stream().read()
+                body = record.content_stream()
+                if max_bytes is None:
+                    return body.read()
+                chunks, size = [], 0
+                while chunk := body.read(65536):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise DecodedTooLarge(f"decoded body over {max_bytes} bytes")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+    except DecodedTooLarge:
+        raise
     except Exception:
         return None
     return None
@@ -252,7 +380,10 @@ class ImageSources:
     def get(self, url: str, params: Mapping[str, Any]) -> FetchResult:
         """The bytes of `url`: a local copy when there is one, else HTTP when allowed."""
         if url in self.warc_index and self.warc_file is not None:
-            data = read_warc_image(self.warc_file, self.warc_index[url])
+            try:
+                data = read_warc_image(self.warc_file, self.warc_index[url], int(params["max_bytes"]))
+            except DecodedTooLarge:
+                return FetchResult(reason="too_large", final_url=url)
             if data is not None:
                 return FetchResult(data=data, final_url=url, status=200)
         if url in self.img2dataset_index:

@@ -59,6 +59,7 @@ class PagesSettings:
     """Config section `pages`, checked and compiled once (see configuration/lait/default.yaml for each key)."""
 
     max_page_bytes: int
+    max_depth: int
     max_replacement_ratio: float
     languages: frozenset[str]
     max_language_rank: int
@@ -94,6 +95,7 @@ class PagesSettings:
 
 _REQUIRED = {
     "max_page_bytes": int,
+    "max_depth": int,
     "max_replacement_ratio": float,
     "languages": list,
     "max_language_rank": int,

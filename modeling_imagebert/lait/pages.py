@@ -76,6 +76,7 @@ from .page_content import (
     find_content,
     lower_words,
     meta_images,
+    nesting_depth_exceeds,
     visible_text,
 )
 from .page_settings import PagesSettings, pages_settings
@@ -400,12 +401,16 @@ def stage1_pages(
     """Stage 1: one page -> its dominant image candidates (at most `max_dominant`), best first.
 
     Inputs: a decoded `PageRecord`; `config` the `pages` section (or the whole config, or a `PagesSettings`);
-    `drops` receives page-level drops (`not_english`, `unparsable_html`, `no_images`, `no_dominant_image`) and
+    `drops` receives page-level drops (`too_deep`, `not_english`, `unparsable_html`, `no_images`, `no_dominant_image`) and
     one `not_dominant` per losing image; `drops.keep("pages", n)` counts the candidates returned. Output:
     `ImageCandidate`s with absolute `image_url`, `dom_features` (`DOM_FEATURE_NAMES`), `dominance_score`,
     page language and the raw text candidates (alt, title, figcaption, nearby; cleaned by stage 3).
     """
     settings = pages_settings(config)
+    if nesting_depth_exceeds(page.html, settings.max_depth):
+        # Before the parser: its time grows with the square of the depth (page_content.nesting_depth).
+        drops.drop(STAGE, "too_deep")
+        return []
     try:
         tree = LexborHTMLParser(page.html)
     except Exception:  # selectolax raises its own error types for inputs Lexbor refuses; one reason for all

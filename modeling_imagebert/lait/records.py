@@ -50,6 +50,7 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
         "unreadable_file",  # the engines: a WARC file that cannot be opened at all
     ),
     "pages": (
+        "too_deep",  # elements nested deeper than pages.max_depth (dropped before parsing)
         "not_english",
         "unparsable_html",
         "no_images",  # the page has no <img> with a usable src
@@ -61,13 +62,14 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
     "images": (
         "not_found",  # HTTP 404 / 410
         "http_error",  # any other non-200 status
-        "timeout",  # a socket read over images.timeout_s, or the whole download over 3x that
+        "timeout",  # no byte for images.timeout_s (connecting, or one read)
+        "too_slow",  # the whole fetch over images.total_timeout_s, or under images.min_bytes_per_s
         "redirect_loop",  # a URL seen twice in one redirect chain, or more than images.max_redirects
         "connection_error",  # refused, reset, not an HTTP reply
         "truncated",  # fewer body bytes than the Content-Length announced
         "unsupported_scheme",  # not http(s)
         "not_an_image",  # Content-Type not image/* (e.g. an HTML error page), or HTML bytes
-        "too_large",  # over images.max_bytes, or over images.max_pixels (decompression bombs)
+        "too_large",  # over images.max_bytes (decoded, when gzipped), or over images.max_pixels (decompression bombs)
         "undecodable",  # PIL cannot decode the bytes
         "too_small",  # not wider AND taller than images.min_width / min_height (300 px)
         "no_source",  # images.fetch_http is false and no WARC / img2dataset copy exists

@@ -118,7 +118,16 @@ class Scorer:
 
             self.model, sidecar = load_skops(params["model"], "lait-scorer")
             self.feature_names = list(sidecar["feature_names"])
-            default_threshold = float(sidecar["threshold"])
+            default_threshold = sidecar.get("threshold")
+            if not (
+                isinstance(default_threshold, (int, float))
+                and not isinstance(default_threshold, bool)
+                and 0.0 <= default_threshold <= 1.0  # NaN fails too: a NaN threshold would keep nothing
+            ):
+                raise ValueError(
+                    f"{params['model']}.json: threshold: {default_threshold!r} is not a finite number in [0, 1]"
+                )
+            default_threshold = float(default_threshold)
         else:
             default_threshold = float(params["rule_threshold"])
         threshold = params.get("threshold")

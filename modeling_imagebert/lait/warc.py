@@ -19,7 +19,8 @@ record that does not become a `PageRecord` is counted in a `DropCounter` under s
   a reader cannot know where such a record ends, so reading resumes at the next line that is a record header.
 - `broken_http_headers`: the HTTP status line / headers of a response cannot be parsed.
 - `http_status` (not 200), `not_html` (Content-Type other than HTML), `page_too_large` (block over
-  `max_page_bytes`, its body is never read into memory), `empty_body`, `undecodable`.
+  `max_page_bytes`, its body is never read into memory; or a `Content-Encoding` gzip / deflate / br body that
+  decodes past it, decoded in a stream stopped at the bound: `content_coding`), `empty_body`, `undecodable`.
 
 Variants read as well-formed: a whole-file gzip instead of one member per record, gzip members that do not end
 at record boundaries, an HTTP body sent with `Transfer-Encoding: chunked` (de-chunked here; a body whose chunks
@@ -38,7 +39,6 @@ no codec decodes with fewer than `max_replacement_ratio` replaced characters is 
 from __future__ import annotations
 
 import codecs
-import gzip
 import os
 import re
 import zlib
@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 
+from .content_coding import CorruptEncoding, DecodedTooLarge, UnsupportedEncoding
+from .content_coding import decode_body as decode_content
 from .records import DropCounter, PageRecord
 
 STAGE = "warc"
@@ -575,6 +577,15 @@ def decode_body(
     return text, detected, "detected"
 
 
+def _encoded(content_encoding: str, body: bytes) -> bool:
+    """True when `body` is to be decoded from its Content-Encoding. A crawler often stores the body already
+    decoded under the original header: a gzip body must start with the gzip magic to count as coded (a deflate or
+    br body that does not decode is kept as stored)."""
+    if content_encoding in ("gzip", "x-gzip"):
+        return body.startswith(_GZIP_MAGIC)
+    return content_encoding in ("deflate", "br")
+
+
 def _looks_like_html(body: bytes) -> bool:
     head = body[:1024].lstrip().lower()
     return head.startswith((b"<!doctype html", b"<html")) or b"<body" in head or b"<head" in head
@@ -610,15 +621,19 @@ def iter_pages(
         if "chunked" in response.transfer_encoding:
             payload = dechunk(body)
             body = payload if payload is not None else body
-        if response.content_encoding in ("gzip", "x-gzip") and body.startswith(_GZIP_MAGIC):
+        if _encoded(response.content_encoding, body):
+            # Decoded in a stream that stops at max_page_bytes: a small body may decode to gigabytes.
             try:
-                body = gzip.decompress(body)
-            except (OSError, EOFError, zlib.error):
-                drops.drop(STAGE, "undecodable")
-                continue
-            if len(body) > max_page_bytes:
+                body = decode_content(body, response.content_encoding, max_page_bytes)
+            except DecodedTooLarge:
                 drops.drop(STAGE, "page_too_large")
                 continue
+            except (CorruptEncoding, UnsupportedEncoding):
+                if response.content_encoding in ("deflate", "br"):
+                    pass  # stored decoded under the original header (no magic number tells)
+                else:
+                    drops.drop(STAGE, "undecodable")
+                    continue
         if not body.strip():
             drops.drop(STAGE, "empty_body")
             continue
