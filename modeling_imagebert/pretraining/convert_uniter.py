@@ -509,6 +509,11 @@ def convert_uniter(
     from ..processing_imagebert import ImageBertProcessor
 
     path = str(checkpoint)
+    if not overwrite and (os.path.exists(out_dir) or os.path.islink(out_dir)):
+        raise ConversionError(
+            f"{out_dir}: already exists ; choose another output, or pass --overwrite to replace a folder this project "
+            "wrote"
+        )
     tensors = read_uniter_checkpoint(path)
     check_is_uniter(tensors, path)
     config, found = infer_config(

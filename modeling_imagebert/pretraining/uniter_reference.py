@@ -8,8 +8,10 @@ layers) and `model/pretrain.py` (the MLM, MRFR, MRC and ITM heads) compute, and 
 batch (the 7-D box location; real text tokens, then real regions, then padding: its `gather_index`). Nothing is
 imported from UNITER: it needs apex and horovod, and the point is an independent restatement.
 
-It serves `tests/test_convert_uniter.py` and `tools/check_uniter_parity.py` (a real checkpoint against its
-converted folder). Inference only: no dropout, and no masked-region embedding (UNITER adds its learned
+`check_parity` runs a converted ImageBERT and this reference on the same random inputs (real-looking boxes in
+images of varied sizes, padded text and regions) and returns the largest differences of their outputs; it serves
+`tests/test_convert_uniter.py` and `tools/check_uniter_parity.py` (a real checkpoint against its converted
+folder). Inference only: no dropout, and no masked-region embedding (UNITER adds its learned
 `mask_embedding` to masked regions during pre-training; see `convert_uniter`).
 """
 
@@ -215,8 +217,134 @@ def uniter_region_feature_predictions(
     return F.linear(x, state["uniter.img_embeddings.img_linear.weight"].T, state["feat_regress.bias"])
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Parity: a converted ImageBERT against this reference
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ParityInputs(NamedTuple):
+    """Random inputs in both layouts: ours (5-D locations) and the boxes UNITER's 7-D location is computed from."""
+
+    input_ids: torch.Tensor  # (B, T), real tokens first, 0-padded
+    attention_mask: torch.Tensor  # (B, T)
+    region_features: torch.Tensor  # (B, R, F)
+    region_boxes: torch.Tensor  # (B, R, 4) pixel x1, y1, x2, y2
+    image_sizes: torch.Tensor  # (B, 2) width, height
+    region_attention_mask: torch.Tensor  # (B, R), real regions first
+    text_positions: torch.Tensor  # (B, T) bool: the tokens whose MLM logits are compared
+    region_positions: torch.Tensor  # (B, R) bool: the regions whose class logits and features are compared
+
+
+def parity_inputs(
+    vocab_size: int,
+    feature_dim: int,
+    *,
+    batch_size: int = 4,
+    max_text: int = 12,
+    max_regions: int = 10,
+    seed: int = 0,
+) -> ParityInputs:
+    """Random inputs with real-looking regions: images of 300-800 x 200-640 pixels, boxes drawn inside them at
+    arbitrary (not grid-aligned) coordinates and at least 8 pixels wide and high, non-negative features (BUTD's
+    are means of ReLU outputs); text and region counts vary per row (padding on both sides)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape, low=0.0, high=1.0):
+        return low + (high - low) * torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    text_lengths = torch.randint(3, max_text + 1, (batch_size,), generator=g)
+    text_lengths[0] = max_text
+    region_counts = torch.randint(1, max_regions + 1, (batch_size,), generator=g)
+    region_counts[-1] = max_regions
+    attention_mask = (torch.arange(max_text) < text_lengths[:, None]).long()
+    input_ids = torch.randint(1, vocab_size, (batch_size, max_text), generator=g) * attention_mask
+    region_attention_mask = (torch.arange(max_regions) < region_counts[:, None]).long()
+    sizes = torch.stack(
+        [uniform(batch_size, low=300, high=800), uniform(batch_size, low=200, high=640)], 1
+    ).round()
+    width, height = sizes[:, 0, None], sizes[:, 1, None]
+    x1, y1 = uniform(batch_size, max_regions) * (width - 8), uniform(batch_size, max_regions) * (height - 8)
+    x2 = x1 + 8 + uniform(batch_size, max_regions) * (width - x1 - 8)
+    y2 = y1 + 8 + uniform(batch_size, max_regions) * (height - y1 - 8)
+    boxes = torch.stack([x1, y1, x2, y2], dim=-1).float()
+    features = torch.relu(torch.randn(batch_size, max_regions, feature_dim, generator=g)) * 2.0
+    text_positions = (torch.rand(batch_size, max_text, generator=g) < 0.3) & attention_mask.bool()
+    text_positions[:, 1] = True  # at least one per row (position 1 is real: every text has 3 tokens or more)
+    region_positions = (torch.rand(batch_size, max_regions, generator=g) < 0.3) & region_attention_mask.bool()
+    region_positions[:, 0] = True
+    return ParityInputs(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        region_features=features * region_attention_mask[..., None],
+        region_boxes=boxes,
+        image_sizes=sizes.float(),
+        region_attention_mask=region_attention_mask,
+        text_positions=text_positions,
+        region_positions=region_positions,
+    )
+
+
+@torch.no_grad()
+def check_parity(
+    state: Tensors, model, inputs: ParityInputs, itm_logit: str = "probability"
+) -> dict[str, float]:
+    """The largest absolute differences between a converted `ImageBertForPreTraining` (`model`, in eval mode) and
+    UNITER's forward on `state`, on the same `inputs`: `itm` (sigmoid of our ITM logit against UNITER's softmax
+    P(matched) for `itm_logit` "probability"; our logit against UNITER's retrieval score for "rank"), `mlm`
+    (vocabulary logits at `text_positions`), `region_class` (logits of the object classes, UNITER's background
+    column left out, at `region_positions`) and `mrfr` (regressed features there)."""
+    from ..processing_imagebert import region_locations
+
+    locations = torch.stack(
+        [
+            torch.from_numpy(region_locations(boxes.numpy(), float(size[0]), float(size[1])))
+            for boxes, size in zip(inputs.region_boxes, inputs.image_sizes, strict=True)
+        ]
+    )  # (B, R, 5)
+    outputs = model(
+        input_ids=inputs.input_ids,
+        attention_mask=inputs.attention_mask,
+        token_type_ids=torch.zeros_like(inputs.input_ids),
+        region_features=inputs.region_features,
+        region_locations=locations,
+        region_attention_mask=inputs.region_attention_mask,
+        labels=torch.where(inputs.text_positions, inputs.input_ids, -100),
+        masked_regions=inputs.region_positions,
+        region_class_labels=torch.where(inputs.region_positions, 0, -100),
+        region_feature_targets=inputs.region_features,
+    )
+    p7 = torch.stack(
+        [
+            uniter_box_location(boxes, float(size[0]), float(size[1]))
+            for boxes, size in zip(inputs.region_boxes, inputs.image_sizes, strict=True)
+        ]
+    )  # (B, R, 7)
+    batch = uniter_batch(
+        inputs.input_ids, inputs.attention_mask, inputs.region_features, p7, inputs.region_attention_mask
+    )
+    hidden = uniter_encode(state, batch, model.config.num_attention_heads)
+    if itm_logit == "probability":
+        itm = (outputs.itm_logits.sigmoid() - uniter_itm_scores(state, hidden).softmax(-1)[:, 1]).abs().max()
+    else:
+        itm = (outputs.itm_logits - uniter_rank_scores(state, hidden)).abs().max()
+    differences = {
+        "itm": itm,
+        "mlm": (outputs.mlm_logits - uniter_mlm_logits(state, hidden, inputs.text_positions)).abs().max(),
+    }
+    if "region_classifier.net.3.weight" in state:
+        reference = uniter_region_class_logits(state, hidden, batch, inputs.region_positions)[:, 1:]
+        differences["region_class"] = (outputs.moc_logits - reference).abs().max()
+    if "feat_regress.bias" in state:
+        reference = uniter_region_feature_predictions(state, hidden, batch, inputs.region_positions)
+        differences["mrfr"] = (outputs.mrfr_predictions - reference).abs().max()
+    return {name: float(value) for name, value in differences.items()}
+
+
 __all__ = [
+    "ParityInputs",
     "UniterBatch",
+    "check_parity",
+    "parity_inputs",
     "uniter_batch",
     "uniter_box_location",
     "uniter_encode",
