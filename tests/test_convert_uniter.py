@@ -185,7 +185,9 @@ def cased_tokenizer(tmp_path_factory) -> tuple[str, int]:
         ".",
     ]
     words += [f"w{i}" for i in range(50 - len(words))]
-    BertTokenizerFast(vocab={word: i for i, word in enumerate(words)}, do_lower_case=False).save_pretrained(folder)
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(words)}, do_lower_case=False).save_pretrained(
+        folder
+    )
     return str(folder), len(words)
 
 
@@ -440,3 +442,19 @@ def test_uniters_layer_norms_exist_only_in_the_uniter_variant():
         for part in ("feature", "location")
         for p in ("weight", "bias")
     }
+
+
+def test_the_shipped_parity_tool_passes_on_a_converted_folder(
+    tmp_path, tiny_checkpoint, cased_tokenizer, capsys
+):
+    import importlib.util
+
+    out = tmp_path / "converted"
+    _convert(tiny_checkpoint, cased_tokenizer, out)
+    tool = Path(__file__).resolve().parent.parent / "tools" / "check_uniter_parity.py"
+    spec = importlib.util.spec_from_file_location("check_uniter_parity", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module._main([str(tiny_checkpoint[0]), str(out), "--seeds", "2", "--tolerance", "1e-5"])
+    printed = capsys.readouterr().out
+    assert "region_class" in printed and "ABOVE" not in printed
