@@ -82,7 +82,7 @@ NEW_IN_IMAGEBERT = (
 _PREFIX = "uniter."
 _IMG = f"{_PREFIX}img_embeddings."
 _DROPPED = {
-    f"{_IMG}mask_embedding.weight": "dropped: UNITER's learned vector added to masked regions in its pre-training "
+    f"{_IMG}mask_embedding.weight": "UNITER's learned vector added to masked regions in its pre-training "
     "(our collator zeroes masked regions instead); unused in inference",
 }
 
