@@ -319,6 +319,33 @@ def test_the_converted_model_computes_uniters_outputs(tmp_path, tiny_checkpoint,
     assert max(differences.values()) < 1e-5, differences
 
 
+def test_a_fine_tuned_retrieval_checkpoint_converts_partially_with_uniters_rank_score(
+    tmp_path, cased_tokenizer
+):
+    """UNITER's `itm-flickr-*` checkpoints keep the encoder, `itm_output` and a `rank_output` (no pre-training heads):
+    refused as incomplete, written with --allow-partial, and `--itm-logit rank` scores with `rank_output`."""
+    state = synthetic_uniter(cased_tokenizer[1], seed=3, **TINY)
+    state = {
+        k: v for k, v in state.items() if not k.startswith(("cls.", "feat_regress.", "region_classifier."))
+    }
+    state["rank_output.weight"], state["rank_output.bias"] = torch.randn(1, TINY["hidden"]), torch.randn(1)
+    path = _save(state, tmp_path / "itm-flickr-base.pt")
+    with pytest.raises(ConversionError, match="incomplete conversion, nothing written"):
+        convert_uniter(path, tmp_path / "refused", cased_tokenizer[0], num_attention_heads=TINY_HEADS)
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "converted"
+    report = convert_uniter(
+        path, out, cased_tokenizer[0], num_attention_heads=TINY_HEADS, itm_logit="rank", allow_partial=True
+    )
+    assert report.unmapped == [] and all(
+        key.startswith(("mlm_head.", "mrfr_head.", "moc_head.")) for key in report.missing
+    )
+    model = ImageBertForPreTraining.from_pretrained(out).eval()
+    inputs = parity_inputs(cased_tokenizer[1], TINY["feature_dim"], seed=2)
+    differences = check_parity(state, model, inputs, itm_logit="rank")
+    assert set(differences) == {"itm"} and differences["itm"] < 1e-5
+
+
 def test_the_parity_check_sees_a_region_position_embedding(tmp_path, tiny_checkpoint, cased_tokenizer):
     """The check can fail: the paper's region embedding (dummy position, no extra LayerNorms) on the same weights
     gives other outputs."""
