@@ -16,6 +16,8 @@ logger = logging.get_logger(__name__)
 RETRIEVAL_LOSSES = ("binary", "ce", "triplet", "itc")
 # What `logits_per_image` / `logits_per_text` hold (the zero-shot pipeline's scores); see `zero_shot_score`.
 ZERO_SHOT_SCORES = ("itm", "itm+itc", "itc")
+# How a region token is embedded: the paper's (ImageBERT) or UNITER's (Chen et al., 2020), for converted weights.
+REGION_EMBEDDING_TYPES = ("imagebert", "uniter")
 _LOSS_TERM = re.compile(
     r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<name>[a-z]+)\s*$"
 )
@@ -77,6 +79,11 @@ class ImageBertConfig(PreTrainedConfig):
         region_segment_id (`int`, 1): segment (token type) id of region tokens; text uses 0.
         use_global_image_feature (`bool`, False): add one global-image token before the regions (paper ablation).
         global_image_feature_dim (`int`, 2048): dimension of that global feature.
+        region_embedding_type (`str`, "imagebert"): how a region token is embedded. "imagebert" (the paper's):
+            LN'(W_v v + W_c c + segment + position[region_position_id]). "uniter" (UNITER's, for weights converted
+            with `modeling_imagebert.pretraining.convert_uniter`): LN'(LN_v(W_v v) + LN_c(W_c c) + segment), two
+            more LayerNorms and no position embedding for regions (`region_position_id` is then unused). The
+            global-image token, when used, is built like a region either way.
 
     Pre-training losses (weighted sum; a task whose labels are absent from a batch is skipped): one
     `<task>_loss_weight` per row of the task table (`tasks_imagebert.PRETRAINING_TASKS`):
@@ -142,6 +149,7 @@ class ImageBertConfig(PreTrainedConfig):
     region_segment_id: int = 1
     use_global_image_feature: bool = False
     global_image_feature_dim: int = 2048
+    region_embedding_type: str = "imagebert"
 
     mlm_loss_weight: float | int = 1.0
     moc_loss_weight: float | int = 1.0
@@ -232,6 +240,11 @@ class ImageBertConfig(PreTrainedConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"ImageBertConfig.{name} must be >= 0, got {getattr(self, name)}")
         parse_retrieval_loss(self.retrieval_loss)
+        if self.region_embedding_type not in REGION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"ImageBertConfig.region_embedding_type must be one of {REGION_EMBEDDING_TYPES}, got "
+                f"{self.region_embedding_type!r}"
+            )
         if self.zero_shot_score not in ZERO_SHOT_SCORES:
             raise ValueError(
                 f"ImageBertConfig.zero_shot_score must be one of {ZERO_SHOT_SCORES}, got {self.zero_shot_score!r}"

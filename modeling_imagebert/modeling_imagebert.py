@@ -60,6 +60,9 @@ class ImageBertEmbeddings(nn.Module):
     Region token: LN'(W_v v + segment + W_c c + position[region_position_id]) with c the 5-D location; the segment and
     sequence-position tables are shared with the text, every region gets the same dummy position (regions have no
     order). The optional global-image token is built like a region with the whole-image location (0, 0, 1, 1, 1).
+
+    With `config.region_embedding_type == "uniter"` (weights converted from UNITER), a region token is UNITER's:
+    LN'(LN_v(W_v v) + LN_c(W_c c) + segment), without a position embedding; the two extra LayerNorms exist only then.
     """
 
     fast_dropout = True
@@ -76,6 +79,10 @@ class ImageBertEmbeddings(nn.Module):
         self.region_feature_projection = nn.Linear(config.visual_feature_dim, config.hidden_size)
         self.region_location_projection = nn.Linear(5, config.hidden_size)
         self.region_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.uniter_regions = config.region_embedding_type == "uniter"
+        if self.uniter_regions:
+            self.region_feature_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.region_location_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if config.use_global_image_feature:
             self.global_feature_projection = nn.Linear(config.global_image_feature_dim, config.hidden_size)
 
@@ -124,29 +131,33 @@ class ImageBertEmbeddings(nn.Module):
         return torch.where((input_ids == padding_idx)[..., None], weight[padding_idx].detach(), embedded)
 
     def _region_constant(self) -> torch.Tensor:
-        """Segment + dummy position embedding shared by every image token, (H,)."""
-        return (
-            self.token_type_embeddings.weight[self.region_segment_id]
-            + self.position_embeddings.weight[self.region_position_id]
-        )
+        """Segment + dummy position embedding shared by every image token, (H,); the segment alone for UNITER's."""
+        segment = self.token_type_embeddings.weight[self.region_segment_id]
+        if self.uniter_regions:
+            return segment
+        return segment + self.position_embeddings.weight[self.region_position_id]
+
+    def _image_token(self, features: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        """An image token from its projected feature and location, (..., H) each -> (..., H)."""
+        if self.uniter_regions:
+            features = self.region_feature_LayerNorm(features)
+            locations = self.region_location_LayerNorm(locations)
+        return self.region_LayerNorm(features + locations + self._region_constant())
 
     def embed_regions(self, region_features: torch.Tensor, region_locations: torch.Tensor) -> torch.Tensor:
         weight = self.region_feature_projection.weight
-        embeddings = (
-            self.region_feature_projection(region_features.to(weight.dtype))
-            + self.region_location_projection(region_locations.to(weight.dtype))
-            + self._region_constant()
+        return self._image_token(
+            self.region_feature_projection(region_features.to(weight.dtype)),
+            self.region_location_projection(region_locations.to(weight.dtype)),
         )  # (B, R, H)
-        return self.region_LayerNorm(embeddings)
 
     def embed_global_image(self, global_image_features: torch.Tensor) -> torch.Tensor:
         weight = self.global_feature_projection.weight
-        embeddings = (
-            self.global_feature_projection(global_image_features.to(weight.dtype))
-            + self.region_location_projection(self.whole_image_location.to(weight.dtype))
-            + self._region_constant()
+        embeddings = self._image_token(
+            self.global_feature_projection(global_image_features.to(weight.dtype)),
+            self.region_location_projection(self.whole_image_location.to(weight.dtype)),
         )  # (B, H)
-        return self.region_LayerNorm(embeddings).unsqueeze(1)  # (B, 1, H)
+        return embeddings.unsqueeze(1)  # (B, 1, H)
 
     def forward(
         self,

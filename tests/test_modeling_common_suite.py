@@ -451,6 +451,66 @@ for _name in dir(ImageBertModelTest):
             _test.__unittest_skip_why__ = f"{_reason} [transformers: {_test.__unittest_skip_why__}]"
 
 
+# UNITER's region embedding (`region_embedding_type="uniter"`: two more LayerNorms, no region position, for converted
+# UNITER / VILLA weights) through the common tests that touch the embeddings' weights and outputs: their
+# initialisation, saving and loading, training, padding and batching. The rest of the suite (attention backends,
+# resizing, dtypes) does not depend on the region embedding and runs once, above.
+UNITER_VARIANT_TESTS = (
+    "test_all_tensors_are_parameter_or_buffer",
+    "test_attention_outputs",
+    "test_base_model_prefix_loads_base_weights",
+    "test_batching_equivalence",
+    "test_can_be_initialized_on_meta",
+    "test_can_init_all_missing_weights",
+    "test_can_use_safetensors",
+    "test_correct_missing_keys",
+    "test_determinism",
+    "test_get_image_features_output",
+    "test_hidden_states_output",
+    "test_init_weights_can_init_buffers",
+    "test_load_save_without_tied_weights",
+    "test_model_is_small",
+    "test_model_weights_reload_no_missing_tied_weights",
+    "test_save_load",
+    "test_sdpa_can_dispatch_non_composite_models",
+    "test_torch_save_load",
+    "test_training",
+    "test_training_gradient_checkpointing",
+)
+
+
+class ImageBertUniterRegionsModelTester(ImageBertModelTester):
+    def get_config(self) -> ImageBertConfig:
+        config = super().get_config()
+        config.region_embedding_type = "uniter"
+        return config
+
+
+class ImageBertUniterRegionsModelTest(ImageBertModelTest):
+    """`ImageBertModelTest` on `region_embedding_type="uniter"`, for the tests of `UNITER_VARIANT_TESTS`."""
+
+    def setUp(self):
+        super().setUp()
+        self.model_tester = ImageBertUniterRegionsModelTester(self)
+
+    def test_the_variant_is_under_test(self):
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        self.assertEqual(config.region_embedding_type, "uniter")
+        self.assertIn("embeddings.region_feature_LayerNorm.weight", ImageBertModel(config).state_dict())
+
+
+# Every other test is left out of the variant's class (unittest collects only callable `test_*` attributes).
+for _name in dir(ImageBertUniterRegionsModelTest):
+    if (
+        _name.startswith("test_")
+        and callable(getattr(ImageBertUniterRegionsModelTest, _name))  # not the flags (`test_missing_keys`)
+        and _name != "test_the_variant_is_under_test"
+        and re.sub(r"_\d+(_.*)?$", "", _name) not in UNITER_VARIANT_TESTS
+        and _name not in UNITER_VARIANT_TESTS
+    ):
+        setattr(ImageBertUniterRegionsModelTest, _name, None)
+
+
 def test_an_unlisted_skip_fails_on_the_pinned_release_and_is_reported_on_another(monkeypatch):
     case = ImageBertModelTest("test_config")  # listed nowhere in NOT_APPLICABLE
     monkeypatch.setattr(sys.modules[__name__], "REVIEWED", True)
