@@ -45,7 +45,7 @@ import stat
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ContextDecorator, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -500,6 +500,20 @@ def held_folders() -> list[Path]:
     return [Path(key) for key in _HELD_LOCKS]
 
 
+class releasing_locks(ContextDecorator):
+    """Releases, when the block (or the decorated function: a whole run) ends, every folder lock taken inside it,
+    so a run's output folder is free again once the run returns or raises, also when it is called in-process (a
+    test, a notebook) rather than as its own process. Locks held before the block are kept."""
+
+    def __enter__(self) -> releasing_locks:
+        self._before = set(_HELD_LOCKS)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for key in set(_HELD_LOCKS) - self._before:
+            release_folder(key)
+
+
 def claim_folder(
     folder: str | os.PathLike,
     marker_name: str,
@@ -591,6 +605,7 @@ __all__ = [
     "lock_folder",
     "move_into_place",
     "release_folder",
+    "releasing_locks",
     "is_ours",
     "read_marker",
     "remove_ours",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import reprlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -82,6 +83,20 @@ def environment_problem(error: BaseException) -> str | None:
             f"(torch.save: {detail}) ; {_SPACE_FIX}"
         )
     return None
+
+
+_SHORT_REPR = reprlib.Repr()  # Python 3.11's Repr takes no arguments: set the bounds one by one
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 6
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """`repr(value)` bounded to about `limit` characters (nested containers and long strings shortened with
+    "..."), for error messages that quote a user's value: a huge value (a long string, a YAML structure) must not
+    make the message itself huge or slow to build."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def split_debug_flag(argv: Sequence[str]) -> tuple[list[str], bool]:
@@ -150,13 +165,15 @@ def run_cli(
     Returns:
         The exit status for `sys.exit`.
     """
-    from .atomic import held_folders, release_folder
+    from .atomic import releasing_locks
 
     args, debug = split_debug_flag(sys.argv[1:] if argv is None else list(argv))
     debug = debug or os.environ.get("IMAGEBERT_DEBUG") == "1"
-    held_before = set(held_folders())
     try:
-        main(args)
+        with (
+            releasing_locks()
+        ):  # the run is over when main returns or raises: its output folders are free again
+            main(args)
     except Exception as error:
         machine = environment_problem(error)
         if debug or (machine is None and not isinstance(error, errors)):
@@ -168,9 +185,6 @@ def run_cli(
             line = format_error(error, hint=hint) if one_line else f"error: {error}"
         print(line, file=sys.stderr, flush=True)
         return exit_status
-    finally:
-        for folder in set(held_folders()) - held_before:  # the run is over: its output folders are free again
-            release_folder(folder)
     return 0
 
 
@@ -181,5 +195,6 @@ __all__ = [
     "environment_problem",
     "format_error",
     "run_cli",
+    "short_repr",
     "split_debug_flag",
 ]

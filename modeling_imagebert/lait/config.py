@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
+from ..cli import short_repr
 from ..package_data import data_path
+from ..safe_loading import CONFIG_MAX_BYTES, NotRegularFileError, load_yaml, read_input_text
 
 SECTIONS = ("pages", "images", "text", "scoring", "aggregation", "engine")
 
@@ -36,13 +38,19 @@ class ConfigError(ValueError):
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(
+            read_input_text(path, "a LAIT config (YAML)", CONFIG_MAX_BYTES), path, "LAIT configs"
+        )
+    except NotRegularFileError as error:
+        raise ConfigError(str(error)) from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the LAIT config ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
+    except ValueError as error:  # YAML anchors or aliases, not UTF-8, too large: the message names the file
+        raise ConfigError(str(error)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -100,7 +108,7 @@ def _merge(defaults: dict[str, Any], user: Mapping[str, Any], where: str, source
             continue
         if not _type_ok(default, value):
             raise ConfigError(
-                f"{source}: {dotted}: expected {_type_word(default)} like the default {default!r}, got {value!r}"
+                f"{source}: {dotted}: expected {_type_word(default)} like the default {default!r}, got {short_repr(value)}"
             )
         defaults[key] = float(value) if isinstance(default, float) and value is not None else value
 
@@ -109,11 +117,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     """`"images.min_width=400"` -> `("images.min_width", 400)`; the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. images.min_width=400")
+        raise ConfigError(f"--set {short_repr(text)}: expected SECTION.KEY=VALUE, e.g. images.min_width=400")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"--set {short_repr(text)}", "LAIT configs") if raw.strip() else None
+    except ValueError as error:  # an anchor or alias
+        raise ConfigError(str(error)) from None
     except yaml.YAMLError:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
+        raise ConfigError(f"--set {short_repr(text)}: the value is not valid YAML") from None
     return key.strip(), value
 
 
@@ -149,12 +159,12 @@ def _check_sections(config: dict[str, dict[str, Any]]) -> None:
     images, aggregation, engine = config["images"], config["aggregation"], config["engine"]
     for key in ("min_width", "min_height"):
         if images[key] < 0:
-            raise ConfigError(f"images.{key}: expected a non-negative integer, got {images[key]!r}")
+            raise ConfigError(f"images.{key}: expected a non-negative integer, got {short_repr(images[key])}")
     for key in ("timeout_s", "max_bytes", "max_pixels"):
         if not images[key] or images[key] <= 0:
-            raise ConfigError(f"images.{key}: expected a positive number, got {images[key]!r}")
+            raise ConfigError(f"images.{key}: expected a positive number, got {short_repr(images[key])}")
     if images["max_redirects"] < 0:
-        raise ConfigError(f"images.max_redirects: expected >= 0, got {images['max_redirects']!r}")
+        raise ConfigError(f"images.max_redirects: expected >= 0, got {short_repr(images['max_redirects'])}")
     from .images import check_classifier_specs
 
     try:
@@ -163,16 +173,16 @@ def _check_sections(config: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(str(error)) from None
     if aggregation["max_images_per_text"] < 1:
         raise ConfigError(
-            f"aggregation.max_images_per_text: expected an integer >= 1, got {aggregation['max_images_per_text']!r}"
+            f"aggregation.max_images_per_text: expected an integer >= 1, got {short_repr(aggregation['max_images_per_text'])}"
         )
     scoring = config["scoring"]
     if scoring["itm_batch_size"] < 1:
         raise ConfigError(
-            f"scoring.itm_batch_size: expected an integer >= 1, got {scoring['itm_batch_size']!r}"
+            f"scoring.itm_batch_size: expected an integer >= 1, got {short_repr(scoring['itm_batch_size'])}"
         )
     if scoring["itm_threads"] < 0:
         raise ConfigError(
-            f"scoring.itm_threads: expected an integer >= 0 (0 = torch's default), got {scoring['itm_threads']!r}"
+            f"scoring.itm_threads: expected an integer >= 0 (0 = torch's default), got {short_repr(scoring['itm_threads'])}"
         )
     if scoring["region_features"] and not scoring["itm_checkpoint"]:
         raise ConfigError(
@@ -180,10 +190,12 @@ def _check_sections(config: dict[str, dict[str, Any]]) -> None:
             "the ITM score (give the ImageBERT checkpoint too, or leave region_features null)"
         )
     if engine["processes"] < 0:
-        raise ConfigError(f"engine.processes: expected >= 0 (0 = one per core), got {engine['processes']!r}")
+        raise ConfigError(
+            f"engine.processes: expected >= 0 (0 = one per core), got {short_repr(engine['processes'])}"
+        )
     for key in ("shard_size", "site_buckets", "fetch_threads"):
         if engine[key] < 1:
-            raise ConfigError(f"engine.{key}: expected an integer >= 1, got {engine[key]!r}")
+            raise ConfigError(f"engine.{key}: expected an integer >= 1, got {short_repr(engine[key])}")
 
 
 def config_fingerprint(config: Mapping[str, Any]) -> str:
