@@ -9,7 +9,9 @@ What is converted:
     [0, 255], images with transparency ("RGBA", "LA", "PA", "P" with a transparent colour) composited on white.
 
 What is skipped (reason keys):
-    "unreadable"          the file cannot be read (missing, permission)
+    "unreadable"          the file cannot be read (missing, permission), is not a regular file (a FIFO, which
+                          would block the run; a device such as /dev/zero, which never ends) or is larger than
+                          `image_byte_cap(max_pixels)`
     "not_an_image"        PIL does not recognise the bytes (random bytes, HTML error pages, empty files)
     "truncated"           the data ends before the image does
     "decompression_bomb"  more pixels than `max_pixels` (PIL's `MAX_IMAGE_PIXELS` check, made an option here)
@@ -31,6 +33,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from ..safe_loading import (
+    IMAGE_MAX_BYTES,
+    TEXT_MAX_BYTES,
+    InputTooLargeError,
+    NotRegularFileError,
+    check_input_file,
+    read_input_bytes,
+)
 
 # PIL warns above MAX_IMAGE_PIXELS (89,478,485) and refuses above twice that; we refuse above the limit itself, so
 # the default accepts what PIL accepts by default.
@@ -139,6 +150,14 @@ def oriented_rgb_array(image: Image.Image) -> np.ndarray:
     return to_rgb_array(ImageOps.exif_transpose(image))
 
 
+def image_byte_cap(max_pixels: int | None) -> int:
+    """The most bytes an image file may have: `IMAGE_MAX_BYTES` (64 MiB), or room for an uncompressed RGBA file of
+    `max_pixels` pixels when that is more; 1 GiB when the pixel check is off."""
+    if max_pixels is None:
+        return TEXT_MAX_BYTES
+    return max(IMAGE_MAX_BYTES, 4 * max_pixels + (1 << 20))
+
+
 def decode_image(
     data: bytes | str | os.PathLike,
     *,
@@ -157,10 +176,12 @@ def decode_image(
         say why it was skipped (see the module docstring). Never raises for bad image content.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
+        # A regular file only, read with a cap: a FIFO would block the run, /dev/zero would fill the memory.
         try:
-            with open(data, "rb") as handle:
-                data = handle.read()
-        except OSError as error:
+            data = read_input_bytes(data, "an image file", image_byte_cap(max_pixels))
+        except (OSError, InputTooLargeError) as error:
+            if isinstance(error, (NotRegularFileError, InputTooLargeError)):
+                return _skip("unreadable", str(error))
             return _skip("unreadable", f"cannot read the file: {error.strerror or error}")
     data = bytes(data)
     if not data:
@@ -203,7 +224,11 @@ def read_image_size(data: bytes | str | os.PathLike) -> tuple[int, int] | None:
         # Under the lock: warning filters and PIL's pixel limit are process-wide, and decode_image changes both.
         with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            source = io.BytesIO(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                source = io.BytesIO(bytes(data))
+            else:
+                check_input_file(data, "an image file")  # never open a FIFO: it would block
+                source = data
             with Image.open(source) as image:
                 width, height = image.size
                 orientation = image.getexif().get(0x0112, 1)
@@ -218,6 +243,7 @@ __all__ = [
     "SKIP_REASONS",
     "DecodedImage",
     "decode_image",
+    "image_byte_cap",
     "oriented_rgb_array",
     "read_image_size",
     "to_rgb_array",
