@@ -381,8 +381,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield temp
         check_replaceable(path)  # again: the target may have changed while the work ran
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         temp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename in (None, str(temp)):
+            error.filename = str(path)  # a full disk names the file the user asked for, not our temporary
         raise
 
 

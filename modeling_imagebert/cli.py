@@ -44,6 +44,15 @@ _ENVIRONMENT_ERRNOS = {
 }
 
 
+# What torch.save's C++ writer raises (a RuntimeError without errno) when the disk is full or a size limit is hit.
+_TORCH_WRITE_FAILURES = (
+    "PytorchStreamWriter failed",
+    "unexpected pos",
+    "iostream error",
+    "file write failed",
+)
+
+
 def _torch_save_target(error: BaseException) -> str | None:
     """The file `torch.save` was writing when `error` was raised (its `f` argument), from the traceback."""
     traceback = error.__traceback__
@@ -72,7 +81,7 @@ def environment_problem(error: BaseException) -> str | None:
                     path = current.filename or _torch_save_target(error) or "an output file"
                     detail = current.strerror or " ".join(text.split())
                     return f"{os.fspath(path)}: {words} ({detail}) ; {fix}"
-        if isinstance(current, RuntimeError) and "PytorchStreamWriter failed" in str(current):
+        if isinstance(current, RuntimeError) and any(sign in str(current) for sign in _TORCH_WRITE_FAILURES):
             torch_failure = torch_failure or current
         current = current.__cause__ or current.__context__
     if torch_failure is not None:

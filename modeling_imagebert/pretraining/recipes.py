@@ -529,7 +529,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         RecipeError: malformed YAML, unknown field, or a bad value (the message starts with the file name).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no recipe file at {path}")
     text = read_input_text(path, "a recipe (YAML)", CONFIG_MAX_BYTES)
     try:
