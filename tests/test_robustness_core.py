@@ -21,18 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from modeling_imagebert import atomic
 from modeling_imagebert.atomic import (
-    LOCK_NAME,
     UnsafeRemovalError,
     atomic_write_bytes,
     atomic_write_text,
     claim_folder,
-    move_into_place,
-    release_folder,
     replace_folder,
     temporary_sibling,
 )
-from modeling_imagebert.cli import run_cli, short_repr
+from modeling_imagebert.cli import run_cli
+
+LOCK_NAME = ".lock-modeling_imagebert"
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -104,7 +104,7 @@ def test_atomic_writes_never_replace_a_symlink_or_special_file(tmp_path):
     built = tmp_path / "built"
     built.mkdir()
     with pytest.raises(UnsafeRemovalError, match="symlink"):
-        move_into_place(built, link)
+        atomic.move_into_place(built, link)
     # A regular file and a new path still work.
     atomic_write_text(tmp_path / "plain.json", "{}")
     atomic_write_text(tmp_path / "plain.json", "[]")
@@ -176,7 +176,8 @@ def test_two_runs_claiming_one_new_folder_at_once_one_wins_and_a_dead_holders_fo
         for run in runs:
             run.kill()
             run.wait(timeout=30)
-        release_folder(folder)
+        if hasattr(atomic, "release_folder"):
+            atomic.release_folder(folder)
 
 
 def _load_run_pretrain():
@@ -238,12 +239,6 @@ def test_every_weights_only_loader_names_the_file_in_one_line(tmp_path):
 
     from modeling_imagebert.features.convert_checkpoints import ConversionError, read_state_dict
     from modeling_imagebert.features.global_features import GLOBAL_MODELS, _load_state_dict
-    from modeling_imagebert.safe_loading import (
-        WeightsFileError,
-        load_safetensors_file,
-        load_torch_file,
-        loading_weights,
-    )
 
     evil = tmp_path / "evil.pth"
     torch.save({"weight": torch.zeros(2), "payload": _RunsCode()}, evil)
@@ -269,6 +264,16 @@ def test_every_weights_only_loader_names_the_file_in_one_line(tmp_path):
         with pytest.raises(ValueError) as caught:
             _load_state_dict(path, next(iter(GLOBAL_MODELS.values())))
         one_line(caught.value, path)
+
+    # The shared wrapper itself (new in issue 25), which every loader goes through.
+    from modeling_imagebert.safe_loading import (
+        WeightsFileError,
+        load_safetensors_file,
+        load_torch_file,
+        loading_weights,
+    )
+
+    for path in (evil, truncated, empty, raw_pickle):
         with pytest.raises(WeightsFileError) as caught:
             load_torch_file(path, "a state dict")
         one_line(caught.value, path)
@@ -453,8 +458,6 @@ def test_a_yaml_alias_bomb_recipe_is_refused_in_a_moment(tmp_path):
 def test_error_messages_quote_a_huge_value_briefly(tmp_path):
     from modeling_imagebert.pretraining.recipes import RecipeError, load_recipe
 
-    assert len(short_repr("x" * 10_000_000)) <= 120
-    assert short_repr("plain") == "'plain'"
     recipe = tmp_path / "huge.yaml"
     recipe.write_text("name: huge\ntraining:\n  seed: " + "9" * 5_000_000 + "x\n")
     start = time.perf_counter()
@@ -462,3 +465,8 @@ def test_error_messages_quote_a_huge_value_briefly(tmp_path):
         load_recipe(recipe)
     assert time.perf_counter() - start < 10
     assert len(str(caught.value)) < 400 and "training.seed" in str(caught.value)
+
+    from modeling_imagebert.cli import short_repr
+
+    assert len(short_repr("x" * 10_000_000)) <= 120
+    assert short_repr("plain") == "'plain'"
