@@ -64,6 +64,7 @@ SECTIONS = (
     "evaluation_cache",
     "retrieval_scripts",
     "run_pretrain",
+    "files_outputs",
 )
 
 
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import (
         convert_cli,
         evaluation_cache,
+        files_outputs,
         model_inputs,
         pretrain_script,
         processor_collators,
@@ -304,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluation_cache": lambda: evaluation_cache.probe_evaluation_cache(probes, processor, work),
             "retrieval_scripts": lambda: retrieval_scripts.probe_scripts(probes, processor, work),
             "run_pretrain": lambda: pretrain_script.probe_run_pretrain(probes, work),
+            "files_outputs": lambda: files_outputs.probe_files_outputs(probes, work),
         }
         for name in args.only or SECTIONS:
             sections[name]()

@@ -27,21 +27,13 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-
-from ..safe_loading import (
-    IMAGE_MAX_BYTES,
-    TEXT_MAX_BYTES,
-    InputTooLargeError,
-    NotRegularFileError,
-    check_input_file,
-    read_input_bytes,
-)
 
 # PIL warns above MAX_IMAGE_PIXELS (89,478,485) and refuses above twice that; we refuse above the limit itself, so
 # the default accepts what PIL accepts by default.
@@ -150,12 +142,57 @@ def oriented_rgb_array(image: Image.Image) -> np.ndarray:
     return to_rgb_array(ImageOps.exif_transpose(image))
 
 
+# This module is saved beside the detector weights (image_processing_butd.py imports it) and loaded as remote code
+# without the package, so it cannot import `safe_loading`; these few lines are its regular-file read
+# (`safe_loading.read_input_bytes` is the package's own).
+IMAGE_MAX_BYTES = 64 << 20
+
+
+class _UnreadableImage(OSError):
+    """An image path that is not a regular file, or a file over the byte cap."""
+
+
+def _read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of the regular file `path`: opened with O_NONBLOCK (a FIFO opens at once instead of waiting for a
+    writer) and checked with `fstat` on the open descriptor; a FIFO, device, socket or folder, or more than
+    `max_bytes` bytes, raises `_UnreadableImage` naming the path."""
+    handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((words for test, words in _FILE_TYPES if test(info.st_mode)), "not a regular file")
+            raise _UnreadableImage(
+                f"{os.fspath(path)}: is {kind}, not a regular file ; expected an image file"
+            )
+        if info.st_size > max_bytes:
+            raise _UnreadableImage(
+                f"{os.fspath(path)}: {info.st_size} bytes, more than the {max_bytes} allowed"
+            )
+        with os.fdopen(handle, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)
+    finally:
+        os.close(handle)
+    if len(data) > max_bytes:
+        raise _UnreadableImage(f"{os.fspath(path)}: more than the {max_bytes} bytes allowed")
+    return data
+
+
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def image_byte_cap(max_pixels: int | None) -> int:
-    """The most bytes an image file may have: `IMAGE_MAX_BYTES` (64 MiB), or room for an uncompressed RGBA file of
-    `max_pixels` pixels when that is more; 1 GiB when the pixel check is off."""
+    """The most bytes an image file may have: `IMAGE_MAX_BYTES` (64 MiB, far above any photo of the paper's
+    datasets); 4 bytes per allowed pixel when `max_pixels` is raised above its default; 1 GiB with the pixel check
+    off (None)."""
     if max_pixels is None:
-        return TEXT_MAX_BYTES
-    return max(IMAGE_MAX_BYTES, 4 * max_pixels + (1 << 20))
+        return 1 << 30
+    return IMAGE_MAX_BYTES if max_pixels <= DEFAULT_MAX_PIXELS else max(IMAGE_MAX_BYTES, 4 * max_pixels)
 
 
 def decode_image(
@@ -178,10 +215,10 @@ def decode_image(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         # A regular file only, read with a cap: a FIFO would block the run, /dev/zero would fill the memory.
         try:
-            data = read_input_bytes(data, "an image file", image_byte_cap(max_pixels))
-        except (OSError, InputTooLargeError) as error:
-            if isinstance(error, (NotRegularFileError, InputTooLargeError)):
-                return _skip("unreadable", str(error))
+            data = _read_image_file(data, image_byte_cap(max_pixels))
+        except _UnreadableImage as error:
+            return _skip("unreadable", str(error))
+        except OSError as error:
             return _skip("unreadable", f"cannot read the file: {error.strerror or error}")
     data = bytes(data)
     if not data:
@@ -227,7 +264,8 @@ def read_image_size(data: bytes | str | os.PathLike) -> tuple[int, int] | None:
             if isinstance(data, (bytes, bytearray, memoryview)):
                 source = io.BytesIO(bytes(data))
             else:
-                check_input_file(data, "an image file")  # never open a FIFO: it would block
+                if not stat.S_ISREG(os.stat(data).st_mode):  # never open a FIFO: it would block
+                    return None
                 source = data
             with Image.open(source) as image:
                 width, height = image.size
