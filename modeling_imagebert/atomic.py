@@ -165,6 +165,18 @@ def _parse_temporary(name: str, target_name: str) -> tuple[str, str, int] | None
     return parts[0], parts[1], int(parts[2])
 
 
+def target_of_temporary(path: str | os.PathLike) -> Path | None:
+    """The target a temporary sibling (`.tmp-<name>.<kind>.<host>.<pid>.<random>`) was written for, else None: an
+    error met while writing the temporary names the file or folder the user asked for."""
+    path = Path(path)
+    if not path.name.startswith(TEMP_PREFIX):
+        return None
+    fields = path.name[len(TEMP_PREFIX) :].rsplit(".", 4)
+    if len(fields) != 5 or not fields[3].isdigit():
+        return None
+    return path.parent / fields[0]
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -614,6 +626,7 @@ __all__ = [
     "remove_stale_temporaries",
     "remove_stale_temporaries_in",
     "replace_folder",
+    "target_of_temporary",
     "temporary_sibling",
     "write_marker",
 ]

@@ -69,6 +69,8 @@ def environment_problem(error: BaseException) -> str | None:
     """One line for an error that is the machine's, not a bug: an OSError of a full disk, quota, read-only or
     unwritable path or file size limit anywhere in `error`'s chain (`__cause__` / `__context__`), or torch.save's
     failed write. `<path>: <what> (<system message>) ; <fix>`, else None."""
+    from .atomic import target_of_temporary
+
     seen: set[int] = set()
     current: BaseException | None = error
     torch_failure = None
@@ -79,6 +81,7 @@ def environment_problem(error: BaseException) -> str | None:
             for code, (words, system, fix) in _ENVIRONMENT_ERRNOS.items():
                 if current.errno == code or (current.errno is None and system in text):
                     path = current.filename or _torch_save_target(error) or "an output file"
+                    path = target_of_temporary(path) or path  # the file asked for, not our temporary
                     detail = current.strerror or " ".join(text.split())
                     return f"{os.fspath(path)}: {words} ({detail}) ; {fix}"
         if isinstance(current, RuntimeError) and any(sign in str(current) for sign in _TORCH_WRITE_FAILURES):
@@ -86,6 +89,7 @@ def environment_problem(error: BaseException) -> str | None:
         current = current.__cause__ or current.__context__
     if torch_failure is not None:
         path = _torch_save_target(torch_failure) or _torch_save_target(error) or "a checkpoint file"
+        path = target_of_temporary(path) or path
         detail = " ".join(str(torch_failure).split())
         return (
             f"{os.fspath(path)}: could not be written, the disk is full or a file size limit was reached "

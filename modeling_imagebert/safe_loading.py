@@ -257,9 +257,10 @@ def _file_type(mode: int) -> str:
 
 
 def _refuse(path: str | os.PathLike, mode: int, what: str) -> NotRegularFileError:
-    return NotRegularFileError(
-        f"{os.fspath(path)}: is {_file_type(mode)}, not a regular file ; expected {what} (a regular file)"
-    )
+    reason = f"is {_file_type(mode)}, not a regular file ; expected {what} (a regular file)"
+    error = NotRegularFileError(f"{os.fspath(path)}: {reason}")
+    error.reason = reason  # the message without the path, for callers that name the file themselves
+    return error
 
 
 def check_input_file(path: str | os.PathLike, what: str) -> os.stat_result:

@@ -327,16 +327,20 @@ def probe_files_outputs(p: Probes, work: Path) -> None:
         """
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
         from modeling_imagebert.data.convert import main
         sys.exit(main(sys.argv[1:]))
         """
     )
+    # 40 images x 10 regions x 256 floats: a dataset of about 200 KB, over the limits below.
+    big = write_butd_tsv(base / "big.tsv", [make_detections(str(i), 10, 256, seed=i) for i in range(40)])
+    big_cc = base / "big-cc.tsv"
+    big_cc.write_text("".join(f"caption {i}\thttp://u/{i}.jpg\n" for i in range(40)))
     convert_args = [
         "butd-tsv",
-        str(tsv),
+        str(big),
         "--captions",
-        str(cc),
+        str(big_cc),
         "--format",
         "cc",
         "--no-progress",
@@ -376,11 +380,15 @@ def probe_files_outputs(p: Probes, work: Path) -> None:
     read_only = base / "read-only"
     if _mount_tmpfs(read_only, "ro,size=64k"):
         try:
-            p.cli("convert into a read-only folder", lambda: convert(output=read_only / "out"), "read-only")
+            p.cli(
+                "convert into a read-only folder",
+                lambda: convert(output=read_only / "out"),
+                f"{read_only / 'out'}: read-only",
+            )
             p.cli(
                 "evaluate --output_json in a read-only folder",
                 lambda: evaluate("--output_json", str(read_only / "r.json")),
-                "read-only",
+                f"{read_only / 'r.json'}: read-only",
             )
         finally:
             subprocess.run(["umount", str(read_only)], capture_output=True)

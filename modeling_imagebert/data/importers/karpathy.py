@@ -81,7 +81,9 @@ def read_karpathy_captions(
         raw_bytes = read_input_bytes(path, "a Karpathy JSON caption file", TEXT_MAX_BYTES)
     except (OSError, InputTooLargeError) as error:  # a FIFO or device is refused, never read (it could block)
         raise ImportFormatError(
-            f"cannot read the file: {error.strerror or error}", source=path, reason="missing_file"
+            f"cannot read the file: {error.strerror or getattr(error, 'reason', None) or error}",
+            source=path,
+            reason="missing_file",
         ) from None
     try:
         data = json.loads(decode_text(raw_bytes, path))

@@ -37,7 +37,9 @@ def read_lines(path: str | os.PathLike) -> list[str]:
         data = read_input_bytes(path, "a caption text file", TEXT_MAX_BYTES)
     except (OSError, InputTooLargeError) as error:  # a FIFO or device is refused, never read (it could block)
         raise ImportFormatError(
-            f"cannot read the file: {error.strerror or error}", source=path, reason="missing_file"
+            f"cannot read the file: {error.strerror or getattr(error, 'reason', None) or error}",
+            source=path,
+            reason="missing_file",
         ) from None
     text = decode_text(data, path)
     if text.startswith("\ufeff"):  # a UTF-8 byte order mark is not part of the first caption
