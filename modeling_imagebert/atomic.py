@@ -166,15 +166,15 @@ def _parse_temporary(name: str, target_name: str) -> tuple[str, str, int] | None
 
 
 def target_of_temporary(path: str | os.PathLike) -> Path | None:
-    """The target a temporary sibling (`.tmp-<name>.<kind>.<host>.<pid>.<random>`) was written for, else None: an
-    error met while writing the temporary names the file or folder the user asked for."""
+    """The target a temporary sibling (`.tmp-<name>.<kind>.<host>.<pid>.<random>`), or a file inside one, was
+    written for, else None: an error met while writing the temporary names the file or folder the user asked for."""
     path = Path(path)
-    if not path.name.startswith(TEMP_PREFIX):
-        return None
-    fields = path.name[len(TEMP_PREFIX) :].rsplit(".", 4)
-    if len(fields) != 5 or not fields[3].isdigit():
-        return None
-    return path.parent / fields[0]
+    for candidate in (path, *path.parents):
+        if candidate.name.startswith(TEMP_PREFIX):
+            fields = candidate.name[len(TEMP_PREFIX) :].rsplit(".", 4)
+            if len(fields) == 5 and fields[3].isdigit():
+                return candidate.parent / fields[0]
+    return None
 
 
 def _process_alive(pid: int) -> bool:

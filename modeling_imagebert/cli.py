@@ -53,6 +53,24 @@ _TORCH_WRITE_FAILURES = (
 )
 
 
+def _path_from_traceback(error: BaseException) -> str | None:
+    """The file a library was writing when `error` (an OSError without a file name: pyarrow's, a plain write's)
+    was raised: the innermost frame's `path`-like local or its `self`'s path attribute (datasets' ArrowWriter)."""
+    frames = []
+    traceback = error.__traceback__
+    while traceback is not None:
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    for frame in reversed(frames):
+        owner = frame.f_locals.get("self")
+        candidates = [frame.f_locals.get(name) for name in ("path", "filename", "file_path", "fname")]
+        candidates += [getattr(owner, name, None) for name in ("_path", "path", "filename")] if owner else []
+        for value in candidates:
+            if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+                return os.fspath(value)
+    return None
+
+
 def _torch_save_target(error: BaseException) -> str | None:
     """The file `torch.save` was writing when `error` was raised (its `f` argument), from the traceback."""
     traceback = error.__traceback__
@@ -80,7 +98,12 @@ def environment_problem(error: BaseException) -> str | None:
             text = str(current)
             for code, (words, system, fix) in _ENVIRONMENT_ERRNOS.items():
                 if current.errno == code or (current.errno is None and system in text):
-                    path = current.filename or _torch_save_target(error) or "an output file"
+                    path = (
+                        current.filename
+                        or _torch_save_target(error)
+                        or _path_from_traceback(current)
+                        or "an output file"
+                    )
                     path = target_of_temporary(path) or path  # the file asked for, not our temporary
                     detail = current.strerror or " ".join(text.split())
                     return f"{os.fspath(path)}: {words} ({detail}) ; {fix}"
