@@ -51,6 +51,7 @@ from modeling_imagebert.pretraining.stage_checks import check_source
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
 from modeling_imagebert.retrieval.evaluation import PROTOCOLS, evaluate_retrieval
 from modeling_imagebert.retrieval.two_stage import FINAL_SCORES, evaluate_two_stage
+from modeling_imagebert.safe_loading import loading_weights
 
 HEADS = {"itm": ImageBertForPreTraining, "retrieval": ImageBertForRetrieval}
 
@@ -189,7 +190,8 @@ def load_model(path: str, head: str | None) -> torch.nn.Module:
             raise FileNotFoundError(f"--model {path}: no config.json (expected a save_pretrained folder)")
         architectures = json.loads(config_file.read_text()).get("architectures") or []
         head = "retrieval" if "ImageBertForRetrieval" in architectures else "itm"
-    return HEADS[head].from_pretrained(path)
+    with loading_weights(path, "a model folder written by save_pretrained"):
+        return HEADS[head].from_pretrained(path)
 
 
 def load_processor(path: str) -> ImageBertProcessor:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from modeling_imagebert import ImageBertForPreTraining
+from modeling_imagebert.atomic import releasing_locks
 from modeling_imagebert.cli import DEBUG_FLAG, EXIT_BAD_INPUT, USER_ERRORS, run_cli
 from modeling_imagebert.cli_arguments import pretrain_resume_command
 from modeling_imagebert.package_data import demo_recipe_path
@@ -169,6 +170,7 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
     return model, losses
 
 
+@releasing_locks()  # the output folder is locked (prepare_output_dir) while the run runs
 def training_function(recipe, args) -> dict:
     """Runs every stage of `recipe` (from the resume point), the zero-shot check, and saves the results."""
     training = recipe.training

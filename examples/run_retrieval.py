@@ -70,6 +70,7 @@ from modeling_imagebert.retrieval.trainer import (
     fixed_candidate_layout,
     make_compute_metrics,
 )
+from modeling_imagebert.safe_loading import loading_weights
 
 logger = logging.getLogger("run_retrieval")
 
@@ -258,7 +259,8 @@ def load_model_and_processor(args: RetrievalArguments, toy_dims: dict | None):
     check_local_model_path(args.from_bert, "--from_bert")
     check_local_model_path(args.processor, "--processor", needs=None)
     if args.model_name_or_path is not None:
-        model = ImageBertForRetrieval.from_pretrained(args.model_name_or_path)
+        with loading_weights(args.model_name_or_path, "a model folder written by save_pretrained"):
+            model = ImageBertForRetrieval.from_pretrained(args.model_name_or_path)
         processor = ImageBertProcessor.from_pretrained(args.processor or args.model_name_or_path)
     else:
         overrides = dict(toy_dims or {})

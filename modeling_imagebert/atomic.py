@@ -11,6 +11,15 @@ over several runs instead (feature extraction, a LAIT run: resumed after a kill,
 with `claim_folder`: it carries that command's own marker, recording the settings a resumed run must match, and
 a folder without it is never written into.
 
+Special targets: a writer never replaces what is not a regular file (a file target) or a real folder (a folder
+target): a symlink (even one to a regular file: `os.replace` would replace the link, not write through it), a FIFO,
+a device node or a socket is refused with one line naming the path and what it is (`check_replaceable`), before the
+work and again just before the rename.
+
+A claimed folder (`claim_folder`, and run_pretrain's output folder) is locked for the life of the run
+(`lock_folder`: `fcntl.flock` on `LOCK_NAME` inside it, released by the kernel when the process dies, so a killed
+run's folder can be resumed at once); a second run into a held folder stops at once naming the holder's pid and host.
+
 Finished files and folders get the mode a plain `open` or `mkdir` would give them (the umask's), not the
 owner-only mode of the temporary they were written as.
 
@@ -24,16 +33,19 @@ never loses the previous version.
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ContextDecorator, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
 MARKER_NAME = ".written-by-modeling_imagebert.json"
+# The lock file of a claimed folder. Not a TEMP_PREFIX name: leftover sweeps delete those, and a lock file deleted
+# while held would let a second run lock a new one.
+LOCK_NAME = ".lock-modeling_imagebert"
 RUN_ID = uuid.uuid4().hex  # one id per process: every folder a run writes carries the same one
 
 
@@ -58,6 +73,62 @@ FOLDER_MODE = 0o777 & ~_UMASK
 
 class UnsafeRemovalError(FileExistsError):
     """Refusal to replace or delete a folder that the project did not write, or that would take inputs with it."""
+
+
+class FolderInUseError(UnsafeRemovalError):
+    """Refusal to write into a folder another live run holds (`lock_folder`)."""
+
+
+def describe_file_type(path: str | os.PathLike) -> str | None:
+    """What `path` is, in words, when it is not a regular file or a real folder ("a symlink to /dev/stdout", "a
+    FIFO (named pipe)", "a character device", ...); None for a regular file, a real folder or a missing path. The
+    path itself is examined (`lstat`), never what a symlink points to."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symlink to {os.readlink(path)}"
+        except OSError:
+            return "a symlink"
+    for test, words in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def check_replaceable(path: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Raises UnsafeRemovalError when `path` exists and is not what a writer may replace: a regular file (or, with
+    `folder=True`, a real folder). A symlink is always refused, wherever it points: a rename would replace the link
+    itself. Returns `path`."""
+    path = Path(path)
+    what = describe_file_type(path)
+    if what is None and path.exists():
+        if folder and not path.is_dir():
+            what = "a file, not a folder"
+        elif not folder and path.is_dir():
+            what = "a folder"
+    if what is not None:
+        fix = "a new folder path" if folder else "the path of a regular file or a new one"
+        raise UnsafeRemovalError(f"{path}: is {what}; refusing to replace it ; give {fix}")
+    return path
+
+
+def move_into_place(built: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """`os.replace(built, target)` for a file or folder built beside `target`, after `check_replaceable(target)`
+    (a folder `built` may only replace a real folder, a file only a regular file)."""
+    built, target = Path(built), Path(target)
+    check_replaceable(target, folder=built.is_dir())
+    os.replace(built, target)
+    return target
 
 
 def _host_tag() -> str:
@@ -92,6 +163,18 @@ def _parse_temporary(name: str, target_name: str) -> tuple[str, str, int] | None
     if len(parts) != 4 or not parts[2].isdigit():
         return None
     return parts[0], parts[1], int(parts[2])
+
+
+def target_of_temporary(path: str | os.PathLike) -> Path | None:
+    """The target a temporary sibling (`.tmp-<name>.<kind>.<host>.<pid>.<random>`), or a file inside one, was
+    written for, else None: an error met while writing the temporary names the file or folder the user asked for."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.name.startswith(TEMP_PREFIX):
+            fields = candidate.name[len(TEMP_PREFIX) :].rsplit(".", 4)
+            if len(fields) == 5 and fields[3].isdigit():
+                return candidate.parent / fields[0]
+    return None
 
 
 def _process_alive(pid: int) -> bool:
@@ -226,6 +309,7 @@ def replace_folder(temp: str | os.PathLike, target: str | os.PathLike) -> Path:
     after the rename, so a failure in between leaves the previous folder in place (and a kill in between leaves it
     in an "old" temporary that `remove_stale_temporaries` renames back)."""
     temp, target = Path(temp), Path(target)
+    check_replaceable(target, folder=True)
     old = None
     if target.exists():
         old = temporary_sibling(target, "old")
@@ -292,10 +376,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tar writer); it replaces `path` (`os.replace`) when the block ends, and is removed when the block raises. The
     parent folder is created.
 
+    Raises UnsafeRemovalError (before and after the work) when `path` is a symlink, a folder or a special file
+    (`check_replaceable`).
+
     The temporary is named like every other (`.tmp-<name>.file.<host>.<pid>.<random>`), so a kill leaves a
     leftover that `remove_stale_temporaries(path)` recognises.
     """
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=_temp_prefix(path, "file"), dir=path.parent)
     os.close(handle)
@@ -303,9 +391,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(temp, FILE_MODE)  # mkstemp's is owner-only; writers reopen the file and keep its mode
         yield temp
+        check_replaceable(path)  # again: the target may have changed while the work ran
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         temp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename in (None, str(temp)):
+            error.filename = str(path)  # a full disk names the file the user asked for, not our temporary
         raise
 
 
@@ -321,6 +412,122 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# The folders this process holds locked: absolute path -> the open lock file's descriptor.
+_HELD_LOCKS: dict[str, int] = {}
+# What each held lock file was before this process wrote its record into it (content and times, or None when it
+# did not exist), so a run that is refused after taking the lock can leave the folder exactly as it found it.
+_LOCK_BEFORE: dict[str, tuple[bytes, int, int] | None] = {}
+
+
+def _holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+        return f"run pid {int(holder['pid'])} on host {holder['host']} (since {holder['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another run"
+
+
+def lock_folder(folder: str | os.PathLike, *, error: type[Exception] = FolderInUseError) -> Path:
+    """Takes an exclusive lock on the existing folder `folder` for the rest of this process (or until
+    `release_folder`): `fcntl.flock` on its `LOCK_NAME` file, which records this pid, host and time. The kernel
+    drops the lock when the process ends however it ends, so a killed run's folder is free to resume at once.
+    Taking a lock this process already holds does nothing.
+
+    Raises:
+        `error`: another process holds the lock ("<folder>: is in use by run pid N on host H").
+    """
+    folder = Path(folder).absolute()
+    path = folder / LOCK_NAME
+    key = str(folder)
+    held = _HELD_LOCKS.get(key)
+    if held is not None:
+        try:
+            now, mine = os.stat(path, follow_symlinks=False), os.fstat(held)
+            if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                return path
+        except FileNotFoundError:
+            pass  # the folder was replaced (run_pretrain --overwrite_output_dir): lock the new one
+        release_folder(folder)
+    for _ in range(10):
+        try:
+            before = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            before = None
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as problem:
+            os.close(handle)
+            if problem.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise error(
+                f"{folder}: is in use by {_holder(path)} ; wait for it to end or choose another output folder"
+            ) from None
+        try:
+            now, mine = os.stat(path, follow_symlinks=False), os.fstat(handle)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        os.close(handle)  # the file was removed or replaced between open and lock: lock the one there now
+    else:
+        raise error(
+            f"{folder}: its lock file {LOCK_NAME} keeps changing ; is another run removing the folder?"
+        )
+    since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}) + "\n"
+    previous = None
+    if before is not None and (before.st_dev, before.st_ino) == (mine.st_dev, mine.st_ino):
+        previous = (os.pread(handle, 4096, 0), before.st_atime_ns, before.st_mtime_ns)
+    _LOCK_BEFORE[key] = previous
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, record.encode(), 0)
+    _HELD_LOCKS[key] = handle
+    return path
+
+
+def release_folder(folder: str | os.PathLike, *, undo: bool = False) -> None:
+    """Drops this process's lock on `folder` (`lock_folder`), if it holds one. The lock file stays; with `undo`
+    (a run refused after taking the lock) it is put back as it was: removed when the lock made it, else its
+    earlier record and times restored, so the refusal changes nothing in the folder."""
+    key = str(Path(folder).absolute())
+    handle = _HELD_LOCKS.pop(key, None)
+    previous = _LOCK_BEFORE.pop(key, None)
+    if handle is None:
+        return
+    try:
+        if undo:
+            path = Path(key) / LOCK_NAME
+            if previous is None:
+                path.unlink(missing_ok=True)
+            else:
+                content, atime_ns, mtime_ns = previous
+                os.ftruncate(handle, 0)
+                os.pwrite(handle, content, 0)
+                os.utime(handle, ns=(atime_ns, mtime_ns))
+    finally:
+        os.close(handle)  # closing the only descriptor of the open file releases its flock
+
+
+def held_folders() -> list[Path]:
+    """The folders this process holds locked."""
+    return [Path(key) for key in _HELD_LOCKS]
+
+
+class releasing_locks(ContextDecorator):
+    """Releases, when the block (or the decorated function: a whole run) ends, every folder lock taken inside it,
+    so a run's output folder is free again once the run returns or raises, also when it is called in-process (a
+    test, a notebook) rather than as its own process. Locks held before the block are kept."""
+
+    def __enter__(self) -> releasing_locks:
+        self._before = set(_HELD_LOCKS)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for key in set(_HELD_LOCKS) - self._before:
+            release_folder(key)
+
+
 def claim_folder(
     folder: str | os.PathLike,
     marker_name: str,
@@ -330,7 +537,8 @@ def claim_folder(
     error: type[Exception] = UnsafeRemovalError,
 ) -> dict | None:
     """Makes `folder` the output of a command that fills it over several runs, resuming after a kill (feature
-    extraction, a LAIT run), marked by that command's own marker file `marker_name`.
+    extraction, a LAIT run), marked by that command's own marker file `marker_name`, and locks it for the rest of
+    the run (`lock_folder`), so two runs never fill one folder at once.
 
     A missing or empty folder (or one holding only temporaries of the marker: a kill while it was written) is
     created and gets `marker` as JSON, written atomically. A folder carrying the marker is the command's to resume:
@@ -348,28 +556,44 @@ def claim_folder(
         None when the folder was claimed now; the recorded marker (a dict) when it already carried one.
 
     Raises:
-        `error`: `folder` is not a folder, is not empty and has no marker, or has an unreadable marker.
+        `error`: `folder` is not a folder, is not empty and has no marker, has an unreadable marker, or is held by
+            another live run.
     """
     folder = Path(folder)
     path = folder / marker_name
-    if folder.exists() and not folder.is_dir():
-        raise error(f"{folder}: exists and is not a folder; choose a new output folder")
-    if path.is_file():
-        try:
-            recorded = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as problem:
-            raise error(f"{path}: unreadable marker ({problem}); choose a new output folder") from None
-        if not isinstance(recorded, dict):
-            raise error(f"{path}: unreadable marker (not a JSON object); choose a new output folder")
-        return recorded
-    if folder.is_dir() and any(
-        not p.name.startswith(f"{TEMP_PREFIX}{marker_name}") for p in folder.iterdir()
-    ):
-        raise error(
-            f"{folder}: exists, is not empty and was not created by {owner} (no {marker_name}); refusing to write "
-            "into it: choose a new or empty folder"
-        )
+
+    def check_not_foreign() -> None:
+        if describe_file_type(folder) is not None or (folder.exists() and not folder.is_dir()):
+            what = describe_file_type(folder) or "a file"
+            raise error(f"{folder}: exists and is {what}, not a folder; choose a new output folder")
+        if not path.is_file() and folder.is_dir():
+            foreign = [
+                p
+                for p in folder.iterdir()
+                if p.name != LOCK_NAME and not p.name.startswith(f"{TEMP_PREFIX}{marker_name}")
+            ]
+            if foreign:
+                raise error(
+                    f"{folder}: exists, is not empty and was not created by {owner} (no {marker_name}); refusing to "
+                    "write into it: choose a new or empty folder"
+                )
+
+    check_not_foreign()  # before the lock file is made: nothing is written into a user's folder
     folder.mkdir(parents=True, exist_ok=True)
+    lock_folder(folder, error=error)
+    try:
+        check_not_foreign()  # again under the lock: another run may have claimed it meanwhile
+        if path.is_file():
+            try:
+                recorded = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as problem:
+                raise error(f"{path}: unreadable marker ({problem}); choose a new output folder") from None
+            if not isinstance(recorded, dict):
+                raise error(f"{path}: unreadable marker (not a JSON object); choose a new output folder")
+            return recorded
+    except BaseException:
+        release_folder(folder, undo=True)
+        raise
     atomic_write_text(path, json.dumps(dict(marker), indent=1, sort_keys=True) + "\n")
     return None
 
@@ -419,6 +643,8 @@ def check_output_outside_inputs(
 __all__ = [
     "FILE_MODE",
     "FOLDER_MODE",
+    "LOCK_NAME",
+    "FolderInUseError",
     "MARKER_NAME",
     "RUN_ID",
     "TEMP_PREFIX",
@@ -429,13 +655,21 @@ __all__ = [
     "atomic_write_text",
     "check_output_outside_inputs",
     "check_removable",
+    "check_replaceable",
     "claim_folder",
+    "describe_file_type",
+    "held_folders",
+    "lock_folder",
+    "move_into_place",
+    "release_folder",
+    "releasing_locks",
     "is_ours",
     "read_marker",
     "remove_ours",
     "remove_stale_temporaries",
     "remove_stale_temporaries_in",
     "replace_folder",
+    "target_of_temporary",
     "temporary_sibling",
     "write_marker",
 ]

@@ -7,11 +7,19 @@ values: `ValueError` and its subclasses `ImportFormatError` / `DataValidationErr
 `FloatingPointError`) become one line on stderr, printed last and flushed, so under `accelerate launch` it is the last
 thing the user reads before accelerate's own summary. `--debug` (or `IMAGEBERT_DEBUG=1`) re-raises instead, showing
 the full traceback. Anything else (a bug) is never hidden: it propagates with its traceback.
+
+The machine's errors are the user's to fix too, so they get the same one line and exit status: a full disk, a quota,
+a read-only or unwritable output, a file size limit (`ulimit -f`, with SIGXFSZ ignored), found anywhere in the
+exception's chain, so the ones torch.save (`RuntimeError: PytorchStreamWriter failed writing file ...`) and datasets
+(`DatasetGenerationError`) wrap come out as `error: <path>: no space left on device ; ...` (`environment_problem`).
+Folders a command locked (`atomic.lock_folder`) are released when `main` returns or raises.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import reprlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +29,110 @@ DEBUG_FLAG = "--debug"
 # Values TrainingArguments' own `--debug` option takes: `--debug underflow_overflow` is not our flag.
 _TRAINER_DEBUG_VALUES = ("underflow_overflow", "tpu_metrics_debug")
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
+
+
+# What the machine refused, by errno; the words also match an OSError that carries only a message (pyarrow's).
+_SPACE_FIX = "free space (or raise the limit), then rerun: a resumable command continues where it stopped"
+_ACCESS_FIX = "check the path's permissions, or choose a writable output"
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: ("no space left on device", "No space left on device", _SPACE_FIX),
+    errno.EDQUOT: ("disk quota exceeded", "Disk quota exceeded", _SPACE_FIX),
+    errno.EFBIG: ("file too large (the file size limit, ulimit -f)", "File too large", _SPACE_FIX),
+    errno.EROFS: ("read-only file system", "Read-only file system", _ACCESS_FIX),
+    errno.EACCES: ("permission denied", "Permission denied", _ACCESS_FIX),
+    errno.EPERM: ("operation not permitted", "Operation not permitted", _ACCESS_FIX),
+}
+
+
+# What torch.save's C++ writer raises (a RuntimeError without errno) when the disk is full or a size limit is hit.
+_TORCH_WRITE_FAILURES = (
+    "PytorchStreamWriter failed",
+    "unexpected pos",
+    "iostream error",
+    "file write failed",
+)
+
+
+def _path_from_traceback(error: BaseException) -> str | None:
+    """The file a library was writing when `error` (an OSError without a file name: pyarrow's, a plain write's)
+    was raised: the innermost frame's `path`-like local or its `self`'s path attribute (datasets' ArrowWriter)."""
+    frames = []
+    traceback = error.__traceback__
+    while traceback is not None:
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    for frame in reversed(frames):
+        owner = frame.f_locals.get("self")
+        candidates = [frame.f_locals.get(name) for name in ("path", "filename", "file_path", "fname")]
+        candidates += [getattr(owner, name, None) for name in ("_path", "path", "filename")] if owner else []
+        for value in candidates:
+            if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+                return os.fspath(value)
+    return None
+
+
+def _torch_save_target(error: BaseException) -> str | None:
+    """The file `torch.save` was writing when `error` was raised (its `f` argument), from the traceback."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_code.co_name == "save" and frame.f_globals.get("__name__") == "torch.serialization":
+            target = frame.f_locals.get("f")
+            return os.fspath(target) if isinstance(target, (str, os.PathLike)) else None
+        traceback = traceback.tb_next
+    return None
+
+
+def environment_problem(error: BaseException) -> str | None:
+    """One line for an error that is the machine's, not a bug: an OSError of a full disk, quota, read-only or
+    unwritable path or file size limit anywhere in `error`'s chain (`__cause__` / `__context__`), or torch.save's
+    failed write. `<path>: <what> (<system message>) ; <fix>`, else None."""
+    from .atomic import target_of_temporary
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    torch_failure = None
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            text = str(current)
+            for code, (words, system, fix) in _ENVIRONMENT_ERRNOS.items():
+                if current.errno == code or (current.errno is None and system in text):
+                    path = (
+                        current.filename
+                        or _torch_save_target(error)
+                        or _path_from_traceback(current)
+                        or "an output file"
+                    )
+                    path = target_of_temporary(path) or path  # the file asked for, not our temporary
+                    detail = current.strerror or " ".join(text.split())
+                    return f"{os.fspath(path)}: {words} ({detail}) ; {fix}"
+        if isinstance(current, RuntimeError) and any(sign in str(current) for sign in _TORCH_WRITE_FAILURES):
+            torch_failure = torch_failure or current
+        current = current.__cause__ or current.__context__
+    if torch_failure is not None:
+        path = _torch_save_target(torch_failure) or _torch_save_target(error) or "a checkpoint file"
+        path = target_of_temporary(path) or path
+        detail = " ".join(str(torch_failure).split())
+        return (
+            f"{os.fspath(path)}: could not be written, the disk is full or a file size limit was reached "
+            f"(torch.save: {detail}) ; {_SPACE_FIX}"
+        )
+    return None
+
+
+_SHORT_REPR = reprlib.Repr()  # Python 3.11's Repr takes no arguments: set the bounds one by one
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 6
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """`repr(value)` bounded to about `limit` characters (nested containers and long strings shortened with
+    "..."), for error messages that quote a user's value: a huge value (a long string, a YAML structure) must not
+    make the message itself huge or slow to build."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def split_debug_flag(argv: Sequence[str]) -> tuple[list[str], bool]:
@@ -83,21 +195,42 @@ def run_cli(
             lists every unmapped key on a line of its own.
         exit_status: the status after a user error; the checkpoint converter keeps its 1.
 
+    A full disk, a read-only output or a file size limit (`environment_problem`) is the user's error too: one line
+    and `exit_status`, whichever exception carries it.
+
     Returns:
         The exit status for `sys.exit`.
     """
+    from .atomic import releasing_locks
+
     args, debug = split_debug_flag(sys.argv[1:] if argv is None else list(argv))
     debug = debug or os.environ.get("IMAGEBERT_DEBUG") == "1"
     try:
-        main(args)
-    except errors as error:
-        if debug:
+        with (
+            releasing_locks()
+        ):  # the run is over when main returns or raises: its output folders are free again
+            main(args)
+    except Exception as error:
+        machine = environment_problem(error)
+        if debug or (machine is None and not isinstance(error, errors)):
             raise
         sys.stdout.flush()
-        line = format_error(error, hint=hint) if one_line else f"error: {error}"
+        if machine is not None:
+            line = f"error: {machine}"
+        else:
+            line = format_error(error, hint=hint) if one_line else f"error: {error}"
         print(line, file=sys.stderr, flush=True)
         return exit_status
     return 0
 
 
-__all__ = ["DEBUG_FLAG", "EXIT_BAD_INPUT", "USER_ERRORS", "format_error", "run_cli", "split_debug_flag"]
+__all__ = [
+    "DEBUG_FLAG",
+    "EXIT_BAD_INPUT",
+    "USER_ERRORS",
+    "environment_problem",
+    "format_error",
+    "run_cli",
+    "short_repr",
+    "split_debug_flag",
+]

@@ -69,6 +69,7 @@ SECTIONS = (
     "features_data",
     "retriever",
     "lait",
+    "files_outputs",
 )
 
 
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         convert_cli,
         evaluation_cache,
         features_data,
+        files_outputs,
         lait_pipeline,
         model_inputs,
         pretrain_script,
@@ -315,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             "features_data": lambda: features_data.probe_features_data(probes, work),
             "retriever": lambda: retriever_api.probe_retriever(probes, processor, work),
             "lait": lambda: lait_pipeline.probe_lait(probes, work),
+            "files_outputs": lambda: files_outputs.probe_files_outputs(probes, work),
         }
         for name in args.only or SECTIONS:
             sections[name]()

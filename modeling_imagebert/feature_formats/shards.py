@@ -29,14 +29,13 @@ the next run removes).
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import temporary_sibling
+from ..atomic import move_into_place, temporary_sibling
 from ..detection_imagebert import round_features_as_stored
 from .butd_tsv import read_butd_tsv, write_butd_tsv
 from .columns import GLOBAL_FEATURE_COLUMN, global_feature_column, image_columns
@@ -132,7 +131,7 @@ def write_shard(
             output_format == "npz" and target.exists()
         ):  # a folder of an unfinished earlier attempt: ours, replaced
             shutil.rmtree(target)
-        os.replace(built, target)
+        move_into_place(built, target)  # refuses a symlink or special file planted at the shard's name
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

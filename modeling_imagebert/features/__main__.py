@@ -27,6 +27,7 @@ from pathlib import Path
 from ..cli import run_cli
 from ..cli_arguments import DefaultsHelpFormatter
 from ..feature_formats.shards import OUTPUT_FORMATS
+from ..safe_loading import loading_weights
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from .sources import ID_STYLES, SOURCE_KINDS
 
@@ -214,7 +215,10 @@ def _load_detector(args: argparse.Namespace, device):
             raise ValueError(f"--adaptive needs 1 <= MIN <= MAX, got {low} {high}")
         config.fixed_boxes, config.min_boxes, config.max_boxes = None, low, high
     dtype = getattr(torch, args.dtype)
-    detector = BUTDDetector.from_pretrained(args.detector, config=config, dtype=dtype).to(device).eval()
+    with loading_weights(
+        args.detector, "a detector folder written by convert_checkpoints or save_pretrained"
+    ):
+        detector = BUTDDetector.from_pretrained(args.detector, config=config, dtype=dtype).to(device).eval()
     if (args.detector / "preprocessor_config.json").is_file():
         processor = BUTDImageProcessor.from_pretrained(args.detector)
     else:

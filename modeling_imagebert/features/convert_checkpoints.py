@@ -44,7 +44,13 @@ import torch
 from ..atomic import remove_stale_temporaries, replace_folder, temporary_sibling
 from ..cli import run_cli
 from ..cli_arguments import DefaultsHelpFormatter
-from ..safe_loading import CHECKPOINT_CONTAINERS, NUMPY_ARRAYS, RestrictedUnpickler
+from ..safe_loading import (
+    CHECKPOINT_CONTAINERS,
+    NUMPY_ARRAYS,
+    RestrictedUnpickler,
+    WeightsFileError,
+    load_torch_file,
+)
 
 FORMATS = ("lxmert", "detectron2", "milvlg")
 REPORT_NAME = "conversion_report.json"
@@ -119,10 +125,11 @@ def read_state_dict(path: str, format: str) -> dict[str, torch.Tensor]:
         raw = load_numpy_pickle(path)
     else:
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for foreign or unsafe files
+            raw = load_torch_file(path, "a weights-only torch checkpoint (.bin / .pth)")
+        except (WeightsFileError, OSError) as error:  # ConversionError: the one type this command reports
+            reason = str(error).removeprefix(f"{path}: ")
             raise ConversionError(
-                f"{path}: cannot read as a weights-only torch checkpoint ({error})"
+                f"{path}: cannot read as a weights-only torch checkpoint: {reason}"
             ) from None
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
         raw = raw["model"]

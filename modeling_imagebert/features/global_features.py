@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..safe_loading import load_torch_file
+
 
 @dataclass(frozen=True)
 class GlobalModelSpec:
@@ -79,12 +81,7 @@ def _build(spec: GlobalModelSpec) -> nn.Module:
 
 
 def _load_state_dict(path: Path, spec: GlobalModelSpec) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"{path}: cannot read a torch state dict ({type(error).__name__}: {error})"
-        ) from None
+    state = load_torch_file(path, f"a torch state dict of {spec.name}")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

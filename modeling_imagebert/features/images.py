@@ -9,7 +9,9 @@ What is converted:
     [0, 255], images with transparency ("RGBA", "LA", "PA", "P" with a transparent colour) composited on white.
 
 What is skipped (reason keys):
-    "unreadable"          the file cannot be read (missing, permission)
+    "unreadable"          the file cannot be read (missing, permission), is not a regular file (a FIFO, which
+                          would block the run; a device such as /dev/zero, which never ends) or is larger than
+                          `image_byte_cap(max_pixels)`
     "not_an_image"        PIL does not recognise the bytes (random bytes, HTML error pages, empty files)
     "truncated"           the data ends before the image does
     "decompression_bomb"  more pixels than `max_pixels` (PIL's `MAX_IMAGE_PIXELS` check, made an option here)
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 import warnings
 from dataclasses import dataclass
@@ -139,6 +142,59 @@ def oriented_rgb_array(image: Image.Image) -> np.ndarray:
     return to_rgb_array(ImageOps.exif_transpose(image))
 
 
+# This module is saved beside the detector weights (image_processing_butd.py imports it) and loaded as remote code
+# without the package, so it cannot import `safe_loading`; these few lines are its regular-file read
+# (`safe_loading.read_input_bytes` is the package's own).
+IMAGE_MAX_BYTES = 64 << 20
+
+
+class _UnreadableImage(OSError):
+    """An image path that is not a regular file, or a file over the byte cap."""
+
+
+def _read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of the regular file `path`: opened with O_NONBLOCK (a FIFO opens at once instead of waiting for a
+    writer) and checked with `fstat` on the open descriptor; a FIFO, device, socket or folder, or more than
+    `max_bytes` bytes, raises `_UnreadableImage` naming the path."""
+    handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((words for test, words in _FILE_TYPES if test(info.st_mode)), "not a regular file")
+            raise _UnreadableImage(
+                f"{os.fspath(path)}: is {kind}, not a regular file ; expected an image file"
+            )
+        if info.st_size > max_bytes:
+            raise _UnreadableImage(
+                f"{os.fspath(path)}: {info.st_size} bytes, more than the {max_bytes} allowed"
+            )
+        with os.fdopen(handle, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)
+    finally:
+        os.close(handle)
+    if len(data) > max_bytes:
+        raise _UnreadableImage(f"{os.fspath(path)}: more than the {max_bytes} bytes allowed")
+    return data
+
+
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def image_byte_cap(max_pixels: int | None) -> int:
+    """The most bytes an image file may have: `IMAGE_MAX_BYTES` (64 MiB, far above any photo of the paper's
+    datasets); 4 bytes per allowed pixel when `max_pixels` is raised above its default; 1 GiB with the pixel check
+    off (None)."""
+    if max_pixels is None:
+        return 1 << 30
+    return IMAGE_MAX_BYTES if max_pixels <= DEFAULT_MAX_PIXELS else max(IMAGE_MAX_BYTES, 4 * max_pixels)
+
+
 def decode_image(
     data: bytes | str | os.PathLike,
     *,
@@ -157,9 +213,11 @@ def decode_image(
         say why it was skipped (see the module docstring). Never raises for bad image content.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
+        # A regular file only, read with a cap: a FIFO would block the run, /dev/zero would fill the memory.
         try:
-            with open(data, "rb") as handle:
-                data = handle.read()
+            data = _read_image_file(data, image_byte_cap(max_pixels))
+        except _UnreadableImage as error:
+            return _skip("unreadable", str(error))
         except OSError as error:
             return _skip("unreadable", f"cannot read the file: {error.strerror or error}")
     data = bytes(data)
@@ -203,7 +261,12 @@ def read_image_size(data: bytes | str | os.PathLike) -> tuple[int, int] | None:
         # Under the lock: warning filters and PIL's pixel limit are process-wide, and decode_image changes both.
         with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            source = io.BytesIO(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                source = io.BytesIO(bytes(data))
+            else:
+                if not stat.S_ISREG(os.stat(data).st_mode):  # never open a FIFO: it would block
+                    return None
+                source = data
             with Image.open(source) as image:
                 width, height = image.size
                 orientation = image.getexif().get(0x0112, 1)
@@ -218,6 +281,7 @@ __all__ = [
     "SKIP_REASONS",
     "DecodedImage",
     "decode_image",
+    "image_byte_cap",
     "oriented_rgb_array",
     "read_image_size",
     "to_rgb_array",

@@ -270,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         if value is not None
     }
-    detector = BUTDDetector.from_pretrained(args.detector, **overrides).to(args.device).eval()
+    from ..safe_loading import loading_weights
+
+    with loading_weights(
+        args.detector, "a detector folder written by convert_checkpoints or save_pretrained"
+    ):
+        detector = BUTDDetector.from_pretrained(args.detector, **overrides).to(args.device).eval()
     try:
         processor = BUTDImageProcessor.from_pretrained(args.detector)
     except OSError:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, releasing_locks
 from ..detection_imagebert import detection_to_record
 from ..feature_formats.features_folder import (
     SHARDS_DIR,
@@ -249,6 +249,7 @@ def _extract_shard(
     return [records[i] for i in sorted(records)], [skips[i] for i in sorted(skips)]
 
 
+@releasing_locks()  # the output folder is locked (claim_folder) while the extraction runs
 def run_extraction(
     refs: Sequence[ImageRef],
     output: str | os.PathLike,

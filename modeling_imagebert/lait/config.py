@@ -23,7 +23,9 @@ from typing import Any
 
 import yaml
 
+from ..cli import short_repr
 from ..package_data import data_path
+from ..safe_loading import CONFIG_MAX_BYTES, NotRegularFileError, load_yaml, read_input_text
 
 SECTIONS = ("pages", "images", "text", "scoring", "aggregation", "engine")
 
@@ -37,13 +39,19 @@ class ConfigError(ValueError):
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(
+            read_input_text(path, "a LAIT config (YAML)", CONFIG_MAX_BYTES), path, "LAIT configs"
+        )
+    except NotRegularFileError as error:
+        raise ConfigError(str(error)) from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the LAIT config ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
+    except ValueError as error:  # YAML anchors or aliases, not UTF-8, too large: the message names the file
+        raise ConfigError(str(error)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -101,7 +109,7 @@ def _merge(defaults: dict[str, Any], user: Mapping[str, Any], where: str, source
             continue
         if not _type_ok(default, value):
             raise ConfigError(
-                f"{source}: {dotted}: expected {_type_word(default)} like the default {default!r}, got {value!r}"
+                f"{source}: {dotted}: expected {_type_word(default)} like the default {default!r}, got {short_repr(value)}"
             )
         if isinstance(default, float) and value is not None:
             try:
@@ -119,11 +127,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     """`"images.min_width=400"` -> `("images.min_width", 400)`; the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. images.min_width=400")
+        raise ConfigError(f"--set {short_repr(text)}: expected SECTION.KEY=VALUE, e.g. images.min_width=400")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"--set {short_repr(text)}", "LAIT configs") if raw.strip() else None
+    except ValueError as error:  # an anchor or alias
+        raise ConfigError(str(error)) from None
     except yaml.YAMLError:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
+        raise ConfigError(f"--set {short_repr(text)}: the value is not valid YAML") from None
     return key.strip(), value
 
 
@@ -234,8 +244,7 @@ def check_number(key: str, value: Any, kind: str, low: float | None, high: float
     if good:
         good = (low is None or value >= low) and (high is None or value <= high)
     if not good:
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        shown = short_repr(value, limit=60)
         raise ConfigError(f"lait config: {key}: {shown} is not {_range_words(kind, low, high)}")
 
 
@@ -251,7 +260,8 @@ def _check_numbers(config: Mapping[str, Mapping[str, Any]]) -> None:
     text = config["text"]
     if text["max_words"] < text["min_words"]:
         raise ConfigError(
-            f"lait config: text.max_words: {text['max_words']!r} is below text.min_words {text['min_words']!r}"
+            f"lait config: text.max_words: {short_repr(text['max_words'])} is below text.min_words "
+            f"{short_repr(text['min_words'])}"
         )
 
 

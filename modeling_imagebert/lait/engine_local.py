@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_file, remove_stale_temporaries_in
+from ..atomic import atomic_file, releasing_locks, remove_stale_temporaries_in
 from .aggregate import aggregate_pairs
 from .config import config_fingerprint
 from .engine_steps import PART_SCHEMA, SiteProcessor, extract_candidates, list_inputs, site_bucket
@@ -111,6 +111,7 @@ def _pool_map(function, tasks: list, processes: int) -> Iterator:
         yield from pool.imap_unordered(function, tasks)
 
 
+@releasing_locks()  # the output folder is locked (claim_folder) while the run runs
 def run_local(
     inputs: str | Sequence[str],
     output: str | Path,

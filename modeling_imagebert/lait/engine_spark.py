@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..atomic import releasing_locks
 from .aggregate import PAIR_ORDER
 from .config import config_fingerprint
 from .engine_steps import PART_SCHEMA, SiteProcessor, extract_candidates, list_inputs
@@ -78,6 +79,7 @@ def spark_session(master: str | None = None, app_name: str = "lait"):
     return builder.getOrCreate()
 
 
+@releasing_locks()  # the output folder is locked (claim_folder) while the run runs
 def run_spark(
     inputs: str | Sequence[str], output: str | Path, config: Mapping[str, Any], *, spark=None
 ) -> dict[str, Any]:

@@ -5,12 +5,14 @@ with skops (`classifier_io`) for `images.classifiers` entries of type `sklearn`.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from ..safe_loading import IMAGE_MAX_BYTES, read_input_bytes
 from .classifier_io import parse_label, read_labelled_rows, save_skops
 from .images import IMAGE_STAT_NAMES, image_statistics, stats_vector
 
@@ -29,7 +31,10 @@ def train_image_filter(labels: str | Path, output: str | Path, *, seed: int = 0)
     for i, row in enumerate(rows, 1):
         image_path = labels.parent / row["image"]
         try:
-            with Image.open(image_path) as opened:
+            # a regular file read with a cap: a FIFO would block, /dev/zero would fill the memory
+            with Image.open(
+                io.BytesIO(read_input_bytes(image_path, "a label image", IMAGE_MAX_BYTES))
+            ) as opened:
                 image = opened.convert("RGB")
         except Exception as error:
             raise ValueError(f"{labels}: row {i}: image {image_path} unreadable ({error})") from None

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..safe_loading import loading_weights
 from .records import PairRecord
 
 HEAD_CLASSES = {"ImageBertForRetrieval": "retrieval", "ImageBertForPreTraining": "itm"}
@@ -205,7 +206,8 @@ class ItmPairScorer:
         architectures = list(getattr(config, "architectures", None) or [])
         head = ImageBertForRetrieval if "ImageBertForRetrieval" in architectures else ImageBertForPreTraining
         try:
-            model = head.from_pretrained(checkpoint)
+            with loading_weights(checkpoint, "a model folder written by save_pretrained"):
+                model = head.from_pretrained(checkpoint)
         except (OSError, ValueError, RuntimeError) as error:
             reason = " ".join(str(error).split())[:200]
             raise _field_error("itm_checkpoint", f"{checkpoint}: cannot load the model ({reason})") from None

@@ -43,6 +43,7 @@ from ..atomic import (
     temporary_sibling,
     write_marker,
 )
+from ..safe_loading import load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ def load_checkpoint(accelerator, path: str | Path, scheduler=None) -> dict[str, 
         )
     accelerator.load_state(str(path))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / SCHEDULER_NAME, weights_only=True))
+        scheduler.load_state_dict(load_torch_file(path / SCHEDULER_NAME, "a learning-rate scheduler state"))
     return json.loads((path / TRAINER_STATE_NAME).read_text())
 
 

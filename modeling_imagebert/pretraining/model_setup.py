@@ -11,6 +11,7 @@ import torch
 from ..configuration_imagebert import ImageBertConfig
 from ..modeling_imagebert import ImageBertForPreTraining
 from ..processing_imagebert import ImageBertProcessor
+from ..safe_loading import loading_weights
 from ..tasks_imagebert import PRETRAINING_TASKS, enabled_tasks
 from .checkpoints import stage_final_name
 from .recipes import (
@@ -68,9 +69,14 @@ def init_stage_weights(
         source = fresh_model()
     elif init == "previous":
         # stage_index is 0-based, stage_final_name 1-based: this names the previous stage's folder.
-        source = ImageBertForPreTraining.from_pretrained(Path(output_dir) / stage_final_name(stage_index))
+        folder = Path(output_dir) / stage_final_name(stage_index)
+        with loading_weights(folder, "the previous stage's model folder"):
+            source = ImageBertForPreTraining.from_pretrained(folder)
     else:
-        source = ImageBertForPreTraining.from_pretrained(init)
+        with loading_weights(
+            init, f"stage {stage_index + 1} init: a model folder written by save_pretrained"
+        ):
+            source = ImageBertForPreTraining.from_pretrained(init)
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     missing = [k for k in missing if k != "mlm_head.decoder.weight"]
     if missing or unexpected:

@@ -23,8 +23,10 @@ from typing import Any
 
 import yaml
 
+from ..cli import short_repr
 from ..configuration_imagebert import ImageBertConfig
 from ..package_data import model_size_names, model_size_path
+from ..safe_loading import CONFIG_MAX_BYTES, load_yaml, read_input_text
 from ..tasks_imagebert import PAPER_TASK_NAMES, PRETRAINING_TASKS, TASK_NAMES, enabled_tasks
 
 # torch's AdamW kernels: one fused kernel over all parameters (the fastest: on 2 CPU cores 0.010 s a step for the
@@ -225,20 +227,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except RecipeError as error:
                 errors.append(str(error))
         raise RecipeError(
-            errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}"
+            errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {short_repr(value)}"
         )
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise RecipeError(f"{where}: expected a mapping of {tp.__name__} fields, got {short_repr(value)}")
         return _build(tp, value, where)
     if origin is list:
         if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
+            raise RecipeError(f"{where}: expected a list, got {short_repr(value)}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+            raise RecipeError(f"{where}: expected a mapping, got {short_repr(value)}")
         key_type, value_type = typing.get_args(tp)
         return {
             _convert(k, key_type, f"{where} key"): _convert(v, value_type, f"{where}.{k}")
@@ -248,11 +250,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected true or false, got {value!r}")
+            raise RecipeError(f"{where}: expected true or false, got {short_repr(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+            raise RecipeError(f"{where}: expected an integer, got {short_repr(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -261,11 +263,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
+            raise RecipeError(f"{where}: expected a number, got {short_repr(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
+            raise RecipeError(f"{where}: expected a string, got {short_repr(value)}")
         return value
     raise RecipeError(f"{where}: unsupported field type {tp}")  # pragma: no cover
 
@@ -291,7 +293,7 @@ def _positive(value, where: str, allow_none: bool = False, allow_zero: bool = Fa
         return
     if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise RecipeError(
-            f"{where}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}"
+            f"{where}: expected a {'non-negative' if allow_zero else 'positive'} number, got {short_repr(value)}"
         )
 
 
@@ -316,12 +318,12 @@ def validate_recipe(recipe: Recipe) -> Recipe:
     _positive(training.num_threads, "training.num_threads", allow_none=True)
     if training.mixed_precision not in (None, "no", "fp16", "bf16", "fp8"):
         raise RecipeError(
-            f"training.mixed_precision: expected null, no, fp16, bf16 or fp8, got {training.mixed_precision!r}"
+            f"training.mixed_precision: expected null, no, fp16, bf16 or fp8, got {short_repr(training.mixed_precision)}"
         )
     if training.adamw_implementation not in ADAMW_IMPLEMENTATIONS:
         raise RecipeError(
             f"training.adamw_implementation: expected one of {list(ADAMW_IMPLEMENTATIONS)}, "
-            f"got {training.adamw_implementation!r}"
+            f"got {short_repr(training.adamw_implementation)}"
         )
     for s, stage in enumerate(recipe.stages):
         where = f"stages[{s}]"
@@ -332,7 +334,7 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         bad = sorted(set(stage.tasks) - set(TASK_NAMES))
         if bad:
             raise RecipeError(
-                f"{where}.tasks: unknown task {bad[0]!r}; expected a subset of {list(TASK_NAMES)}"
+                f"{where}.tasks: unknown task {short_repr(bad[0])}; expected a subset of {list(TASK_NAMES)}"
             )
         for task, weight in stage.tasks.items():
             _positive(weight, f"{where}.tasks.{task}", allow_zero=True)
@@ -361,15 +363,17 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(stage, name)
             if not (math.isfinite(value) and 0 <= value < 1):
-                raise RecipeError(f"{where}.{name}: expected a number in [0, 1), got {value!r}")
+                raise RecipeError(f"{where}.{name}: expected a number in [0, 1), got {short_repr(value)}")
         _positive(stage.adam_epsilon, f"{where}.adam_epsilon")
         if not 0 <= stage.warmup_ratio <= 1:
             raise RecipeError(f"{where}.warmup_ratio: expected a number in [0, 1], got {stage.warmup_ratio}")
         if stage.itm_mode not in ("separate", "joint"):
-            raise RecipeError(f"{where}.itm_mode: expected 'separate' or 'joint', got {stage.itm_mode!r}")
+            raise RecipeError(
+                f"{where}.itm_mode: expected 'separate' or 'joint', got {short_repr(stage.itm_mode)}"
+            )
         if stage.itm_negatives not in ("random", "itc"):
             raise RecipeError(
-                f"{where}.itm_negatives: expected 'random' or 'itc', got {stage.itm_negatives!r}"
+                f"{where}.itm_negatives: expected 'random' or 'itc', got {short_repr(stage.itm_negatives)}"
             )
         if stage.itm_negatives == "itc" and not (
             stage.tasks.get("itm", 0) > 0 and stage.tasks.get("itc", 0) > 0
@@ -420,7 +424,7 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             )
         if recipe.evaluation.final_score not in ("itm", "itm+itc"):
             raise RecipeError(
-                f"evaluation.final_score: expected 'itm' or 'itm+itc', got {recipe.evaluation.final_score!r}"
+                f"evaluation.final_score: expected 'itm' or 'itm+itc', got {short_repr(recipe.evaluation.final_score)}"
             )
         if recipe.evaluation.final_score == "itm+itc" and recipe.evaluation.candidates is None:
             raise RecipeError(
@@ -480,7 +484,9 @@ def _validate_source(source: DatasetSpec, where: str) -> None:
     if (source.path is None) == (source.toy_world is None):
         raise RecipeError(f"{where}: set exactly one of path and toy_world")
     if source.modality not in MODALITIES:
-        raise RecipeError(f"{where}.modality: expected one of {list(MODALITIES)}, got {source.modality!r}")
+        raise RecipeError(
+            f"{where}.modality: expected one of {list(MODALITIES)}, got {short_repr(source.modality)}"
+        )
     _positive(source.weight, f"{where}.weight")
     _positive(source.max_examples, f"{where}.max_examples", allow_none=True)
     if source.toy_world is not None:
@@ -512,15 +518,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """`"stages.0.max_steps=3"` -> (["stages", "0", "max_steps"], 3). The value is parsed as YAML ("null", "1e-4",
     "[a, b]", "{x: 1}" all work)."""
     if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected KEY=VALUE, e.g. stages.0.max_steps=3")
+        raise RecipeError(f"override {short_repr(text)}: expected KEY=VALUE, e.g. stages.0.max_steps=3")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not key.strip() or any(not part for part in parts):
-        raise RecipeError(f"override {text!r}: the key must be a dotted path such as stages.0.batch_size")
+        raise RecipeError(
+            f"override {short_repr(text)}: the key must be a dotted path such as stages.0.batch_size"
+        )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"override {short_repr(text)}", "recipes") if raw.strip() else None
     except yaml.YAMLError as error:
-        raise RecipeError(f"override {text!r}: the value is not valid YAML ({error})") from None
+        raise RecipeError(f"override {short_repr(text)}: the value is not valid YAML ({error})") from None
+    except ValueError as error:  # an anchor or alias
+        raise RecipeError(str(error)) from None
     return parts, value
 
 
@@ -535,11 +545,13 @@ def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
         path = f"{path}.{part}" if path else part
         if isinstance(node, list):
             if not part.lstrip("-").isdigit():
-                raise RecipeError(f"override {'.'.join(parts)}: {path!r} indexes a list; expected an integer")
+                raise RecipeError(
+                    f"override {'.'.join(parts)}: {short_repr(path)} indexes a list; expected an integer"
+                )
             index = int(part)
             if not -len(node) <= index < len(node):
                 raise RecipeError(
-                    f"override {'.'.join(parts)}: {path!r} is out of range (the list has {len(node)} items)"
+                    f"override {'.'.join(parts)}: {short_repr(path)} is out of range (the list has {len(node)} items)"
                 )
             if last:
                 node[index] = value
@@ -547,7 +559,9 @@ def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
                 node = node[index]
             continue
         if not isinstance(node, dict):
-            raise RecipeError(f"override {'.'.join(parts)}: cannot descend into {path!r} (it holds {node!r})")
+            raise RecipeError(
+                f"override {'.'.join(parts)}: cannot descend into {short_repr(path)} (it holds {short_repr(node)})"
+            )
         if last:
             node[part] = value
         else:
@@ -564,12 +578,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         RecipeError: malformed YAML, unknown field, or a bad value (the message starts with the file name).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no recipe file at {path}")
+    text = read_input_text(path, "a recipe (YAML)", CONFIG_MAX_BYTES)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(text, f"recipe {path}", "recipes")
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {path}: not valid YAML ({error})") from None
+    except ValueError as error:  # an anchor or alias: a few nested ones expand a 1 KB recipe into gigabytes
+        raise RecipeError(str(error)) from None
     except RecursionError:  # PyYAML's composer recurses per nesting level
         raise RecipeError(
             f"recipe {path}: nested deeper than Python's recursion limit; a recipe is a few levels deep"
@@ -608,7 +625,7 @@ def resolve_model_config(name: str, base: str | Path | None = None) -> Path:
     if name in model_size_names():
         return model_size_path(name)
     raise RecipeError(
-        f"model.config: no ImageBertConfig JSON file at {path}, and {name!r} is not a packaged model size "
+        f"model.config: no ImageBertConfig JSON file at {path}, and {short_repr(name)} is not a packaged model size "
         f"({', '.join(model_size_names())})"
     )
 

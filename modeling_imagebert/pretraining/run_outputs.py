@@ -16,11 +16,14 @@ from typing import Any
 import torch
 
 from ..atomic import (
+    LOCK_NAME,
     TEMP_PREFIX,
     UnsafeRemovalError,
     atomic_write_text,
     check_removable,
+    lock_folder,
     read_marker,
+    release_folder,
     remove_ours,
     remove_stale_temporaries_in,
     write_marker,
@@ -153,6 +156,34 @@ def _folder_run_id(output_dir: Path) -> str | None:
     return marker.get("run_id")
 
 
+def _contents(output_dir: Path) -> list[Path]:
+    """What `output_dir` holds besides temporaries of killed writes and the lock file of a run."""
+    return sorted(
+        p for p in output_dir.iterdir() if not p.name.startswith(TEMP_PREFIX) and p.name != LOCK_NAME
+    )
+
+
+def _lock_if_ours(output_dir: Path) -> bool:
+    """Locks `output_dir` for this run (`atomic.lock_folder`) when it is missing (created now), empty or
+    run_pretrain's, so a second run started at once stops before deciding anything; a folder the run will refuse
+    gets no lock file. Returns whether the folder was created here."""
+    created = False
+    if output_dir.is_symlink() or (output_dir.exists() and not output_dir.is_dir()):
+        return False
+    if not output_dir.exists():
+        output_dir.mkdir(parents=True)
+        created = True
+    elif _folder_run_id(output_dir) is None and _contents(output_dir):
+        return False
+    try:
+        lock_folder(output_dir, error=OutputDirInUseError)
+    except BaseException:
+        if created:
+            output_dir.rmdir()  # never reached with a lock file in it: only a failed open/flock gets here
+        raise
+    return created
+
+
 def _check_not_foreign(output_dir: Path) -> None:
     """Refuses a non-empty folder that run_pretrain did not write (no marker of ours)."""
     if not output_dir.exists() or _folder_run_id(output_dir) is not None:
@@ -160,7 +191,7 @@ def _check_not_foreign(output_dir: Path) -> None:
     if not output_dir.is_dir():
         raise OutputDirInUseError(f"{output_dir}: exists and is not a folder ; choose another --output_dir")
     # Temporaries of our own killed writes do not count: the run removes the stale ones once the folder is its.
-    contents = sorted(p for p in output_dir.iterdir() if not p.name.startswith(TEMP_PREFIX))
+    contents = _contents(output_dir)
     if contents:
         marker = read_marker(output_dir)
         writer = f"written by {marker['written_by']}" if marker is not None else "not written by run_pretrain"
@@ -171,7 +202,7 @@ def _check_not_foreign(output_dir: Path) -> None:
 
 
 def _new_run(output_dir: Path, overwrite: bool, inputs: list[Path]) -> RunStart:
-    if overwrite and output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+    if overwrite and output_dir.exists() and (not output_dir.is_dir() or any(_contents(output_dir))):
         # Never the current folder or one above it, nor one that is or holds an input of the recipe; and only an
         # output folder of run_pretrain (not, say, a converted dataset, though it carries the package's marker).
         check_removable(output_dir, inputs=inputs)
@@ -276,13 +307,15 @@ def prepare_output_dir(
     `inputs`). `resume_from_checkpoint` ("latest" or a checkpoint path) continues the folder's run: its run id,
     its newest intact checkpoint (`find_resume_point`), and a recipe equal to the checkpoint's in every field
     that changes the result (`check_resume_recipe`; `ignore_recipe_mismatch` turns a difference into a warning).
-    "latest" with nothing to resume starts from scratch and says so.
+    "latest" with nothing to resume starts from scratch and says so. The folder is locked for the rest of the run
+    (`atomic.lock_folder`, taken before deciding): a second run started into it stops at once, naming this one.
 
     Returns:
         The `RunStart` (run id, resume point).
 
     Raises:
-        OutputDirInUseError: the folder holds another run or files run_pretrain did not write.
+        OutputDirInUseError: the folder holds another run or files run_pretrain did not write, or another live
+            run holds its lock.
         UnsafeRemovalError: `overwrite` of a folder that may not be deleted.
         CheckpointError: an explicit checkpoint that is incomplete, corrupt or of another run.
         RecipeMismatchError: a resume with another recipe, without `ignore_recipe_mismatch`.
@@ -293,7 +326,7 @@ def prepare_output_dir(
             "--overwrite_output_dir starts the run again, --resume_from_checkpoint continues it: not both"
         )
 
-    def decide_and_write() -> RunStart:
+    def decide() -> RunStart:
         start = _resumed_run(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
         if start is None:
             if resume_from_checkpoint:
@@ -304,8 +337,22 @@ def prepare_output_dir(
         else:
             _check_other_runs(output_dir, start.run_id)
             _check_resume_recipe(output_dir, start, recipe, ignore_recipe_mismatch)
-        # The checks passed: from here on the folder is this run's.
+        return start
+
+    def decide_and_write() -> RunStart:
+        # The lock first: two runs started at once into one new folder must not both decide it is free.
+        created = _lock_if_ours(output_dir)
+        try:
+            start = decide()
+        except BaseException:
+            release_folder(output_dir, undo=True)  # a refused run changes nothing in the folder
+            if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+                output_dir.rmdir()  # nor leaves one behind
+            raise
+        # The checks passed: from here on the folder is this run's (locked again: --overwrite_output_dir removed
+        # the previous folder with its lock file).
         output_dir.mkdir(parents=True, exist_ok=True)
+        lock_folder(output_dir, error=OutputDirInUseError)
         if _folder_run_id(output_dir) != start.run_id:
             write_marker(output_dir, RUN_WRITER, run_id=start.run_id)
         remove_stale_temporaries_in(output_dir)

@@ -30,6 +30,7 @@ import torch
 from ..atomic import atomic_write_bytes, remove_stale_temporaries_in
 from ..features.sources import list_folder
 from ..processing_imagebert import ImageBertProcessor
+from ..safe_loading import load_safetensors_file, open_safetensors
 from .evaluation import encode_images, model_fingerprint
 from .two_stage import embed_images
 
@@ -174,18 +175,15 @@ class BatchCache:
 
     def load(self, batch: int, image_ids: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
         """The cached (images, embeddings) of `batch`, or None when absent or damaged (after a warning)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         path = self.path(batch)
         if not path.is_file():
             return None
         try:
-            with safe_open(str(path), framework="pt") as handle:
+            with open_safetensors(path, "a cached batch of image embeddings") as handle:
                 stored_ids = json.loads((handle.metadata() or {}).get("image_ids", "null"))
             if stored_ids != image_ids:
                 raise ValueError("holds other images")
-            tensors = load_file(str(path))
+            tensors = load_safetensors_file(path, "a cached batch of image embeddings")
             embeds = tensors.pop("image_embeds")
             images = {name: tensors[name] for name in IMAGE_TENSORS if name in tensors}
             if embeds.shape[0] != len(image_ids) or any(

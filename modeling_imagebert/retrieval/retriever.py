@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_bytes
+from ..safe_loading import check_input_file, load_safetensors_file, open_safetensors
 from .evaluation import RetrievalInputs, _hash_tensor, model_fingerprint
 from .indexing import (
     IMAGE_TENSORS,
@@ -285,10 +286,8 @@ class ImageBertRetriever:
         Returns:
             self.
         """
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
         path = Path(path)
+        check_input_file(path, "an index written by save_index")
         with open(path, "rb") as handle:
             head = handle.read(4)
         if head == b"PK\x03\x04":
@@ -297,9 +296,9 @@ class ImageBertRetriever:
                 "rebuild it with index(...) and save_index"
             )
         try:
-            with safe_open(str(path), framework="pt") as handle:
+            with open_safetensors(path, "an index written by save_index") as handle:
                 metadata = handle.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as error:
+        except (OSError, ValueError) as error:
             raise ValueError(f"{path}: not an ImageBertRetriever index ({error})") from None
         if metadata.get("format") != INDEX_FORMAT:
             raise ValueError(f"{path}: not an ImageBertRetriever index (expected the file save_index writes)")
@@ -316,7 +315,7 @@ class ImageBertRetriever:
                 f"{path}: damaged index: its settings cannot be read ({error}); rebuild it with index(...)"
             ) from None
         self._check_settings(path, saved, image_ids)
-        tensors = load_file(str(path))
+        tensors = load_safetensors_file(path, "an index written by save_index")
         ids = json.loads(tensors.pop("image_ids").numpy().tobytes().decode("utf-8"))
         embeds = tensors.pop("image_embeds")
         images = {name: tensors[f"images.{name}"] for name in IMAGE_TENSORS if f"images.{name}" in tensors}

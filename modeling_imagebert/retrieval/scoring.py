@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_bytes, remove_stale_temporaries_in
+from ..safe_loading import load_torch_file
 
 # Aim for shards of about this many pairs when a shard size is not given (a few seconds of GPU work each).
 PAIRS_PER_SHARD = 1 << 16
@@ -223,7 +224,7 @@ class ShardCache:
                 raise ValueError(
                     f"sha256 {digest[:12]}... differs from the manifest's {str(entry.get('sha256'))[:12]}..."
                 )
-            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            payload = load_torch_file(io.BytesIO(data), "a cached score shard", name=path)
             scores = payload["scores"]
             if tuple(payload["rows"]) != rows or tuple(scores.shape) != (rows[1] - rows[0], width):
                 raise ValueError(f"holds rows {tuple(payload['rows'])} of shape {tuple(scores.shape)}")

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from ...feature_formats.report import ImportFormatError, ImportReport, check_on_error
+from ...safe_loading import TEXT_MAX_BYTES, InputTooLargeError, read_input_bytes
 from .text_files import decode_text
 
 logger = logging.getLogger(__name__)
@@ -77,10 +78,12 @@ def read_karpathy_captions(
     check_on_error(on_duplicate, "on_duplicate")
     report = ImportReport() if report is None else report
     try:
-        raw_bytes = Path(path).read_bytes()
-    except OSError as error:
+        raw_bytes = read_input_bytes(path, "a Karpathy JSON caption file", TEXT_MAX_BYTES)
+    except (OSError, InputTooLargeError) as error:  # a FIFO or device is refused, never read (it could block)
         raise ImportFormatError(
-            f"cannot read the file: {error.strerror or error}", source=path, reason="missing_file"
+            f"cannot read the file: {error.strerror or getattr(error, 'reason', None) or error}",
+            source=path,
+            reason="missing_file",
         ) from None
     try:
         data = json.loads(decode_text(raw_bytes, path))

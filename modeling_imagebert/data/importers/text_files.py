@@ -4,9 +4,9 @@ split into lines exactly, so line-aligned files (SBU) never shift."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ...feature_formats.report import ImportFormatError
+from ...safe_loading import TEXT_MAX_BYTES, InputTooLargeError, read_input_bytes
 
 
 def decode_text(data: bytes, path: str | os.PathLike) -> str:
@@ -34,10 +34,12 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     splitting there would shift every later caption of a line-aligned file (SBU) onto the wrong image.
     """
     try:
-        data = Path(path).read_bytes()
-    except OSError as error:
+        data = read_input_bytes(path, "a caption text file", TEXT_MAX_BYTES)
+    except (OSError, InputTooLargeError) as error:  # a FIFO or device is refused, never read (it could block)
         raise ImportFormatError(
-            f"cannot read the file: {error.strerror or error}", source=path, reason="missing_file"
+            f"cannot read the file: {error.strerror or getattr(error, 'reason', None) or error}",
+            source=path,
+            reason="missing_file",
         ) from None
     text = decode_text(data, path)
     if text.startswith("\ufeff"):  # a UTF-8 byte order mark is not part of the first caption
