@@ -131,6 +131,9 @@ def short_repr(value: Any, limit: int = 120) -> str:
     """`repr(value)` bounded to about `limit` characters (nested containers and long strings shortened with
     "..."), for error messages that quote a user's value: a huge value (a long string, a YAML structure) must not
     make the message itself huge or slow to build."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        # Python refuses to print an int of more than 4,300 digits (and a long one is slow to print): its size.
+        return f"<an integer of {value.bit_length()} bits>"
     text = _SHORT_REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -349,11 +349,23 @@ def load_yaml(text: str, source: str | os.PathLike, what: str = "recipes and con
     loader = NoAliasLoader(text)
     try:
         return loader.get_single_data()
+    except ValueError as error:
+        if str(error).startswith(f"{os.fspath(source)}: "):
+            raise
+        # A scalar YAML resolves but Python cannot build: an integer of more than 4,300 digits, a bad timestamp.
+        raise ValueError(f"{os.fspath(source)}: a value cannot be read ({short_message(error)})") from None
     finally:
         loader.dispose()
 
 
+def short_message(error: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line, bounded to about `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 __all__ = [
+    "short_message",
     "CHECKPOINT_CONTAINERS",
     "CONFIG_MAX_BYTES",
     "IMAGE_MAX_BYTES",

@@ -470,3 +470,22 @@ def test_error_messages_quote_a_huge_value_briefly(tmp_path):
 
     assert len(short_repr("x" * 10_000_000)) <= 120
     assert short_repr("plain") == "'plain'"
+
+
+def test_an_integer_too_long_to_print_is_one_line_naming_the_file(tmp_path):
+    """Python refuses to print an int of more than 4,300 digits: YAML's int constructor raised it with no file named,
+    and `short_repr` of a parsed 4,000-digit value raised it again inside the error message."""
+    from modeling_imagebert.cli import short_repr
+    from modeling_imagebert.lait.config import ConfigError, load_config
+    from modeling_imagebert.pretraining.recipes import RecipeError, load_recipe
+
+    recipe = tmp_path / "digits.yaml"
+    recipe.write_text("name: digits\ntraining:\n  seed: " + "9" * 5_000 + "\n")
+    with pytest.raises(RecipeError, match=r"digits\.yaml: a value cannot be read"):
+        load_recipe(recipe)
+    config = tmp_path / "lait.yaml"
+    config.write_text("images:\n  max_redirects: " + "9" * 4_000 + "\n")
+    with pytest.raises(ConfigError, match=r"images\.max_redirects: <an integer of \d+ bits>") as caught:
+        load_config(config)
+    assert len(str(caught.value)) < 200
+    assert short_repr(10**5_000) == f"<an integer of {(10**5_000).bit_length()} bits>"
