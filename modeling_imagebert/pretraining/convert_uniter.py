@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import os
-import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from ..atomic import atomic_folder
 from ..cli import run_cli
 from ..cli_arguments import DefaultsHelpFormatter
 from ..configuration_imagebert import ImageBertConfig
+from ..safe_loading import NotRegularFileError, WeightsFileError, load_torch_file
 from .model_card import architecture_section
 
 REPORT_NAME = "conversion_report.json"
@@ -141,17 +141,11 @@ def read_uniter_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such checkpoint file")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        named = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f"it names {named.group(1)}" if named else str(error).splitlines()[0]
-        raise ConversionError(
-            f"{path}: refused: a pickle that would run code when unpickled ({what}); only weights-only "
-            "checkpoints (tensors in plain containers) are read"
-        ) from None
-    except Exception as error:  # torch raises several types for files that are no checkpoint at all
-        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise ConversionError(f"{path}: cannot read as a torch checkpoint ({first_line})") from None
+        # The project's one weights-only loader: a pickle naming anything but tensors and plain containers, a
+        # truncated or foreign file, a FIFO: one line naming the file.
+        raw = load_torch_file(path, "a UNITER / VILLA checkpoint (a weights-only torch state dict)")
+    except (WeightsFileError, NotRegularFileError) as error:
+        raise ConversionError(str(error)) from None
     for wrapper in ("model", "state_dict"):
         if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
             raw = raw[wrapper]
