@@ -353,3 +353,21 @@ def test_a_model_folder_as_output_dir_or_another_runs_checkpoint_is_refused(runs
         f"{theirs}: belongs to run {run_id_of(theirs)}" in message and read_marker(out)["run_id"] in message
     )
     assert _snapshot(straight) == before
+
+
+def test_an_output_dir_inside_a_dataset_the_recipe_reads_is_refused_before_anything_is_written(
+    tmp_path, minilm_path
+):
+    """Issue 25: run_pretrain refused only overwriting an input; a new run into a folder inside its dataset wrote
+    checkpoints into the dataset folder."""
+    from modeling_imagebert.data.storage import save_dataset
+    from modeling_imagebert.data.toy_world import make_toy_world
+
+    data = tmp_path / "data"
+    toy = {"variant": "web", "num_images": 16, "seed": 1, "world_seed": 0, "num_classes": 12, "noise": 1.0}
+    save_dataset(make_toy_world(**toy), data)
+    before = _snapshot(data)
+    uses_it = ["--set", "stages.0.datasets.0.toy_world=null", "--set", f"stages.0.datasets.0.path={data}"]
+    message = _refusal(_demo_argv(minilm_path, data / "run", *uses_it))
+    assert "is inside the input" in message and str(data) in message
+    assert _snapshot(data) == before and not (data / "run").exists()

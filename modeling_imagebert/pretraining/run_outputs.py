@@ -20,6 +20,7 @@ from ..atomic import (
     TEMP_PREFIX,
     UnsafeRemovalError,
     atomic_write_text,
+    check_output_outside_inputs,
     check_removable,
     lock_folder,
     read_marker,
@@ -340,6 +341,11 @@ def prepare_output_dir(
         return start
 
     def decide_and_write() -> RunStart:
+        # Before anything, the lock's file included: an output that is, holds or lies inside an input would write
+        # over what the run reads.
+        read = recipe_inputs(recipe) + [Path(p).absolute() for p in inputs]
+        named = {f"recipe input {number}": path for number, path in enumerate(read, 1)}
+        check_output_outside_inputs(output_dir, named, output_name="--output_dir")
         # The lock first: two runs started at once into one new folder must not both decide it is free.
         created = _lock_if_ours(output_dir)
         try:
