@@ -43,7 +43,7 @@ import torch
 from accelerate import Accelerator
 
 from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval
-from modeling_imagebert.atomic import atomic_write_bytes
+from modeling_imagebert.atomic import atomic_write_bytes, check_output_outside_inputs
 from modeling_imagebert.cli_arguments import DefaultsHelpFormatter, check_local_model_path
 from modeling_imagebert.data.toy_world import DEMO_TOY_TEST_SPLIT, DEMO_TOY_WORLD
 from modeling_imagebert.pretraining.recipes import DatasetSpec
@@ -246,6 +246,7 @@ def load_split(args: argparse.Namespace, config):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_outputs_outside_inputs(args)
     # The Accelerator only tells each process its rank and device: the model is not wrapped for inference, and
     # evaluate_retrieval splits the work itself (shards of caption rows) and sums the matrix across processes.
     accelerator = Accelerator()
@@ -285,6 +286,22 @@ def main(argv: list[str] | None = None) -> dict:
         )
     accelerator.wait_for_everyone()
     return summary
+
+
+def check_outputs_outside_inputs(args: argparse.Namespace) -> None:
+    """Refuses, before anything runs, an output (the result files, the score cache) that is, holds or lies inside an
+    input: `--output_json model/config.json` would replace the model's config."""
+    inputs = {"--model": args.model, "--processor": args.processor, "--dataset": args.dataset}
+    outputs = {
+        "--output_json": args.output_json,
+        "--output_markdown": args.output_markdown,
+        "--save_scores": args.save_scores,
+        "--recall_plot": args.recall_plot,
+        "--cache_dir": args.cache_dir,
+    }
+    for flag, path in outputs.items():
+        if path:
+            check_output_outside_inputs(path, inputs, output_name=flag)
 
 
 def _summary(result, args: argparse.Namespace, model, accelerator) -> dict:

@@ -100,3 +100,20 @@ def test_run_cli_prints_one_line_for_user_errors_and_lets_bugs_through(capsys):
         format_error(FileExistsError("out: exists ; pass --overwrite"))
         == "error: out: exists ; pass --overwrite"
     )
+
+
+@pytest.mark.parametrize("flag", ["--output_json", "--save_scores", "--cache_dir"])
+def test_evaluate_retrieval_refuses_an_output_inside_its_model_folder(
+    flag, tmp_path, minilm_path, monkeypatch, capsys
+):
+    """Issue 25: `--output_json MODEL/config.json` replaced the model's config with the metrics."""
+    from tiny_checkpoint import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint(tmp_path / "model", minilm_path)
+    config = model / "config.json"
+    before = config.read_bytes()
+    target = config if flag != "--cache_dir" else model / "cache"
+    code = run_script("evaluate_retrieval.py", ["--model", str(model), "--toy", flag, str(target)], monkeypatch)
+    err = error_lines(capsys.readouterr().err)
+    assert code == 2 and err[-1].startswith(f"error: {flag} {target}") and "the input --model" in err[-1], err
+    assert config.read_bytes() == before and not (model / "cache").exists()
