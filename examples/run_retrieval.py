@@ -51,7 +51,7 @@ import transformers
 from transformers import BertTokenizerFast, HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_imagebert import ImageBertForRetrieval, ImageBertProcessor
-from modeling_imagebert.atomic import atomic_write_text, check_output_outside_inputs
+from modeling_imagebert.atomic import atomic_write_text, check_output_outside_inputs, lock_folder
 from modeling_imagebert.cli_arguments import (
     DefaultsHelpFormatter,
     check_local_model_path,
@@ -318,6 +318,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     transformers.utils.logging.set_verbosity_warning()
     check_output_dir(args, training_args)
+    if training_args.process_index == 0 and (training_args.do_train or training_args.do_eval):
+        # One run at a time in a folder: a second run started into it stops here, naming this one (the kernel
+        # drops the lock when this process ends, however it ends, so a killed run resumes at once).
+        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+        lock_folder(training_args.output_dir)
     set_seed(training_args.seed)
     # `latest` with no checkpoint starts from scratch (as run_pretrain); a missing folder fails here, before any work.
     resume, message = resolve_trainer_resume(training_args.resume_from_checkpoint, training_args.output_dir)

@@ -120,6 +120,38 @@ def test_run_retrieval_refuses_an_output_dir_that_is_holds_or_lies_inside_an_inp
     assert tree_state(checkpoint) == before and not (checkpoint / "finetuned").exists()
 
 
+def test_run_retrieval_into_a_folder_another_live_run_holds_stops_at_once(
+    checkpoint, scripts, tmp_path, capsys
+):
+    """Issue 25, group 3 for fine-tuning: two runs into one folder both trained and the folder kept one of them."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pathlib import Path\nfrom modeling_imagebert.atomic import lock_folder\n"
+            "Path(sys.argv[1]).mkdir()\nlock_folder(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(600)",
+            str(folder),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = ["--model_name_or_path", str(checkpoint), "--output_dir", str(folder), "--toy"]
+        argv += ["--toy_num_images", "8", "--max_steps", "1", "--do_train", *QUIET]
+        code, errors = run(scripts["run_retrieval"], argv, capsys)
+        assert code == 2 and len(errors) == 1 and f"is in use by run pid {holder.pid}" in errors[0], errors
+        assert [p.name for p in folder.iterdir()] == [".lock-modeling_imagebert"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
 def test_run_retrieval_refuses_a_train_split_with_a_nan_feature_before_step_1(
     checkpoint, scripts, tmp_path, capsys
 ):
