@@ -184,3 +184,73 @@ def test_compiled_retrieval_step_equals_the_eager_one(processor):
         torch.testing.assert_close(losses[name], value, rtol=0, atol=1e-6, msg=name)
     for name, value in eager_grads.items():
         torch.testing.assert_close(grads[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Static shapes: shape buckets bound the compilations of a stage
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(minilm_path):
+    """The demo recipe's model, processor and stages, on a smaller toy world (300 images per stage)."""
+    from modeling_imagebert.package_data import demo_recipe_path
+    from modeling_imagebert.pretraining.model_setup import build_model_and_processor
+    from modeling_imagebert.pretraining.recipes import load_recipe
+
+    recipe = load_recipe(
+        demo_recipe_path(), [f"stages.{s}.datasets.0.toy_world.num_images=300" for s in (0, 1)]
+    )
+    model, processor = build_model_and_processor(recipe)
+    return recipe, model.train(), processor
+
+
+def _stage_batches(demo, stage_index, shape_buckets, count):
+    from modeling_imagebert.pretraining.model_setup import set_stage_loss_weights
+    from modeling_imagebert.pretraining.schedule import plan_stage
+
+    recipe, model, processor = demo
+    stage = recipe.stages[stage_index]
+    set_stage_loss_weights(model.config, stage.tasks)
+    plan = plan_stage(
+        stage, stage_index, processor, model.config, num_processes=1, seed=42, shape_buckets=shape_buckets
+    )
+    return list(plan.batches(0, 0, count))
+
+
+def _shapes(batch) -> tuple:
+    return tuple((key, tuple(value.shape)) for key, value in sorted(batch.items()))
+
+
+@pytest.mark.parametrize("stage_index", [0, 1])
+def test_a_demo_stage_compiles_at_most_four_times_with_shape_buckets(demo, stage_index):
+    from torch._dynamo.testing import CompileCounter
+
+    from modeling_imagebert.pretraining.compiling import mark_dynamic_positions
+
+    _, model, _ = demo
+    batches = _stage_batches(demo, stage_index, shape_buckets=True, count=24)
+    # Without buckets nearly every batch has its own shape: a static-shape step would compile for each.
+    unbucketed = _stage_batches(demo, stage_index, shape_buckets=False, count=24)
+    assert len({_shapes(batch) for batch in unbucketed}) > 4
+    counter = CompileCounter()  # a dynamo backend that counts the graphs it is given, then runs them eagerly
+    compiled = torch.compile(model, backend=counter, dynamic=False)
+    for batch in batches:
+        compiled(**mark_dynamic_positions(batch))
+    assert 1 <= counter.frame_count <= 4, counter.frame_count
+
+
+@pytest.mark.parametrize("stage_index", [0, 1])
+def test_shape_buckets_keep_the_losses(demo, stage_index):
+    _, model, _ = demo
+    bucketed = _stage_batches(demo, stage_index, shape_buckets=True, count=6)
+    plain = _stage_batches(demo, stage_index, shape_buckets=False, count=6)
+    assert any(_shapes(a) != _shapes(b) for a, b in zip(bucketed, plain, strict=True))
+    with torch.no_grad():
+        for padded, batch in zip(bucketed, plain, strict=True):
+            expected, got = model(**batch), model(**padded)
+            for name, value in expected.items():
+                if name.endswith("loss") and value is not None:
+                    # Within 1e-6 relative (a float32 ulp of the summed loss is ~1e-7 of it): longer sums in the
+                    # padded attention and heads round differently, nothing else changes.
+                    torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-6)

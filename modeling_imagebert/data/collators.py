@@ -216,7 +216,66 @@ def _check_label_ranges(batch: Mapping[str, Any]) -> None:
             )
 
 
-def add_labelled_positions(batch: dict[str, Any]) -> dict[str, Any]:
+def bucket_size(size: int, limit: int, smallest: int = 8) -> int:
+    """The size a dimension of `size` entries is padded to with shape buckets: the smallest power of two >= `size`
+    (and >= `smallest`), but at most `limit` (a dimension already longer than `limit` keeps its size). A stage then
+    sees a few distinct shapes per dimension, so a compiled step is compiled a few times, not once per batch."""
+    bucket = max(int(smallest), 1 << max(int(size) - 1, 0).bit_length())
+    return max(int(size), min(bucket, int(limit)))
+
+
+# The [B, T] text and [B, R, ...] region entries of a batch, with the value their padding holds.
+_TEXT_PADDING = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
+_REGION_PADDING = {
+    "region_features": 0.0,
+    "region_locations": 0.0,
+    "region_attention_mask": 0,
+    "region_feature_targets": 0.0,
+    "masked_regions": False,
+    "region_class_labels": IGNORE_INDEX,
+}
+
+
+def _pad_dim1(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
+    """`tensor` [B, N, ...] padded with `value` to [B, width, ...]."""
+    if tensor.shape[1] >= width:
+        return tensor
+    padding = tensor.new_full((tensor.shape[0], width - tensor.shape[1], *tensor.shape[2:]), value)
+    return torch.cat([tensor, padding], dim=1)
+
+
+def pad_to_buckets(
+    batch: dict[str, Any], *, pad_token_id: int, max_text_length: int, max_regions: int
+) -> dict[str, Any]:
+    """Pads a collated batch, in place, to shape buckets (see `bucket_size`): the text to a bucket of at most
+    `max_text_length` tokens (padding ids `pad_token_id`, masked out, labels -100), the regions to one of at most
+    `max_regions` (zero features, masked out, no labels), and, for a pre-training batch, each head's positions and
+    the last layer's rows to buckets too (`add_labelled_positions(..., bucketed=True)`; padding entries -100). The
+    model computes the same losses: padding is masked out of attention and out of every loss. Returns `batch`."""
+    had_positions = any(key in batch for key in POSITION_KEYS)
+    input_ids = batch.get("input_ids")
+    if input_ids is not None:
+        width = bucket_size(input_ids.shape[1], max_text_length)
+        batch["input_ids"] = _pad_dim1(input_ids, width, pad_token_id)
+        for name, value in _TEXT_PADDING.items():
+            if batch.get(name) is not None:
+                batch[name] = _pad_dim1(batch[name], width, value)
+    regions = batch.get("region_features")
+    if regions is not None:
+        width = bucket_size(regions.shape[1], max_regions)
+        for name, value in _REGION_PADDING.items():
+            if batch.get(name) is not None:
+                batch[name] = _pad_dim1(batch[name], width, value)
+    return add_labelled_positions(batch, bucketed=True) if had_positions else batch
+
+
+def _pad_positions(positions: torch.Tensor, limit: int) -> torch.Tensor:
+    """Flat positions (M,) padded with -100 (ignored) to `bucket_size(M, limit)` entries."""
+    width = bucket_size(positions.shape[0], limit)
+    return torch.cat([positions, positions.new_full((width - positions.shape[0],), IGNORE_INDEX)])
+
+
+def add_labelled_positions(batch: dict[str, Any], bucketed: bool = False) -> dict[str, Any]:
     """Adds to a pre-training batch, in place, the positions each head reads, computed here on the CPU so that the
     model's training step never reads a value back from the device:
 
@@ -228,7 +287,8 @@ def add_labelled_positions(batch: dict[str, Any]) -> dict[str, Any]:
       distinct entries.
 
     A task whose labels are absent gets no positions; call again after removing labels (old positions are
-    replaced). Conditional masking: entries of mismatched pairs (`itm_labels` 0) are left out.
+    replaced). Conditional masking: entries of mismatched pairs (`itm_labels` 0) are left out. With `bucketed`, each
+    count is padded to its shape bucket (`bucket_size`): the positions with -100 entries, Q with more rows.
     """
     _check_label_ranges(batch)
     for key in POSITION_KEYS:
@@ -247,17 +307,25 @@ def add_labelled_positions(batch: dict[str, Any]) -> dict[str, Any]:
     if "labels" in batch and input_ids is not None:
         selected = (batch["labels"] != IGNORE_INDEX) & matched[:, None]
         batch["mlm_positions"] = _flat_positions(selected)
+        if bucketed:
+            batch["mlm_positions"] = _pad_positions(batch["mlm_positions"], selected.numel())
         joint[:, :num_text] |= selected
     region_part = joint[:, num_text + num_global :]
     if "region_class_labels" in batch and regions is not None:
         selected = (batch["region_class_labels"] != IGNORE_INDEX) & matched[:, None]
         batch["moc_positions"] = _flat_positions(selected)
+        if bucketed:
+            batch["moc_positions"] = _pad_positions(batch["moc_positions"], selected.numel())
         region_part |= selected
     if "region_feature_targets" in batch and "masked_regions" in batch and regions is not None:
         selected = batch["masked_regions"].bool() & matched[:, None]
         batch["mrfr_positions"] = _flat_positions(selected)
+        if bucketed:
+            batch["mrfr_positions"] = _pad_positions(batch["mrfr_positions"], selected.numel())
         region_part |= selected
     num_queries = max(int(joint.sum(1).max()), 1)
+    if bucketed:  # at least 16: per-row counts straddle 8 in a typical batch, and the extra rows are cheap
+        num_queries = bucket_size(num_queries, joint.shape[1], smallest=16)
     # Selected positions first (ascending), then the others: a stable sort of "not selected".
     batch["last_layer_positions"] = torch.argsort((~joint).to(torch.int8), dim=1, stable=True)[
         :, :num_queries
@@ -681,6 +749,8 @@ __all__ = [
     "DataCollatorForTextMLM",
     "POSITION_KEYS",
     "add_labelled_positions",
+    "bucket_size",
     "hashed_uniform",
     "mask_tokens",
+    "pad_to_buckets",
 ]
