@@ -444,17 +444,17 @@ def _git_commit() -> str:
         return "?"
 
 
-def append_results(rows: list[dict], args, machine: str, commit: str) -> None:
+def append_results(rows: list[dict], args, machine: str, commit: str, results: Path = RESULTS) -> None:
     header = (
         "| date | commit | machine | device | size | batch | text+regions | dtype | model | samples/s | "
         "ImageBERT / model | peak MB | MFU |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    new_file = not RESULTS.exists() or not RESULTS.read_text().strip()
-    with RESULTS.open("a") as f:
+    new_file = not results.exists() or not results.read_text().strip()
+    with results.open("a") as f:
         if new_file:
             f.write("# Benchmark results\n\nRows are appended by the scripts in `benchmarks/`.\n\n")
-        if new_file or "| ImageBERT / model |" not in RESULTS.read_text():
+        if new_file or "| ImageBERT / model |" not in results.read_text():
             f.write("\n## Pre-training step (`bench_pretrain_step.py`)\n\n" + header)
         date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         for row in rows:
@@ -496,6 +496,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--no-collator", action="store_true", help="skip the collator timing")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="the markdown file the rows are appended to"
+    )
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS) - {COMPILED})
@@ -620,8 +623,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
     if not args.no_record:
-        append_results(rows, args, machine, commit)
-        print(f"\nappended {len(rows)} rows to {RESULTS}")
+        append_results(rows, args, machine, commit, args.results)
+        print(f"\nappended {len(rows)} rows to {args.results}")
     return rows
 
 

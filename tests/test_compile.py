@@ -254,3 +254,37 @@ def test_shape_buckets_keep_the_losses(demo, stage_index):
                     # Within 1e-6 relative (a float32 ulp of the summed loss is ~1e-7 of it): longer sums in the
                     # padded attention and heads round differently, nothing else changes.
                     torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_retrieval_collator_shape_buckets_keep_the_losses(processor):
+    torch.manual_seed(0)
+    model = ImageBertForRetrieval(_config(processor, dropout=0.0, retrieval_loss="binary+ce+0.5*itc")).train()
+    examples = _examples(6, captions_per_image=1)
+    plain = DataCollatorForImageTextRetrieval(processor, num_candidates=3, seed=2)(examples)
+    padded = DataCollatorForImageTextRetrieval(processor, num_candidates=3, seed=2, shape_buckets=True)(
+        examples
+    )
+    assert padded["input_ids"].shape[1] == 16 > plain["input_ids"].shape[1]
+    assert padded["region_features"].shape[1] == 8 >= plain["region_features"].shape[1]
+    with torch.no_grad():
+        expected, got = model(**plain), model(**padded)
+    for name in ("loss", "binary_loss", "ce_loss", "itc_loss"):
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["fast", "true", "reduce_overhead"])
+def test_a_bad_compile_value_is_one_clear_recipe_error(value):
+    from modeling_imagebert.pretraining.recipes import RecipeError, recipe_from_dict
+
+    recipe = {
+        "model": {"config": "imagebert-tiny"},
+        "training": {"compile": value},
+        "stages": [{"init": "config", "datasets": [{"toy_world": {}}], "max_steps": 1, "batch_size": 2}],
+    }
+    with pytest.raises(RecipeError, match=r"^training\.compile: expected one of \['none', 'default', "):
+        recipe_from_dict(recipe)
+    recipe["training"]["compile"] = "reduce-overhead"
+    training = recipe_from_dict(recipe).training
+    assert training.uses_shape_buckets and training.compile == "reduce-overhead"
+    recipe["training"] = {}
+    assert not recipe_from_dict(recipe).training.uses_shape_buckets  # the paper's padding by default

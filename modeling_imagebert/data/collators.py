@@ -253,18 +253,17 @@ def pad_to_buckets(
     the last layer's rows to buckets too (`add_labelled_positions(..., bucketed=True)`; padding entries -100). The
     model computes the same losses: padding is masked out of attention and out of every loss. Returns `batch`."""
     had_positions = any(key in batch for key in POSITION_KEYS)
-    input_ids = batch.get("input_ids")
-    if input_ids is not None:
-        width = bucket_size(input_ids.shape[1], max_text_length)
-        batch["input_ids"] = _pad_dim1(input_ids, width, pad_token_id)
-        for name, value in _TEXT_PADDING.items():
-            if batch.get(name) is not None:
-                batch[name] = _pad_dim1(batch[name], width, value)
-    regions = batch.get("region_features")
-    if regions is not None:
-        width = bucket_size(regions.shape[1], max_regions)
-        for name, value in _REGION_PADDING.items():
-            if batch.get(name) is not None:
+    for reference, limit, padding in (
+        ("input_ids", max_text_length, {"input_ids": pad_token_id, **_TEXT_PADDING}),
+        ("region_features", max_regions, _REGION_PADDING),
+    ):
+        if batch.get(reference) is None:
+            continue
+        shape = batch[reference].shape[:2]  # (B, T) or (B, R)
+        width = bucket_size(shape[1], limit)
+        for name, value in padding.items():
+            # Only entries laid out like the reference (a retrieval batch's `labels` are (B,), not (B, T)).
+            if isinstance(batch.get(name), torch.Tensor) and batch[name].shape[:2] == shape:
                 batch[name] = _pad_dim1(batch[name], width, value)
     return add_labelled_positions(batch, bucketed=True) if had_positions else batch
 
@@ -557,6 +556,9 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
             the caption: text-to-image) or "both" (the negatives of a group alternate between the two, starting
             with a direction drawn per example).
         seed (0): randomness derives from (seed, epoch, example_index); see `set_epoch`.
+        shape_buckets (False): pad the text and the regions to shape buckets (`pad_to_buckets`, up to the
+            processor's `max_text_length` and `max_regions`) instead of the batch's longest: a compiled step
+            (`--torch_compile`) then sees a few shapes. The losses are the same.
 
     Negatives come from other examples of the batch with a different image_id, P-1 distinct images per group
     (a caption of the chosen image is drawn when it has several). A batch needs at least P distinct images.
@@ -577,9 +579,11 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
         negative_direction: str = "both",
         seed: int = 0,
         feature_dtype: torch.dtype = torch.float32,
+        shape_buckets: bool = False,
     ):
         super().__init__(seed)
         self.processor = _as_processor(processor_or_tokenizer)
+        self.shape_buckets = bool(shape_buckets)
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(
                 f"num_candidates must be an int >= 1 (the positive plus negatives), got {num_candidates!r}"
@@ -633,6 +637,14 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
         # P, so the ce/triplet losses need not count positives on the device (a host synchronisation).
         batch["num_candidates"] = count
         (batch["itc_image_groups"],) = contrastive_groups(image_ids)
+        if self.shape_buckets:
+            pad_id = self.processor.tokenizer.pad_token_id
+            pad_to_buckets(
+                batch,
+                pad_token_id=0 if pad_id is None else int(pad_id),
+                max_text_length=self.processor.max_text_length,
+                max_regions=self.processor.max_regions,
+            )
         return batch
 
 
