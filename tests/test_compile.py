@@ -288,3 +288,31 @@ def test_a_bad_compile_value_is_one_clear_recipe_error(value):
     assert training.uses_shape_buckets and training.compile == "reduce-overhead"
     recipe["training"] = {}
     assert not recipe_from_dict(recipe).training.uses_shape_buckets  # the paper's padding by default
+
+
+def test_run_pretrain_with_training_compile_trains_like_the_eager_run(tmp_path, minilm_path, monkeypatch):
+    # The wiring of examples/run_pretrain.py: `--compile default` runs the step through the compiled module (here the
+    # aot_eager backend, for speed) on shape-bucketed batches, checkpoints and finishes; without dropout its losses
+    # are the eager run's up to float rounding.
+    import json
+
+    from test_pretrain import _run, _tiny_recipe, run_pretrain
+
+    from modeling_imagebert.pretraining import compiling
+
+    compiled = []
+
+    def compile_step(model, mode, backend="inductor"):
+        compiled.append(mode)
+        return compiling.compile_step(model, mode, backend="aot_eager")
+
+    monkeypatch.setattr(run_pretrain, "compile_step", compile_step)
+    recipe = _tiny_recipe(minilm_path, stages=2, steps=3)
+    recipe["model"]["overrides"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    _, eager = _run(tmp_path, recipe, name="eager")
+    results, out = _run(tmp_path, recipe, "--compile", "default", "--save_steps", "2", name="compiled")
+    assert compiled == ["none", "none", "default", "default"] and (out / "checkpoint-1-2").is_dir()
+    history = json.loads((eager / "pretrain_results.json").read_text())["loss_history"]
+    assert [r["loss"] for r in results["loss_history"]] == pytest.approx(
+        [r["loss"] for r in history], rel=1e-4
+    )
