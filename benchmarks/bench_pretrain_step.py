@@ -14,7 +14,19 @@ so that the figure is the model's own cost (it is the same for every model up to
 For each dtype (fp32, and bf16 autocast) it warms every model up, then times `--steps` rounds in which each model
 runs one step in turn (so that the load of a shared machine hits every model alike) and prints the median as
 samples/s, the ratio of ImageBERT to each peer, the peak memory of a step and the model FLOPs utilisation against a
-matrix-product peak timed in the same run. It also times the pre-training collator (samples/s) on the same shapes,
+matrix-product peak timed in the same run.
+
+FLOPs. MFU divides the FLOPs of a step, counted by `torch.utils.flop_counter.FlopCounterMode` on the eager model
+(every matrix product and attention product actually run, forward and backward: ImageBERT's heads only on the
+labelled positions, the peers' on every position), by the step's time and the matrix-product peak. The table also
+prints the usual estimate for comparison with published MFU figures: 6 x (non-embedding parameters) x (tokens) +
+12 x layers x L^2 x hidden x B for the attention products (2 products of 2 L^2 H FLOPs each per layer, x3 for
+forward + backward), with L = text + regions the joint length.
+
+`--compile` adds the row `imagebert+compile`: the whole training step under `torch.compile` as `training.compile`
+runs it (`modeling_imagebert.pretraining.compiling.compile_step`, one graph, static shapes; `--compile-mode`,
+default "default", "reduce-overhead" adds CUDA graphs on a GPU). The machine's load average is recorded with the
+rows (the cores may be shared). It also times the pre-training collator (samples/s) on the same shapes,
 to check that data never waits (target: >= 20x the ImageBERT step). A markdown row per (model, dtype) is appended to
 `benchmarks/RESULTS.md` with the machine.
 
@@ -44,8 +56,9 @@ import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 MODELS = ("imagebert", "visualbert", "lxmert")
-# The opt-in `compile_layers()` path (inductor; ~1 min of compiling per dtype on 2 CPU cores): `--compile` adds it.
+# The whole step under torch.compile (inductor), as `training.compile` runs it: `--compile` adds it.
 COMPILED = "imagebert+compile"
+COMPILE_MODE = {"mode": "default"}  # set from --compile-mode
 SIZES = {
     # hidden, layers, heads, intermediate, (lxmert l/x/r layers)
     "base": dict(hidden=768, layers=12, heads=12, intermediate=3072, lxmert_layers=(9, 5, 5)),
@@ -70,6 +83,25 @@ def machine_description(device: str) -> str:
     if device == "cuda":
         text += f", {torch.cuda.get_device_name()}"
     return text
+
+
+def load_average() -> str:
+    """The 1-minute load average (how busy the shared cores were), or "?"."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
+def estimated_flops(
+    model, batch_size: int, text_length: int, regions: int, layers: int, hidden: int
+) -> float:
+    """The conventional FLOPs estimate of a training step: 6 x non-embedding parameters x tokens + the attention
+    products, 12 x layers x L^2 x hidden per sample (L = text + regions)."""
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    params = sum(p.numel() for p in model.parameters()) - embedding
+    length = text_length + regions
+    return 6 * params * batch_size * length + 12 * layers * length**2 * hidden * batch_size
 
 
 def _trim_heap() -> None:
@@ -297,8 +329,10 @@ def build_lxmert(size: dict, feature_dim: int, regions: int, text_length: int):
 
 
 def build_imagebert_compiled(size: dict, feature_dim: int, regions: int, text_length: int):
+    from modeling_imagebert.pretraining.compiling import compile_step
+
     model, inputs = build_imagebert(size, feature_dim, regions, text_length)
-    return model.compile_layers(), inputs
+    return compile_step(model, COMPILE_MODE["mode"]), inputs
 
 
 BUILDERS: dict[str, Callable] = {
@@ -410,17 +444,17 @@ def _git_commit() -> str:
         return "?"
 
 
-def append_results(rows: list[dict], args, machine: str, commit: str) -> None:
+def append_results(rows: list[dict], args, machine: str, commit: str, results: Path = RESULTS) -> None:
     header = (
         "| date | commit | machine | device | size | batch | text+regions | dtype | model | samples/s | "
         "ImageBERT / model | peak MB | MFU |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    new_file = not RESULTS.exists() or not RESULTS.read_text().strip()
-    with RESULTS.open("a") as f:
+    new_file = not results.exists() or not results.read_text().strip()
+    with results.open("a") as f:
         if new_file:
             f.write("# Benchmark results\n\nRows are appended by the scripts in `benchmarks/`.\n\n")
-        if new_file or "| ImageBERT / model |" not in RESULTS.read_text():
+        if new_file or "| ImageBERT / model |" not in results.read_text():
             f.write("\n## Pre-training step (`bench_pretrain_step.py`)\n\n" + header)
         date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         for row in rows:
@@ -454,8 +488,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         action="store_true",
         help=f"also time ImageBERT with its opt-in torch.compile path ({COMPILED}); peers stay eager",
     )
+    parser.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        default="default",
+        help="torch.compile mode of the imagebert+compile row",
+    )
     parser.add_argument("--no-collator", action="store_true", help="skip the collator timing")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="the markdown file the rows are appended to"
+    )
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS) - {COMPILED})
@@ -465,6 +508,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         models.insert(models.index("imagebert") + 1 if "imagebert" in models else 0, COMPILED)
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     device = args.device
+    COMPILE_MODE["mode"] = args.compile_mode
     machine = machine_description(device)
     commit = _git_commit()  # at the start: other commits may land while the benchmark runs
     size = SIZES[args.size]
@@ -498,6 +542,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 # The FLOP counter does not see inside compiled graphs; the computation is ImageBERT's.
                 results[name, dtype]["flops"] = results["imagebert", dtype]["flops"]
             results[name, dtype]["params"] = sum(p.numel() for p in model.parameters())
+            layers = sum(size["lxmert_layers"]) if name == "lxmert" else size["layers"]
+            results[name, dtype]["estimate"] = estimated_flops(
+                model, args.batch_size, args.text_length, args.regions, layers, size["hidden"]
+            )
             print(
                 f"  {name:10s} {dtype}: peak +{results[name, dtype]['peak_bytes'] / 2**20:.0f} MB", flush=True
             )
@@ -513,13 +561,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 flush=True,
             )
     del built, steps
+    machine += f", load {load_average()}"
 
     rows = []
     print()
     print(
-        "| dtype | model | params (M) | s/step | samples/s | ImageBERT / model | peak MB | GFLOP/step | MFU |"
+        "| dtype | model | params (M) | s/step | samples/s | ImageBERT / model | peak MB | GFLOP/step | MFU | "
+        "GFLOP/step (6NT + attention) | MFU (6NT + attention) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in dtypes:
         reference = results.get(("imagebert", dtype))
         compiled = results.get((COMPILED, dtype))
@@ -539,9 +589,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "mfu": f"{100 * mfu:.0f}%",
             }
             rows.append(row)
+            estimate = result["estimate"] / result["seconds"] / peaks[dtype]
             print(
                 f"| {dtype} | {name} | {result['params'] / 1e6:.1f} | {result['seconds']:.3f} | {samples:.2f} | "
-                f"{ratio} | {row['peak_mb']} | {result['flops'] / 1e9:.0f} | {row['mfu']} |"
+                f"{ratio} | {row['peak_mb']} | {result['flops'] / 1e9:.0f} | {row['mfu']} | "
+                f"{result['estimate'] / 1e9:.0f} | {100 * estimate:.0f}% |"
             )
 
     if not args.no_collator:
@@ -571,8 +623,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
     if not args.no_record:
-        append_results(rows, args, machine, commit)
-        print(f"\nappended {len(rows)} rows to {RESULTS}")
+        append_results(rows, args, machine, commit, args.results)
+        print(f"\nappended {len(rows)} rows to {args.results}")
     return rows
 
 

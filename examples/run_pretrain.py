@@ -35,6 +35,7 @@ from modeling_imagebert.package_data import demo_recipe_path
 from modeling_imagebert.pretraining import checkpoints as ckpt
 from modeling_imagebert.pretraining import run_outputs as outputs_of_run
 from modeling_imagebert.pretraining.arguments import build_argument_parser, recipe_from_arguments
+from modeling_imagebert.pretraining.compiling import compile_step, mark_dynamic_positions
 from modeling_imagebert.pretraining.data_sources import load_source
 from modeling_imagebert.pretraining.hard_negatives import mine_itm_negatives
 from modeling_imagebert.pretraining.loss_log import StageLossLog
@@ -76,9 +77,11 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
     stage, training, number = recipe.stages[stage_index], recipe.training, stage_index + 1
     output_dir = Path(training.output_dir).absolute()
     config = accelerator.unwrap_model(model).config
+    # With training.compile, batches are padded to shape buckets: a compiled step then sees a few shapes per stage.
     plan = plan_stage(
-        stage, stage_index, processor, config, num_processes=accelerator.num_processes, seed=training.seed
-    )
+        stage, stage_index, processor, config, num_processes=accelerator.num_processes, seed=training.seed,
+        shape_buckets=training.uses_shape_buckets,
+    )  # fmt: skip
     # One source of truth for the loss: the stage's task weights go into the config (disabled tasks 0), so
     # `outputs.loss` is the weighted sum this stage trains on, and the saved config records it.
     set_stage_loss_weights(config, stage.tasks)
@@ -87,6 +90,9 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
     # whatever the number of processes, and saved beside accelerate's state in checkpoints.
     optimizer = make_optimizer(accelerator.unwrap_model(model), stage, training.adamw_implementation)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # The forward + backward run through the compiled module (training.compile; the model itself when "none"); it
+    # shares the prepared model's parameters, which everything else (accumulation, checkpoints) keeps using.
+    step_model = compile_step(model, training.compile)
     scheduler = get_scheduler(
         stage.lr_scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.num_steps
     )
@@ -124,7 +130,7 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
             micro_batch += 1
             # `accumulate` skips the gradient all-reduce and the optimiser step until the last micro-batch of a step.
             with accelerator.accumulate(model):
-                outputs = model(**batch)
+                outputs = step_model(**mark_dynamic_positions(batch))
                 accelerator.backward(outputs.loss)
                 # clip_grad_norm_ returns the gradient norm; without clipping it is measured for the check alone.
                 grad_norm = None

@@ -19,6 +19,10 @@ paper's settings; `--push_to_hub`, `--report_to`, `--seed`, ...). Ours:
     --negative_direction        text (negative captions: image-to-text), image (negative images), both
     --negatives                 random (the paper's) or itc: hard negatives drawn by ITC similarity over the batch
 
+`--torch_compile` (with `--torch_compile_mode default|reduce-overhead|max-autotune`) compiles the training step as
+one graph, as `training.compile` does in run_pretrain.py, and pads the training batches to shape buckets; Trainer's
+default optimiser is already torch's fused AdamW (`--optim adamw_torch_fused`).
+
 During training, evaluation scores a FIXED candidate layout (`--eval_num_candidates`, default 20: each eval caption
 against its image and 19 others, each eval image against one of its captions and 19 others; negatives chosen once
 from `--eval_layout_seed`) and reports recall@1/5/10 per direction. `--do_full_ranking` then ranks the whole eval
@@ -382,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
         num_candidates=args.num_candidates,
         negative_direction=args.negative_direction,
         seed=training_args.seed,
+        # A compiled step (--torch_compile, --torch_compile_mode reduce-overhead) sees a few shapes, not one per batch.
+        shape_buckets=training_args.torch_compile,
     )
     trainer = RetrievalTrainer(
         model=model,

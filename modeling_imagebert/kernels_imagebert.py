@@ -37,9 +37,11 @@ def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tenso
 
 
 def _use_fast_dropout(module: nn.Module, hidden_states: torch.Tensor, p: float) -> bool:
-    # On CUDA `F.dropout` is already one fused kernel with a cheap counter-based generator.
+    # On CUDA `F.dropout` is already one fused kernel with a cheap counter-based generator. Under `torch.compile`
+    # `F.dropout` too: the compiler fuses its mask into the neighbouring ops, and dynamo cannot trace `random_`.
     return (
-        module.training
+        not torch.compiler.is_compiling()
+        and module.training
         and p > 0
         and getattr(module, "fast_dropout", True)
         and hidden_states.device.type == "cpu"

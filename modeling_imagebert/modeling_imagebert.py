@@ -1449,6 +1449,8 @@ class ImageBertForPreTraining(ImageBertContrastiveFeaturesMixin, ImageBertPreTra
         weight = self.imagebert.embeddings.word_embeddings.weight
         return (
             self.sparse_word_gradient
+            # Inductor cannot compile a sparse gradient; a compiled step fuses the dense one instead.
+            and not torch.compiler.is_compiling()
             and labels is not None
             and torch.is_grad_enabled()
             and weight.requires_grad

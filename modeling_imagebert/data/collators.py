@@ -216,7 +216,65 @@ def _check_label_ranges(batch: Mapping[str, Any]) -> None:
             )
 
 
-def add_labelled_positions(batch: dict[str, Any]) -> dict[str, Any]:
+def bucket_size(size: int, limit: int, smallest: int = 8) -> int:
+    """The size a dimension of `size` entries is padded to with shape buckets: the smallest power of two >= `size`
+    (and >= `smallest`), but at most `limit` (a dimension already longer than `limit` keeps its size). A stage then
+    sees a few distinct shapes per dimension, so a compiled step is compiled a few times, not once per batch."""
+    bucket = max(int(smallest), 1 << max(int(size) - 1, 0).bit_length())
+    return max(int(size), min(bucket, int(limit)))
+
+
+# The [B, T] text and [B, R, ...] region entries of a batch, with the value their padding holds.
+_TEXT_PADDING = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
+_REGION_PADDING = {
+    "region_features": 0.0,
+    "region_locations": 0.0,
+    "region_attention_mask": 0,
+    "region_feature_targets": 0.0,
+    "masked_regions": False,
+    "region_class_labels": IGNORE_INDEX,
+}
+
+
+def _pad_dim1(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
+    """`tensor` [B, N, ...] padded with `value` to [B, width, ...]."""
+    if tensor.shape[1] >= width:
+        return tensor
+    padding = tensor.new_full((tensor.shape[0], width - tensor.shape[1], *tensor.shape[2:]), value)
+    return torch.cat([tensor, padding], dim=1)
+
+
+def pad_to_buckets(
+    batch: dict[str, Any], *, pad_token_id: int, max_text_length: int, max_regions: int
+) -> dict[str, Any]:
+    """Pads a collated batch, in place, to shape buckets (see `bucket_size`): the text to a bucket of at most
+    `max_text_length` tokens (padding ids `pad_token_id`, masked out, labels -100), the regions to one of at most
+    `max_regions` (zero features, masked out, no labels), and, for a pre-training batch, each head's positions and
+    the last layer's rows to buckets too (`add_labelled_positions(..., bucketed=True)`; padding entries -100). The
+    model computes the same losses: padding is masked out of attention and out of every loss. Returns `batch`."""
+    had_positions = any(key in batch for key in POSITION_KEYS)
+    for reference, limit, padding in (
+        ("input_ids", max_text_length, {"input_ids": pad_token_id, **_TEXT_PADDING}),
+        ("region_features", max_regions, _REGION_PADDING),
+    ):
+        if batch.get(reference) is None:
+            continue
+        shape = batch[reference].shape[:2]  # (B, T) or (B, R)
+        width = bucket_size(shape[1], limit)
+        for name, value in padding.items():
+            # Only entries laid out like the reference (a retrieval batch's `labels` are (B,), not (B, T)).
+            if isinstance(batch.get(name), torch.Tensor) and batch[name].shape[:2] == shape:
+                batch[name] = _pad_dim1(batch[name], width, value)
+    return add_labelled_positions(batch, bucketed=True) if had_positions else batch
+
+
+def _pad_positions(positions: torch.Tensor, limit: int) -> torch.Tensor:
+    """Flat positions (M,) padded with -100 (ignored) to `bucket_size(M, limit)` entries."""
+    width = bucket_size(positions.shape[0], limit)
+    return torch.cat([positions, positions.new_full((width - positions.shape[0],), IGNORE_INDEX)])
+
+
+def add_labelled_positions(batch: dict[str, Any], bucketed: bool = False) -> dict[str, Any]:
     """Adds to a pre-training batch, in place, the positions each head reads, computed here on the CPU so that the
     model's training step never reads a value back from the device:
 
@@ -228,7 +286,8 @@ def add_labelled_positions(batch: dict[str, Any]) -> dict[str, Any]:
       distinct entries.
 
     A task whose labels are absent gets no positions; call again after removing labels (old positions are
-    replaced). Conditional masking: entries of mismatched pairs (`itm_labels` 0) are left out.
+    replaced). Conditional masking: entries of mismatched pairs (`itm_labels` 0) are left out. With `bucketed`, each
+    count is padded to its shape bucket (`bucket_size`): the positions with -100 entries, Q with more rows.
     """
     _check_label_ranges(batch)
     for key in POSITION_KEYS:
@@ -247,17 +306,25 @@ def add_labelled_positions(batch: dict[str, Any]) -> dict[str, Any]:
     if "labels" in batch and input_ids is not None:
         selected = (batch["labels"] != IGNORE_INDEX) & matched[:, None]
         batch["mlm_positions"] = _flat_positions(selected)
+        if bucketed:
+            batch["mlm_positions"] = _pad_positions(batch["mlm_positions"], selected.numel())
         joint[:, :num_text] |= selected
     region_part = joint[:, num_text + num_global :]
     if "region_class_labels" in batch and regions is not None:
         selected = (batch["region_class_labels"] != IGNORE_INDEX) & matched[:, None]
         batch["moc_positions"] = _flat_positions(selected)
+        if bucketed:
+            batch["moc_positions"] = _pad_positions(batch["moc_positions"], selected.numel())
         region_part |= selected
     if "region_feature_targets" in batch and "masked_regions" in batch and regions is not None:
         selected = batch["masked_regions"].bool() & matched[:, None]
         batch["mrfr_positions"] = _flat_positions(selected)
+        if bucketed:
+            batch["mrfr_positions"] = _pad_positions(batch["mrfr_positions"], selected.numel())
         region_part |= selected
     num_queries = max(int(joint.sum(1).max()), 1)
+    if bucketed:  # at least 16: per-row counts straddle 8 in a typical batch, and the extra rows are cheap
+        num_queries = bucket_size(num_queries, joint.shape[1], smallest=16)
     # Selected positions first (ascending), then the others: a stable sort of "not selected".
     batch["last_layer_positions"] = torch.argsort((~joint).to(torch.int8), dim=1, stable=True)[
         :, :num_queries
@@ -489,6 +556,9 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
             the caption: text-to-image) or "both" (the negatives of a group alternate between the two, starting
             with a direction drawn per example).
         seed (0): randomness derives from (seed, epoch, example_index); see `set_epoch`.
+        shape_buckets (False): pad the text and the regions to shape buckets (`pad_to_buckets`, up to the
+            processor's `max_text_length` and `max_regions`) instead of the batch's longest: a compiled step
+            (`--torch_compile`) then sees a few shapes. The losses are the same.
 
     Negatives come from other examples of the batch with a different image_id, P-1 distinct images per group
     (a caption of the chosen image is drawn when it has several). A batch needs at least P distinct images.
@@ -509,9 +579,11 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
         negative_direction: str = "both",
         seed: int = 0,
         feature_dtype: torch.dtype = torch.float32,
+        shape_buckets: bool = False,
     ):
         super().__init__(seed)
         self.processor = _as_processor(processor_or_tokenizer)
+        self.shape_buckets = bool(shape_buckets)
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(
                 f"num_candidates must be an int >= 1 (the positive plus negatives), got {num_candidates!r}"
@@ -565,6 +637,14 @@ class DataCollatorForImageTextRetrieval(_SeededCollator):
         # P, so the ce/triplet losses need not count positives on the device (a host synchronisation).
         batch["num_candidates"] = count
         (batch["itc_image_groups"],) = contrastive_groups(image_ids)
+        if self.shape_buckets:
+            pad_id = self.processor.tokenizer.pad_token_id
+            pad_to_buckets(
+                batch,
+                pad_token_id=0 if pad_id is None else int(pad_id),
+                max_text_length=self.processor.max_text_length,
+                max_regions=self.processor.max_regions,
+            )
         return batch
 
 
@@ -681,6 +761,8 @@ __all__ = [
     "DataCollatorForTextMLM",
     "POSITION_KEYS",
     "add_labelled_positions",
+    "bucket_size",
     "hashed_uniform",
     "mask_tokens",
+    "pad_to_buckets",
 ]

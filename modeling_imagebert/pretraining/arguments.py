@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 
 from ..cli_arguments import DefaultsHelpFormatter
-from .recipes import ADAMW_IMPLEMENTATIONS, Recipe, check_recipe_paths, load_recipe, validate_recipe
+from .recipes import (
+    ADAMW_IMPLEMENTATIONS,
+    COMPILE_MODES,
+    Recipe,
+    check_recipe_paths,
+    load_recipe,
+    validate_recipe,
+)
 
 # Flags copied as-is into the recipe's `training` section.
 _TRAINING_FLAGS = (
@@ -19,6 +26,7 @@ _TRAINING_FLAGS = (
     "num_threads",
     "mixed_precision",
     "adamw_implementation",
+    "compile",
 )
 # Flags applied to every stage.
 _STAGE_FLAGS = ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate")
@@ -59,6 +67,12 @@ def build_argument_parser(description: str | None, default_recipe: str | Path) -
         "--adamw_implementation",
         choices=list(ADAMW_IMPLEMENTATIONS),
         help="overrides training.adamw_implementation (torch's AdamW kernel; the recipes' default: fused)",
+    )
+    add(
+        "--compile",
+        choices=list(COMPILE_MODES),
+        help="overrides training.compile (torch.compile of the training step, with shape-bucketed batches; the "
+        "recipes' default: none)",
     )
     # Continue the folder's run, or replace the folder: not both.
     start = parser.add_mutually_exclusive_group()

@@ -10,8 +10,9 @@ from typing import Any
 from .recipes import RecipeError
 
 # Fields a resume may change: where and how often the run writes and logs, its CPU threads, loader workers and AdamW
-# kernel (threads and kernel change the result only by float rounding), the zero-shot check run after training,
-# and the recipe's name. Everything else (model, stages, datasets, seed, batch
+# kernel (threads and kernel change the result only by float rounding), whether the step is compiled and its batches
+# padded to shape buckets (the same losses up to float rounding; with dropout, compiled steps draw their masks from
+# another generator), the zero-shot check run after training, and the recipe's name. Everything else (model, stages, datasets, seed, batch
 # sizes, steps, schedules, precision) changes the weights a resumed run ends with.
 RESUME_FREE_FIELDS = (
     "name",
@@ -21,6 +22,8 @@ RESUME_FREE_FIELDS = (
     "training.num_workers",
     "training.num_threads",
     "training.adamw_implementation",
+    "training.compile",
+    "training.shape_buckets",
     "training.save_steps",
     "training.save_total_limit",
     "evaluation",

