@@ -94,7 +94,15 @@ def describe_file_type(path: str | os.PathLike) -> str | None:
             return f"a symlink to {os.readlink(path)}"
         except OSError:
             return "a symlink"
+    return file_type_words(mode)
+
+
+def file_type_words(mode: int) -> str:
+    """The kind of file an `st_mode` says, in words ("a folder", "a FIFO (named pipe)", "a character device", ...),
+    for messages refusing what is not a regular file."""
     for test, words in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISLNK, "a symlink"),
         (stat.S_ISFIFO, "a FIFO (named pipe)"),
         (stat.S_ISCHR, "a character device"),
         (stat.S_ISBLK, "a block device"),
@@ -641,6 +649,7 @@ def check_output_outside_inputs(
 
 
 __all__ = [
+    "file_type_words",
     "FILE_MODE",
     "FOLDER_MODE",
     "LOCK_NAME",

@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .atomic import file_type_words
+
 # What a numpy array (and a numpy scalar) pickles to, in numpy 1 and numpy 2 module names.
 NUMPY_ARRAYS = frozenset(
     {
@@ -243,21 +245,8 @@ class InputTooLargeError(ValueError):
     """An input larger than its cap."""
 
 
-def _file_type(mode: int) -> str:
-    for test, words in (
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return words
-    return "not a regular file"
-
-
 def _refuse(path: str | os.PathLike, mode: int, what: str) -> NotRegularFileError:
-    reason = f"is {_file_type(mode)}, not a regular file ; expected {what} (a regular file)"
+    reason = f"is {file_type_words(mode)}, not a regular file ; expected {what} (a regular file)"
     error = NotRegularFileError(f"{os.fspath(path)}: {reason}")
     error.reason = reason  # the message without the path, for callers that name the file themselves
     return error

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .harness import ROOT, Probes, tokenizer_path
+from .harness import ROOT, Probes, tiny_model_recipe
 
 TOY = {"world_seed": 0, "feature_dim": 16, "num_classes": 6, "num_attributes": 2, "num_images": 16}
 
@@ -106,14 +106,7 @@ def _pretrain_script(base: Path) -> tuple[Callable[..., int], Callable[..., Path
     def recipe(change: Callable[[dict], None] | None = None) -> Path:
         data = {
             "name": "probe",
-            "model": {
-                "config": str(ROOT / "configuration" / "models" / "imagebert-tiny.json"),
-                "tokenizer": tokenizer_path(),
-                "overrides": {
-                    "visual_feature_dim": 16, "num_object_classes": 7, "max_regions": 8, "max_text_length": 16,
-                    "num_hidden_layers": 1,
-                },
-            },
+            "model": tiny_model_recipe(),
             "training": {"save_steps": 0, "logging_steps": 10, "num_threads": 1},
             "stages": [{
                 "name": "s1", "init": "config", "datasets": [{"toy_world": {**TOY, "variant": "curated"}}],

