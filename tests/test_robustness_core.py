@@ -489,3 +489,36 @@ def test_an_integer_too_long_to_print_is_one_line_naming_the_file(tmp_path):
         load_config(config)
     assert len(str(caught.value)) < 200
     assert short_repr(10**5_000) == f"<an integer of {(10**5_000).bit_length()} bits>"
+
+
+def test_a_fifo_as_the_features_list_file_or_a_webdataset_shard_never_blocks(tmp_path):
+    """The features CLI's list file and webdataset shards were opened as they are: a FIFO blocked the listing."""
+    fifo_list, fifo_shard = tmp_path / "images.txt", tmp_path / "00000.tar"
+    os.mkfifo(fifo_list)
+    os.mkfifo(fifo_shard)
+    code = textwrap.dedent(
+        f"""
+        import json
+        from modeling_imagebert.features.sources import ImageSourceError, list_file, list_webdataset
+        out = {{}}
+        try:
+            list_file({str(fifo_list)!r})
+            out["list"] = "no error"
+        except ImageSourceError as error:
+            out["list"] = str(error)
+        import io, tarfile
+        with tarfile.open({str(tmp_path / "00001.tar")!r}, "w") as archive:
+            member = tarfile.TarInfo("a.jpg")
+            member.size = 3
+            archive.addfile(member, io.BytesIO(b"abc"))
+        refs = list_webdataset([{str(fifo_shard)!r}, {str(tmp_path / "00001.tar")!r}])
+        out["shard"] = [list(ref.problem) if ref.problem else None for ref in refs]
+        print(json.dumps(out))
+        """
+    )
+    result = _python(code, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert str(fifo_list) in out["list"] and "FIFO" in out["list"], out
+    assert len(out["shard"]) == 2 and out["shard"][1] is None, out  # the good shard's image is listed
+    assert out["shard"][0][0] == "unreadable" and "FIFO" in out["shard"][0][1], out

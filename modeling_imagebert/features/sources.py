@@ -34,6 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..safe_loading import (
+    TEXT_MAX_BYTES,
+    InputTooLargeError,
+    NotRegularFileError,
+    check_input_file,
+    read_input_bytes,
+)
+
 IMAGE_EXTENSIONS = (
     ".jpg",
     ".jpeg",
@@ -206,7 +214,12 @@ def list_file(list_path: str | os.PathLike, *, id_style: str = "stem") -> list[I
     """
     list_path = Path(list_path)
     try:
-        lines = list_path.read_text(encoding="utf-8").splitlines()
+        # A regular file read with a size cap: a FIFO or /dev/zero as the list would block or fill memory.
+        lines = (
+            read_input_bytes(list_path, "a list file of images", TEXT_MAX_BYTES).decode("utf-8").splitlines()
+        )
+    except (NotRegularFileError, InputTooLargeError) as error:
+        raise ImageSourceError(str(error)) from None
     except OSError as error:
         raise ImageSourceError(
             f"{list_path}: cannot read the list file ({error.strerror or error})"
@@ -334,6 +347,11 @@ def list_webdataset(shards: Sequence[str | os.PathLike]) -> list[ImageRef]:
         shard = Path(shard)
         if not shard.exists():
             raise ImageSourceError(f"{shard}: no such file; expected a webdataset .tar shard")
+        try:
+            check_input_file(shard, "a webdataset .tar shard")  # a FIFO would block the listing for ever
+        except NotRegularFileError as error:
+            refs.append(_unreadable_shard(shard, str(error).removeprefix(f"{shard}: ")))
+            continue
         try:
             archive = tarfile.open(shard, mode="r:")  # uncompressed only: members are read by seeking
         except (tarfile.TarError, OSError) as error:
