@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import reprlib
 import sys
 from collections.abc import Callable, Sequence
@@ -107,6 +108,14 @@ def environment_problem(error: BaseException) -> str | None:
                     path = target_of_temporary(path) or path  # the file asked for, not our temporary
                     detail = current.strerror or " ".join(text.split())
                     return f"{os.fspath(path)}: {words} ({detail}) ; {fix}"
+        if type(current).__name__ == "SafetensorError":
+            # safetensors' Rust writer reports the system error in its message only: "... (os error 28)".
+            found = re.search(r"\(os error (\d+)\)", str(current))
+            if found and int(found.group(1)) in _ENVIRONMENT_ERRNOS:
+                words, _system, fix = _ENVIRONMENT_ERRNOS[int(found.group(1))]
+                path = _path_from_traceback(current) or "a safetensors file"
+                path = target_of_temporary(path) or path
+                return f"{os.fspath(path)}: {words} (safetensors: {' '.join(str(current).split())}) ; {fix}"
         if isinstance(current, RuntimeError) and any(sign in str(current) for sign in _TORCH_WRITE_FAILURES):
             torch_failure = torch_failure or current
         current = current.__cause__ or current.__context__

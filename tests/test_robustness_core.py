@@ -522,3 +522,22 @@ def test_a_fifo_as_the_features_list_file_or_a_webdataset_shard_never_blocks(tmp
     assert str(fifo_list) in out["list"] and "FIFO" in out["list"], out
     assert len(out["shard"]) == 2 and out["shard"][1] is None, out  # the good shard's image is listed
     assert out["shard"][0][0] == "unreadable" and "FIFO" in out["shard"][0][1], out
+
+
+def test_a_full_disk_under_safetensors_is_one_line_naming_the_file(tmp_path):
+    """safetensors' Rust writer reports ENOSPC only in its message ("... (os error 28)"): a full disk while
+    accelerate saved a checkpoint ended run_pretrain with a traceback and exit 1 (seen on a 30 MB tmpfs)."""
+    from safetensors import SafetensorError
+
+    from modeling_imagebert.cli import environment_problem
+
+    def save_file(filename):  # the frame safetensors.torch.save_file raises from, with its `filename`
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    target = tmp_path / "checkpoint-2-1" / "model.safetensors"
+    try:
+        save_file(str(target))
+    except SafetensorError as error:
+        line = environment_problem(error)
+    assert line is not None and line.startswith(f"{target}: no space left on device"), line
+    assert len(line.splitlines()) == 1
