@@ -130,7 +130,7 @@ def train_stage(accelerator, model, processor, recipe, stage_index, args, stops,
             micro_batch += 1
             # `accumulate` skips the gradient all-reduce and the optimiser step until the last micro-batch of a step.
             with accelerator.accumulate(model):
-                outputs = step_model(**mark_dynamic_positions(batch))
+                outputs = step_model(**(batch if step_model is model else mark_dynamic_positions(batch)))
                 accelerator.backward(outputs.loss)
                 # clip_grad_norm_ returns the gradient norm; without clipping it is measured for the check alone.
                 grad_norm = None
