@@ -33,19 +33,24 @@ def tiny_model(cls=ImageBertForPreTraining, seed: int = 0, **overrides):
     return cls(tiny_config(**overrides))
 
 
+def tiny_processor(tokenizer_path: str) -> ImageBertProcessor:
+    """The processor of `tiny_config()`'s sizes over the tokenizer at `tokenizer_path`."""
+    from transformers import BertTokenizerFast
+
+    config = tiny_config()
+    return ImageBertProcessor(
+        BertTokenizerFast.from_pretrained(tokenizer_path),
+        max_regions=config.max_regions,
+        max_text_length=config.max_text_length,
+    )
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
 def processor(minilm_path) -> ImageBertProcessor:
-    from transformers import BertTokenizerFast
-
-    config = tiny_config()
-    return ImageBertProcessor(
-        BertTokenizerFast.from_pretrained(minilm_path),
-        max_regions=config.max_regions,
-        max_text_length=config.max_text_length,
-    )
+    return tiny_processor(minilm_path)
 
 
 def toy_test_split(num_images: int = 4, seed: int = 0):

@@ -19,7 +19,7 @@ import torch
 from detector_double import MODEL_SEED, stand_in_processor
 from feature_fixtures import write_photos
 from kill import kill_at_random_moment
-from test_retrieval_evaluation import tiny_config, tiny_model, toy_test_split
+from test_retrieval_evaluation import tiny_config, tiny_model, tiny_processor, toy_test_split
 
 from modeling_imagebert import ImageBertForRetrieval
 from modeling_imagebert.processing_imagebert import ImageBertProcessor
@@ -63,14 +63,7 @@ def torch_only(index: VectorIndex) -> VectorIndex:
 
 @pytest.fixture(scope="module")
 def processor(minilm_path) -> ImageBertProcessor:
-    from transformers import BertTokenizerFast
-
-    config = tiny_config()
-    return ImageBertProcessor(
-        BertTokenizerFast.from_pretrained(minilm_path),
-        max_regions=config.max_regions,
-        max_text_length=config.max_text_length,
-    )
+    return tiny_processor(minilm_path)
 
 
 @pytest.fixture(scope="module")

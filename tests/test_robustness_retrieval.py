@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_retrieval_evaluation import tiny_config, tiny_model, toy_test_split
+from test_retrieval_evaluation import tiny_config, tiny_model, tiny_processor, toy_test_split
 
 from modeling_imagebert import ImageBertConfig, ImageBertForRetrieval, ImageBertProcessor
 from modeling_imagebert.cli import run_cli
@@ -48,14 +48,7 @@ def scripts() -> dict:
 
 @pytest.fixture(scope="module")
 def processor(minilm_path) -> ImageBertProcessor:
-    from transformers import BertTokenizerFast
-
-    config = tiny_config()
-    return ImageBertProcessor(
-        BertTokenizerFast.from_pretrained(minilm_path),
-        max_regions=config.max_regions,
-        max_text_length=config.max_text_length,
-    )
+    return tiny_processor(minilm_path)
 
 
 @pytest.fixture(scope="module")

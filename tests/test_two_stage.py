@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from sync_counter import SyncCounter
-from test_retrieval_evaluation import tiny_config, tiny_model, toy_test_split
+from test_retrieval_evaluation import tiny_config, tiny_model, tiny_processor, toy_test_split
 
 from modeling_imagebert import ImageBertForPreTraining, ImageBertForRetrieval
 from modeling_imagebert.data.collators import (
@@ -35,14 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 @pytest.fixture(scope="module")
 def processor(minilm_path) -> ImageBertProcessor:
-    from transformers import BertTokenizerFast
-
-    config = tiny_config()
-    return ImageBertProcessor(
-        BertTokenizerFast.from_pretrained(minilm_path),
-        max_regions=config.max_regions,
-        max_text_length=config.max_text_length,
-    )
+    return tiny_processor(minilm_path)
 
 
 @pytest.fixture(scope="module")
